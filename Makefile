@@ -1,0 +1,26 @@
+.DEFAULT_GOAL := help
+VENV := .venv/bin
+
+.PHONY: help install demo test lint typecheck unit bench
+
+help: ## Show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: ## Create or update the virtual environment (.venv)
+	@bash scripts/bootstrap.sh
+
+demo: install ## Simulate a fleet, train, register and score on embedded defaults
+	$(VENV)/driverscore demo
+
+lint: install ## ruff check and format check
+	$(VENV)/ruff check src tests bench
+	$(VENV)/ruff format --check src tests bench
+
+typecheck: install ## mypy --strict on the package
+	$(VENV)/mypy
+
+test: lint typecheck ## The whole test suite: lint, types, unit, model and integration tests
+	$(VENV)/pytest
+
+bench: install ## Cleaning + trips + features throughput benchmark
+	$(VENV)/python bench/bench_features.py

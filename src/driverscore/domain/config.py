@@ -1,0 +1,66 @@
+"""Parameters of the pure domain steps, with their units.
+
+They are plain frozen models so that a trained model version can store the exact values
+it was trained with, and every engine (batch, stream, REST) rebuilds the same features.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CleaningConfig(BaseModel):
+    """Rules that decide which pings are kept."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_speed_mps: float = Field(90.0, gt=0, description="Reported speeds above this are impossible (m/s).")
+    max_implied_speed_mps: float = Field(
+        90.0, gt=0, description="A fix whose implied speed from both neighbours exceeds this is a GPS jump (m/s)."
+    )
+    earliest_ts: str = Field("2000-01-01T00:00:00Z", description="Fixes before this UTC time are bad timestamps.")
+    max_future_s: float = Field(
+        86_400.0, ge=0, description="Fixes later than the run's reference time plus this are bad timestamps (s)."
+    )
+
+
+class TripConfig(BaseModel):
+    """How pings are cut into trips when no ``trip_id`` is given."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gap_s: float = Field(300.0, gt=0, description="A silence longer than this ends a trip (s).")
+    min_duration_s: float = Field(60.0, ge=0, description="Shorter trips are set aside (s).")
+    min_distance_km: float = Field(0.2, ge=0, description="Shorter trips are set aside (km).")
+    min_pings: int = Field(10, ge=2, description="Trips with fewer pings are set aside.")
+
+
+class FeatureConfig(BaseModel):
+    """Thresholds of the trip features. Defaults follow common telematics practice."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    hard_brake_mps2: float = Field(
+        3.0, gt=0, description="Deceleration at or beyond this is hard braking (m/s²; 3.0 ≈ 0.31 g ≈ 6.7 mph/s)."
+    )
+    harsh_accel_mps2: float = Field(3.0, gt=0, description="Acceleration at or beyond this is harsh (m/s²).")
+    harsh_corner_mps2: float = Field(3.0, gt=0, description="Lateral acceleration at or beyond this is harsh (m/s²).")
+    max_plausible_accel_mps2: float = Field(
+        12.0, gt=0, description="Accelerations beyond this are sensor glitches, not events (m/s²)."
+    )
+    idle_speed_mps: float = Field(0.5, ge=0, description="Below this speed the vehicle is stopped (m/s).")
+    min_corner_speed_mps: float = Field(
+        5.0, ge=0, description="Cornering from GPS heading is only trusted above this speed (m/s)."
+    )
+    speeding_tolerance_mps: float = Field(
+        2.0, ge=0, description="Speed must exceed the posted limit by more than this to count as speeding (m/s)."
+    )
+    night_start_hour: float = Field(22.0, ge=0, lt=24, description="Local hour when night starts.")
+    night_end_hour: float = Field(5.0, ge=0, lt=24, description="Local hour when night ends.")
+    timezone: str | None = Field(
+        None,
+        description="IANA zone for local time; when unset, local mean solar time from longitude is used.",
+    )
+    max_dt_s: float = Field(
+        10.0, gt=0, description="Time steps longer than this (GPS dropouts) are not integrated into rates (s)."
+    )

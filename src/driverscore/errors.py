@@ -1,0 +1,27 @@
+"""Errors a user can act on.
+
+Entry points catch :class:`DriverscoreError` and print its message as one line, then exit
+non-zero; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class DriverscoreError(Exception):
+    """A problem the user can fix: the message says what, where and what to do."""
+
+
+class InputDataError(DriverscoreError):
+    """An input file, column or value cannot be read as telemetry."""
+
+
+class ConfigError(DriverscoreError):
+    """A setting, mapping file or command-line option is wrong."""
+
+
+class NoModelError(DriverscoreError):
+    """No registered model answers to the requested alias."""
+
+
+class GateFailedError(DriverscoreError):
+    """A candidate model did not pass the validation gate."""
