@@ -1,0 +1,231 @@
+"""The `driverscore` command line: parse, build settings once, call a pipeline, print."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pydantic import ValidationError
+
+from driverscore.domain.mapping import ColumnMapping
+from driverscore.errors import ConfigError, DriverscoreError
+from driverscore.settings import Settings
+
+app = typer.Typer(
+    name="driverscore",
+    help="Vehicle telemetry to a Driver Score: simulate, import, train, score.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(
+            f"setting DRIVERSCORE_{where.upper().replace('.', '__')}: {first['msg']}"
+        ) from None
+
+
+def _parse_time(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"{option}: '{value}' is not an ISO-8601 time — use e.g. 2026-01-05T00:00:00Z"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _load_mapping(path: Path | None) -> ColumnMapping | None:
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the mapping file ({exc.strerror})") from None
+    return ColumnMapping.from_yaml_text(text, where=str(path))
+
+
+@app.command()
+def simulate(
+    out: Annotated[str, typer.Option(help="Output folder or s3:// URI.")],
+    vehicles: Annotated[int, typer.Option(min=1, help="Number of vehicles.")] = 50,
+    days: Annotated[int, typer.Option(min=1, help="Days of driving.")] = 7,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same data.")] = 0,
+    start: Annotated[str | None, typer.Option(help="First day, UTC ISO-8601.")] = None,
+    clean: Annotated[bool, typer.Option(help="Inject no dirty rows.")] = False,
+    new_fleet_vehicles: Annotated[int, typer.Option(help="Drift: vehicles of a riskier new fleet.")] = 0,
+    speed_sensor_bias: Annotated[float, typer.Option(help="Drift: multiplier on reported speed.")] = 1.0,
+    speed_unit_kmh_share: Annotated[
+        float, typer.Option(help="Drift: share of vehicles reporting km/h as m/s.")
+    ] = 0.0,
+    seasonal_speed_factor: Annotated[float, typer.Option(help="Drift: multiplier on target speeds.")] = 1.0,
+) -> None:
+    """Simulate a fleet: 1 Hz pings, claims (labels) with reporting delays, driver truth."""
+    from driverscore.pipelines.simulation_run import write_simulation
+    from driverscore.simulation import DirtConfig, DriftConfig, SimulationConfig
+
+    settings = _settings()
+    start_time = _parse_time(start, "--start")
+    config = SimulationConfig(
+        vehicles=vehicles,
+        days=days,
+        seed=seed,
+        **({"start": start_time} if start_time else {}),
+        dirt=DirtConfig(
+            duplicate_rate=0,
+            out_of_order_rate=0,
+            zero_coordinate_rate=0,
+            gps_spike_rate=0,
+            impossible_speed_rate=0,
+            bad_timestamp_rate=0,
+        )
+        if clean
+        else DirtConfig(),
+        drift=DriftConfig(
+            new_fleet_vehicles=new_fleet_vehicles,
+            speed_sensor_bias=speed_sensor_bias,
+            speed_unit_kmh_share=speed_unit_kmh_share,
+            seasonal_speed_factor=seasonal_speed_factor,
+        ),
+    )
+    console = Console()
+    with console.status("simulating…") as status:
+        result = write_simulation(
+            config, out, settings.storage_options(), progress=lambda m: status.update(m)
+        )
+    console.print(
+        f"[green]simulated[/] {result.pings:,} pings, {result.trips:,} trips, "
+        f"{result.incidents:,} incidents"
+    )
+    console.print(f"  pings      {result.pings_uri}")
+    console.print(f"  labels     {result.incidents_uri}")
+    console.print(f"  drivers    {result.drivers_uri}")
+
+
+@app.command("import")
+def import_(
+    src: Annotated[str, typer.Argument(help="CSV, Parquet or JSON Lines: a file, folder or s3:// URI.")],
+    out: Annotated[str, typer.Option(help="Destination file or folder (local or s3://).")],
+    mapping: Annotated[
+        Path | None, typer.Option(help="YAML column/unit mapping to the canonical ping schema.")
+    ] = None,
+) -> None:
+    """Convert telemetry in another layout or units to canonical pings."""
+    from driverscore.pipelines.importing import import_telemetry
+
+    settings = _settings()
+    result = import_telemetry(src, _load_mapping(mapping), out, settings.storage_options())
+    console = Console()
+    console.print(
+        f"[green]imported[/] {result.rows_out:,} of {result.rows_in:,} rows → {result.dest}"
+    )
+    if result.rows_rejected:
+        console.print(
+            f"[yellow]{result.rows_rejected:,} rows rejected[/] with their reasons → "
+            f"{result.rejects_uri}"
+        )
+
+
+@app.command()
+def train(
+    pings: Annotated[str, typer.Option(help="Ping files: a file, folder or s3:// URI.")],
+    labels: Annotated[str, typer.Option(help="Incident (claims) file: vehicle_id, incident_ts, reported_at.")],
+    mapping: Annotated[Path | None, typer.Option(help="YAML mapping for the ping files.")] = None,
+    reference_time: Annotated[
+        str | None, typer.Option(help="Training 'now' (UTC ISO-8601); default: now.")
+    ] = None,
+) -> None:
+    """Clean, cut trips, compute features, train, validate and register a candidate model."""
+    from driverscore.pipelines.reporting import print_training
+    from driverscore.pipelines.training_run import run_training
+
+    settings = _settings()
+    console = Console()
+    with console.status("training…") as status:
+        result = run_training(
+            settings,
+            pings_uri=pings,
+            incidents_uri=labels,
+            mapping=_load_mapping(mapping),
+            reference_time=_parse_time(reference_time, "--reference-time")
+            or datetime.now(UTC),
+            progress=lambda m: status.update(m),
+        )
+    print_training(console, result)
+
+
+@app.command()
+def score(
+    pings: Annotated[str, typer.Argument(help="Ping file or folder (local or s3://).")],
+    out: Annotated[str, typer.Option(help="Output file: .parquet, .csv or .jsonl.")],
+    mapping: Annotated[Path | None, typer.Option(help="YAML mapping for the ping file.")] = None,
+    alias: Annotated[str, typer.Option(help="Registry alias of the model to use.")] = "champion",
+) -> None:
+    """Score every trip in a ping file with the registered model: one row per trip."""
+    from driverscore.pipelines.reporting import print_scores
+    from driverscore.pipelines.scoring_run import run_scoring
+
+    settings = _settings()
+    console = Console()
+    with console.status("scoring…") as status:
+        result = run_scoring(
+            settings,
+            pings_uri=pings,
+            out_uri=out,
+            mapping=_load_mapping(mapping),
+            alias=alias,
+            reference_time=datetime.now(UTC),
+            progress=lambda m: status.update(m),
+        )
+    print_scores(console, result)
+
+
+@app.command()
+def demo(
+    vehicles: Annotated[int, typer.Option(min=10, help="Vehicles to simulate.")] = 150,
+    days: Annotated[int, typer.Option(min=14, help="Days of history before the fresh day.")] = 28,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
+) -> None:
+    """Simulate → train → register → score a fresh day, on embedded defaults."""
+    from driverscore.pipelines.demo import run_demo
+
+    run_demo(_settings(), Console(), vehicles=vehicles, days=days, seed=seed)
+
+
+@app.command()
+def models() -> None:
+    """List registered model versions, their aliases, gate status and key metrics."""
+    from driverscore.pipelines.reporting import print_models
+
+    print_models(Console(), _settings())
+
+
+@app.command()
+def version() -> None:
+    """Print the driverscore version."""
+    import driverscore
+
+    typer.echo(driverscore.__version__)
+
+
+def main() -> None:
+    """Console entry point: user errors print one line and exit 2, without a traceback."""
+    try:
+        app()
+    except DriverscoreError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
