@@ -1,8 +1,29 @@
-"""Trip features: THE one definition, called by batch, the stream processor and the REST service."""
+"""Trip features: THE one definition, called by batch, the stream processor and the REST service.
+
+:func:`trip_features` turns cleaned pings that carry a ``trip_id`` into one row per trip
+(the table in ``docs/design.md``; column order :data:`FEATURE_COLUMNS`). It is written
+for throughput and for parity at once:
+
+- the frame is sorted once (skipped when already in trip order); every per-step quantity
+  is a ``shift`` difference masked at trip starts, so no value ever mixes two trips;
+- trips are aggregated by one ``group_by`` at the end, over contiguous rows, so a trip's
+  features do not depend on which other trips were in the frame.
+
+Time shares are time-weighted: a fix's state holds until the next fix, and steps longer
+than ``max_dt_s`` (dropouts) carry no weight. Accelerations beyond
+``max_plausible_accel_mps2`` are glitches: they are neither events nor part of the jerk.
+"""
 
 from __future__ import annotations
 
 from typing import Final
+
+import numpy as np
+import polars as pl
+
+from driverscore.domain.cleaning import epoch_us, haversine_m
+from driverscore.domain.config import FeatureConfig
+from driverscore.domain.schema import PING_SCHEMA
 
 #: Model inputs and their monotone direction: +1 means risk never falls when the feature rises,
 #: 0 means no constraint. The order is the model's input order.
@@ -19,3 +40,300 @@ MODEL_FEATURES: Final[dict[str, int]] = {
     "idle_share": 0,
     "jerk_rms_mps3": 1,
 }
+
+_UTC_US: Final = pl.Datetime("us", "UTC")
+
+#: The trip feature row: column names and types, in output order.
+FEATURE_SCHEMA: Final[dict[str, pl.DataType]] = {
+    "trip_id": pl.String(),
+    "vehicle_id": pl.String(),
+    "driver_id": pl.String(),
+    "fleet_id": pl.String(),
+    "client_id": pl.String(),
+    "start_ts": _UTC_US,
+    "end_ts": _UTC_US,
+    "ping_count": pl.Int64(),
+    "duration_s": pl.Float64(),
+    "distance_km": pl.Float64(),
+    "avg_speed_kmh": pl.Float64(),
+    "max_speed_kmh": pl.Float64(),
+    "p95_speed_kmh": pl.Float64(),
+    "speed_std_kmh": pl.Float64(),
+    "hard_brake_count": pl.Int64(),
+    "harsh_accel_count": pl.Int64(),
+    "harsh_corner_count": pl.Int64(),
+    "hard_brake_per_100km": pl.Float64(),
+    "harsh_accel_per_100km": pl.Float64(),
+    "harsh_corner_per_100km": pl.Float64(),
+    "speeding_share": pl.Float64(),
+    "night_share": pl.Float64(),
+    "idle_share": pl.Float64(),
+    "stop_count": pl.Int64(),
+    "jerk_rms_mps3": pl.Float64(),
+    "event_source": pl.String(),
+}
+
+#: Output column order of :func:`trip_features`.
+FEATURE_COLUMNS: Final = tuple(FEATURE_SCHEMA)
+
+_MPS_TO_KMH: Final = 3.6
+_IDENTITY: Final = ("trip_id", "vehicle_id", "driver_id", "fleet_id", "client_id")
+
+
+def empty_features() -> pl.DataFrame:
+    """An empty trip feature frame."""
+    return pl.DataFrame(schema=FEATURE_SCHEMA)
+
+
+def _in_trip_order(frame: pl.DataFrame) -> pl.DataFrame:
+    """Rows grouped by trip (each trip contiguous) and in time order within each trip.
+
+    Batch input arrives sorted by vehicle, ts, where trips are already contiguous; checking
+    that costs two linear passes, a sort costs far more.
+    """
+    trip, ts = pl.col("trip_id"), pl.col("ts")
+    first = trip.ne_missing(trip.shift(1))
+    check = frame.select(
+        (first | (ts >= ts.shift(1))).all().alias("ordered"),
+        (trip.filter(first).n_unique() == first.sum()).alias("contiguous"),
+    )
+    if check["ordered"].item() and check["contiguous"].item():
+        return frame
+    return frame.sort(["trip_id", "ts"], maintain_order=True)
+
+
+def _local_hour(config: FeatureConfig) -> pl.Expr:
+    """Local clock hour 0..24: the IANA zone when configured, else mean solar time."""
+    if config.timezone is not None:
+        local = pl.col("ts").dt.convert_time_zone(config.timezone)
+        return (
+            local.dt.hour().cast(pl.Float64)
+            + local.dt.minute().cast(pl.Float64) / 60.0
+            + local.dt.second().cast(pl.Float64) / 3600.0
+        )
+    # Mean solar time: UTC shifted by 4 minutes (240 s) per degree of longitude east.
+    seconds = epoch_us().cast(pl.Float64) / 1e6 + pl.col("lon") * 240.0
+    return (seconds % 86_400.0) / 3600.0
+
+
+def _is_night(config: FeatureConfig) -> pl.Expr:
+    hour = _local_hour(config)
+    start, end = config.night_start_hour, config.night_end_hour
+    if start > end:  # the window wraps midnight, e.g. 22 → 5
+        return (hour >= start) | (hour < end)
+    return (hour >= start) & (hour < end)
+
+
+def _event_starts(exceeds: pl.Expr, first: pl.Expr) -> pl.Expr:
+    """1 on the first row of each contiguous run of exceedance within a trip, else 0."""
+    hit = exceeds.fill_null(False)
+    return (hit & (first | ~hit.shift(1).fill_null(False))).cast(pl.Int64)
+
+
+def _plausible(accel: pl.Expr, config: FeatureConfig) -> pl.Expr:
+    return pl.when(accel.abs() <= config.max_plausible_accel_mps2).then(accel)
+
+
+def _step_columns(frame: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
+    """Per-row quantities on a frame in trip order; every ``shift`` is masked at trip starts."""
+    trip, speed, heading = pl.col("trip_id"), pl.col("speed_mps"), pl.col("heading_deg")
+    first = trip.ne_missing(trip.shift(1))
+    dt = pl.when(~first).then(epoch_us().diff().cast(pl.Float64) / 1e6)
+    step_ok = (dt > 0) & (dt <= config.max_dt_s)
+    dt_ok = pl.when(step_ok).then(dt)
+    speed_prev = speed.shift(1)
+    moving = (speed >= config.idle_speed_mps).fill_null(False)
+    stopped = (speed < config.idle_speed_mps).fill_null(False)
+
+    # Longitudinal acceleration: from the IMU and from GPS speed; each trip picks one
+    # source at aggregation time, so both are computed only when some trip needs them.
+    accel_gps = _plausible((speed - speed_prev) / dt_ok, config)
+    accel_imu = _plausible(pl.col("accel_long_mps2"), config)
+    # Lateral: speed x yaw rate, heading change wrapped to ±180°. Cornering from GPS
+    # heading is noise at walking pace, hence the minimum speed.
+    mean_speed = (speed + speed_prev) * 0.5
+    turn_deg = (heading - heading.shift(1) + 540.0) % 360.0 - 180.0
+    lateral_gps = _plausible(
+        pl.when(mean_speed >= config.min_corner_speed_mps).then(
+            mean_speed * turn_deg.radians() / dt_ok
+        ),
+        config,
+    )
+    lateral_imu = _plausible(pl.col("accel_lat_mps2"), config)
+
+    def events(prefix: str, longitudinal: pl.Expr, lateral: pl.Expr) -> list[pl.Expr]:
+        # Jerk between consecutive accelerations of one trip, only while moving.
+        jerk = pl.when(moving & ~first).then((longitudinal - longitudinal.shift(1)) / dt_ok)
+        return [
+            _event_starts(longitudinal <= -config.hard_brake_mps2, first).alias(f"brake_{prefix}"),
+            _event_starts(longitudinal >= config.harsh_accel_mps2, first).alias(f"accel_{prefix}"),
+            _event_starts(lateral.abs() >= config.harsh_corner_mps2, first).alias(
+                f"corner_{prefix}"
+            ),
+            jerk.pow(2).alias(f"jerk2_{prefix}"),
+        ]
+
+    has_imu = frame["accel_long_mps2"].null_count() < frame.height
+    all_imu = (
+        frame["accel_long_mps2"].null_count() == 0 and frame["accel_lat_mps2"].null_count() == 0
+    )
+    event_exprs = [] if all_imu else events("gps", accel_gps, lateral_gps)
+    if has_imu or frame["accel_lat_mps2"].null_count() < frame.height:
+        event_exprs += events("imu", accel_imu, lateral_imu)
+
+    # A fix's state holds until the next fix of the trip (the next row's step).
+    weight = dt_ok.shift(-1).fill_null(0.0)
+    limit = pl.col("speed_limit_mps")
+    limited_moving = moving & limit.is_not_null()
+    speeding = limited_moving & (speed > limit + config.speeding_tolerance_mps)
+    integrable = step_ok & speed.is_not_null() & speed_prev.is_not_null()
+    return frame.select(
+        first.cum_sum().cast(pl.UInt32).alias("trip_no"),
+        *(pl.col(name) for name in _IDENTITY),
+        "ts",
+        "speed_mps",
+        pl.when(moving).then(speed).alias("moving_speed"),
+        pl.when(first)
+        .then(0.0)
+        .when(integrable)
+        .then(mean_speed * dt)
+        .otherwise(None)
+        .alias("step_m"),
+        (~first & ~integrable).alias("needs_haversine"),
+        *event_exprs,
+        (stopped & ~first & moving.shift(1).fill_null(False)).cast(pl.Int64).alias("stops"),
+        weight.alias("w"),
+        (weight * stopped).alias("w_idle"),
+        (weight * _is_night(config)).alias("w_night"),
+        (weight * limited_moving).alias("w_limited"),
+        (weight * speeding).alias("w_speeding"),
+        pl.col("accel_long_mps2").is_not_null().alias("has_imu_long"),
+        pl.col("accel_lat_mps2").is_not_null().alias("has_imu_lat"),
+    )
+
+
+def _fill_long_steps(steps: pl.DataFrame, frame: pl.DataFrame) -> pl.DataFrame:
+    """Distance of steps that cannot be integrated from speed: the great-circle step.
+
+    These are dropouts longer than ``max_dt_s`` and steps without speed; they are rare,
+    so the trigonometry runs on those rows only.
+    """
+    rows = np.flatnonzero(steps["needs_haversine"].to_numpy())
+    if rows.size == 0:
+        return steps
+    here = frame.select("lat", "lon")[rows]
+    before = frame.select(pl.col("lat").alias("lat0"), pl.col("lon").alias("lon0"))[rows - 1]
+    metres = pl.concat([before, here], how="horizontal").select(
+        haversine_m(pl.col("lat0"), pl.col("lon0"), pl.col("lat"), pl.col("lon"))
+    )
+    step_m = steps["step_m"].to_numpy().copy()
+    step_m[rows] = metres.to_series().to_numpy()
+    return steps.with_columns(pl.Series("step_m", step_m))
+
+
+def trip_features(pings: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
+    """One feature row per trip (the table in ``docs/design.md``), sorted by ``trip_id``.
+
+    ``pings``: cleaned canonical pings with a non-null ``trip_id`` and ``speed_mps`` (see
+    :func:`~driverscore.domain.cleaning.clean_pings`), one or many trips, any order.
+    Events come from ``accel_long_mps2`` / ``accel_lat_mps2`` for a trip that has them
+    (per axis), else from GPS speed and heading; ``event_source`` names the source of the
+    longitudinal events. Features that are undefined for a trip are null (for example
+    ``speeding_share`` when no speed limit is known while moving).
+    """
+    if pings.height == 0:
+        return empty_features()
+    if pings["trip_id"].null_count():
+        raise ValueError("trip_features needs a trip_id on every ping; run assign_trips first")
+    missing = [name for name in PING_SCHEMA if name not in pings.columns]
+    frame = _in_trip_order(
+        pings.with_columns(pl.lit(None, dtype=PING_SCHEMA[name]).alias(name) for name in missing)
+    )
+    steps = _fill_long_steps(_step_columns(frame, config), frame)
+
+    def source_sum(kind: str) -> pl.Expr:
+        gps = pl.col(f"{kind}_gps").sum() if f"{kind}_gps" in steps.columns else pl.lit(None)
+        imu = pl.col(f"{kind}_imu").sum() if f"{kind}_imu" in steps.columns else pl.lit(None)
+        axis = "has_imu_lat" if kind == "corner" else "has_imu_long"
+        return pl.when(pl.col(axis).any()).then(imu).otherwise(gps).alias(kind)
+
+    def source_jerk(stat: str) -> pl.Expr:
+        def of(name: str) -> pl.Expr:
+            if name not in steps.columns:
+                return pl.lit(None, dtype=pl.Float64)
+            return pl.col(name).sum() if stat == "sum" else pl.col(name).count()
+
+        return (
+            pl.when(pl.col("has_imu_long").any())
+            .then(of("jerk2_imu"))
+            .otherwise(of("jerk2_gps"))
+            .alias(f"jerk2_{stat}")
+        )
+
+    trips = steps.group_by("trip_no").agg(
+        *(pl.col(name).first() for name in _IDENTITY),
+        pl.col("ts").first().alias("start_ts"),
+        pl.col("ts").last().alias("end_ts"),
+        pl.len().alias("ping_count"),
+        pl.col("step_m").sum().alias("distance_m"),
+        pl.col("speed_mps").max().alias("max_speed"),
+        pl.col("speed_mps").quantile(0.95, interpolation="linear").alias("p95_speed"),
+        pl.col("moving_speed").std(ddof=0).alias("speed_std"),
+        source_sum("brake"),
+        source_sum("accel"),
+        source_sum("corner"),
+        source_jerk("sum"),
+        source_jerk("count"),
+        pl.col("stops").sum(),
+        pl.col("w").sum(),
+        pl.col("w_idle").sum(),
+        pl.col("w_night").sum(),
+        pl.col("w_limited").sum(),
+        pl.col("w_speeding").sum(),
+        pl.col("has_imu_long").any().alias("imu"),
+    )
+
+    distance_km = pl.col("distance_m") / 1000.0
+    duration_s = (pl.col("end_ts") - pl.col("start_ts")).dt.total_microseconds() / 1e6
+
+    def per_100km(count: str) -> pl.Expr:
+        return pl.when(distance_km > 0).then(pl.col(count) / distance_km * 100.0).otherwise(0.0)
+
+    def share(part: str, whole: str) -> pl.Expr:
+        return pl.when(pl.col(whole) > 0).then(pl.col(part) / pl.col(whole))
+
+    return (
+        trips.select(
+            *_IDENTITY,
+            "start_ts",
+            "end_ts",
+            "ping_count",
+            duration_s.alias("duration_s"),
+            distance_km.alias("distance_km"),
+            pl.when(duration_s > 0)
+            .then(distance_km / (duration_s / 3600.0))
+            .alias("avg_speed_kmh"),
+            (pl.col("max_speed") * _MPS_TO_KMH).alias("max_speed_kmh"),
+            (pl.col("p95_speed") * _MPS_TO_KMH).alias("p95_speed_kmh"),
+            (pl.col("speed_std") * _MPS_TO_KMH).alias("speed_std_kmh"),
+            pl.col("brake").alias("hard_brake_count"),
+            pl.col("accel").alias("harsh_accel_count"),
+            pl.col("corner").alias("harsh_corner_count"),
+            per_100km("brake").alias("hard_brake_per_100km"),
+            per_100km("accel").alias("harsh_accel_per_100km"),
+            per_100km("corner").alias("harsh_corner_per_100km"),
+            share("w_speeding", "w_limited").alias("speeding_share"),
+            share("w_night", "w").alias("night_share"),
+            share("w_idle", "w").alias("idle_share"),
+            pl.col("stops").alias("stop_count"),
+            pl.when(pl.col("jerk2_count") > 0)
+            .then((pl.col("jerk2_sum") / pl.col("jerk2_count")).sqrt())
+            .alias("jerk_rms_mps3"),
+            pl.when(pl.col("imu"))
+            .then(pl.lit("imu"))
+            .otherwise(pl.lit("gps"))
+            .alias("event_source"),
+        )
+        .cast(FEATURE_SCHEMA)  # type: ignore[arg-type]
+        .sort("trip_id")
+    )
