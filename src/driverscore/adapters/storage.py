@@ -1,0 +1,376 @@
+"""Versioned, content-addressed datasets on a local directory or an S3 API bucket.
+
+One code path for both: every file operation goes through fsspec, and URIs are plain
+strings (``/abs/path/...`` or ``s3://bucket/prefix/...``). The layout is the one in
+``docs/design.md``::
+
+    <root>/<kind>/<version>/part-00000.parquet   (or <name>.parquet for a one-part dataset)
+    <root>/<kind>/<version>/_dataset.json        commit marker: parts, hashes, row counts
+    <root>/<kind>/LATEST                         version most recently written
+    <root>/raw/<version>/manifest.json           raw snapshot: source URIs, sizes, sha256
+    <root>/<kind>/<run_id>/<name>.json           reports
+    <root>/runs/<run_id>.json                    run manifest
+
+How a write stays bounded in memory and safe to repeat: each part is serialised to
+Parquet once, hashed and uploaded to ``<root>/_staging/<token>/``; only the part in hand
+is in memory. When the last part is written the version is known: if that version is
+already committed (its ``_dataset.json`` exists) the staged copy is deleted, otherwise the
+parts are moved under ``<root>/<kind>/<version>/`` and ``_dataset.json`` is written last.
+A dataset directory without ``_dataset.json`` is an interrupted write and is never read.
+
+The version is the first 16 hex digits of a sha256: of the Parquet file for a one-part
+dataset (so ``sha256sum features.parquet`` shows it), and for several parts of the
+``sha256sum``-style listing ``"<sha256>  <file name>\\n"`` sorted by file name (so
+``sha256sum part-*.parquet | sha256sum`` shows it). File names carry the part order, so
+the same rows split or ordered differently are a different version. Parquet bytes are
+deterministic for a given Polars version; a Polars upgrade may change the bytes and so
+the versions of re-written data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, is_dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import fsspec
+import polars as pl
+
+__all__ = ["DataStore", "DatasetRef", "filesystem", "join_uri"]
+
+_VERSION_CHARS: Final = 16
+_COMMIT_MARKER: Final = "_dataset.json"
+_RAW_MANIFEST: Final = "manifest.json"
+_LATEST: Final = "LATEST"
+_STAGING: Final = "_staging"
+_HASH_CHUNK_BYTES: Final = 8 * 1024 * 1024
+_NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
+_LOCAL_PROTOCOLS: Final = ("file", "local")
+
+
+def _is_local(uri: str) -> bool:
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    return protocol in _LOCAL_PROTOCOLS
+
+
+def filesystem(uri: str, storage_options: Mapping[str, object]) -> tuple[Any, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it.
+
+    Storage options (endpoint, keys) are for object stores; a local path ignores them, so
+    one ``Settings.storage_options()`` serves a local data root and an s3:// source alike.
+    """
+    if _is_local(uri):
+        local = fsspec.filesystem("file", auto_mkdir=True)
+        return local, str(local._strip_protocol(uri))
+    fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options))
+    return fs, str(path)
+
+
+def join_uri(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _check_name(value: str, what: str) -> str:
+    if not _NAME_PATTERN.match(value):
+        raise ValueError(f"{what} {value!r}: use letters, digits and _ . = - (no slashes)")
+    return value
+
+
+def _json_default(value: object) -> object:
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return sorted(value) if isinstance(value, set | frozenset) else list(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def _json_bytes(obj: object) -> bytes:
+    # Sorted keys and a fixed layout: the same object always gives the same bytes.
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=_json_default)
+    return (text + "\n").encode("utf-8")
+
+
+def _parquet_bytes(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    # One chunk in, one layout out: the bytes then depend on the rows, not on how they
+    # happened to be chunked in memory.
+    frame.rechunk().write_parquet(buffer, compression="zstd", statistics=True)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetRef:
+    """A committed dataset: ``uri`` is its version directory."""
+
+    kind: str
+    version: str
+    uri: str
+    rows: int
+    parts: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    name: str
+    sha256: str
+    rows: int
+    bytes: int
+
+
+class DataStore:
+    """Content-addressed datasets, reports and run manifests under one root URI."""
+
+    def __init__(self, root_uri: str, storage_options: Mapping[str, object]) -> None:
+        self._fs, root_path = filesystem(root_uri, storage_options)
+        # Local roots become absolute so every URI the store hands out is usable anywhere.
+        self.root_uri = root_path if _is_local(root_uri) else root_uri.rstrip("/")
+        self._local = _is_local(root_uri)
+        self._storage_options = dict(storage_options)
+
+    def __repr__(self) -> str:
+        return f"DataStore({self.root_uri!r})"
+
+    # -- paths -------------------------------------------------------------------------
+
+    def _path(self, uri: str) -> str:
+        """Path inside the filesystem for a URI under (or outside) the root."""
+        return str(self._fs._strip_protocol(uri))
+
+    def _uri(self, *parts: str) -> str:
+        return join_uri(self.root_uri, *parts)
+
+    def dataset_uri(self, kind: str, version: str) -> str:
+        return self._uri(_check_name(kind, "kind"), _check_name(version, "version"))
+
+    # -- low-level file operations -----------------------------------------------------
+
+    def _write_bytes(self, uri: str, data: bytes) -> None:
+        with self._fs.open(self._path(uri), "wb") as handle:
+            handle.write(data)
+
+    def _read_bytes(self, uri: str) -> bytes:
+        with self._fs.open(self._path(uri), "rb") as handle:
+            data: bytes = handle.read()
+        return data
+
+    def _exists(self, uri: str) -> bool:
+        # s3fs caches listings; another writer may have committed since.
+        self._fs.invalidate_cache()
+        return bool(self._fs.exists(self._path(uri)))
+
+    def _move(self, source_uri: str, dest_uri: str) -> None:
+        if self._local:
+            self._fs.makedirs(self._path(dest_uri).rsplit("/", 1)[0], exist_ok=True)
+        self._fs.mv(self._path(source_uri), self._path(dest_uri))
+
+    def _remove_tree(self, uri: str) -> None:
+        path = self._path(uri)
+        self._fs.invalidate_cache()
+        if self._fs.exists(path):
+            self._fs.rm(path, recursive=True)
+
+    # -- datasets ----------------------------------------------------------------------
+
+    def write_dataset(
+        self,
+        kind: str,
+        parts: Iterable[pl.DataFrame] | pl.DataFrame,
+        name: str = "part",
+        *,
+        set_latest: bool = True,
+    ) -> DatasetRef:
+        """Write parts as one immutable dataset and return its reference.
+
+        Parts are consumed one at a time (pass a generator to keep memory bounded) and
+        read back in the same order. Writing the same parts again returns the same
+        version and leaves the stored files untouched.
+        """
+        _check_name(kind, "kind")
+        _check_name(name, "name")
+        frames: Iterable[pl.DataFrame] = [parts] if isinstance(parts, pl.DataFrame) else parts
+        staging = self._uri(_STAGING, uuid.uuid4().hex)
+        staged: list[_Part] = []
+        try:
+            for index, frame in enumerate(frames):
+                data = _parquet_bytes(frame)
+                part = _Part(
+                    name=f"{name}-{index:05d}.parquet",
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    rows=frame.height,
+                    bytes=len(data),
+                )
+                self._write_bytes(join_uri(staging, part.name), data)
+                staged.append(part)
+            final = self._final_names(staged, name)
+            version = _dataset_version(final)
+            target = self.dataset_uri(kind, version)
+            if not self._exists(join_uri(target, _COMMIT_MARKER)):
+                for staged_part, final_part in zip(staged, final, strict=True):
+                    self._move(
+                        join_uri(staging, staged_part.name), join_uri(target, final_part.name)
+                    )
+                marker = {
+                    "kind": kind,
+                    "version": version,
+                    "rows": sum(p.rows for p in final),
+                    "parts": [asdict(p) for p in final],
+                    "format": "parquet",
+                }
+                self._write_bytes(join_uri(target, _COMMIT_MARKER), _json_bytes(marker))
+        finally:
+            self._remove_tree(staging)
+        ref = DatasetRef(
+            kind=kind,
+            version=version,
+            uri=target,
+            rows=sum(p.rows for p in final),
+            parts=len(final),
+        )
+        if set_latest:
+            self._write_bytes(self._uri(kind, _LATEST), f"{version}\n".encode())
+        return ref
+
+    @staticmethod
+    def _final_names(staged: list[_Part], name: str) -> list[_Part]:
+        # The default name always numbers its parts (the design's part-00000.parquet);
+        # a named one-part dataset is simply <name>.parquet (features.parquet).
+        if len(staged) == 1 and name != "part":
+            only = staged[0]
+            return [_Part(f"{name}.parquet", only.sha256, only.rows, only.bytes)]
+        return staged
+
+    def dataset(self, kind: str, version: str) -> DatasetRef:
+        """The reference of a committed dataset; ``FileNotFoundError`` when there is none."""
+        return self._ref_from_uri(self.dataset_uri(kind, version))
+
+    def _marker(self, dataset_uri: str) -> dict[str, Any]:
+        marker_uri = join_uri(dataset_uri, _COMMIT_MARKER)
+        if not self._exists(marker_uri):
+            raise FileNotFoundError(f"{dataset_uri}: no committed dataset here")
+        loaded: dict[str, Any] = json.loads(self._read_bytes(marker_uri))
+        return loaded
+
+    def _ref_from_uri(self, dataset_uri: str) -> DatasetRef:
+        marker = self._marker(dataset_uri)
+        return DatasetRef(
+            kind=str(marker["kind"]),
+            version=str(marker["version"]),
+            uri=dataset_uri.rstrip("/"),
+            rows=int(marker["rows"]),
+            parts=len(marker["parts"]),
+        )
+
+    def part_uris(self, ref_or_uri: DatasetRef | str) -> list[str]:
+        """Part files of a dataset in read order (a ``.parquet`` URI is its own part)."""
+        uri = ref_or_uri.uri if isinstance(ref_or_uri, DatasetRef) else ref_or_uri.rstrip("/")
+        if uri.endswith(".parquet"):
+            return [uri]
+        return [join_uri(uri, str(part["name"])) for part in self._marker(uri)["parts"]]
+
+    def scan_dataset(self, ref_or_uri: DatasetRef | str) -> Iterator[pl.DataFrame]:
+        """The dataset part by part, in write order: memory holds one part at a time."""
+        for part_uri in self.part_uris(ref_or_uri):
+            with self._fs.open(self._path(part_uri), "rb") as handle:
+                yield pl.read_parquet(handle)
+
+    def read_dataset(self, ref_or_uri: DatasetRef | str) -> pl.DataFrame:
+        """The whole dataset as one frame (an empty frame for a dataset without parts)."""
+        frames = list(self.scan_dataset(ref_or_uri))
+        if not frames:
+            return pl.DataFrame()
+        return pl.concat(frames, how="vertical_relaxed")
+
+    def latest(self, kind: str) -> DatasetRef | None:
+        """The dataset of ``kind`` written last, or None when there is none yet."""
+        pointer = self._uri(_check_name(kind, "kind"), _LATEST)
+        if not self._exists(pointer):
+            return None
+        version = self._read_bytes(pointer).decode().strip()
+        if kind == "raw":
+            return self._raw_ref(version)
+        return self.dataset(kind, version)
+
+    # -- raw snapshots -----------------------------------------------------------------
+
+    def snapshot_raw(
+        self, sources: list[str], storage_options: Mapping[str, object] | None = None
+    ) -> DatasetRef:
+        """Record each source's URI, size and sha256 in ``raw/<version>/manifest.json``.
+
+        The version hashes the sources' bytes only, not where they were read from: the
+        same files copied elsewhere are the same raw data. The first manifest written for
+        a version stays (datasets are immutable); each run manifest records its own
+        sources. Files are hashed as streams, never loaded whole. ``storage_options``
+        are for sources on another store (default: this store's).
+        """
+        files = [self._describe_source(uri, storage_options) for uri in sorted(sources)]
+        listing = "".join(f"{f['sha256']}\n" for f in sorted(files, key=lambda f: f["sha256"]))
+        version = hashlib.sha256(listing.encode()).hexdigest()[:_VERSION_CHARS]
+        target = self.dataset_uri("raw", version)
+        manifest_uri = join_uri(target, _RAW_MANIFEST)
+        if not self._exists(manifest_uri):
+            manifest = {"kind": "raw", "version": version, "files": files}
+            self._write_bytes(manifest_uri, _json_bytes(manifest))
+        self._write_bytes(self._uri("raw", _LATEST), f"{version}\n".encode())
+        return DatasetRef(kind="raw", version=version, uri=target, rows=0, parts=len(files))
+
+    def _describe_source(
+        self, uri: str, storage_options: Mapping[str, object] | None
+    ) -> dict[str, Any]:
+        options = self._storage_options if storage_options is None else storage_options
+        fs, path = filesystem(uri, options)
+        digest = hashlib.sha256()
+        size = 0
+        with fs.open(path, "rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK_BYTES):
+                digest.update(chunk)
+                size += len(chunk)
+        return {"uri": uri, "size": size, "sha256": digest.hexdigest()}
+
+    def _raw_ref(self, version: str) -> DatasetRef:
+        target = self.dataset_uri("raw", version)
+        manifest_uri = join_uri(target, _RAW_MANIFEST)
+        if not self._exists(manifest_uri):
+            raise FileNotFoundError(f"{target}: no raw snapshot here")
+        manifest = json.loads(self._read_bytes(manifest_uri))
+        return DatasetRef(
+            kind="raw", version=version, uri=target, rows=0, parts=len(manifest["files"])
+        )
+
+    # -- reports and run manifests -----------------------------------------------------
+
+    def write_json(self, kind: str, run_id: str, name: str, obj: object) -> str:
+        """Write ``obj`` to ``<root>/<kind>/<run_id>/<name>.json`` and return its URI."""
+        file_name = name if name.endswith(".json") else f"{name}.json"
+        uri = self._uri(
+            _check_name(kind, "kind"), _check_name(run_id, "run id"), _check_name(file_name, "name")
+        )
+        self._write_bytes(uri, _json_bytes(obj))
+        return uri
+
+    def write_run_manifest(self, run_id: str, artifacts: Mapping[str, object]) -> str:
+        """Write ``<root>/runs/<run_id>.json``: every artifact of the run, refs as dicts."""
+        uri = self._uri("runs", f"{_check_name(run_id, 'run id')}.json")
+        self._write_bytes(uri, _json_bytes({"run_id": run_id, "artifacts": dict(artifacts)}))
+        return uri
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self._read_bytes(uri))
+
+
+def _dataset_version(parts: list[_Part]) -> str:
+    if len(parts) == 1:
+        return parts[0].sha256[:_VERSION_CHARS]
+    listing = "".join(f"{p.sha256}  {p.name}\n" for p in sorted(parts, key=lambda p: p.name))
+    return hashlib.sha256(listing.encode()).hexdigest()[:_VERSION_CHARS]
