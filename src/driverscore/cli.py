@@ -67,12 +67,18 @@ def simulate(
     seed: Annotated[int, typer.Option(help="Random seed: same seed, same data.")] = 0,
     start: Annotated[str | None, typer.Option(help="First day, UTC ISO-8601.")] = None,
     clean: Annotated[bool, typer.Option(help="Inject no dirty rows.")] = False,
-    new_fleet_vehicles: Annotated[int, typer.Option(help="Drift: vehicles of a riskier new fleet.")] = 0,
-    speed_sensor_bias: Annotated[float, typer.Option(help="Drift: multiplier on reported speed.")] = 1.0,
+    new_fleet_vehicles: Annotated[
+        int, typer.Option(help="Drift: vehicles of a riskier new fleet.")
+    ] = 0,
+    speed_sensor_bias: Annotated[
+        float, typer.Option(help="Drift: multiplier on reported speed.")
+    ] = 1.0,
     speed_unit_kmh_share: Annotated[
         float, typer.Option(help="Drift: share of vehicles reporting km/h as m/s.")
     ] = 0.0,
-    seasonal_speed_factor: Annotated[float, typer.Option(help="Drift: multiplier on target speeds.")] = 1.0,
+    seasonal_speed_factor: Annotated[
+        float, typer.Option(help="Drift: multiplier on target speeds.")
+    ] = 1.0,
 ) -> None:
     """Simulate a fleet: 1 Hz pings, claims (labels) with reporting delays, driver truth."""
     from driverscore.pipelines.simulation_run import write_simulation
@@ -118,7 +124,9 @@ def simulate(
 
 @app.command("import")
 def import_(
-    src: Annotated[str, typer.Argument(help="CSV, Parquet or JSON Lines: a file, folder or s3:// URI.")],
+    src: Annotated[
+        str, typer.Argument(help="CSV, Parquet or JSON Lines: a file, folder or s3:// URI.")
+    ],
     out: Annotated[str, typer.Option(help="Destination file or folder (local or s3://).")],
     mapping: Annotated[
         Path | None, typer.Option(help="YAML column/unit mapping to the canonical ping schema.")
@@ -143,7 +151,9 @@ def import_(
 @app.command()
 def train(
     pings: Annotated[str, typer.Option(help="Ping files: a file, folder or s3:// URI.")],
-    labels: Annotated[str, typer.Option(help="Incident (claims) file: vehicle_id, incident_ts, reported_at.")],
+    labels: Annotated[
+        str, typer.Option(help="Incident (claims) file: vehicle_id, incident_ts, reported_at.")
+    ],
     mapping: Annotated[Path | None, typer.Option(help="YAML mapping for the ping files.")] = None,
     reference_time: Annotated[
         str | None, typer.Option(help="Training 'now' (UTC ISO-8601); default: now.")
@@ -161,8 +171,7 @@ def train(
             pings_uri=pings,
             incidents_uri=labels,
             mapping=_load_mapping(mapping),
-            reference_time=_parse_time(reference_time, "--reference-time")
-            or datetime.now(UTC),
+            reference_time=_parse_time(reference_time, "--reference-time") or datetime.now(UTC),
             progress=lambda m: status.update(m),
         )
     print_training(console, result)

@@ -22,7 +22,9 @@ class GateConfig(BaseModel):
 
     min_roc_auc: float = Field(0.70, ge=0, le=1)
     min_pr_auc_lift: float = Field(
-        1.5, ge=0, description="PR-AUC must be at least this multiple of the holdout's positive rate."
+        1.5,
+        ge=0,
+        description="PR-AUC must be at least this multiple of the holdout's positive rate.",
     )
     max_brier: float = Field(0.10, ge=0, le=1)
     max_calibration_error: float = Field(
@@ -31,7 +33,9 @@ class GateConfig(BaseModel):
     champion_tolerance: float = Field(
         0.01, ge=0, description="A candidate may trail the champion's ROC-AUC by at most this."
     )
-    min_slice_trips: int = Field(200, ge=1, description="Per-fleet metrics are reported for fleets with this many trips.")
+    min_slice_trips: int = Field(
+        200, ge=1, description="Per-fleet metrics are reported for fleets with this many trips."
+    )
 
 
 class TrainingConfig(BaseModel):
@@ -39,9 +43,13 @@ class TrainingConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    validation_fraction: float = Field(0.25, gt=0, lt=1, description="Newest share of trips held out.")
+    validation_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Newest share of trips held out."
+    )
     label_maturity_days: float = Field(
-        7.0, ge=0, description="Trips younger than this are left out of training: their claims may be pending."
+        7.0,
+        ge=0,
+        description="Trips younger than this are left out of training: their claims may be pending.",
     )
     max_iter: int = Field(200, ge=10)
     learning_rate: float = Field(0.05, gt=0, le=1)
@@ -59,20 +67,26 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".driverscore"), description="Folder holding all embedded state.")
     data_uri: str | None = Field(
-        None, description="Root of the versioned datasets: a path or s3://bucket/prefix (default: <home>/data)."
+        None,
+        description="Root of the versioned datasets: a path or s3://bucket/prefix (default: <home>/data).",
     )
     mlflow_tracking_uri: str | None = Field(
-        None, description="MLflow tracking server or database URI (default: SQLite under <home>/mlflow)."
+        None,
+        description="MLflow tracking server or database URI (default: SQLite under <home>/mlflow).",
     )
     mlflow_registry_uri: str | None = None
     model_name: str = "driverscore-trip-risk"
     experiment_name: str = "driverscore"
-    s3_endpoint_url: str | None = Field(None, description="Custom S3 API endpoint (MinIO, moto, Ceph...).")
+    s3_endpoint_url: str | None = Field(
+        None, description="Custom S3 API endpoint (MinIO, moto, Ceph...)."
+    )
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None
     aws_region: str = "us-east-1"
     schedule: Literal["daily", "weekly"] = "daily"
-    schedule_cron: str | None = Field(None, description="Overrides the daily/weekly cron expression.")
+    schedule_cron: str | None = Field(
+        None, description="Overrides the daily/weekly cron expression."
+    )
 
     cleaning: CleaningConfig = CleaningConfig()
     trips: TripConfig = TripConfig()
@@ -98,7 +112,10 @@ class Settings(BaseSettings):
         """fsspec options for S3 URIs; empty values fall back to the AWS environment."""
         options: dict[str, object] = {}
         if self.s3_endpoint_url:
-            options["client_kwargs"] = {"endpoint_url": self.s3_endpoint_url, "region_name": self.aws_region}
+            options["client_kwargs"] = {
+                "endpoint_url": self.s3_endpoint_url,
+                "region_name": self.aws_region,
+            }
         if self.aws_access_key_id and self.aws_secret_access_key:
             options["key"] = self.aws_access_key_id.get_secret_value()
             options["secret"] = self.aws_secret_access_key.get_secret_value()

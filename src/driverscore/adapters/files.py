@@ -20,7 +20,9 @@ def table_format(uri: str) -> str:
         return WRITABLE_FORMATS[suffix]
     except KeyError:
         allowed = ", ".join(sorted(WRITABLE_FORMATS))
-        raise ConfigError(f"{uri}: unknown output format '{suffix}' — use one of {allowed}") from None
+        raise ConfigError(
+            f"{uri}: unknown output format '{suffix}' — use one of {allowed}"
+        ) from None
 
 
 def _flatten_lists(frame: pl.DataFrame) -> pl.DataFrame:

@@ -14,13 +14,21 @@ class CleaningConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_speed_mps: float = Field(90.0, gt=0, description="Reported speeds above this are impossible (m/s).")
-    max_implied_speed_mps: float = Field(
-        90.0, gt=0, description="A fix whose implied speed from both neighbours exceeds this is a GPS jump (m/s)."
+    max_speed_mps: float = Field(
+        90.0, gt=0, description="Reported speeds above this are impossible (m/s)."
     )
-    earliest_ts: str = Field("2000-01-01T00:00:00Z", description="Fixes before this UTC time are bad timestamps.")
+    max_implied_speed_mps: float = Field(
+        90.0,
+        gt=0,
+        description="A fix whose implied speed from both neighbours exceeds this is a GPS jump (m/s).",
+    )
+    earliest_ts: str = Field(
+        "2000-01-01T00:00:00Z", description="Fixes before this UTC time are bad timestamps."
+    )
     max_future_s: float = Field(
-        86_400.0, ge=0, description="Fixes later than the run's reference time plus this are bad timestamps (s)."
+        86_400.0,
+        ge=0,
+        description="Fixes later than the run's reference time plus this are bad timestamps (s).",
     )
 
 
@@ -41,19 +49,29 @@ class FeatureConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     hard_brake_mps2: float = Field(
-        3.0, gt=0, description="Deceleration at or beyond this is hard braking (m/s²; 3.0 ≈ 0.31 g ≈ 6.7 mph/s)."
+        3.0,
+        gt=0,
+        description="Deceleration at or beyond this is hard braking (m/s²; 3.0 ≈ 0.31 g ≈ 6.7 mph/s).",
     )
-    harsh_accel_mps2: float = Field(3.0, gt=0, description="Acceleration at or beyond this is harsh (m/s²).")
-    harsh_corner_mps2: float = Field(3.0, gt=0, description="Lateral acceleration at or beyond this is harsh (m/s²).")
+    harsh_accel_mps2: float = Field(
+        3.0, gt=0, description="Acceleration at or beyond this is harsh (m/s²)."
+    )
+    harsh_corner_mps2: float = Field(
+        3.0, gt=0, description="Lateral acceleration at or beyond this is harsh (m/s²)."
+    )
     max_plausible_accel_mps2: float = Field(
         12.0, gt=0, description="Accelerations beyond this are sensor glitches, not events (m/s²)."
     )
-    idle_speed_mps: float = Field(0.5, ge=0, description="Below this speed the vehicle is stopped (m/s).")
+    idle_speed_mps: float = Field(
+        0.5, ge=0, description="Below this speed the vehicle is stopped (m/s)."
+    )
     min_corner_speed_mps: float = Field(
         5.0, ge=0, description="Cornering from GPS heading is only trusted above this speed (m/s)."
     )
     speeding_tolerance_mps: float = Field(
-        2.0, ge=0, description="Speed must exceed the posted limit by more than this to count as speeding (m/s)."
+        2.0,
+        ge=0,
+        description="Speed must exceed the posted limit by more than this to count as speeding (m/s).",
     )
     night_start_hour: float = Field(22.0, ge=0, lt=24, description="Local hour when night starts.")
     night_end_hour: float = Field(5.0, ge=0, lt=24, description="Local hour when night ends.")
@@ -62,5 +80,7 @@ class FeatureConfig(BaseModel):
         description="IANA zone for local time; when unset, local mean solar time from longitude is used.",
     )
     max_dt_s: float = Field(
-        10.0, gt=0, description="Time steps longer than this (GPS dropouts) are not integrated into rates (s)."
+        10.0,
+        gt=0,
+        description="Time steps longer than this (GPS dropouts) are not integrated into rates (s).",
     )

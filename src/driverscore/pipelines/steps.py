@@ -127,7 +127,9 @@ def ingest(
 
     canonical = ctx.store.write_dataset("canonical", parts())
     rejected = pl.concat(rejects, how="diagonal_relaxed") if rejects else pl.DataFrame()
-    return IngestedTelemetry(raw=raw, canonical=canonical, rejected_rows=rejected.height, rejects=rejected)
+    return IngestedTelemetry(
+        raw=raw, canonical=canonical, rejected_rows=rejected.height, rejects=rejected
+    )
 
 
 def prepare(
