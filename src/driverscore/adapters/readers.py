@@ -164,7 +164,8 @@ def list_sources(uri: str, storage_options: Mapping[str, object]) -> list[str]:
     elif fs.isdir(path):
         found = [m for m in fs.find(path) if _is_data_file(m, path)]
     elif fs.exists(path):
-        return [uri]
+        # Local paths come back absolute: the raw snapshot records where data came from.
+        return [path if local else uri]
     else:
         raise InputDataError(f"{uri}: no such file or folder — check the path")
     if not found:
