@@ -1,0 +1,16 @@
+"""Fleet simulator: physically plausible 1 Hz pings, incident labels and drift knobs.
+
+See ``docs/simulator.md`` for the physics and the label model.
+"""
+
+from driverscore.simulation.config import DirtConfig, DriftConfig, SimulationConfig
+from driverscore.simulation.simulator import Simulation, iter_simulation, simulate
+
+__all__ = [
+    "DirtConfig",
+    "DriftConfig",
+    "Simulation",
+    "SimulationConfig",
+    "iter_simulation",
+    "simulate",
+]

@@ -1,0 +1,116 @@
+"""Knobs of the fleet simulator: fleet size, data dirt and drift, with their units."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class DirtConfig(BaseModel):
+    """Fractions of pings that get each kind of defect, for the cleaning stage to catch.
+
+    All zero gives clean data.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    duplicate_rate: float = Field(default=0.002, ge=0, le=1, description="Pings sent twice.")
+    out_of_order_rate: float = Field(
+        default=0.001, ge=0, le=1, description="Pings swapped with their successor."
+    )
+    zero_coordinate_rate: float = Field(
+        default=0.0005, ge=0, le=1, description="Pings reporting (0, 0) coordinates."
+    )
+    gps_spike_rate: float = Field(
+        default=0.0005, ge=0, le=1, description="Single fixes that jump kilometres away."
+    )
+    impossible_speed_rate: float = Field(
+        default=0.0003, ge=0, le=1, description="Pings reporting an impossible speed (150 m/s)."
+    )
+    bad_timestamp_rate: float = Field(
+        default=0.0002, ge=0, le=1, description="Pings stamped at epoch 0 (device clock reset)."
+    )
+
+
+class DriftConfig(BaseModel):
+    """Changes of the world or of the devices, for drift detection to notice."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    new_fleet_vehicles: int = Field(
+        default=0,
+        ge=0,
+        description="Vehicles of an extra fleet 'fleet-new' with a riskier driver mix.",
+    )
+    new_fleet_aggressiveness_shift: float = Field(
+        default=0.25,
+        ge=-1,
+        le=1,
+        description="Added to the aggressiveness of the new fleet's drivers.",
+    )
+    speed_sensor_bias: float = Field(
+        default=1.0,
+        gt=0,
+        description="Multiplier on the reported speed_mps of the affected vehicles.",
+    )
+    speed_sensor_bias_share: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Share of vehicles whose speed sensor carries the bias.",
+    )
+    speed_unit_kmh_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Share of vehicles whose devices report km/h numbers in speed_mps.",
+    )
+    seasonal_speed_factor: float = Field(
+        default=1.0, gt=0, description="Multiplier on the drivers' target speeds (weather, season)."
+    )
+
+
+class SimulationConfig(BaseModel):
+    """What fleet to simulate, for how long, from which seed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    vehicles: int = Field(default=50, ge=0, description="Vehicles of the regular fleets.")
+    days: int = Field(default=7, ge=1, description="Simulated days.")
+    seed: int = Field(default=0, ge=0, description="Same seed, same frames.")
+    start: datetime = Field(
+        default=datetime(2026, 1, 5, tzinfo=UTC),
+        description="Local midnight of the first day (aware; read as UTC wall clock).",
+    )
+    fleets: int = Field(default=3, ge=1, description="Regular fleets, each based in its own city.")
+    clients_per_fleet: int = Field(default=4, ge=1, description="Clients (customers) per fleet.")
+    trips_per_day: float = Field(default=3.0, gt=0, description="Mean trips per vehicle and day.")
+    imu_share: float = Field(
+        default=0.3, ge=0, le=1, description="Share of vehicles whose devices carry accelerometers."
+    )
+    speed_limit_share: float = Field(
+        default=0.85,
+        ge=0,
+        le=1,
+        description="Share of vehicles whose pings carry map-matched limits.",
+    )
+    include_trip_id: bool = Field(default=False, description="Fill trip_id in the pings.")
+    vehicles_per_chunk: int = Field(
+        default=200, ge=1, description="Vehicles simulated together; bounds memory."
+    )
+    dirt: DirtConfig = Field(default_factory=DirtConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+
+    @field_validator("start")
+    @classmethod
+    def _aware_utc(cls, value: datetime) -> datetime:
+        # A naive start would silently mean the machine's zone; the data contract is UTC.
+        if value.tzinfo is None:
+            raise ValueError("start must be timezone-aware")
+        return value.astimezone(UTC)
+
+    @property
+    def total_vehicles(self) -> int:
+        """Regular vehicles plus those of the drift fleet."""
+        return self.vehicles + self.drift.new_fleet_vehicles

@@ -1,0 +1,175 @@
+"""Cities, fleets, vehicles and their drivers.
+
+One driver per vehicle. Driver traits are latent (0..1) and drive both the kinematics
+(what the pings show) and the incident hazard (what the labels show); they are drawn
+from correlated normals squashed by a logistic, so that aggressive drivers also tend to
+speed and to be less smooth, as in telematics studies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import polars as pl
+
+from driverscore.simulation.config import SimulationConfig
+
+KMH: Final = 1 / 3.6
+MPH: Final = 0.44704
+
+#: Road classes, index into :attr:`City.limits_mps`.
+RESIDENTIAL: Final = 0
+URBAN: Final = 1
+ARTERIAL: Final = 2
+HIGHWAY: Final = 3
+
+
+@dataclass(frozen=True)
+class City:
+    """A fleet's base: where its vehicles drive and the posted limits of its roads."""
+
+    name: str
+    lat: float
+    lon: float
+    #: Posted limits of residential, urban, arterial and highway roads (m/s).
+    limits_mps: tuple[float, float, float, float]
+
+
+CITIES: Final[tuple[City, ...]] = (
+    City("Lyon", 45.76, 4.84, (30 * KMH, 50 * KMH, 70 * KMH, 130 * KMH)),
+    City("Chicago", 41.88, -87.63, (25 * MPH, 30 * MPH, 45 * MPH, 65 * MPH)),
+    City("São Paulo", -23.55, -46.63, (30 * KMH, 50 * KMH, 70 * KMH, 110 * KMH)),
+    City("Bangalore", 12.97, 77.59, (30 * KMH, 40 * KMH, 60 * KMH, 100 * KMH)),
+    City("Melbourne", -37.81, 144.96, (40 * KMH, 50 * KMH, 70 * KMH, 110 * KMH)),
+    City("Berlin", 52.52, 13.40, (30 * KMH, 50 * KMH, 60 * KMH, 130 * KMH)),
+)
+
+NEW_FLEET_ID: Final = "fleet-new"
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Every vehicle of the simulation with its driver's latent traits (arrays by vehicle)."""
+
+    vehicle_id: np.ndarray
+    driver_id: np.ndarray
+    fleet_id: np.ndarray
+    client_id: np.ndarray
+    city: np.ndarray  # index into CITIES
+    aggressiveness: np.ndarray
+    speeding_propensity: np.ndarray
+    night_propensity: np.ndarray
+    smoothness: np.ndarray
+    has_imu: np.ndarray
+    has_speed_limit: np.ndarray
+    #: Vehicle power over mass (W/kg): caps acceleration as speed rises.
+    power_per_kg: np.ndarray
+    #: Multiplier on the reported speed (sensor bias times km/h unit change).
+    speed_report_factor: np.ndarray
+    #: IMU mount bias, longitudinal and lateral (m/s²).
+    imu_bias_long: np.ndarray
+    imu_bias_lat: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.vehicle_id)
+
+    def drivers_frame(self, rows: slice | None = None) -> pl.DataFrame:
+        """The ``drivers`` ground-truth frame."""
+        sel = rows if rows is not None else slice(None)
+        return pl.DataFrame(
+            {
+                "driver_id": self.driver_id[sel].tolist(),
+                "vehicle_id": self.vehicle_id[sel].tolist(),
+                "fleet_id": self.fleet_id[sel].tolist(),
+                "client_id": self.client_id[sel].tolist(),
+                "aggressiveness": self.aggressiveness[sel],
+                "speeding_propensity": self.speeding_propensity[sel],
+                "night_propensity": self.night_propensity[sel],
+                "smoothness": self.smoothness[sel],
+            },
+            schema={
+                "driver_id": pl.String(),
+                "vehicle_id": pl.String(),
+                "fleet_id": pl.String(),
+                "client_id": pl.String(),
+                "aggressiveness": pl.Float64(),
+                "speeding_propensity": pl.Float64(),
+                "night_propensity": pl.Float64(),
+                "smoothness": pl.Float64(),
+            },
+        )
+
+
+def _squash(z: np.ndarray) -> np.ndarray:
+    # Logistic with slope 1.7 approximates the normal CDF: a trait in 0..1.
+    return np.asarray(1.0 / (1.0 + np.exp(-1.7 * z)), dtype=np.float64)
+
+
+def build_fleet(config: SimulationConfig) -> Fleet:
+    """Draw all vehicles and drivers; independent of chunking so chunks agree."""
+    rng = np.random.default_rng([config.seed, 0xF1EE7])
+    n_regular = config.vehicles
+    n = config.total_vehicles
+    index = np.arange(n)
+    is_new = index >= n_regular
+
+    fleet_index = np.where(is_new, config.fleets, index % config.fleets)
+    city = fleet_index % len(CITIES)
+    client_index = rng.integers(0, config.clients_per_fleet, size=n)
+
+    # Trait correlations: aggressive drivers speed more, are less smooth, drive a bit more
+    # at night.
+    corr = np.array(
+        [
+            [1.0, 0.5, 0.2, -0.6],
+            [0.5, 1.0, 0.2, -0.3],
+            [0.2, 0.2, 1.0, -0.1],
+            [-0.6, -0.3, -0.1, 1.0],
+        ]
+    )
+    z = rng.standard_normal((n, 4)) @ np.linalg.cholesky(corr).T
+    # Offsets skew the mix towards calm, law-abiding, daytime, smooth drivers.
+    aggressiveness = _squash(z[:, 0] - 0.45)
+    speeding = _squash(z[:, 1] - 0.35)
+    night = _squash(z[:, 2] - 0.6)
+    smoothness = _squash(z[:, 3] + 0.45)
+    shift = config.drift.new_fleet_aggressiveness_shift
+    aggressiveness = np.where(is_new, np.clip(aggressiveness + shift, 0.0, 1.0), aggressiveness)
+    smoothness = np.where(is_new, np.clip(smoothness - 0.5 * shift, 0.0, 1.0), smoothness)
+    speeding = np.where(is_new, np.clip(speeding + 0.5 * shift, 0.0, 1.0), speeding)
+
+    has_imu = rng.random(n) < config.imu_share
+    has_limit = rng.random(n) < config.speed_limit_share
+    power = rng.uniform(22.0, 45.0, n)
+
+    drift = config.drift
+    biased = rng.random(n) < drift.speed_sensor_bias_share
+    kmh = rng.random(n) < drift.speed_unit_kmh_share
+    report = np.where(biased, drift.speed_sensor_bias, 1.0) * np.where(kmh, 3.6, 1.0)
+
+    numbers = np.char.zfill((index + 1).astype(str), 5)
+    fleet_names = np.where(
+        is_new, NEW_FLEET_ID, np.char.add("fleet-", fleet_index.astype(str))
+    ).astype(object)
+    client_names = np.char.add(
+        np.char.add(fleet_names.astype(str), "-client-"), client_index.astype(str)
+    )
+    return Fleet(
+        vehicle_id=np.char.add("veh-", numbers).astype(object),
+        driver_id=np.char.add("drv-", numbers).astype(object),
+        fleet_id=fleet_names,
+        client_id=client_names.astype(object),
+        city=city,
+        aggressiveness=aggressiveness,
+        speeding_propensity=speeding,
+        night_propensity=night,
+        smoothness=smoothness,
+        has_imu=has_imu,
+        has_speed_limit=has_limit,
+        power_per_kg=power,
+        speed_report_factor=report,
+        imu_bias_long=rng.normal(0.0, 0.12, n),
+        imu_bias_lat=rng.normal(0.0, 0.12, n),
+    )
