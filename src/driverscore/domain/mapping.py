@@ -82,6 +82,7 @@ _EPOCH_S_MS_BOUNDARY: Final = 1e11
 _ISO_WITH_OFFSET: Final = ("%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M:%S%.f%z")
 _ISO_NAIVE: Final = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M")
 _MAX_COLUMNS_LISTED: Final = 30
+_MIN_VALUES_FOR_COLUMN_ERROR: Final = 2
 
 
 def _valid_names() -> str:
@@ -324,7 +325,9 @@ def _parse_timestamp(series: pl.Series, unit: str, zone: str, label: str) -> _Pa
 
 def _check_not_all_failed(parsed: _Parsed, original: pl.Series, label: str, what: str) -> None:
     failures = int(parsed.failed.sum())
-    if failures == 0 or failures < original.len() - original.null_count():
+    # A wrong mapping shows as a column where nothing parses; a lone value that does not
+    # parse is just a bad row, so it takes at least two values to call it the column.
+    if failures < _MIN_VALUES_FOR_COLUMN_ERROR or failures < original.len() - original.null_count():
         return
     example = original.filter(parsed.failed)[0]
     hint = (
