@@ -1,0 +1,315 @@
+"""MLflow tracking and model registry: one run per candidate, aliases for the serving roles.
+
+Only an :class:`MlflowClient` built from the given URIs is used, never the fluent
+``mlflow.*`` API with its process-wide tracking URI and active run: two registries (a test
+and the app, or two tenants) can live in one process without seeing each other.
+
+A version's run holds the sklearn model as an MLflow model directory (``model/``, with a
+signature and input example so ``mlflow models serve -m models:/<name>@champion`` works),
+the pickle-free serving export ``onnx/model.onnx``, ``model_card.json`` and
+``gate_report.json``. Serving loads only the ONNX file and the card.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import mlflow
+import mlflow.sklearn
+import numpy as np
+import onnx
+import polars as pl
+import skl2onnx
+import sklearn
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+import driverscore
+from driverscore.adapters.onnx_model import OnnxRiskModel
+from driverscore.domain.scoring import ModelCard, TripScorer, feature_matrix
+from driverscore.errors import NoModelError
+from driverscore.training.gate import GateReport
+from driverscore.training.model import TrainedModel
+
+__all__ = [
+    "CARD_ARTIFACT",
+    "CHALLENGER",
+    "CHAMPION",
+    "ONNX_ARTIFACT",
+    "ModelRegistry",
+    "RegisteredVersion",
+]
+
+CHAMPION: Final = "champion"
+CHALLENGER: Final = "challenger"
+ONNX_ARTIFACT: Final = "onnx/model.onnx"
+CARD_ARTIFACT: Final = "model_card.json"
+GATE_ARTIFACT: Final = "gate_report.json"
+SKLEARN_ARTIFACT: Final = "model"
+
+# MLflow metric and tag keys allow alphanumerics, "_ - . / " and spaces only.
+_UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_\-./ ]")
+_MAX_PARAM_VALUE: Final = 6000
+
+
+def _key(name: str) -> str:
+    return _UNSAFE_KEY.sub("_", name)
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """What registration produced: the version, its run, gate status and alias (if any)."""
+
+    model_name: str
+    version: str
+    run_id: str
+    gate_status: str
+    alias: str | None
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.model_name}/{self.version}"
+
+
+class ModelRegistry:
+    """Tracking runs and registered versions of one model in one MLflow backend.
+
+    ``tracking_uri`` is a database URI (``sqlite:///...``) or an ``http(s)://`` MLflow
+    server; ``registry_uri`` defaults to it. ``artifact_location`` is used only when the
+    experiment is created (a local folder or ``s3://...``). Promotion rules are in
+    :meth:`register`.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        registry_uri: str | None,
+        model_name: str,
+        experiment_name: str,
+        artifact_location: str | None = None,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.registry_uri = registry_uri or tracking_uri
+        self.model_name = model_name
+        self.experiment_name = experiment_name
+        self.artifact_location = artifact_location
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+        # Promotion reads then writes the champion alias; serialise it within this process.
+        self._lock = threading.Lock()
+
+    # -- registration ---------------------------------------------------------------------
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.experiment_name)
+        if experiment is not None:
+            return str(experiment.experiment_id)
+        try:
+            return str(
+                self.client.create_experiment(
+                    self.experiment_name, artifact_location=self.artifact_location
+                )
+            )
+        except MlflowException:
+            # Another process created it between our lookup and create.
+            experiment = self.client.get_experiment_by_name(self.experiment_name)
+            if experiment is None:
+                raise
+            return str(experiment.experiment_id)
+
+    def _ensure_registered_model(self) -> None:
+        try:
+            self.client.get_registered_model(self.model_name)
+        except MlflowException:
+            try:
+                self.client.create_registered_model(
+                    self.model_name, description="Calibrated trip incident risk (driverscore)."
+                )
+            except MlflowException:
+                self.client.get_registered_model(self.model_name)  # created concurrently
+
+    def register(
+        self,
+        trained: TrainedModel,
+        onnx_bytes: bytes,
+        card: ModelCard,
+        gate_report: GateReport,
+        params: dict[str, Any],
+        data_versions: dict[str, str],
+        code_version: str,
+        sample: pl.DataFrame,
+    ) -> RegisteredVersion:
+        """Record the candidate as one run and one model version, and promote it if it passed.
+
+        A candidate that failed the gate is still recorded (run and version tagged
+        ``gate_status=failed``, with the failures) so the attempt is traceable, but it never
+        gets an alias. The first passing version becomes ``champion``; later passing ones
+        become ``challenger`` (replacing the previous challenger), to be promoted by the
+        rollout after their canary. ``sample`` (a few trip feature rows) is the input example.
+        """
+        gate_status = "passed" if gate_report.passed else "failed"
+        tags = {
+            "driverscore.version": driverscore.__version__,
+            "code_version": code_version,
+            "gate_status": gate_status,
+            "model_name": self.model_name,
+            **{f"data_version.{_key(k)}": v for k, v in data_versions.items()},
+        }
+        if gate_report.failures:
+            tags["gate_failures"] = "; ".join(gate_report.failures)[:5000]
+        run = self.client.create_run(self._experiment_id(), tags=tags)
+        run_id: str = run.info.run_id
+        try:
+            self._log_run(run_id, trained, onnx_bytes, card, gate_report, params, sample)
+        except BaseException:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        self.client.set_terminated(run_id, status="FINISHED")
+
+        self._ensure_registered_model()
+        version_tags = {
+            "gate_status": gate_status,
+            "code_version": code_version,
+            **{f"data_version.{_key(k)}": v for k, v in data_versions.items()},
+        }
+        model_version = self.client.create_model_version(
+            self.model_name,
+            source=f"runs:/{run_id}/{SKLEARN_ARTIFACT}",
+            run_id=run_id,
+            tags=version_tags,
+            description=f"gate {gate_status}",
+        )
+        version = str(model_version.version)
+        alias: str | None = None
+        if gate_report.passed:
+            with self._lock:
+                alias = CHALLENGER if self.alias_version(CHAMPION) is not None else CHAMPION
+                self.set_alias(alias, version)
+        return RegisteredVersion(self.model_name, version, run_id, gate_status, alias)
+
+    def _log_run(
+        self,
+        run_id: str,
+        trained: TrainedModel,
+        onnx_bytes: bytes,
+        card: ModelCard,
+        gate_report: GateReport,
+        params: dict[str, Any],
+        sample: pl.DataFrame,
+    ) -> None:
+        from mlflow.entities import Metric, Param
+
+        metrics = {f"holdout.{k}": v for k, v in gate_report.candidate.flat().items()}
+        if gate_report.champion is not None:
+            metrics.update(
+                {f"champion.{k}": v for k, v in gate_report.champion.flat().items() if "." not in k}
+            )
+        metrics["decision_threshold"] = card.decision_threshold
+        params_out = {_key(k): str(v)[:_MAX_PARAM_VALUE] for k, v in params.items()}
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(_key(k), float(v), 0, 0) for k, v in metrics.items()],
+            params=[Param(k, v) for k, v in params_out.items()],
+        )
+        self.client.log_text(run_id, card.to_json(), CARD_ARTIFACT)
+        self.client.log_text(run_id, gate_report.model_dump_json(indent=2), GATE_ARTIFACT)
+        example = feature_matrix(sample.head(5), trained.feature_names)
+        with tempfile.TemporaryDirectory(prefix="driverscore-") as tmp:
+            onnx_dir = Path(tmp) / "onnx"
+            onnx_dir.mkdir()
+            (onnx_dir / "model.onnx").write_bytes(onnx_bytes)
+            self.client.log_artifacts(run_id, str(onnx_dir), "onnx")
+            model_dir = Path(tmp) / SKLEARN_ARTIFACT
+            signature = (
+                infer_signature(example, trained.predict_proba(example))
+                if example.shape[0]
+                else None
+            )
+            mlflow.sklearn.save_model(
+                trained.estimator,
+                str(model_dir),
+                signature=signature,
+                input_example=example if example.shape[0] else None,
+                # Explicit requirements: inferring them would re-load the model in a subprocess.
+                pip_requirements=[
+                    f"scikit-learn=={sklearn.__version__}",
+                    f"numpy=={np.__version__}",
+                    f"mlflow=={mlflow.__version__}",
+                ],
+                pyfunc_predict_fn="predict_proba",
+                serialization_format="cloudpickle",
+            )
+            self.client.log_artifacts(run_id, str(model_dir), SKLEARN_ARTIFACT)
+        self.client.set_tag(run_id, "onnx.opset", str(_onnx_opset(onnx_bytes)))
+        self.client.set_tag(run_id, "skl2onnx.version", skl2onnx.__version__)
+
+    # -- aliases ----------------------------------------------------------------------------
+
+    def alias_version(self, alias: str) -> str | None:
+        """Version number the alias points to, or ``None`` when unset (or no model yet)."""
+        try:
+            return str(self.client.get_model_version_by_alias(self.model_name, alias).version)
+        except MlflowException:
+            return None
+
+    def set_alias(self, alias: str, version: str) -> None:
+        """Point ``alias`` at ``version`` (moving it if it pointed elsewhere)."""
+        self.client.set_registered_model_alias(self.model_name, alias, version)
+        self.client.set_model_version_tag(self.model_name, version, "role", alias)
+
+    def delete_alias(self, alias: str) -> None:
+        """Remove ``alias``; no error when it is not set."""
+        if self.alias_version(alias) is not None:
+            self.client.delete_registered_model_alias(self.model_name, alias)
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def _download(self, version: str, artifact: str, dst: str) -> Path:
+        run_id = self.client.get_model_version(self.model_name, version).run_id
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id,
+            artifact_path=artifact,
+            dst_path=dst,
+            tracking_uri=self.tracking_uri,
+        )
+        return Path(local)
+
+    def load_card(self, version: str) -> ModelCard:
+        """The model card stored with ``version``."""
+        with tempfile.TemporaryDirectory(prefix="driverscore-") as tmp:
+            return ModelCard.from_json(self._download(version, CARD_ARTIFACT, tmp).read_text())
+
+    def load_onnx(self, version: str) -> bytes:
+        """The ONNX export stored with ``version``."""
+        with tempfile.TemporaryDirectory(prefix="driverscore-") as tmp:
+            return self._download(version, ONNX_ARTIFACT, tmp).read_bytes()
+
+    def load_scorer(self, alias: str, role: str | None = None) -> TripScorer:
+        """Scorer for the version behind ``alias``, from its ONNX file and card (no pickle).
+
+        ``role`` is written into each score record (defaults to the alias; ``shadow`` when a
+        challenger scores alongside the champion without serving).
+        """
+        version = self.alias_version(alias)
+        if version is None:
+            raise NoModelError(
+                f"model {self.model_name!r} has no version with alias {alias!r} at "
+                f"{self.tracking_uri}; train and register one first (driverscore train)"
+            )
+        card = self.load_card(version)
+        model = OnnxRiskModel(self.load_onnx(version))
+        return TripScorer(model.predict_proba, card, self.model_name, version, role or alias)
+
+    def version_tags(self, version: str) -> dict[str, str]:
+        """Tags of a registered version (gate status, code and data versions, role)."""
+        return dict(self.client.get_model_version(self.model_name, version).tags)
+
+
+def _onnx_opset(onnx_bytes: bytes) -> int:
+    proto = onnx.load_from_string(onnx_bytes)
+    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)

@@ -1,0 +1,151 @@
+"""The MLflow registry adapter against a real MLflow backend (SQLite + local artifacts)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from driverscore.adapters.registry import CHALLENGER, CHAMPION, ModelRegistry
+from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
+from driverscore.domain.scoring import ModelCard, feature_matrix
+from driverscore.errors import NoModelError
+from driverscore.settings import GateConfig, TrainingConfig
+from driverscore.training.dataset import label_trips, time_split
+from driverscore.training.gate import GateReport, evaluate, run_gate
+from driverscore.training.model import TrainedModel, train_model
+from driverscore.training.onnx_export import export_onnx
+from driverscore.training.synthetic import synthetic_trips
+
+pytestmark = [
+    pytest.mark.integration,
+    # MLflow's SQLAlchemy store still uses the ``noload`` strategy deprecated in SQLAlchemy 2.1.
+    pytest.mark.filterwarnings(
+        "ignore:The ``noload`` loader strategy is deprecated:sqlalchemy.exc.SADeprecationWarning"
+    ),
+    # Importing mlflow.pyfunc (for the sklearn flavour) warns once about its own type hints.
+    pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning"),
+]
+
+SCORED_AT = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    trained: TrainedModel
+    onnx_bytes: bytes
+    card: ModelCard
+    holdout: pl.DataFrame
+    probability: np.ndarray
+
+
+@pytest.fixture(scope="module")
+def candidate() -> Candidate:
+    features, incidents = synthetic_trips(6000, seed=3)
+    labelled = label_trips(features, incidents, datetime(2026, 5, 20, tzinfo=UTC), 7.0)
+    train, holdout = time_split(labelled, 0.25)
+    trained = train_model(train, TrainingConfig(max_iter=40, min_samples_leaf=50))
+    x = feature_matrix(holdout, trained.feature_names)
+    onnx_bytes = export_onnx(trained, x)
+    card = trained.model_card(
+        cleaning_config=CleaningConfig(),
+        trip_config=TripConfig(),
+        feature_config=FeatureConfig(),
+        lineage={"features": "abc123"},
+    )
+    return Candidate(trained, onnx_bytes, card, holdout, trained.predict_proba(x))
+
+
+def _report(c: Candidate, config: GateConfig) -> GateReport:
+    metrics = evaluate(
+        c.holdout["incident"].to_numpy(),
+        c.probability,
+        c.card.decision_threshold,
+        c.holdout["fleet_id"].to_numpy(),
+    )
+    return run_gate(metrics, None, config)
+
+
+def _register(registry: ModelRegistry, c: Candidate, report: GateReport, tag: str) -> str:
+    registered = registry.register(
+        c.trained,
+        c.onnx_bytes,
+        c.card,
+        report,
+        params={"max_iter": 40, "run": tag},
+        data_versions={"features": "f" * 16, "labels": "1" * 16},
+        code_version="deadbeef+0.1.0",
+        sample=c.holdout.head(5),
+    )
+    return registered.version
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[ModelRegistry]:
+    yield ModelRegistry(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        registry_uri=None,
+        model_name="trip-risk-test",
+        experiment_name="driverscore-test",
+        artifact_location=str(tmp_path / "artifacts"),
+    )
+
+
+def test_promotion_and_loading(registry: ModelRegistry, candidate: Candidate) -> None:
+    passing = _report(
+        candidate, GateConfig(min_roc_auc=0.5, max_brier=0.5, max_calibration_error=0.5)
+    )
+    failing = _report(candidate, GateConfig(min_roc_auc=0.99))
+    assert passing.passed and not failing.passed
+
+    with pytest.raises(NoModelError):
+        registry.load_scorer(CHAMPION)
+    first = _register(registry, candidate, passing, "first")
+    assert registry.alias_version(CHAMPION) == first
+    second = _register(registry, candidate, passing, "second")
+    assert registry.alias_version(CHAMPION) == first
+    assert registry.alias_version(CHALLENGER) == second
+    third = _register(registry, candidate, failing, "third")
+    assert registry.alias_version(CHAMPION) == first
+    assert registry.alias_version(CHALLENGER) == second
+    assert registry.version_tags(third)["gate_status"] == "failed"
+    assert "role" not in registry.version_tags(third)
+
+    scorer = registry.load_scorer(CHAMPION)
+    assert scorer.model_version == first and scorer.model_role == CHAMPION
+    served = scorer.score_trips(candidate.holdout, SCORED_AT)
+    local = candidate.trained.scorer(candidate.card, "trip-risk-test", first, CHAMPION)
+    expected = local.score_trips(candidate.holdout, SCORED_AT)
+    np.testing.assert_allclose(served["score"].to_numpy(), expected["score"].to_numpy(), atol=1e-3)
+    assert served["risk_band"].to_list() == expected["risk_band"].to_list()
+    assert registry.load_card(first) == candidate.card
+
+    shadow = registry.load_scorer(CHALLENGER, role="shadow")
+    assert (
+        shadow.score_trips(candidate.holdout.head(3), SCORED_AT)["model_role"].to_list()
+        == ["shadow"] * 3
+    )
+
+
+def test_lineage_is_recorded(registry: ModelRegistry, candidate: Candidate) -> None:
+    report = _report(
+        candidate, GateConfig(min_roc_auc=0.5, max_brier=0.5, max_calibration_error=0.5)
+    )
+    version = _register(registry, candidate, report, "lineage")
+    mv = registry.client.get_model_version(registry.model_name, version)
+    run = registry.client.get_run(mv.run_id)
+    tags = run.data.tags
+    assert tags["data_version.features"] == "f" * 16
+    assert tags["data_version.labels"] == "1" * 16
+    assert tags["code_version"] == "deadbeef+0.1.0"
+    assert tags["gate_status"] == "passed"
+    assert run.data.params["max_iter"] == "40"
+    assert "holdout.roc_auc" in run.data.metrics
+    artifacts = {a.path for a in registry.client.list_artifacts(mv.run_id)}
+    assert {"model_card.json", "onnx", "model", "gate_report.json"} <= artifacts
+    assert registry.version_tags(version)["data_version.features"] == "f" * 16
