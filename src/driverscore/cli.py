@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-
 from pydantic import ValidationError
+from rich.console import Console
 
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.errors import ConfigError, DriverscoreError
@@ -90,7 +89,7 @@ def simulate(
         vehicles=vehicles,
         days=days,
         seed=seed,
-        **({"start": start_time} if start_time else {}),
+        start=start_time or SimulationConfig().start,
         dirt=DirtConfig(
             duplicate_rate=0,
             out_of_order_rate=0,

@@ -21,7 +21,7 @@ import polars as pl
 
 import driverscore
 from driverscore.adapters.readers import list_sources, read_table
-from driverscore.adapters.storage import DataStore, DatasetRef
+from driverscore.adapters.storage import DatasetRef, DataStore
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
 from driverscore.domain.mapping import ColumnMapping, apply_mapping
 from driverscore.domain.prepare import prepare_trips

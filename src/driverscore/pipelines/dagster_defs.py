@@ -1,0 +1,227 @@
+"""The training pipeline as Dagster assets, with a daily or weekly schedule.
+
+`dagster dev -m driverscore.pipelines.dagster_defs` shows the asset graph, its runs and
+the schedule. The assets call the same step functions as `driverscore train`; only the
+wiring lives here. Definitions are built lazily (``@dg.definitions``): importing this
+module does nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+
+from driverscore.adapters.registry import RegisteredVersion
+from driverscore.adapters.storage import DataStore
+from driverscore.domain.mapping import ColumnMapping
+from driverscore.pipelines.steps import (
+    IngestedTelemetry,
+    PreparedDataset,
+    RunContext,
+    ingest,
+    prepare,
+)
+from driverscore.pipelines.training_run import (
+    TrainingData,
+    ValidatedCandidate,
+    label_and_split,
+    open_registry,
+    register_candidate,
+    train_candidate,
+    validate_candidate,
+)
+from driverscore.settings import Settings
+from driverscore.training.model import TrainedModel
+
+CRON = {"daily": "0 3 * * *", "weekly": "0 3 * * 1"}
+JOB_NAME = "driverscore_training"
+
+
+class TelemetrySource(dg.ConfigurableResource):  # type: ignore[type-arg]
+    """Where the pipeline reads pings and claims; values default to the environment."""
+
+    pings_uri: str
+    incidents_uri: str
+    mapping_path: str | None = None
+    reference_time: str | None = None
+
+    def mapping(self) -> ColumnMapping | None:
+        if not self.mapping_path:
+            return None
+        path = Path(self.mapping_path)
+        return ColumnMapping.from_yaml_text(path.read_text(encoding="utf-8"), where=str(path))
+
+    def resolved_reference_time(self) -> datetime:
+        if not self.reference_time:
+            return datetime.now(UTC)
+        parsed = datetime.fromisoformat(self.reference_time.replace("Z", "+00:00"))
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class IngestedRun:
+    """The run's identity travels with the first asset so every later step shares it."""
+
+    run_id: str
+    reference_time: datetime
+    telemetry: IngestedTelemetry
+
+
+def _context(
+    settings: Settings, run_id: str, reference_time: datetime, log: dg.DagsterLogManager
+) -> RunContext:
+    return RunContext(
+        settings=settings,
+        store=DataStore(settings.resolved_data_uri, settings.storage_options()),
+        run_id=run_id,
+        reference_time=reference_time,
+        progress=log.info,
+    )
+
+
+def _run_context(settings: Settings, run: IngestedRun, log: dg.DagsterLogManager) -> RunContext:
+    return _context(settings, run.run_id, run.reference_time, log)
+
+
+def build_definitions(settings: Settings, source: TelemetrySource) -> dg.Definitions:
+    """Assets, job and schedule for ``settings``; one function so tests can build their own."""
+
+    @dg.asset(group_name="driverscore", description="Raw snapshot and canonical pings.")
+    def raw_telemetry(context: dg.AssetExecutionContext, telemetry: TelemetrySource) -> IngestedRun:
+        reference_time = telemetry.resolved_reference_time()
+        run_id = f"{reference_time:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+        ctx = _context(settings, run_id, reference_time, context.log)
+        ingested = ingest(ctx, telemetry.pings_uri, telemetry.mapping())
+        context.add_output_metadata(
+            {"raw_version": ingested.raw.version, "canonical_rows": ingested.canonical.rows}
+        )
+        return IngestedRun(run_id=run_id, reference_time=reference_time, telemetry=ingested)
+
+    @dg.asset(group_name="driverscore", description="Cleaned pings, trip features, quarantine.")
+    def prepared_trips(
+        context: dg.AssetExecutionContext, raw_telemetry: IngestedRun
+    ) -> PreparedDataset:
+        prepared = prepare(
+            _run_context(settings, raw_telemetry, context.log), raw_telemetry.telemetry
+        )
+        context.add_output_metadata(
+            {
+                "trips": prepared.features.rows,
+                "rows_quarantined": int(prepared.quality["rows_quarantined"]),
+                "quality_report": prepared.quality_uri,
+            }
+        )
+        return prepared
+
+    @dg.asset(
+        group_name="driverscore", description="Mature trips labelled by claims, split in time."
+    )
+    def training_data(
+        context: dg.AssetExecutionContext,
+        raw_telemetry: IngestedRun,
+        prepared_trips: PreparedDataset,
+        telemetry: TelemetrySource,
+    ) -> TrainingData:
+        ctx = _run_context(settings, raw_telemetry, context.log)
+        data = label_and_split(ctx, prepared_trips, telemetry.incidents_uri)
+        context.add_output_metadata(
+            {"train_trips": data.train.height, "holdout_trips": data.holdout.height}
+        )
+        return data
+
+    @dg.asset(group_name="driverscore", description="Calibrated monotone gradient boosting.")
+    def candidate_model(
+        context: dg.AssetExecutionContext, raw_telemetry: IngestedRun, training_data: TrainingData
+    ) -> TrainedModel:
+        return train_candidate(_run_context(settings, raw_telemetry, context.log), training_data)
+
+    @dg.asset(group_name="driverscore", description="ONNX export, holdout metrics and gate.")
+    def validated_candidate(
+        context: dg.AssetExecutionContext,
+        raw_telemetry: IngestedRun,
+        candidate_model: TrainedModel,
+        training_data: TrainingData,
+        prepared_trips: PreparedDataset,
+    ) -> ValidatedCandidate:
+        ctx = _run_context(settings, raw_telemetry, context.log)
+        validated = validate_candidate(
+            ctx, candidate_model, training_data, prepared_trips, open_registry(settings)
+        )
+        ctx.store.write_json(
+            "reports", ctx.run_id, "gate.json", validated.gate.model_dump(mode="json")
+        )
+        context.add_output_metadata(
+            {
+                "gate_passed": validated.gate.passed,
+                "roc_auc": validated.gate.candidate.roc_auc or 0.0,
+                "brier": validated.gate.candidate.brier,
+            }
+        )
+        return validated
+
+    @dg.asset(
+        group_name="driverscore",
+        description="MLflow model version; champion or challenger if it passed.",
+    )
+    def registered_model(
+        context: dg.AssetExecutionContext,
+        raw_telemetry: IngestedRun,
+        validated_candidate: ValidatedCandidate,
+        training_data: TrainingData,
+        prepared_trips: PreparedDataset,
+    ) -> RegisteredVersion:
+        ctx = _run_context(settings, raw_telemetry, context.log)
+        registered = register_candidate(
+            ctx, validated_candidate, training_data, prepared_trips, open_registry(settings)
+        )
+        context.add_output_metadata(
+            {
+                "version": registered.version,
+                "alias": registered.alias or "none",
+                "gate": registered.gate_status,
+            }
+        )
+        return registered
+
+    assets = [
+        raw_telemetry,
+        prepared_trips,
+        training_data,
+        candidate_model,
+        validated_candidate,
+        registered_model,
+    ]
+    job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.assets(*assets))
+    schedule = dg.ScheduleDefinition(
+        name=f"{JOB_NAME}_{settings.schedule}",
+        job=job,
+        cron_schedule=settings.schedule_cron or CRON[settings.schedule],
+        execution_timezone="UTC",
+    )
+    return dg.Definitions(
+        assets=assets, jobs=[job], schedules=[schedule], resources={"telemetry": source}
+    )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    """Entry point for `dagster dev -m driverscore.pipelines.dagster_defs`.
+
+    Sources come from ``DRIVERSCORE_PINGS_URI`` / ``DRIVERSCORE_INCIDENTS_URI`` (default:
+    the demo's simulated fleet under the home folder).
+    """
+    settings = Settings()
+    demo = (settings.home / "demo" / "fleet-seed42").resolve()
+    source = TelemetrySource(
+        pings_uri=dg.EnvVar("DRIVERSCORE_PINGS_URI").get_value(str(demo / "pings")) or "",
+        incidents_uri=dg.EnvVar("DRIVERSCORE_INCIDENTS_URI").get_value(
+            str(demo / "incidents.parquet")
+        )
+        or "",
+        mapping_path=dg.EnvVar("DRIVERSCORE_MAPPING").get_value(None),
+    )
+    return build_definitions(settings, source)

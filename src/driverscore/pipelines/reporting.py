@@ -1,0 +1,160 @@
+"""Terminal summaries of training and scoring runs (Rich tables)."""
+
+from __future__ import annotations
+
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+from driverscore.pipelines.scoring_run import ScoringRunResult
+from driverscore.pipelines.training_run import TrainingRunResult, open_registry
+from driverscore.settings import Settings
+from driverscore.training.gate import SliceMetrics
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def metrics_table(title: str, overall: SliceMetrics, per_fleet: dict[str, SliceMetrics]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("slice", "trips", "incident rate", "ROC-AUC", "PR-AUC", "F1", "Brier", "ECE"):
+        table.add_column(column, justify="left" if column == "slice" else "right")
+    rows = [("all", overall), *sorted(per_fleet.items())]
+    for name, m in rows:
+        table.add_row(
+            name,
+            f"{m.n:,}",
+            f"{m.positive_rate:.2%}",
+            _fmt(m.roc_auc),
+            _fmt(m.pr_auc),
+            _fmt(m.f1),
+            _fmt(m.brier, 4),
+            _fmt(m.calibration_error, 4),
+        )
+    return table
+
+
+def print_training(console: Console, result: TrainingRunResult) -> None:
+    quality = result.prepared.quality
+    per_rule = ", ".join(f"{k} {v:,}" for k, v in quality["quarantined_per_rule"].items())
+    console.print(
+        f"[bold]data[/]: {quality['rows_in']:,} pings in, {quality['rows_kept']:,} kept, "
+        f"{quality['rows_quarantined']:,} quarantined ({per_rule or 'none'}); "
+        f"{quality['trips']:,} trips"
+    )
+    data = result.data
+    console.print(
+        f"[bold]training[/]: {data.train.height:,} older trips, "
+        f"validated on {data.holdout.height:,} newer trips"
+    )
+    gate = result.candidate.gate
+    console.print(
+        metrics_table(
+            f"holdout metrics (F1 at threshold {gate.candidate.threshold:.4f})",
+            gate.candidate,
+            gate.candidate.per_fleet,
+        )
+    )
+    if gate.champion is not None:
+        console.print(
+            f"champion on the same holdout: ROC-AUC {_fmt(gate.champion.roc_auc)}, "
+            f"Brier {_fmt(gate.champion.brier, 4)}"
+        )
+    registered = result.registered
+    if gate.passed:
+        console.print(
+            f"[green]gate passed[/]: {registered.model_name} v{registered.version} "
+            f"is now [bold]{registered.alias}[/]"
+        )
+    else:
+        console.print(
+            f"[red]gate failed[/]: {registered.model_name} v{registered.version} recorded "
+            "without an alias"
+        )
+        for failure in gate.failures:
+            console.print(f"  - {failure}")
+    console.print(f"run manifest: {result.manifest_uri}")
+    console.print(f"quality report: {result.prepared.quality_uri}")
+
+
+def score_distribution(scores: pl.DataFrame) -> Table:
+    table = Table(title="trip scores per fleet", title_justify="left")
+    for column in ("fleet", "trips", "km", "mean", "p10", "low", "moderate", "elevated", "high"):
+        table.add_column(column, justify="left" if column == "fleet" else "right")
+    summary = (
+        scores.group_by("fleet_id")
+        .agg(
+            pl.len().alias("trips"),
+            pl.col("distance_km").sum().alias("km"),
+            pl.col("score").mean().alias("mean"),
+            pl.col("score").quantile(0.1).alias("p10"),
+            *[
+                (pl.col("risk_band") == band).mean().alias(band)
+                for band in ("low", "moderate", "elevated", "high")
+            ],
+        )
+        .sort("fleet_id")
+    )
+    for row in summary.iter_rows(named=True):
+        table.add_row(
+            str(row["fleet_id"]),
+            f"{row['trips']:,}",
+            f"{row['km']:,.0f}",
+            f"{row['mean']:.1f}",
+            f"{row['p10']:.1f}",
+            *[f"{row[band]:.0%}" for band in ("low", "moderate", "elevated", "high")],
+        )
+    return table
+
+
+def riskiest_trips(scores: pl.DataFrame, limit: int = 5) -> Table:
+    table = Table(title=f"riskiest {limit} trips", title_justify="left")
+    for column in ("trip", "driver", "km", "score", "band", "reasons"):
+        table.add_column(column, justify="right" if column in ("km", "score") else "left")
+    for row in scores.sort("score").head(limit).iter_rows(named=True):
+        table.add_row(
+            str(row["trip_id"]),
+            str(row["driver_id"]),
+            f"{row['distance_km']:.1f}",
+            f"{row['score']:.0f}",
+            str(row["risk_band"]),
+            "\n".join(row["reasons"]) or "—",
+        )
+    return table
+
+
+def print_scores(console: Console, result: ScoringRunResult) -> None:
+    scores = result.scores
+    quality = result.prepared.quality
+    console.print(
+        f"[bold]scored[/] {scores.height:,} trips from {quality['rows_in']:,} pings "
+        f"({quality['rows_quarantined']:,} set aside) → {result.out_uri}"
+    )
+    if scores.height:
+        first = scores.row(0, named=True)
+        console.print(
+            f"model: {first['model_name']} v{first['model_version']} ({first['model_role']})"
+        )
+        console.print(score_distribution(scores))
+        console.print(riskiest_trips(scores))
+    console.print(f"run manifest: {result.manifest_uri}")
+
+
+def print_models(console: Console, settings: Settings) -> None:
+    registry = open_registry(settings)
+    versions = registry.list_versions()
+    table = Table(title=f"{settings.model_name} @ {settings.resolved_tracking_uri}")
+    for column in ("version", "alias", "gate", "ROC-AUC", "Brier", "created", "code"):
+        table.add_column(column)
+    for v in versions:
+        table.add_row(
+            v.version,
+            ", ".join(v.aliases) or "—",
+            v.gate_status,
+            _fmt(v.metrics.get("holdout.roc_auc")),
+            _fmt(v.metrics.get("holdout.brier"), 4),
+            v.created_at,
+            v.code_version,
+        )
+    console.print(table)

@@ -1,0 +1,272 @@
+"""`driverscore train`: ingest → prepare → train → validate → register, in process.
+
+Each step is a function with typed inputs and outputs; the Dagster assets in
+:mod:`driverscore.pipelines.dagster_defs` call the same functions.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import polars as pl
+
+from driverscore.adapters.readers import read_table
+from driverscore.adapters.registry import ModelRegistry, RegisteredVersion
+from driverscore.adapters.storage import DatasetRef, DataStore
+from driverscore.domain.mapping import ColumnMapping
+from driverscore.domain.scoring import ModelCard, feature_matrix
+from driverscore.errors import InputDataError, NoModelError
+from driverscore.pipelines.steps import (
+    IngestedTelemetry,
+    PreparedDataset,
+    RunContext,
+    code_version,
+    ingest,
+    prepare,
+)
+from driverscore.settings import Settings
+from driverscore.training.dataset import LABEL_COLUMN, label_trips, time_split
+from driverscore.training.gate import GateReport, Metrics, evaluate, run_gate
+from driverscore.training.model import TrainedModel, train_model
+from driverscore.training.onnx_export import export_onnx
+
+INCIDENT_TIME_COLUMNS = ("incident_ts", "reported_at")
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Labelled trips split in time: train on the older, validate on the newer."""
+
+    labels: DatasetRef
+    train: pl.DataFrame
+    holdout: pl.DataFrame
+
+
+@dataclass(frozen=True)
+class ValidatedCandidate:
+    """A trained candidate, its ONNX export, its card and its gate report."""
+
+    trained: TrainedModel
+    onnx_bytes: bytes
+    card: ModelCard
+    gate: GateReport
+
+
+@dataclass(frozen=True)
+class TrainingRunResult:
+    """Everything one training run produced, with where it went."""
+
+    run_id: str
+    ingested: IngestedTelemetry
+    prepared: PreparedDataset
+    data: TrainingData
+    candidate: ValidatedCandidate
+    registered: RegisteredVersion
+    manifest_uri: str
+
+
+def new_run_id(reference_time: datetime) -> str:
+    return f"{reference_time:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def open_registry(settings: Settings) -> ModelRegistry:
+    return ModelRegistry(
+        tracking_uri=settings.resolved_tracking_uri,
+        registry_uri=settings.mlflow_registry_uri,
+        model_name=settings.model_name,
+        experiment_name=settings.experiment_name,
+        artifact_location=None if settings.mlflow_tracking_uri else settings.mlflow_artifact_root,
+    )
+
+
+def read_incidents(ctx: RunContext, incidents_uri: str) -> pl.DataFrame:
+    """The claims file, with its times parsed to UTC."""
+    frame = read_table(incidents_uri, None, ctx.settings.storage_options())
+    missing = [c for c in ("vehicle_id", *INCIDENT_TIME_COLUMNS) if c not in frame.columns]
+    if missing:
+        raise InputDataError(
+            f"{incidents_uri}: labels lack column(s) {', '.join(missing)}; expected "
+            "vehicle_id, incident_ts, reported_at (UTC)"
+        )
+    for name in INCIDENT_TIME_COLUMNS:
+        dtype = frame.schema[name]
+        if dtype == pl.String:
+            frame = frame.with_columns(
+                pl.col(name).str.to_datetime(time_zone="UTC", strict=False, time_unit="us")
+            )
+        elif isinstance(dtype, pl.Datetime):
+            frame = frame.with_columns(
+                pl.col(name).dt.replace_time_zone("UTC")
+                if dtype.time_zone is None
+                else pl.col(name).dt.convert_time_zone("UTC")
+            )
+        else:
+            raise InputDataError(
+                f"{incidents_uri}: column '{name}' has type {dtype}; expected a UTC timestamp"
+            )
+    return frame
+
+
+def label_and_split(ctx: RunContext, prepared: PreparedDataset, incidents_uri: str) -> TrainingData:
+    """Join the claims to the trips (mature trips only) and split them in time."""
+    incidents = read_incidents(ctx, incidents_uri)
+    labels = ctx.store.write_dataset("labels", incidents, name="labels")
+    features = ctx.store.read_dataset(prepared.features)
+    labelled = label_trips(
+        features,
+        incidents,
+        reference_time=ctx.reference_time,
+        maturity_days=ctx.settings.training.label_maturity_days,
+    )
+    train, holdout = time_split(labelled, ctx.settings.training.validation_fraction)
+    return TrainingData(labels=labels, train=train, holdout=holdout)
+
+
+def train_candidate(ctx: RunContext, data: TrainingData) -> TrainedModel:
+    ctx.progress(f"train on {data.train.height:,} trips")
+    return train_model(data.train, ctx.settings.training)
+
+
+def champion_metrics(
+    ctx: RunContext, registry: ModelRegistry, holdout: pl.DataFrame, threshold: float
+) -> Metrics | None:
+    """The current champion scored on the same holdout, through its own ONNX export."""
+    try:
+        scorer = registry.load_scorer("champion")
+    except NoModelError:
+        return None
+    probabilities = scorer.predict_proba(feature_matrix(holdout, scorer.card.feature_names))
+    return evaluate(
+        holdout[LABEL_COLUMN].to_numpy(),
+        probabilities,
+        threshold=scorer.card.decision_threshold,
+        fleets=holdout["fleet_id"].to_list(),
+        min_slice_trips=ctx.settings.gate.min_slice_trips,
+    )
+
+
+def validate_candidate(
+    ctx: RunContext,
+    trained: TrainedModel,
+    data: TrainingData,
+    prepared: PreparedDataset,
+    registry: ModelRegistry,
+) -> ValidatedCandidate:
+    """Export to ONNX (parity-checked), evaluate on the holdout and run the gate."""
+    ctx.progress(f"validate on {data.holdout.height:,} newer trips")
+    holdout_x = feature_matrix(data.holdout, trained.feature_names)
+    onnx_bytes = export_onnx(trained, holdout_x)
+    metrics = evaluate(
+        data.holdout[LABEL_COLUMN].to_numpy(),
+        trained.predict_proba(holdout_x),
+        threshold=trained.decision_threshold,
+        fleets=data.holdout["fleet_id"].to_list(),
+        min_slice_trips=ctx.settings.gate.min_slice_trips,
+    )
+    champion = champion_metrics(ctx, registry, data.holdout, trained.decision_threshold)
+    gate = run_gate(metrics, champion, ctx.settings.gate)
+    card = trained.model_card(
+        cleaning_config=ctx.settings.cleaning,
+        trip_config=ctx.settings.trips,
+        feature_config=ctx.settings.features,
+        metrics={f"holdout.{k}": v for k, v in metrics.flat().items()},
+        lineage=lineage(ctx, prepared, data),
+        created_at=ctx.reference_time,
+    )
+    return ValidatedCandidate(trained=trained, onnx_bytes=onnx_bytes, card=card, gate=gate)
+
+
+def lineage(ctx: RunContext, prepared: PreparedDataset, data: TrainingData) -> dict[str, str]:
+    versions = {f"{k}": str(v) for k, v in prepared.quality["datasets"].items()}
+    return {
+        **versions,
+        "labels": data.labels.version,
+        "code_version": code_version(),
+        "run_id": ctx.run_id,
+        "reference_time": ctx.reference_time.isoformat(),
+        "data_uri": ctx.store.root_uri,
+    }
+
+
+def register_candidate(
+    ctx: RunContext,
+    candidate: ValidatedCandidate,
+    data: TrainingData,
+    prepared: PreparedDataset,
+    registry: ModelRegistry,
+) -> RegisteredVersion:
+    """Record the candidate in the registry; only a passing one gets an alias."""
+    ctx.progress("register")
+    data_versions = {**prepared.quality["datasets"], "labels": data.labels.version}
+    return registry.register(
+        candidate.trained,
+        candidate.onnx_bytes,
+        candidate.card,
+        candidate.gate,
+        params={
+            **candidate.trained.training_params,
+            "train_trips": data.train.height,
+            "holdout_trips": data.holdout.height,
+            "reference_time": ctx.reference_time.isoformat(),
+        },
+        data_versions={k: str(v) for k, v in data_versions.items()},
+        code_version=code_version(),
+        sample=data.holdout.head(5),
+    )
+
+
+def run_training(
+    settings: Settings,
+    *,
+    pings_uri: str,
+    incidents_uri: str,
+    reference_time: datetime,
+    mapping: ColumnMapping | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TrainingRunResult:
+    """The whole training pipeline in process, with no server."""
+    store = DataStore(settings.resolved_data_uri, settings.storage_options())
+    run_id = new_run_id(reference_time)
+    ctx = RunContext(
+        settings=settings,
+        store=store,
+        run_id=run_id,
+        reference_time=reference_time,
+        **({"progress": progress} if progress else {}),
+    )
+    registry = open_registry(settings)
+    ingested = ingest(ctx, pings_uri, mapping)
+    prepared = prepare(ctx, ingested)
+    data = label_and_split(ctx, prepared, incidents_uri)
+    trained = train_candidate(ctx, data)
+    candidate = validate_candidate(ctx, trained, data, prepared, registry)
+    store.write_json("reports", run_id, "gate.json", candidate.gate.model_dump(mode="json"))
+    registered = register_candidate(ctx, candidate, data, prepared, registry)
+    manifest_uri = store.write_run_manifest(
+        run_id,
+        {
+            "kind": "training",
+            "raw": ingested.raw.uri,
+            "canonical": ingested.canonical.uri,
+            "cleaned": prepared.cleaned.uri,
+            "features": prepared.features.uri,
+            "quarantine": prepared.quarantine.uri,
+            "labels": data.labels.uri,
+            "quality_report": prepared.quality_uri,
+            "model": f"{registered.model_name} v{registered.version}",
+            "model_alias": registered.alias,
+            "gate_status": registered.gate_status,
+        },
+    )
+    return TrainingRunResult(
+        run_id=run_id,
+        ingested=ingested,
+        prepared=prepared,
+        data=data,
+        candidate=candidate,
+        registered=registered,
+        manifest_uri=manifest_uri,
+    )
