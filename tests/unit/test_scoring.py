@@ -1,0 +1,224 @@
+"""Score mapping, bands, reason codes and aggregation (pure domain, no trained model)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+import pytest
+
+from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
+from driverscore.domain.features import MODEL_FEATURES
+from driverscore.domain.scoring import (
+    SCORE_RECORD_COLUMNS,
+    FeatureReference,
+    ModelCard,
+    ModelFeature,
+    ScoreMapping,
+    TripScorer,
+    aggregate_scores,
+    band_for_score,
+    feature_matrix,
+)
+from driverscore.errors import InputDataError
+
+NAMES = list(MODEL_FEATURES)
+NOW = datetime(2026, 3, 1, tzinfo=UTC)
+# A transparent "model": logistic in a few behaviours, monotone like the real one.
+WEIGHTS = {"hard_brake_per_100km": 0.4, "speeding_share": 5.0, "night_share": 1.5}
+
+
+def logistic_model(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+    z = np.full(x.shape[0], -4.0)
+    for name, w in WEIGHTS.items():
+        z += w * np.nan_to_num(x[:, NAMES.index(name)].astype(np.float64), nan=0.0)
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def trips(n: int, seed: int = 0) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    cols = {name: rng.exponential(1.0, n) for name in NAMES}
+    cols["speeding_share"] = rng.beta(1, 15, n)
+    cols["night_share"] = np.where(rng.random(n) < 0.8, 0.0, rng.random(n))
+    return pl.DataFrame(
+        {
+            "trip_id": [f"T{i}" for i in range(n)],
+            "driver_id": [f"D{i % 7}" for i in range(n)],
+            "end_ts": [NOW - timedelta(hours=i) for i in range(n)],
+            **cols,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def card() -> ModelCard:
+    train = trips(2000)
+    x = feature_matrix(train, NAMES)
+    return ModelCard(
+        created_at=NOW,
+        features=[ModelFeature(name=n, direction=d) for n, d in MODEL_FEATURES.items()],  # type: ignore[arg-type]
+        score_mapping=ScoreMapping.fit(logistic_model(x)),
+        decision_threshold=0.2,
+        reference={n: FeatureReference.from_values(x[:, j]) for j, n in enumerate(NAMES)},
+        cleaning_config=CleaningConfig(),
+        trip_config=TripConfig(),
+        feature_config=FeatureConfig(),
+    )
+
+
+def test_score_mapping_is_monotone_clipped_and_anchored() -> None:
+    rng = np.random.default_rng(1)
+    train_p = rng.beta(1, 20, 10_000)
+    mapping = ScoreMapping.fit(train_p)
+    grid = np.linspace(0.0, 1.0, 2001)
+    scores = mapping.score(grid)
+    assert np.all(np.diff(scores) <= 0)
+    assert scores.min() >= 0.0 and scores.max() <= 100.0
+    assert scores[0] == 100.0 and scores[-1] == 0.0
+    assert mapping.score([np.median(train_p)])[0] == pytest.approx(85.0, abs=1e-6)
+    assert mapping.score([np.quantile(train_p, 0.99)])[0] == pytest.approx(45.0, abs=1e-6)
+
+
+def test_band_cutoffs_match_the_scores() -> None:
+    mapping = ScoreMapping.fit(np.random.default_rng(2).beta(1, 20, 5000))
+    for band, floor in (("low", 90.0), ("moderate", 75.0), ("elevated", 60.0)):
+        cutoff = mapping.band_probability_cutoffs[band]
+        assert mapping.score([cutoff])[0] == pytest.approx(floor, abs=1e-6)
+
+
+def test_degenerate_training_probabilities_still_give_a_mapping() -> None:
+    mapping = ScoreMapping.fit(np.full(100, 0.05))
+    assert mapping.slope > 0
+    assert mapping.score([0.05])[0] == pytest.approx(85.0)
+
+
+@pytest.mark.parametrize(
+    ("score", "band"),
+    [
+        (100, "low"),
+        (90, "low"),
+        (89.99, "moderate"),
+        (75, "moderate"),
+        (74.9, "elevated"),
+        (60, "elevated"),
+        (59.99, "high"),
+        (0, "high"),
+    ],
+)
+def test_bands(score: float, band: str) -> None:
+    assert band_for_score(score) == band
+
+
+def test_score_record_columns_and_bands(card: ModelCard) -> None:
+    features = trips(50, seed=5)
+    out = TripScorer(logistic_model, card, "m", "3", "champion").score_trips(features, NOW)
+    assert out.columns == [*features.columns, *SCORE_RECORD_COLUMNS]
+    assert out.schema["reasons"] == pl.List(pl.String)
+    assert out.schema["scored_at"] == pl.Datetime("us", "UTC")
+    assert out["model_version"].unique().to_list() == ["3"]
+    expected = [band_for_score(s) for s in out["score"]]
+    assert out["risk_band"].to_list() == expected
+
+
+def test_reasons_name_hard_braking_for_a_hard_braking_trip(card: ModelCard) -> None:
+    base = trips(1, seed=9).with_columns(
+        pl.lit(card.reference["hard_brake_per_100km"].median).alias("hard_brake_per_100km"),
+        pl.lit(0.0).alias("speeding_share"),
+        pl.lit(0.0).alias("night_share"),
+    )
+    harsh = base.with_columns(pl.lit(9.5).alias("hard_brake_per_100km"))
+    scorer = TripScorer(logistic_model, card, "m", "1", "champion")
+    out = scorer.score_trips(pl.concat([base, harsh]), NOW)
+    assert out["reasons"][0].to_list() == []
+    reasons = out["reasons"][1].to_list()
+    assert reasons[0].startswith("Hard braking: 9.5 events per 100 km (typical ")
+    assert len(reasons) <= 3
+    assert out["score"][1] < out["score"][0]
+
+
+def test_reasons_are_worst_first_and_at_most_three(card: ModelCard) -> None:
+    trip = trips(1, seed=4).with_columns(
+        pl.lit(3.0).alias("hard_brake_per_100km"),
+        pl.lit(0.6).alias("speeding_share"),
+        pl.lit(0.9).alias("night_share"),
+    )
+    reasons = (
+        TripScorer(logistic_model, card, "m", "1", "champion")
+        .score_trips(trip, NOW)["reasons"][0]
+        .to_list()
+    )
+    assert [r.split(":")[0] for r in reasons] == ["Speeding", "Night driving", "Hard braking"]
+    assert reasons[0].startswith("Speeding: 60% of moving time over the limit (typical ")
+
+
+def test_reasons_use_one_batched_predict_call(card: ModelCard) -> None:
+    calls: list[int] = []
+
+    def counting(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        calls.append(x.shape[0])
+        return logistic_model(x)
+
+    TripScorer(counting, card, "m", "1", "champion").score_trips(trips(200, seed=6), NOW)
+    assert len(calls) == 1 and calls[0] > 200
+
+
+def test_empty_frame_and_missing_columns(card: ModelCard) -> None:
+    scorer = TripScorer(logistic_model, card, "m", "1", "champion")
+    empty = scorer.score_trips(trips(3).head(0), NOW)
+    assert empty.height == 0 and "score" in empty.columns
+    with pytest.raises(InputDataError, match="night_share"):
+        scorer.score_trips(trips(3).drop("night_share"), NOW)
+
+
+def test_feature_matrix_turns_null_into_nan() -> None:
+    frame = trips(3).with_columns(pl.Series("speeding_share", [None, 0.1, float("nan")]))
+    x = feature_matrix(frame, NAMES)
+    j = NAMES.index("speeding_share")
+    assert x.dtype == np.float32
+    assert np.isnan(x[0, j]) and np.isnan(x[2, j]) and x[1, j] == pytest.approx(0.1)
+
+
+def test_card_round_trips_through_json(card: ModelCard) -> None:
+    assert ModelCard.from_json(card.to_json()) == card
+
+
+def _scores(rows: list[tuple[str, float, float, datetime]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        rows,
+        schema={
+            "driver_id": pl.String,
+            "score": pl.Float64,
+            "distance_km": pl.Float64,
+            "end_ts": pl.Datetime("us", "UTC"),
+        },
+        orient="row",
+    )
+
+
+def test_aggregate_weights_by_distance_and_respects_the_window() -> None:
+    scores = _scores(
+        [
+            ("A", 100.0, 10.0, NOW - timedelta(days=1)),
+            ("A", 40.0, 30.0, NOW - timedelta(days=2)),
+            ("A", 0.0, 500.0, NOW - timedelta(days=40)),  # outside the window
+            ("A", 0.0, 500.0, NOW + timedelta(hours=1)),  # after as_of
+            ("B", 70.0, 0.0, NOW - timedelta(days=3)),  # zero distance only: plain mean
+            ("B", 90.0, 0.0, NOW - timedelta(days=3)),
+        ]
+    )
+    out = aggregate_scores(scores, "driver", NOW, window_days=30)
+    a = out.row(0, named=True)
+    assert a["driver_id"] == "A"
+    assert a["score"] == pytest.approx((100 * 10 + 40 * 30) / 40)
+    assert a["trip_count"] == 2 and a["distance_km"] == pytest.approx(40.0)
+    assert a["risk_band"] == "high"
+    b = out.row(1, named=True)
+    assert b["score"] == pytest.approx(80.0) and b["risk_band"] == "moderate"
+    assert out["window_start"][0] == NOW - timedelta(days=30)
+
+
+def test_aggregate_rejects_unknown_groups() -> None:
+    with pytest.raises(ValueError, match="cannot aggregate"):
+        aggregate_scores(_scores([]), "trip", NOW, 30)
