@@ -318,3 +318,18 @@ def test_bad_mapping_files_are_one_line_config_errors(text: str, fragment: str) 
 def test_format_aliases_and_empty_mapping() -> None:
     assert _mapping("format: ndjson").format == "jsonl"
     assert _mapping("").columns == {}
+
+
+def test_local_times_skipped_by_daylight_saving_reject_their_row() -> None:
+    mapping = _mapping("timezone: Europe/Berlin\nunits: {ts: iso}")
+    frame = _canonical(
+        ts=["2024-03-31T02:30:00", "2024-03-31T03:30:00"],
+        vehicle_id=["v1", "v1"],
+        lat=["1", "1"],
+        lon=["2", "2"],
+    )
+
+    result = apply_mapping(frame, mapping, "x")
+
+    assert result.pings["ts"].to_list() == [datetime(2024, 3, 31, 1, 30, tzinfo=UTC)]
+    assert result.rejected["reason"].to_list() == [REASON_UNPARSEABLE_TIMESTAMP]
