@@ -333,3 +333,12 @@ def test_local_times_skipped_by_daylight_saving_reject_their_row() -> None:
 
     assert result.pings["ts"].to_list() == [datetime(2024, 3, 31, 1, 30, tzinfo=UTC)]
     assert result.rejected["reason"].to_list() == [REASON_UNPARSEABLE_TIMESTAMP]
+
+
+def test_a_header_only_file_maps_to_empty_frames() -> None:
+    raw = pl.DataFrame(schema=dict.fromkeys(["ts", "vehicle_id", "lat", "lon"], pl.String))
+
+    result = apply_mapping(raw, None, "x.csv")
+
+    assert result.pings.height == 0 and result.rejected.height == 0
+    assert dict(result.rejected.schema) == REJECTED_SCHEMA

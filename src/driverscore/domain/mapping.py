@@ -407,24 +407,16 @@ def apply_mapping(raw: pl.DataFrame, mapping: ColumnMapping | None, source: str)
     pings = conform_pings(pl.DataFrame(columns).filter(~failed)).with_columns(
         pl.lit(source, dtype=pl.String).alias("source")
     )
-    reason = (
-        pl.when(timestamp_failed)
-        .then(pl.lit(REASON_UNPARSEABLE_TIMESTAMP))
-        .otherwise(pl.lit(REASON_UNPARSEABLE_NUMBER))
-    )
+    # Rejects are usually few: select them first, then encode only those rows as JSON.
+    bad_rows = raw.filter(failed)
     raw_json = pl.struct(raw.columns).struct.json_encode() if raw.columns else pl.lit("{}")
-    rejected = (
-        raw.with_columns(
-            pl.int_range(1, raw.height + 1, dtype=pl.Int64).alias("__row"),
-            reason.alias("__reason"),
-            raw_json.alias("__raw"),
-        )
-        .filter(failed)
-        .select(
-            pl.lit(source, dtype=pl.String).alias("source"),
-            pl.col("__row").alias("row"),
-            pl.col("__reason").alias("reason"),
-            pl.col("__raw").alias("raw"),
-        )
+    rejected = bad_rows.select(
+        pl.lit(source, dtype=pl.String).alias("source"),
+        pl.Series("row", failed.arg_true() + 1, dtype=pl.Int64),
+        pl.Series("reason", timestamp_failed.filter(failed), dtype=pl.Boolean).replace_strict(
+            {True: REASON_UNPARSEABLE_TIMESTAMP, False: REASON_UNPARSEABLE_NUMBER},
+            return_dtype=pl.String,
+        ),
+        raw_json.alias("raw"),
     )
     return MappedPings(pings=pings, rejected=rejected.cast(pl.Schema(REJECTED_SCHEMA)))
