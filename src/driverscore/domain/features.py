@@ -112,8 +112,9 @@ def _local_hour(config: FeatureConfig) -> pl.Expr:
             + local.dt.second().cast(pl.Float64) / 3600.0
         )
     # Mean solar time: UTC shifted by 4 minutes (240 s) per degree of longitude east.
-    seconds = epoch_us().cast(pl.Float64) / 1e6 + pl.col("lon") * 240.0
-    return (seconds % 86_400.0) / 3600.0
+    # Integer microseconds: exact, and integer modulo is much cheaper than float modulo.
+    local_us = epoch_us() + (pl.col("lon") * 240e6).cast(pl.Int64)
+    return (local_us % 86_400_000_000).cast(pl.Float64) / 3.6e9
 
 
 def _is_night(config: FeatureConfig) -> pl.Expr:
@@ -135,76 +136,100 @@ def _plausible(accel: pl.Expr, config: FeatureConfig) -> pl.Expr:
 
 
 def _step_columns(frame: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
-    """Per-row quantities on a frame in trip order; every ``shift`` is masked at trip starts."""
+    """Per-row quantities on a frame in trip order; every ``shift`` is masked at trip starts.
+
+    Built in stages that materialise shared intermediates (trip start, valid step, speed
+    of the previous fix): eager Polars does not share sub-expressions, and the event and
+    jerk expressions would otherwise recompute them dozens of times.
+    """
     trip, speed, heading = pl.col("trip_id"), pl.col("speed_mps"), pl.col("heading_deg")
-    first = trip.ne_missing(trip.shift(1))
-    dt = pl.when(~first).then(epoch_us().diff().cast(pl.Float64) / 1e6)
-    step_ok = (dt > 0) & (dt <= config.max_dt_s)
-    dt_ok = pl.when(step_ok).then(dt)
-    speed_prev = speed.shift(1)
-    moving = (speed >= config.idle_speed_mps).fill_null(False)
-    stopped = (speed < config.idle_speed_mps).fill_null(False)
-
-    # Longitudinal acceleration: from the IMU and from GPS speed; each trip picks one
-    # source at aggregation time, so both are computed only when some trip needs them.
-    accel_gps = _plausible((speed - speed_prev) / dt_ok, config)
-    accel_imu = _plausible(pl.col("accel_long_mps2"), config)
-    # Lateral: speed x yaw rate, heading change wrapped to ±180°. Cornering from GPS
-    # heading is noise at walking pace, hence the minimum speed.
-    mean_speed = (speed + speed_prev) * 0.5
-    turn_deg = (heading - heading.shift(1) + 540.0) % 360.0 - 180.0
-    lateral_gps = _plausible(
-        pl.when(mean_speed >= config.min_corner_speed_mps).then(
-            mean_speed * turn_deg.radians() / dt_ok
-        ),
-        config,
-    )
-    lateral_imu = _plausible(pl.col("accel_lat_mps2"), config)
-
-    def events(prefix: str, longitudinal: pl.Expr, lateral: pl.Expr) -> list[pl.Expr]:
-        # Jerk between consecutive accelerations of one trip, only while moving.
-        jerk = pl.when(moving & ~first).then((longitudinal - longitudinal.shift(1)) / dt_ok)
-        return [
-            _event_starts(longitudinal <= -config.hard_brake_mps2, first).alias(f"brake_{prefix}"),
-            _event_starts(longitudinal >= config.harsh_accel_mps2, first).alias(f"accel_{prefix}"),
-            _event_starts(lateral.abs() >= config.harsh_corner_mps2, first).alias(
-                f"corner_{prefix}"
-            ),
-            jerk.pow(2).alias(f"jerk2_{prefix}"),
-        ]
-
-    has_imu = frame["accel_long_mps2"].null_count() < frame.height
-    all_imu = (
-        frame["accel_long_mps2"].null_count() == 0 and frame["accel_lat_mps2"].null_count() == 0
-    )
-    event_exprs = [] if all_imu else events("gps", accel_gps, lateral_gps)
-    if has_imu or frame["accel_lat_mps2"].null_count() < frame.height:
-        event_exprs += events("imu", accel_imu, lateral_imu)
-
-    # A fix's state holds until the next fix of the trip (the next row's step).
-    weight = dt_ok.shift(-1).fill_null(0.0)
-    limit = pl.col("speed_limit_mps")
-    limited_moving = moving & limit.is_not_null()
-    speeding = limited_moving & (speed > limit + config.speeding_tolerance_mps)
-    integrable = step_ok & speed.is_not_null() & speed_prev.is_not_null()
-    return frame.select(
-        first.cum_sum().cast(pl.UInt32).alias("trip_no"),
+    first_, dt_ok_, moving_ = pl.col("first"), pl.col("dt_ok"), pl.col("moving")
+    speed_prev_, mean_speed_ = pl.col("speed_prev"), pl.col("mean_speed")
+    dt = pl.when(~first_).then(epoch_us().diff().cast(pl.Float64) / 1e6)
+    stage1 = frame.select(
         *(pl.col(name) for name in _IDENTITY),
         "ts",
         "speed_mps",
-        pl.when(moving).then(speed).alias("moving_speed"),
-        pl.when(first)
+        "heading_deg",
+        "speed_limit_mps",
+        "accel_long_mps2",
+        "accel_lat_mps2",
+        _is_night(config).alias("night"),
+        trip.ne_missing(trip.shift(1)).alias("first"),
+    ).with_columns(
+        pl.when((dt > 0) & (dt <= config.max_dt_s)).then(dt).alias("dt_ok"),
+        speed.shift(1).alias("speed_prev"),
+        ((speed + speed.shift(1)) * 0.5).alias("mean_speed"),
+        (speed >= config.idle_speed_mps).fill_null(False).alias("moving"),
+        (speed < config.idle_speed_mps).fill_null(False).alias("stopped"),
+    )
+
+    # Longitudinal acceleration from the IMU and from GPS speed; lateral from the IMU and
+    # from speed x yaw rate (heading change wrapped to ±180°; cornering from GPS heading is
+    # noise at walking pace, hence the minimum speed). Each trip picks its source per axis
+    # at aggregation time, so a source is only computed when some trip can use it.
+    turn = heading - heading.shift(1)
+    turn_deg = turn - 360.0 * (turn / 360.0).round()  # wrapped to ±180°, no float modulo
+    sources: dict[str, tuple[pl.Expr, pl.Expr]] = {}
+    all_imu = frame["accel_long_mps2"].null_count() == 0 == frame["accel_lat_mps2"].null_count()
+    if not all_imu:
+        sources["gps"] = (
+            (speed - speed_prev_) / dt_ok_,
+            pl.when(mean_speed_ >= config.min_corner_speed_mps).then(
+                mean_speed_ * turn_deg.radians() / dt_ok_
+            ),
+        )
+    has_imu = min(frame["accel_long_mps2"].null_count(), frame["accel_lat_mps2"].null_count())
+    if has_imu < frame.height:
+        sources["imu"] = (pl.col("accel_long_mps2"), pl.col("accel_lat_mps2"))
+    stage2 = stage1.with_columns(
+        expr
+        for name, (longitudinal, lateral) in sources.items()
+        for expr in (
+            _plausible(longitudinal, config).alias(f"long_{name}"),
+            _plausible(lateral, config).abs().alias(f"lat_{name}"),
+        )
+    )
+
+    event_exprs: list[pl.Expr] = []
+    for name in sources:
+        longitudinal, lateral = pl.col(f"long_{name}"), pl.col(f"lat_{name}")
+        # Jerk between consecutive accelerations of one trip, only while moving.
+        jerk = pl.when(moving_ & ~first_).then((longitudinal - longitudinal.shift(1)) / dt_ok_)
+        event_exprs += [
+            _event_starts(longitudinal <= -config.hard_brake_mps2, first_).alias(f"brake_{name}"),
+            _event_starts(longitudinal >= config.harsh_accel_mps2, first_).alias(f"accel_{name}"),
+            _event_starts(lateral >= config.harsh_corner_mps2, first_).alias(f"corner_{name}"),
+            jerk.pow(2).alias(f"jerk2_{name}"),
+        ]
+
+    # A fix's state holds until the next fix of the trip (the next row's step).
+    weight = dt_ok_.shift(-1).fill_null(0.0)
+    limit = pl.col("speed_limit_mps")
+    limited_moving = moving_ & limit.is_not_null()
+    speeding = limited_moving & (speed > limit + config.speeding_tolerance_mps)
+    integrable = dt_ok_.is_not_null() & speed.is_not_null() & speed_prev_.is_not_null()
+    return stage2.select(
+        # Sorted by construction; the flag lets group_by slice instead of hashing.
+        first_.cum_sum().cast(pl.UInt32).set_sorted().alias("trip_no"),
+        *(pl.col(name) for name in _IDENTITY),
+        "ts",
+        "speed_mps",
+        pl.when(moving_).then(speed).alias("moving_speed"),
+        pl.when(first_)
         .then(0.0)
         .when(integrable)
-        .then(mean_speed * dt)
+        .then(mean_speed_ * dt_ok_)
         .otherwise(None)
         .alias("step_m"),
-        (~first & ~integrable).alias("needs_haversine"),
+        (~first_ & ~integrable).alias("needs_haversine"),
         *event_exprs,
-        (stopped & ~first & moving.shift(1).fill_null(False)).cast(pl.Int64).alias("stops"),
+        (pl.col("stopped") & ~first_ & moving_.shift(1).fill_null(False))
+        .cast(pl.Int64)
+        .alias("stops"),
         weight.alias("w"),
-        (weight * stopped).alias("w_idle"),
-        (weight * _is_night(config)).alias("w_night"),
+        (weight * pl.col("stopped")).alias("w_idle"),
+        (weight * pl.col("night")).alias("w_night"),
         (weight * limited_moving).alias("w_limited"),
         (weight * speeding).alias("w_speeding"),
         pl.col("accel_long_mps2").is_not_null().alias("has_imu_long"),
@@ -221,13 +246,9 @@ def _fill_long_steps(steps: pl.DataFrame, frame: pl.DataFrame) -> pl.DataFrame:
     rows = np.flatnonzero(steps["needs_haversine"].to_numpy())
     if rows.size == 0:
         return steps
-    here = frame.select("lat", "lon")[rows]
-    before = frame.select(pl.col("lat").alias("lat0"), pl.col("lon").alias("lon0"))[rows - 1]
-    metres = pl.concat([before, here], how="horizontal").select(
-        haversine_m(pl.col("lat0"), pl.col("lon0"), pl.col("lat"), pl.col("lon"))
-    )
+    lat, lon = frame["lat"].to_numpy(), frame["lon"].to_numpy()
     step_m = steps["step_m"].to_numpy().copy()
-    step_m[rows] = metres.to_series().to_numpy()
+    step_m[rows] = haversine_m(lat[rows - 1], lon[rows - 1], lat[rows], lon[rows])
     return steps.with_columns(pl.Series("step_m", step_m))
 
 

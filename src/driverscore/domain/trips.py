@@ -14,7 +14,7 @@ from typing import Final
 import numpy as np
 import polars as pl
 
-from driverscore.domain.cleaning import empty_quarantine, epoch_us, haversine_m, is_sorted_by
+from driverscore.domain.cleaning import empty_quarantine, epoch_us, is_sorted_by, step_metres
 from driverscore.domain.config import TripConfig
 
 #: Stage name written to the quarantine's ``stage`` column by this module.
@@ -61,18 +61,15 @@ def assign_trips(pings: pl.DataFrame, config: TripConfig) -> TripResult:
         counts = {"rows_in": 0, "kept": 0, "quarantined": 0, "trips": 0, "short_trips": 0}
         return TripResult(frame, empty_quarantine(frame.schema), counts)
 
-    lat, lon = pl.col("lat"), pl.col("lon")
-    marks = frame.select(
-        trip_starts(config.gap_s).alias("start"),
-        epoch_us().alias("t_us"),
-        haversine_m(lat.shift(1), lon.shift(1), lat, lon).fill_null(0.0).alias("step_m"),
-    )
-    start_mask = marks["start"].to_numpy()
+    start_mask = frame.select(trip_starts(config.gap_s)).to_series().to_numpy()
     starts = np.flatnonzero(start_mask)
     ends = np.append(starts[1:], rows_in) - 1
-    t_us = marks["t_us"].to_numpy()
-    step_m = marks["step_m"].to_numpy().copy()
-    step_m[starts] = 0.0  # the step into a trip's first ping belongs to no trip
+    t_us = frame["ts"].dt.epoch("us").to_numpy()
+    # step_m[i]: metres from fix i - 1 to fix i; the step into a trip's first fix is not
+    # part of any trip.
+    step_m = np.zeros(rows_in)
+    step_m[1:] = step_metres(frame["lat"].to_numpy(), frame["lon"].to_numpy())
+    step_m[starts] = 0.0
     length_km = np.add.reduceat(step_m, starts) / 1000.0
     duration_s = (t_us[ends] - t_us[starts]) / 1e6
     ping_count = ends - starts + 1
