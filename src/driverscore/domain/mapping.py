@@ -80,9 +80,11 @@ _NUMBER_FIELDS: Final = tuple(n for n, t in PING_SCHEMA.items() if t == pl.Float
 _EPOCH_S_MS_BOUNDARY: Final = 1e11
 
 _ISO_WITH_OFFSET: Final = ("%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M:%S%.f%z")
-_ISO_NAIVE: Final = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M")
+#: Whole seconds first: Polars parses that exact layout on a fast path.
+_ISO_NAIVE: Final = ("%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M")
 _MAX_COLUMNS_LISTED: Final = 30
 _MIN_VALUES_FOR_COLUMN_ERROR: Final = 2
+_LAYOUT_SAMPLE_SIZE: Final = 64
 
 
 def _valid_names() -> str:
@@ -269,23 +271,44 @@ def _epoch_to_utc(seconds_or_ms: pl.Series, unit: str, label: str) -> pl.Series:
     return micros.cast(pl.Datetime("us", "UTC"))
 
 
+def _parse_iso_as(text: pl.Series, fmt: str, zone: str) -> pl.Series:
+    if fmt in _ISO_WITH_OFFSET:
+        return text.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
+    naive = text.str.to_datetime(fmt, strict=False, time_unit="us")
+    # Local times that do not exist (spring forward) cannot be placed: reject them;
+    # ambiguous ones (fall back) take the earlier instant.
+    local = naive.dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
+    return local.dt.convert_time_zone("UTC")
+
+
+def _layouts_by_fit(text: pl.Series, zone: str) -> list[str]:
+    """ISO layouts, the ones that read a sample of the values first.
+
+    A failing parse costs as much as a successful one, so a file of naive times should
+    not first be run through every layout with an offset.
+    """
+    sample = text.drop_nulls().head(_LAYOUT_SAMPLE_SIZE)
+    layouts = [*_ISO_WITH_OFFSET, *_ISO_NAIVE]
+    fit = {fmt: _parse_iso_as(sample, fmt, zone).null_count() for fmt in layouts}
+    return sorted(layouts, key=lambda fmt: fit[fmt])
+
+
 def _parse_iso(text: pl.Series, zone: str) -> pl.Series:
     # A trailing Z and a space instead of T are common ISO-8601 spellings; chrono wants
-    # a numeric offset and a T.
-    normalised = text.str.replace(r"^(\d{4}-\d{2}-\d{2})[ ]", "${1}T").str.replace(
-        r"[Zz]$", "+00:00"
-    )
-    attempts: list[pl.Series] = [
-        normalised.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
-        for fmt in _ISO_WITH_OFFSET
-    ]
-    for fmt in _ISO_NAIVE:
-        naive = normalised.str.to_datetime(fmt, strict=False, time_unit="us")
-        # Local times that do not exist (spring forward) cannot be placed: reject them;
-        # ambiguous ones (fall back) take the earlier instant.
-        local = naive.dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
-        attempts.append(local.dt.convert_time_zone("UTC"))
-    return pl.select(pl.coalesce(attempts).alias(text.name)).to_series()
+    # a numeric offset and a T. The checks keep the regexes off files that need neither.
+    if text.str.contains(" ", literal=True).any():
+        text = text.str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T")
+    if text.str.ends_with("Z").any() or text.str.ends_with("z").any():
+        text = text.str.replace(r"[Zz]$", "+00:00")
+    result = pl.Series(text.name, [None] * text.len(), dtype=pl.Datetime("us", "UTC"))
+    # Each layout is tried only on the values no earlier layout could read: a file in one
+    # layout costs one parse, not one per layout.
+    for fmt in _layouts_by_fit(text, zone):
+        pending = (result.is_null() & text.is_not_null()).arg_true()
+        if pending.len() == 0:
+            break
+        result = result.scatter(pending, _parse_iso_as(text.gather(pending), fmt, zone))
+    return result
 
 
 def _parse_timestamp(series: pl.Series, unit: str, zone: str, label: str) -> _Parsed:
@@ -319,7 +342,9 @@ def _parse_timestamp(series: pl.Series, unit: str, zone: str, label: str) -> _Pa
             if numbers.null_count() < numbers.len()
             else numbers.cast(pl.Datetime("us", "UTC"))
         )
-        values = pl.select(pl.coalesce(_parse_iso(text, zone), from_epoch)).to_series()
+        # Only the values that are not numbers are tried as ISO-8601 text.
+        not_numbers = pl.select(pl.when(numbers.is_null()).then(text)).to_series()
+        values = pl.select(pl.coalesce(from_epoch, _parse_iso(not_numbers, zone))).to_series()
     return _Parsed(values.alias(series.name), text.is_not_null() & values.is_null())
 
 
