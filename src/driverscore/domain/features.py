@@ -77,6 +77,20 @@ FEATURE_SCHEMA: Final[dict[str, pl.DataType]] = {
 FEATURE_COLUMNS: Final = tuple(FEATURE_SCHEMA)
 
 _MPS_TO_KMH: Final = 3.6
+
+# Per-trip sums are taken over integers in fixed point: an integer sum is exact in any
+# order, while a float sum depends on how the values are split into blocks (memory
+# alignment, chunks, threads). This is what makes a trip's features bit-identical whether
+# it is alone in the frame or among millions. Resolutions: 1 µm, 1 µs, 1 mm/s, 1 mm/s³.
+_UM_PER_M: Final = 1_000_000
+_MILLI: Final = 1000.0
+# Polars divides a column by a scalar as a multiplication by the reciprocal, except for a
+# one-row column, where it divides: a trip alone would then differ in the last bit from
+# the same trip among others. Every scalar division here is therefore written as an
+# explicit multiplication by the reciprocal.
+#: Jerk is clipped to ±1000 m/s³ before squaring so that sums cannot overflow int64;
+#: physical jerk of a road vehicle stays far below.
+_MAX_JERK_MM: Final = 1_000_000
 _IDENTITY: Final = ("trip_id", "vehicle_id", "driver_id", "fleet_id", "client_id")
 
 
@@ -108,13 +122,13 @@ def _local_hour(config: FeatureConfig) -> pl.Expr:
         local = pl.col("ts").dt.convert_time_zone(config.timezone)
         return (
             local.dt.hour().cast(pl.Float64)
-            + local.dt.minute().cast(pl.Float64) / 60.0
-            + local.dt.second().cast(pl.Float64) / 3600.0
+            + local.dt.minute().cast(pl.Float64) * (1.0 / 60.0)
+            + local.dt.second().cast(pl.Float64) * (1.0 / 3600.0)
         )
     # Mean solar time: UTC shifted by 4 minutes (240 s) per degree of longitude east.
     # Integer microseconds: exact, and integer modulo is much cheaper than float modulo.
     local_us = epoch_us() + (pl.col("lon") * 240e6).cast(pl.Int64)
-    return (local_us % 86_400_000_000).cast(pl.Float64) / 3.6e9
+    return (local_us % 86_400_000_000).cast(pl.Float64) * (1.0 / 3.6e9)
 
 
 def _is_night(config: FeatureConfig) -> pl.Expr:
@@ -145,7 +159,7 @@ def _step_columns(frame: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
     trip, speed, heading = pl.col("trip_id"), pl.col("speed_mps"), pl.col("heading_deg")
     first_, dt_ok_, moving_ = pl.col("first"), pl.col("dt_ok"), pl.col("moving")
     speed_prev_, mean_speed_ = pl.col("speed_prev"), pl.col("mean_speed")
-    dt = pl.when(~first_).then(epoch_us().diff().cast(pl.Float64) / 1e6)
+    dt = pl.when(~first_).then(epoch_us().diff().cast(pl.Float64) * 1e-6)
     stage1 = frame.select(
         *(pl.col(name) for name in _IDENTITY),
         "ts",
@@ -158,6 +172,7 @@ def _step_columns(frame: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
         trip.ne_missing(trip.shift(1)).alias("first"),
     ).with_columns(
         pl.when((dt > 0) & (dt <= config.max_dt_s)).then(dt).alias("dt_ok"),
+        pl.when(~first_).then(epoch_us().diff()).alias("dt_us"),
         speed.shift(1).alias("speed_prev"),
         ((speed + speed.shift(1)) * 0.5).alias("mean_speed"),
         (speed >= config.idle_speed_mps).fill_null(False).alias("moving"),
@@ -169,7 +184,7 @@ def _step_columns(frame: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
     # noise at walking pace, hence the minimum speed). Each trip picks its source per axis
     # at aggregation time, so a source is only computed when some trip can use it.
     turn = heading - heading.shift(1)
-    turn_deg = turn - 360.0 * (turn / 360.0).round()  # wrapped to ±180°, no float modulo
+    turn_deg = turn - 360.0 * (turn * (1.0 / 360.0)).round()  # wrapped to ±180°, no float modulo
     sources: dict[str, tuple[pl.Expr, pl.Expr]] = {}
     all_imu = frame["accel_long_mps2"].null_count() == 0 == frame["accel_lat_mps2"].null_count()
     if not all_imu:
@@ -200,11 +215,11 @@ def _step_columns(frame: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
             _event_starts(longitudinal <= -config.hard_brake_mps2, first_).alias(f"brake_{name}"),
             _event_starts(longitudinal >= config.harsh_accel_mps2, first_).alias(f"accel_{name}"),
             _event_starts(lateral >= config.harsh_corner_mps2, first_).alias(f"corner_{name}"),
-            jerk.pow(2).alias(f"jerk2_{name}"),
+            _fixed(jerk, _MILLI).clip(-_MAX_JERK_MM, _MAX_JERK_MM).pow(2).alias(f"jerk2_{name}"),
         ]
 
     # A fix's state holds until the next fix of the trip (the next row's step).
-    weight = dt_ok_.shift(-1).fill_null(0.0)
+    weight = pl.when(dt_ok_.is_not_null()).then(pl.col("dt_us")).shift(-1).fill_null(0)
     limit = pl.col("speed_limit_mps")
     limited_moving = moving_ & limit.is_not_null()
     speeding = limited_moving & (speed > limit + config.speeding_tolerance_mps)
@@ -215,7 +230,8 @@ def _step_columns(frame: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
         *(pl.col(name) for name in _IDENTITY),
         "ts",
         "speed_mps",
-        pl.when(moving_).then(speed).alias("moving_speed"),
+        pl.when(moving_).then(_fixed(speed, _MILLI)).alias("moving_mm"),
+        pl.when(moving_).then(_fixed(speed, _MILLI).pow(2)).alias("moving_mm2"),
         pl.when(first_)
         .then(0.0)
         .when(integrable)
@@ -237,6 +253,10 @@ def _step_columns(frame: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
     )
 
 
+def _fixed(value: pl.Expr, scale: float) -> pl.Expr:
+    return (value * scale).round().cast(pl.Int64)
+
+
 def _fill_long_steps(steps: pl.DataFrame, frame: pl.DataFrame) -> pl.DataFrame:
     """Distance of steps that cannot be integrated from speed: the great-circle step.
 
@@ -250,6 +270,10 @@ def _fill_long_steps(steps: pl.DataFrame, frame: pl.DataFrame) -> pl.DataFrame:
     step_m = steps["step_m"].to_numpy().copy()
     step_m[rows] = haversine_m(lat[rows - 1], lon[rows - 1], lat[rows], lon[rows])
     return steps.with_columns(pl.Series("step_m", step_m))
+
+
+def _step_um(steps: pl.DataFrame) -> pl.DataFrame:
+    return steps.with_columns(_fixed(pl.col("step_m"), _UM_PER_M).alias("step_um"))
 
 
 def trip_features(pings: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
@@ -270,52 +294,59 @@ def trip_features(pings: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
     frame = _in_trip_order(
         pings.with_columns(pl.lit(None, dtype=PING_SCHEMA[name]).alias(name) for name in missing)
     )
-    steps = _fill_long_steps(_step_columns(frame, config), frame)
+    steps = _step_um(_fill_long_steps(_step_columns(frame, config), frame))
 
-    def source_sum(kind: str) -> pl.Expr:
-        gps = pl.col(f"{kind}_gps").sum() if f"{kind}_gps" in steps.columns else pl.lit(None)
-        imu = pl.col(f"{kind}_imu").sum() if f"{kind}_imu" in steps.columns else pl.lit(None)
-        axis = "has_imu_lat" if kind == "corner" else "has_imu_long"
-        return pl.when(pl.col(axis).any()).then(imu).otherwise(gps).alias(kind)
-
-    def source_jerk(stat: str) -> pl.Expr:
-        def of(name: str) -> pl.Expr:
-            if name not in steps.columns:
-                return pl.lit(None, dtype=pl.Float64)
-            return pl.col(name).sum() if stat == "sum" else pl.col(name).count()
-
-        return (
-            pl.when(pl.col("has_imu_long").any())
-            .then(of("jerk2_imu"))
-            .otherwise(of("jerk2_gps"))
-            .alias(f"jerk2_{stat}")
+    sources = [name for name in ("gps", "imu") if f"brake_{name}" in steps.columns]
+    trips = (
+        steps.group_by("trip_no", maintain_order=True)
+        .agg(
+            *(pl.col(name).first() for name in _IDENTITY),
+            pl.col("ts").first().alias("start_ts"),
+            pl.col("ts").last().alias("end_ts"),
+            pl.len().alias("ping_count"),
+            pl.col("speed_mps").max().alias("max_speed"),
+            pl.col("speed_mps").quantile(0.95, interpolation="linear").alias("p95_speed"),
+            *(
+                pl.col(f"{kind}_{source}").sum()
+                for source in sources
+                for kind in ("brake", "accel", "corner")
+            ),
+            *(pl.col(f"jerk2_{source}").count().alias(f"jerk_n_{source}") for source in sources),
+            pl.col("stops").sum(),
+            *(pl.col(f"jerk2_{source}").sum() for source in sources),
+            pl.col("step_um").sum(),
+            pl.col("moving_mm").count().alias("moving_n"),
+            pl.col("moving_mm").sum(),
+            pl.col("moving_mm2").sum(),
+            *(pl.col(name).sum() for name in ("w", "w_idle", "w_night", "w_limited", "w_speeding")),
+            pl.col("has_imu_long").any().alias("imu_long"),
+            pl.col("has_imu_lat").any().alias("imu_lat"),
         )
-
-    trips = steps.group_by("trip_no").agg(
-        *(pl.col(name).first() for name in _IDENTITY),
-        pl.col("ts").first().alias("start_ts"),
-        pl.col("ts").last().alias("end_ts"),
-        pl.len().alias("ping_count"),
-        pl.col("step_m").sum().alias("distance_m"),
-        pl.col("speed_mps").max().alias("max_speed"),
-        pl.col("speed_mps").quantile(0.95, interpolation="linear").alias("p95_speed"),
-        pl.col("moving_speed").std(ddof=0).alias("speed_std"),
-        source_sum("brake"),
-        source_sum("accel"),
-        source_sum("corner"),
-        source_jerk("sum"),
-        source_jerk("count"),
-        pl.col("stops").sum(),
-        pl.col("w").sum(),
-        pl.col("w_idle").sum(),
-        pl.col("w_night").sum(),
-        pl.col("w_limited").sum(),
-        pl.col("w_speeding").sum(),
-        pl.col("has_imu_long").any().alias("imu"),
+        .sort("trip_no")
     )
 
-    distance_km = pl.col("distance_m") / 1000.0
-    duration_s = (pl.col("end_ts") - pl.col("start_ts")).dt.total_microseconds() / 1e6
+    def by_source(name: str, axis: str = "imu_long") -> pl.Expr:
+        if sources == ["gps"] or sources == ["imu"]:
+            return pl.col(f"{name}_{sources[0]}")
+        return pl.when(pl.col(axis)).then(pl.col(f"{name}_imu")).otherwise(pl.col(f"{name}_gps"))
+
+    trips = trips.with_columns(
+        by_source("brake").alias("brake"),
+        by_source("accel").alias("accel"),
+        by_source("corner", "imu_lat").alias("corner"),
+        by_source("jerk2").alias("jerk2_sum"),
+        by_source("jerk_n").alias("jerk2_count"),
+        pl.col("imu_long").alias("imu"),
+    )
+
+    distance_km = pl.col("step_um").cast(pl.Float64) * 1e-9
+    moving_n = pl.col("moving_n").cast(pl.Float64)
+    mean_mm = pl.col("moving_mm") / moving_n
+    # Variance from exact integer sums; clipped at 0 against rounding of the difference.
+    std_mm = (pl.col("moving_mm2") / moving_n - mean_mm * mean_mm).clip(lower_bound=0.0).sqrt()
+    duration_s = (pl.col("end_ts") - pl.col("start_ts")).dt.total_microseconds().cast(
+        pl.Float64
+    ) * 1e-6
 
     def per_100km(count: str) -> pl.Expr:
         return pl.when(distance_km > 0).then(pl.col(count) / distance_km * 100.0).otherwise(0.0)
@@ -332,11 +363,11 @@ def trip_features(pings: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
             duration_s.alias("duration_s"),
             distance_km.alias("distance_km"),
             pl.when(duration_s > 0)
-            .then(distance_km / (duration_s / 3600.0))
+            .then(distance_km / (duration_s * (1.0 / 3600.0)))
             .alias("avg_speed_kmh"),
             (pl.col("max_speed") * _MPS_TO_KMH).alias("max_speed_kmh"),
             (pl.col("p95_speed") * _MPS_TO_KMH).alias("p95_speed_kmh"),
-            (pl.col("speed_std") * _MPS_TO_KMH).alias("speed_std_kmh"),
+            (pl.when(moving_n > 0).then(std_mm * (_MPS_TO_KMH / _MILLI))).alias("speed_std_kmh"),
             pl.col("brake").alias("hard_brake_count"),
             pl.col("accel").alias("harsh_accel_count"),
             pl.col("corner").alias("harsh_corner_count"),
@@ -348,7 +379,7 @@ def trip_features(pings: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
             share("w_idle", "w").alias("idle_share"),
             pl.col("stops").alias("stop_count"),
             pl.when(pl.col("jerk2_count") > 0)
-            .then((pl.col("jerk2_sum") / pl.col("jerk2_count")).sqrt())
+            .then((pl.col("jerk2_sum") / pl.col("jerk2_count")).sqrt() * (1.0 / _MILLI))
             .alias("jerk_rms_mps3"),
             pl.when(pl.col("imu"))
             .then(pl.lit("imu"))
