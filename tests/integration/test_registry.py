@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -85,18 +90,100 @@ def _register(registry: ModelRegistry, c: Candidate, report: GateReport, tag: st
     return registered.version
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` (SQLite backend, proxied artifacts) on a free localhost port."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log = (root / "server.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server not up: {(root / 'server.log').read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def sqlite_backend(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # One database per module: creating it runs every MLflow schema migration (seconds).
+    return tmp_path_factory.mktemp("mlflow-sqlite")
+
+
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[ModelRegistry]:
-    yield ModelRegistry(
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+def registry(sqlite_backend: Path, request: pytest.FixtureRequest) -> ModelRegistry:
+    # A model name per test keeps their aliases apart in the shared database.
+    return ModelRegistry(
+        tracking_uri=f"sqlite:///{sqlite_backend / 'mlflow.db'}",
         registry_uri=None,
-        model_name="trip-risk-test",
+        model_name=f"trip-risk-{request.node.name}",
         experiment_name="driverscore-test",
-        artifact_location=str(tmp_path / "artifacts"),
+        artifact_location=str(sqlite_backend / "artifacts"),
     )
 
 
 def test_promotion_and_loading(registry: ModelRegistry, candidate: Candidate) -> None:
+    _check_promotion_and_loading(registry, candidate)
+
+
+@pytest.mark.slow
+def test_promotion_and_loading_through_an_mlflow_server(
+    mlflow_server: str, candidate: Candidate
+) -> None:
+    registry = ModelRegistry(
+        tracking_uri=mlflow_server,
+        registry_uri=None,
+        model_name="trip-risk-served",
+        experiment_name="driverscore-served",
+    )
+    _check_promotion_and_loading(registry, candidate)
+
+
+def _check_promotion_and_loading(registry: ModelRegistry, candidate: Candidate) -> None:
     passing = _report(
         candidate, GateConfig(min_roc_auc=0.5, max_brier=0.5, max_calibration_error=0.5)
     )
@@ -119,7 +206,7 @@ def test_promotion_and_loading(registry: ModelRegistry, candidate: Candidate) ->
     scorer = registry.load_scorer(CHAMPION)
     assert scorer.model_version == first and scorer.model_role == CHAMPION
     served = scorer.score_trips(candidate.holdout, SCORED_AT)
-    local = candidate.trained.scorer(candidate.card, "trip-risk-test", first, CHAMPION)
+    local = candidate.trained.scorer(candidate.card, registry.model_name, first, CHAMPION)
     expected = local.score_trips(candidate.holdout, SCORED_AT)
     np.testing.assert_allclose(served["score"].to_numpy(), expected["score"].to_numpy(), atol=1e-3)
     assert served["risk_band"].to_list() == expected["risk_band"].to_list()
