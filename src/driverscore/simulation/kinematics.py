@@ -35,9 +35,18 @@ THROTTLE_RHO: Final = 0.7
 #: A trip that has not parked after this many seconds is ended (a safety net).
 MAX_TRIP_S: Final = 6 * 3600
 
-# Rows of the packed state, so compaction is a single fancy index.
+# Rows of the packed per-trip state, so compaction is a single take. Per-trip constants
+# and the fields of the trip's current segment travel with the state: a segment's fields
+# are gathered only when a trip enters it, not every second.
 _S, _V, _A, _THETA, _X, _Y, _DWELL, _EMT, _EMA, _EMDONE, _THR, _GX, _GY, _ODO = range(14)
-_N_STATE: Final = 14
+_FIN, _PARKED, _LAG, _THR_SIGMA, _POWER = range(14, 19)
+_SEG: Final = 19
+# Rows of the segment table (offset by _SEG in the state).
+_LEN, _KAPPA, _LIMIT, _TARGET, _END, _STOP, _DWELL_AT_END, _BRAKE, _ACCEL = range(9)
+_EM_AT, _EM_A, _EM_S, _IS_LAST = 9, 10, 11, 12
+_N_STATE: Final = _SEG + 13
+#: Parked trips are dropped from the active set once they are this share of it.
+_COMPACT_SHARE: Final = 0.04
 
 
 @dataclass(frozen=True)
@@ -68,20 +77,35 @@ def drive(
 ) -> Trajectories:
     """Drive every trip from its first segment until it has parked after the last."""
     n_trips = len(routes.first)
+    table = np.stack(
+        [
+            routes.length_m,
+            routes.curvature,
+            routes.limit_mps,
+            routes.target_mps,
+            routes.end_mps,
+            routes.stop_at_end,
+            routes.dwell_s,
+            routes.brake_mps2,
+            routes.accel_mps2,
+            routes.emergency_at_m,
+            routes.emergency_mps2,
+            routes.emergency_s,
+            np.isin(np.arange(len(routes.trip)), routes.last),
+        ]
+    ).astype(np.float64)
     trip = np.arange(n_trips)
     seg = routes.first.copy()
-    last = routes.last
     state = np.zeros((_N_STATE, n_trips))
+    state[_SEG:] = table[:, seg]
     state[_THETA] = start_heading_rad
     state[_DWELL] = rng.uniform(3.0, 25.0, n_trips)  # engine on, belt, mirrors
     state[_GX] = rng.normal(0.0, GPS_SIGMA_M, n_trips)
     state[_GY] = rng.normal(0.0, GPS_SIGMA_M, n_trips)
-    finishing = np.zeros(n_trips, bool)
-
-    agg = drivers.aggressiveness
-    lag = 0.5 + 0.4 * agg
-    throttle_sigma = 0.05 + 0.45 * (1.0 - drivers.smoothness)
-    power = drivers.power_per_kg
+    # Aggressive drivers react faster; less smooth ones add more throttle noise.
+    state[_LAG] = 0.5 + 0.4 * drivers.aggressiveness
+    state[_THR_SIGMA] = 0.05 + 0.45 * (1.0 - drivers.smoothness)
+    state[_POWER] = drivers.power_per_kg
     gps_innovation = GPS_SIGMA_M * np.sqrt(1.0 - GPS_RHO**2)
     throttle_innovation = np.sqrt(1.0 - THROTTLE_RHO**2)
 
@@ -91,9 +115,11 @@ def drive(
     samples = np.zeros(n_trips, np.int64)
 
     step = 0
+    parked_count = 0
     while len(trip) > 0:
+        tab = state[_SEG:]
         s, v, a, theta = state[_S], state[_V], state[_A], state[_THETA]
-        kappa = routes.curvature[seg]
+        kappa = tab[_KAPPA]
         recorded_trip.append(trip)
         recorded.append(
             np.stack(
@@ -104,33 +130,36 @@ def drive(
                     state[_X] + state[_GX],
                     state[_Y] + state[_GY],
                     theta,
-                    routes.limit_mps[seg],
-                ]
-            ).astype(np.float32)
+                    tab[_LIMIT],
+                ],
+                dtype=np.float32,
+            )
         )
 
-        length = routes.length_m[seg]
+        length = tab[_LEN]
         d_rem = length - s
-        v_end = routes.end_mps[seg]
-        stop_end = routes.stop_at_end[seg]
+        v_end = tab[_END]
+        stop_end = tab[_STOP] > 0.0
         excess = v * v - v_end * v_end
         need = excess / (2.0 * np.maximum(d_rem, 0.1))
         # Brake when the need, one second from now at this speed, reaches the preference.
         d_next = d_rem - v
         brake = (v > v_end) & (
-            (d_next <= 0.5) | (excess >= 2.0 * routes.brake_mps2[seg] * np.maximum(d_next, 0.1))
+            (d_next <= 0.5) | (excess >= 2.0 * tab[_BRAKE] * np.maximum(d_next, 0.1))
         )
         noise = rng.standard_normal((3, len(trip)))
-        state[_THR] = THROTTLE_RHO * state[_THR] + throttle_innovation * noise[0]
-        a_max = np.minimum(routes.accel_mps2[seg], power[trip] / np.maximum(v, 2.0))
-        a_cmd = np.clip(0.6 * (routes.target_mps[seg] - v), -1.5, a_max)
-        a_cmd += throttle_sigma[trip] * state[_THR] * (v > 1.0)
-        a_new = np.where(brake, -np.minimum(need, MAX_DECEL_MPS2), a + lag[trip] * (a_cmd - a))
+        thr = THROTTLE_RHO * state[_THR] + throttle_innovation * noise[0]
+        state[_THR] = thr
+        a_max = np.minimum(tab[_ACCEL], state[_POWER] / np.maximum(v, 2.0))
+        a_cmd = np.clip(0.6 * (tab[_TARGET] - v), -1.5, a_max)
+        a_cmd += state[_THR_SIGMA] * thr * (v > 1.0)
+        a_new = np.where(brake, -np.minimum(need, MAX_DECEL_MPS2), a + state[_LAG] * (a_cmd - a))
 
-        surprise = (state[_EMDONE] == 0.0) & (s >= routes.emergency_at_m[seg]) & (v > 6.0)
-        state[_EMT] = np.where(surprise, routes.emergency_s[seg], state[_EMT])
-        state[_EMA] = np.where(surprise, routes.emergency_mps2[seg], state[_EMA])
-        state[_EMDONE] = np.where(surprise, 1.0, state[_EMDONE])
+        surprise = (state[_EMDONE] == 0.0) & (s >= tab[_EM_AT]) & (v > 6.0)
+        if surprise.any():
+            state[_EMT] = np.where(surprise, tab[_EM_S], state[_EMT])
+            state[_EMA] = np.where(surprise, tab[_EM_A], state[_EMA])
+            state[_EMDONE] = np.where(surprise, 1.0, state[_EMDONE])
         in_emergency = state[_EMT] > 0.0
         a_new = np.where(in_emergency, -state[_EMA], a_new)
         state[_EMT] -= in_emergency
@@ -140,19 +169,19 @@ def drive(
         state[_DWELL] -= dwelling
 
         v_raw = v + a_new
-        v_new = np.clip(v_raw, 0.0, None)
+        v_new = np.maximum(v_raw, 0.0)
         # Stopping within the second covers v²/2|a|, not the trapezoid.
         ds = np.where(v_raw < 0.0, v * v / (2.0 * np.maximum(-a_new, 1e-6)), 0.5 * (v + v_new))
 
-        is_last = seg == last[trip]
+        is_last = tab[_IS_LAST] > 0.0
+        finishing = state[_FIN] > 0.0
         # A parked or waiting vehicle has already arrived at its line.
-        crossing = (ds >= d_rem - np.where(stop_end, 0.5, 0.0)) & ~dwelling & ~finishing[trip]
+        crossing = (ds >= d_rem - 0.5 * stop_end) & ~dwelling & ~finishing
         halted = crossing & stop_end & (v_new <= 2.5)
         # Past a stop line too fast: run the light; past the last one: keep braking.
         ds = np.where(halted, np.maximum(d_rem, 0.0), ds)
         v_new = np.where(halted, 0.0, v_new)
-        state[_DWELL] = np.where(halted, routes.dwell_s[seg], state[_DWELL])
-        parks = halted & is_last
+        state[_DWELL] = np.where(halted, tab[_DWELL_AT_END], state[_DWELL])
         advance = crossing & ~is_last & (halted | ~stop_end)
 
         theta_mid = theta - 0.5 * ds * kappa
@@ -163,45 +192,62 @@ def drive(
         state[_V] = v_new
         state[_A] = np.where(dwelling, 0.0, a_new)
         state[_S] = np.where(advance, np.where(halted, 0.0, s + ds - length), s + ds)
-        state[_EMDONE] = np.where(advance, 0.0, state[_EMDONE])
-        seg = seg + advance
-        # A long step can cross a short arc entirely.
-        again = advance & (state[_S] >= routes.length_m[seg]) & (seg != last[trip])
-        if again.any():
-            state[_S] = np.where(again, state[_S] - routes.length_m[seg], state[_S])
-            seg = seg + again
+        state[_EMDONE] *= ~advance
+        if advance.any():
+            moved = np.flatnonzero(advance)
+            seg[moved] += 1
+            state[_SEG:, moved] = table[:, seg[moved]]
+            # A long step can cross a short arc entirely.
+            seg_row = state[_SEG:, moved]
+            again = moved[(state[_S, moved] >= seg_row[_LEN]) & (seg_row[_IS_LAST] == 0.0)]
+            if len(again):
+                state[_S, again] -= state[_SEG + _LEN, again]
+                seg[again] += 1
+                state[_SEG:, again] = table[:, seg[again]]
 
         state[_GX] = GPS_RHO * state[_GX] + gps_innovation * noise[1]
         state[_GY] = GPS_RHO * state[_GY] + gps_innovation * noise[2]
 
-        finishing_now = finishing[trip] | parks
-        finishing[trip] = finishing_now
-        done = (finishing_now & (state[_DWELL] <= 0.0)) | (step >= MAX_TRIP_S)
+        finishing |= halted & is_last
+        state[_FIN] = finishing
+        done = finishing & (state[_DWELL] <= 0.0) & (state[_PARKED] == 0.0)
         step += 1
+        if step >= MAX_TRIP_S:
+            done = state[_PARKED] == 0.0
         if done.any():
             ended = trip[done]
             distance_m[ended] = state[_ODO, done]
             samples[ended] = step
-            keep = ~done
-            trip, seg, state = trip[keep], seg[keep], state[:, keep]
+            # Parked trips wait (v = 0) until the next compaction; their extra samples are
+            # dropped below.
+            state[_PARKED, done] = 1.0
+            state[_DWELL, done] = np.inf
+            parked_count += int(done.sum())
+        if parked_count >= min(max(16.0, _COMPACT_SHARE * len(trip)), len(trip)):
+            keep = np.flatnonzero(state[_PARKED] == 0.0)
+            trip, seg, state = trip[keep], seg[keep], np.take(state, keep, axis=1)
+            parked_count = 0
 
     trip_all = np.concatenate(recorded_trip)
     steps = np.repeat(np.arange(len(recorded_trip)), [len(t) for t in recorded_trip])
     values = np.concatenate(recorded, axis=1)
     offset = np.cumsum(samples) - samples
-    order = np.empty(len(trip_all), np.int64)
-    order[offset[trip_all] + steps] = np.arange(len(trip_all))
-    values = values[:, order]
+    valid = np.flatnonzero(steps < samples[trip_all])
+    order = np.empty(len(valid), np.int64)
+    order[offset[trip_all[valid]] + steps[valid]] = valid
+    # Row by row: a take along the long axis of a 2-D array is far slower.
+    values = np.stack([np.take(row, order) for row in values])
+    # Single precision is plenty for 1 Hz samples (mm in position over tens of km).
     return Trajectories(
-        trip=trip_all[order],
-        step=steps[order],
-        speed_mps=values[0].astype(np.float64),
-        accel_long_mps2=values[1].astype(np.float64),
-        accel_lat_mps2=values[2].astype(np.float64),
-        east_m=values[3].astype(np.float64),
-        north_m=values[4].astype(np.float64),
-        heading_rad=values[5].astype(np.float64),
-        speed_limit_mps=values[6].astype(np.float64),
+        trip=np.repeat(np.arange(n_trips), samples),
+        step=np.arange(len(order)) - np.repeat(offset, samples),
+        speed_mps=values[0],
+        accel_long_mps2=values[1],
+        accel_lat_mps2=values[2],
+        east_m=values[3],
+        north_m=values[4],
+        heading_rad=values[5],
+        speed_limit_mps=values[6],
         samples=samples,
         distance_m=distance_m,
     )

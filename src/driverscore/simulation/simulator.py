@@ -21,7 +21,7 @@ import polars as pl
 
 from driverscore.domain.schema import conform_pings
 from driverscore.simulation.config import SimulationConfig
-from driverscore.simulation.dirt import inject_dirt
+from driverscore.simulation.dirt import corrupt_values, dirty_order
 from driverscore.simulation.fleet import CITIES, Fleet, build_fleet
 from driverscore.simulation.kinematics import Trajectories, drive
 from driverscore.simulation.labels import Incidents, draw_incidents, hazard_per_km
@@ -232,9 +232,10 @@ def _simulate_chunk(
     epoch_us = int(config.start.timestamp()) * 1_000_000
     columns = _observe(rng, traj, fleet, vehicle, city_lat, city_lon, utc_s)
     columns["ts_us"] += epoch_us
-    keep = _dropout_mask(rng, traj)
-    columns = {name: values[keep] for name, values in columns.items()}
-    columns = inject_dirt(rng, columns, config.dirt)
+    kept = np.flatnonzero(_dropout_mask(rng, traj))
+    rows = kept[dirty_order(rng, len(kept), config.dirt)]
+    columns = {name: np.take(values, rows) for name, values in columns.items()}
+    corrupt_values(rng, columns, config.dirt)
 
     trip_ids = _trip_ids(fleet, vehicle)
     return Simulation(
@@ -283,25 +284,27 @@ def _observe(
 
     speed = traj.speed_mps
     # Doppler speed never goes negative; at a standstill it reads a few cm/s.
-    reported_speed = np.abs(speed + rng.normal(0.0, _SPEED_SIGMA_MPS, n))
+    reported_speed = np.abs(speed + _SPEED_SIGMA_MPS * rng.standard_normal(n, np.float32))
     reported_speed *= fleet.speed_report_factor[ping_vehicle]
     # Course is sharp at speed and wanders when nearly stopped.
     heading_sigma = 0.3 + 3.0 / np.maximum(speed, 0.5)
-    heading = (np.rad2deg(traj.heading_rad) + rng.normal(0.0, 1.0, n) * heading_sigma) % 360.0
+    heading = (
+        np.rad2deg(traj.heading_rad) + rng.standard_normal(n, np.float32) * heading_sigma
+    ) % 360.0
 
     imu = fleet.has_imu[ping_vehicle]
     accel_long = np.where(
         imu,
         traj.accel_long_mps2
         + fleet.imu_bias_long[ping_vehicle]
-        + rng.normal(0.0, _IMU_SIGMA_MPS2, n),
+        + _IMU_SIGMA_MPS2 * rng.standard_normal(n, np.float32),
         np.nan,
     )
     accel_lat = np.where(
         imu,
         traj.accel_lat_mps2
         + fleet.imu_bias_lat[ping_vehicle]
-        + rng.normal(0.0, _IMU_SIGMA_MPS2, n),
+        + _IMU_SIGMA_MPS2 * rng.standard_normal(n, np.float32),
         np.nan,
     )
     limit = np.where(fleet.has_speed_limit[ping_vehicle], traj.speed_limit_mps, np.nan)
