@@ -224,8 +224,9 @@ def test_lineage_is_recorded(registry: ModelRegistry, candidate: Candidate) -> N
         candidate, GateConfig(min_roc_auc=0.5, max_brier=0.5, max_calibration_error=0.5)
     )
     version = _register(registry, candidate, report, "lineage")
-    mv = registry.client.get_model_version(registry.model_name, version)
-    run = registry.client.get_run(mv.run_id)
+    run_id = registry.client.get_model_version(registry.model_name, version).run_id
+    assert run_id is not None
+    run = registry.client.get_run(run_id)
     tags = run.data.tags
     assert tags["data_version.features"] == "f" * 16
     assert tags["data_version.labels"] == "1" * 16
@@ -233,6 +234,6 @@ def test_lineage_is_recorded(registry: ModelRegistry, candidate: Candidate) -> N
     assert tags["gate_status"] == "passed"
     assert run.data.params["max_iter"] == "40"
     assert "holdout.roc_auc" in run.data.metrics
-    artifacts = {a.path for a in registry.client.list_artifacts(mv.run_id)}
+    artifacts = {a.path for a in registry.client.list_artifacts(run_id)}
     assert {"model_card.json", "onnx", "model", "gate_report.json"} <= artifacts
     assert registry.version_tags(version)["data_version.features"] == "f" * 16

@@ -34,7 +34,7 @@ def logistic_model(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     z = np.full(x.shape[0], -4.0)
     for name, w in WEIGHTS.items():
         z += w * np.nan_to_num(x[:, NAMES.index(name)].astype(np.float64), nan=0.0)
-    return 1.0 / (1.0 + np.exp(-z))
+    return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=np.float64)
 
 
 def trips(n: int, seed: int = 0) -> pl.DataFrame:
@@ -58,7 +58,10 @@ def card() -> ModelCard:
     x = feature_matrix(train, NAMES)
     return ModelCard(
         created_at=NOW,
-        features=[ModelFeature(name=n, direction=d) for n, d in MODEL_FEATURES.items()],  # type: ignore[arg-type]
+        features=[
+            ModelFeature.model_validate({"name": n, "direction": d})
+            for n, d in MODEL_FEATURES.items()
+        ],
         score_mapping=ScoreMapping.fit(logistic_model(x)),
         decision_threshold=0.2,
         reference={n: FeatureReference.from_values(x[:, j]) for j, n in enumerate(NAMES)},

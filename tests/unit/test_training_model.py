@@ -89,7 +89,7 @@ class _Shifted:
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         p = self.inner.predict_proba(x)
-        return np.clip(p + np.array([-1e-3, 1e-3]), 0.0, 1.0)
+        return np.asarray(np.clip(p + np.array([-1e-3, 1e-3]), 0.0, 1.0))
 
 
 def test_parity_check_rejects_a_model_that_scores_differently(

@@ -63,7 +63,7 @@ class TrainedModel:
         return ModelCard(
             created_at=created_at or datetime.now(UTC),
             features=[
-                ModelFeature(name=n, direction=d)  # type: ignore[arg-type]
+                ModelFeature.model_validate({"name": n, "direction": d})
                 for n, d in zip(self.feature_names, self.directions, strict=True)
             ],
             score_mapping=self.score_mapping,
