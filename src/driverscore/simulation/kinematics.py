@@ -42,9 +42,9 @@ _S, _V, _A, _THETA, _X, _Y, _DWELL, _EMT, _EMA, _EMDONE, _THR, _GX, _GY, _ODO = 
 _FIN, _PARKED, _LAG, _THR_SIGMA, _POWER = range(14, 19)
 _SEG: Final = 19
 # Rows of the segment table (offset by _SEG in the state).
-_LEN, _KAPPA, _LIMIT, _TARGET, _END, _STOP, _DWELL_AT_END, _BRAKE, _ACCEL = range(9)
-_EM_AT, _EM_A, _EM_S, _IS_LAST = 9, 10, 11, 12
-_N_STATE: Final = _SEG + 13
+_LEN, _KAPPA, _LIMIT, _TARGET, _END, _GAP = 0, 1, 2, 3, 4, 7  # _END, _GAP: 3 rows each
+_STOP, _DWELL_AT_END, _BRAKE, _ACCEL, _EM_AT, _EM_A, _EM_S, _IS_LAST = range(10, 18)
+_N_STATE: Final = _SEG + 18
 #: Parked trips are dropped from the active set once they are this share of it.
 _COMPACT_SHARE: Final = 0.04
 
@@ -83,7 +83,8 @@ def drive(
             routes.curvature,
             routes.limit_mps,
             routes.target_mps,
-            routes.end_mps,
+            *routes.end_mps,
+            *routes.end_gap_m,
             routes.stop_at_end,
             routes.dwell_s,
             routes.brake_mps2,
@@ -138,15 +139,21 @@ def drive(
 
         length = tab[_LEN]
         d_rem = length - s
-        v_end = tab[_END]
         stop_end = tab[_STOP] > 0.0
+        # Brake when, for this segment's end or one of the next two, the deceleration needed
+        # one second from now at this speed reaches the driver's preference.
+        distance = d_rem + tab[_GAP : _GAP + 3]
+        v_end = tab[_END : _END + 3]
         excess = v * v - v_end * v_end
-        need = excess / (2.0 * np.maximum(d_rem, 0.1))
-        # Brake when the need, one second from now at this speed, reaches the preference.
-        d_next = d_rem - v
-        brake = (v > v_end) & (
+        d_next = distance - v
+        trigger = (excess > 0.0) & (
             (d_next <= 0.5) | (excess >= 2.0 * tab[_BRAKE] * np.maximum(d_next, 0.1))
         )
+        # Spread over at least half a second of travel: a slight overspeed right at the end of
+        # a segment is eased off, not braked away at the tyre limit.
+        floor = np.maximum(0.5 * v, 0.1)
+        need = np.max(np.where(trigger, excess / (2.0 * np.maximum(distance, floor)), 0.0), axis=0)
+        brake = trigger.any(axis=0)
         noise = rng.standard_normal((3, len(trip)))
         thr = THROTTLE_RHO * state[_THR] + throttle_innovation * noise[0]
         state[_THR] = thr
@@ -176,8 +183,10 @@ def drive(
         is_last = tab[_IS_LAST] > 0.0
         finishing = state[_FIN] > 0.0
         # A parked or waiting vehicle has already arrived at its line.
-        crossing = (ds >= d_rem - 0.5 * stop_end) & ~dwelling & ~finishing
-        halted = crossing & stop_end & (v_new <= 2.5)
+        crossing = (ds >= d_rem - 0.05 * stop_end) & ~dwelling & ~finishing
+        # Only a vehicle that is all but stopped halts at the line; snapping a faster one to
+        # zero would fake a hard brake in the 1 Hz speed series.
+        halted = crossing & stop_end & (v_new <= 1.0)
         # Past a stop line too fast: run the light; past the last one: keep braking.
         ds = np.where(halted, np.maximum(d_rem, 0.0), ds)
         v_new = np.where(halted, 0.0, v_new)

@@ -27,8 +27,6 @@ _CLASS_MEAN_M: Final = np.array([170.0, 260.0, 650.0, 2500.0])
 _STOP_P: Final = np.array([0.25, 0.30, 0.22, 0.0])
 #: Probability that a straight of each class ends with a turn or curve.
 _TURN_P: Final = np.array([0.40, 0.25, 0.12, 0.25])
-#: Comfortable deceleration assumed when planning two segments ahead (m/s²).
-_PLAN_DECEL_MPS2: Final = 1.5
 #: Highest speed any vehicle reaches (m/s): keeps every vehicle below ~60 m/s.
 _TOP_SPEED_MPS: Final = 52.0
 
@@ -58,8 +56,10 @@ class Routes:
     limit_mps: np.ndarray
     #: Speed the driver aims for on the segment (limit, speeding, congestion, curve).
     target_mps: np.ndarray
-    #: Speed the driver wants at the end of the segment (0 before a stop).
+    #: Speed the driver wants at the end of the segment (0 before a stop) and at the ends
+    #: of the next two, shape (3, segments), and the distance beyond this segment's end.
     end_mps: np.ndarray
+    end_gap_m: np.ndarray
     stop_at_end: np.ndarray
     dwell_s: np.ndarray
     #: Deceleration the driver brakes with when approaching the segment's end (m/s²).
@@ -163,7 +163,7 @@ def plan_routes(
         rng.random(n_seg) < 0.08 + 0.3 * drivers.rush[seg_trip]
     )
     congestion = np.where(congested, rng.uniform(0.3, 0.75, n_seg), 1.0)
-    lateral_pref = (1.8 + 2.3 * agg) * rng.lognormal(0.0, 0.12, n_seg)
+    lateral_pref = (1.6 + 1.8 * agg**1.5) * rng.lognormal(0.0, 0.12, n_seg)
     curve_speed = np.sqrt(lateral_pref / np.maximum(np.abs(curvature), 1e-9))
     target = np.minimum.reduce(
         [
@@ -176,32 +176,34 @@ def plan_routes(
 
     # Braking: calm drivers anticipate (~1.3-2 m/s²); aggressive ones now and then brake
     # late and hard (3.5-6 m/s²), which is what 1 Hz hard-brake counts see.
-    late = rng.random(n_seg) < 0.12 * agg**2.5
+    late = rng.random(n_seg) < 0.07 * agg**2.5
     brake = np.where(
         late,
         rng.uniform(3.5, 6.0, n_seg),
         np.clip((1.3 + 0.9 * agg) * rng.lognormal(0.0, 0.15, n_seg), 0.8, 3.2),
     )
-    accel = np.clip((1.1 + 1.7 * agg**1.5) * rng.lognormal(0.0, 0.18, n_seg), 0.6, 4.5)
+    accel = np.clip((1.1 + 1.5 * agg**1.5) * rng.lognormal(0.0, 0.18, n_seg), 0.6, 4.5)
 
     # Surprises (a car cutting in, a pedestrian) per km: more for aggressive and jerky
     # drivers, who follow closer and look ahead less.
-    rate_per_m = (0.002 + 0.05 * agg**2 * (1.5 - smooth)) / 1000.0
+    rate_per_m = (0.0005 + 0.05 * agg**3 * (1.5 - smooth)) / 1000.0
     surprised = rng.random(n_seg) < 1.0 - np.exp(-rate_per_m * length)
     emergency_at = np.where(surprised, length * rng.uniform(0.1, 0.9, n_seg), np.inf)
-    emergency_mps2 = rng.uniform(4.5, 8.5, n_seg)
+    emergency_mps2 = rng.uniform(4.5, 8.0, n_seg)
     emergency_s = rng.integers(1, 4, n_seg).astype(np.float64)
 
     last_seg = np.r_[seg_trip[1:] != seg_trip[:-1], True]
     first_seg = np.r_[True, last_seg[:-1]]
-    next_target = np.r_[target[1:], 0.0]
-    end = np.where(stop_at_end | last_seg, 0.0, next_target)
-    # Look two segments ahead so a short segment before a stop does not force a hard brake.
-    for _ in range(2):
-        next_end = np.r_[end[1:], 0.0]
-        next_len = np.r_[length[1:], 0.0]
-        reach = np.sqrt(next_end**2 + 2.0 * _PLAN_DECEL_MPS2 * next_len)
-        end = np.where(stop_at_end | last_seg, 0.0, np.minimum(end, reach))
+    # Speeds wanted at the end of this segment and of the next two, with the extra
+    # distance to those ends, so a short segment before a stop does not force a hard brake.
+    halts = stop_at_end | last_seg
+    end = np.where(halts, 0.0, np.r_[target[1:], 0.0])
+    never = 1000.0  # a speed no driver reaches: no constraint
+    end1 = np.where(halts, never, np.r_[end[1:], never])
+    gap1 = np.r_[length[1:], 0.0]
+    beyond = halts | np.r_[halts[1:], True]
+    end2 = np.where(beyond, never, np.r_[end[2:], never, never])
+    gap2 = gap1 + np.r_[length[2:], 0.0, 0.0]
 
     return Routes(
         trip=seg_trip,
@@ -209,7 +211,8 @@ def plan_routes(
         curvature=curvature,
         limit_mps=limit,
         target_mps=target,
-        end_mps=end,
+        end_mps=np.stack([end, end1, end2]),
+        end_gap_m=np.stack([np.zeros(n_seg), gap1, gap2]),
         stop_at_end=stop_at_end | last_seg,
         dwell_s=dwell_s,
         brake_mps2=brake,
