@@ -149,18 +149,21 @@ def build_fleet(config: SimulationConfig) -> Fleet:
     kmh = rng.random(n) < drift.speed_unit_kmh_share
     report = np.where(biased, drift.speed_sensor_bias, 1.0) * np.where(kmh, 3.6, 1.0)
 
-    numbers = np.char.zfill((index + 1).astype(str), 5)
-    fleet_names = np.where(
-        is_new, NEW_FLEET_ID, np.char.add("fleet-", fleet_index.astype(str))
-    ).astype(object)
-    client_names = np.char.add(
-        np.char.add(fleet_names.astype(str), "-client-"), client_index.astype(str)
+    # One string per vehicle (not per ping): a plain comprehension is clearest.
+    vehicle_ids = np.array([f"veh-{i + 1:05d}" for i in index], dtype=object)
+    driver_ids = np.array([f"drv-{i + 1:05d}" for i in index], dtype=object)
+    fleet_names = np.array(
+        [NEW_FLEET_ID if new else f"fleet-{f}" for new, f in zip(is_new, fleet_index, strict=True)],
+        dtype=object,
+    )
+    client_names = np.array(
+        [f"{f}-client-{c}" for f, c in zip(fleet_names, client_index, strict=True)], dtype=object
     )
     return Fleet(
-        vehicle_id=np.char.add("veh-", numbers).astype(object),
-        driver_id=np.char.add("drv-", numbers).astype(object),
+        vehicle_id=vehicle_ids,
+        driver_id=driver_ids,
         fleet_id=fleet_names,
-        client_id=client_names.astype(object),
+        client_id=client_names,
         city=city,
         aggressiveness=aggressiveness,
         speeding_propensity=speeding,

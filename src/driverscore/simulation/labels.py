@@ -27,7 +27,7 @@ from typing import Final
 
 import numpy as np
 
-BASE_HAZARD_PER_KM: Final = 0.85e-4
+BASE_HAZARD_PER_KM: Final = 0.95e-4
 BETA_AGGRESSIVENESS: Final = 3.0
 BETA_SPEEDING: Final = 1.8
 BETA_ROUGHNESS: Final = 1.5
