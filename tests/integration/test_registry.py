@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import mlflow.artifacts
 import numpy as np
 import polars as pl
 import pytest
@@ -237,3 +238,34 @@ def test_lineage_is_recorded(registry: ModelRegistry, candidate: Candidate) -> N
     artifacts = {a.path for a in registry.client.list_artifacts(run_id)}
     assert {"model_card.json", "onnx", "model", "gate_report.json"} <= artifacts
     assert registry.version_tags(version)["data_version.features"] == "f" * 16
+
+
+def test_sklearn_flavour_is_servable_by_mlflow(
+    registry: ModelRegistry, candidate: Candidate, tmp_path: Path
+) -> None:
+    """``mlflow models serve -m models:/<name>@champion`` loads this pyfunc and calls it."""
+    # Imported here: importing mlflow.pyfunc warns (see pytestmark), and collection-time
+    # warnings are not covered by the module's filterwarnings marks.
+    from mlflow.pyfunc import load_model
+
+    report = _report(
+        candidate, GateConfig(min_roc_auc=0.5, max_brier=0.5, max_calibration_error=0.5)
+    )
+    _register(registry, candidate, report, "pyfunc")
+    # Resolve the alias through our client: MLflow's ``models:/`` download ignores an
+    # explicit registry URI and would fall back to the process default.
+    version = registry.alias_version(CHAMPION)
+    assert version is not None
+    run_id = registry.client.get_model_version(registry.model_name, version).run_id
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id,
+        artifact_path="model",
+        dst_path=str(tmp_path),
+        tracking_uri=registry.tracking_uri,
+    )
+    model = load_model(local)
+    x = feature_matrix(candidate.holdout.head(20), candidate.trained.feature_names)
+    assert model.metadata.signature is not None
+    np.testing.assert_allclose(
+        np.asarray(model.predict(x))[:, 1], candidate.trained.predict_proba(x), atol=1e-12
+    )
