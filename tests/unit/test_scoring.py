@@ -175,6 +175,15 @@ def test_empty_frame_and_missing_columns(card: ModelCard) -> None:
         scorer.score_trips(trips(3).drop("night_share"), NOW)
 
 
+def test_rescoring_a_score_record_replaces_its_columns(card: ModelCard) -> None:
+    scorer = TripScorer(logistic_model, card, "m", "1", "champion")
+    once = scorer.score_trips(trips(5), NOW)
+    twice = TripScorer(logistic_model, card, "m", "2", "challenger").score_trips(once, NOW)
+    assert twice.columns == once.columns
+    assert twice["model_version"].to_list() == ["2"] * 5
+    assert twice["score"].to_list() == once["score"].to_list()
+
+
 def test_feature_matrix_turns_null_into_nan() -> None:
     frame = trips(3).with_columns(pl.Series("speeding_share", [None, 0.1, float("nan")]))
     x = feature_matrix(frame, NAMES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -79,6 +80,18 @@ def test_onnx_matches_sklearn_including_missing_values(
     assert model.predict_proba(x[:0]).shape == (0,)
     with pytest.raises(ValueError, match="features"):
         model.predict_proba(x[:, :3])
+
+
+def test_onnx_model_is_shared_safely_between_threads(
+    trained: TrainedModel, data: tuple[pl.DataFrame, pl.DataFrame]
+) -> None:
+    x = feature_matrix(data[1], trained.feature_names)
+    model = OnnxRiskModel(export_onnx(trained, x))
+    expected = model.predict_proba(x)
+    chunks = np.array_split(np.arange(x.shape[0]), 16)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda rows: model.predict_proba(x[rows]), chunks))
+    np.testing.assert_array_equal(np.concatenate(results), expected)
 
 
 class _Shifted:

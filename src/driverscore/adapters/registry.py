@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -26,6 +27,7 @@ import onnx
 import polars as pl
 import skl2onnx
 import sklearn
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
@@ -202,18 +204,17 @@ class ModelRegistry:
         params: dict[str, Any],
         sample: pl.DataFrame,
     ) -> None:
-        from mlflow.entities import Metric, Param
-
         metrics = {f"holdout.{k}": v for k, v in gate_report.candidate.flat().items()}
         if gate_report.champion is not None:
             metrics.update(
                 {f"champion.{k}": v for k, v in gate_report.champion.flat().items() if "." not in k}
             )
         metrics["decision_threshold"] = card.decision_threshold
+        now_ms = int(time.time() * 1000)
         params_out = {_key(k): str(v)[:_MAX_PARAM_VALUE] for k, v in params.items()}
         self.client.log_batch(
             run_id,
-            metrics=[Metric(_key(k), float(v), 0, 0) for k, v in metrics.items()],
+            metrics=[Metric(_key(k), float(v), now_ms, 0) for k, v in metrics.items()],
             params=[Param(k, v) for k, v in params_out.items()],
         )
         self.client.log_text(run_id, card.to_json(), CARD_ARTIFACT)

@@ -342,6 +342,8 @@ class TripScorer:
         """Trip score records: the feature rows plus probability, score, band and reasons."""
         if scored_at.tzinfo is None:
             raise ValueError("scored_at must be timezone-aware (UTC)")
+        # Re-scoring a score record replaces its score columns instead of duplicating them.
+        features = features.drop([c for c in SCORE_RECORD_COLUMNS if c in features.columns])
         x = feature_matrix(features, self._names)
         n = x.shape[0]
         blocks = [x]
