@@ -172,10 +172,10 @@ def _resolve_overlaps(
     base = np.maximum.accumulate(np.where(group_start, total - busy, 0.0))
     before = total - busy - base  # busy time of earlier trips of the same vehicle
     # start_i = max(planned_i, start_{i-1} + busy_{i-1}) == before_i + running max of
-    # (planned - before) within the vehicle; a per-vehicle offset keeps the max local.
-    rank = np.cumsum(group_start).astype(np.float64)
-    shifted = planned_s - before + rank * 1e12
-    return np.asarray(np.maximum.accumulate(shifted) - rank * 1e12 + before)
+    # (planned - before) within the vehicle.
+    frame = pl.DataFrame({"vehicle": vehicle, "slack": planned_s - before})
+    running = frame.select(pl.col("slack").cum_max().over("vehicle")).to_series().to_numpy()
+    return np.asarray(running + before, dtype=np.float64)
 
 
 def _simulate_chunk(
