@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +16,12 @@ from rich.console import Console
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.errors import ConfigError, DriverscoreError
 from driverscore.settings import Settings
+
+#: Demo fleet size: large enough for a stable holdout (hundreds of trips, dozens of claims),
+#: small enough to run in a few minutes on a laptop.
+DEMO_VEHICLES = 150
+DEMO_HISTORY_DAYS = 28
+DEMO_SEED = 42
 
 app = typer.Typer(
     name="driverscore",
@@ -204,9 +212,11 @@ def score(
 
 @app.command()
 def demo(
-    vehicles: Annotated[int, typer.Option(min=10, help="Vehicles to simulate.")] = 150,
-    days: Annotated[int, typer.Option(min=14, help="Days of history before the fresh day.")] = 28,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
+    vehicles: Annotated[int, typer.Option(min=10, help="Vehicles to simulate.")] = DEMO_VEHICLES,
+    days: Annotated[
+        int, typer.Option(min=14, help="Days of history before the fresh day.")
+    ] = DEMO_HISTORY_DAYS,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = DEMO_SEED,
 ) -> None:
     """Simulate → train → register → score a fresh day, on embedded defaults."""
     from driverscore.pipelines.demo import run_demo
@@ -230,8 +240,16 @@ def version() -> None:
     typer.echo(driverscore.__version__)
 
 
+def _quiet_libraries() -> None:
+    """MLflow's INFO chatter and progress bars would drown the command's own output."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit 2, without a traceback."""
+    _quiet_libraries()
     try:
         app()
     except DriverscoreError as exc:

@@ -6,7 +6,9 @@ wiring lives here. Definitions are built lazily (``@dg.definitions``): importing
 module does nothing.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: Dagster inspects the asset functions'
+# annotations at definition time and cannot resolve strings inside a closure.
+
 
 import uuid
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
+from dagster import AssetExecutionContext
 
 from driverscore.adapters.registry import RegisteredVersion
 from driverscore.adapters.storage import DataStore
@@ -91,7 +94,7 @@ def build_definitions(settings: Settings, source: TelemetrySource) -> dg.Definit
     """Assets, job and schedule for ``settings``; one function so tests can build their own."""
 
     @dg.asset(group_name="driverscore", description="Raw snapshot and canonical pings.")
-    def raw_telemetry(context: dg.AssetExecutionContext, telemetry: TelemetrySource) -> IngestedRun:
+    def raw_telemetry(context: AssetExecutionContext, telemetry: TelemetrySource) -> IngestedRun:
         reference_time = telemetry.resolved_reference_time()
         run_id = f"{reference_time:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
         ctx = _context(settings, run_id, reference_time, context.log)
@@ -103,7 +106,7 @@ def build_definitions(settings: Settings, source: TelemetrySource) -> dg.Definit
 
     @dg.asset(group_name="driverscore", description="Cleaned pings, trip features, quarantine.")
     def prepared_trips(
-        context: dg.AssetExecutionContext, raw_telemetry: IngestedRun
+        context: AssetExecutionContext, raw_telemetry: IngestedRun
     ) -> PreparedDataset:
         prepared = prepare(
             _run_context(settings, raw_telemetry, context.log), raw_telemetry.telemetry
@@ -121,7 +124,7 @@ def build_definitions(settings: Settings, source: TelemetrySource) -> dg.Definit
         group_name="driverscore", description="Mature trips labelled by claims, split in time."
     )
     def training_data(
-        context: dg.AssetExecutionContext,
+        context: AssetExecutionContext,
         raw_telemetry: IngestedRun,
         prepared_trips: PreparedDataset,
         telemetry: TelemetrySource,
@@ -135,13 +138,13 @@ def build_definitions(settings: Settings, source: TelemetrySource) -> dg.Definit
 
     @dg.asset(group_name="driverscore", description="Calibrated monotone gradient boosting.")
     def candidate_model(
-        context: dg.AssetExecutionContext, raw_telemetry: IngestedRun, training_data: TrainingData
+        context: AssetExecutionContext, raw_telemetry: IngestedRun, training_data: TrainingData
     ) -> TrainedModel:
         return train_candidate(_run_context(settings, raw_telemetry, context.log), training_data)
 
     @dg.asset(group_name="driverscore", description="ONNX export, holdout metrics and gate.")
     def validated_candidate(
-        context: dg.AssetExecutionContext,
+        context: AssetExecutionContext,
         raw_telemetry: IngestedRun,
         candidate_model: TrainedModel,
         training_data: TrainingData,
@@ -168,7 +171,7 @@ def build_definitions(settings: Settings, source: TelemetrySource) -> dg.Definit
         description="MLflow model version; champion or challenger if it passed.",
     )
     def registered_model(
-        context: dg.AssetExecutionContext,
+        context: AssetExecutionContext,
         raw_telemetry: IngestedRun,
         validated_candidate: ValidatedCandidate,
         training_data: TrainingData,

@@ -119,7 +119,12 @@ def ingest(
     def parts() -> Iterator[pl.DataFrame]:
         for source in sources:
             ctx.progress(f"read {Path(source).name}")
-            frame = read_table(source, mapping.format if mapping else None, options)
+            frame = read_table(
+                source,
+                mapping.format if mapping else None,
+                options,
+                delimiter=mapping.delimiter if mapping else ",",
+            )
             mapped = apply_mapping(frame, mapping or ColumnMapping(), source)
             if mapped.rejected.height:
                 rejects.append(mapped.rejected)

@@ -1,0 +1,202 @@
+"""The demo end to end on embedded defaults: simulate → train → register → score.
+
+One demo run (the CLI's default fleet) is shared by the module; each test checks one
+promise of the batch pipeline on it, against a real SQLite-backed MLflow registry.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pytest
+from rich.console import Console
+
+from driverscore.adapters.storage import DataStore
+from driverscore.cli import DEMO_HISTORY_DAYS, DEMO_SEED, DEMO_VEHICLES
+from driverscore.pipelines.demo import DemoResult, run_demo
+from driverscore.pipelines.training_run import open_registry
+from driverscore.settings import Settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CLI = [sys.executable, "-m", "driverscore"]
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    settings: Settings
+    result: DemoResult
+    output: str
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    home = tmp_path_factory.mktemp("home")
+    settings = Settings(home=home)
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=140)
+    result = run_demo(
+        settings, console, vehicles=DEMO_VEHICLES, days=DEMO_HISTORY_DAYS, seed=DEMO_SEED
+    )
+    return DemoRun(settings=settings, result=result, output=buffer.getvalue())
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DRIVERSCORE_HOME": str(home), "COLUMNS": "160"}
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, env=env, check=False, timeout=600
+    )
+
+
+def test_demo_model_passes_its_gate_with_auc_above_075(demo: DemoRun) -> None:
+    gate = demo.result.training.candidate.gate
+    assert gate.passed, gate.failures
+    assert gate.candidate.roc_auc is not None
+    assert gate.candidate.roc_auc >= 0.75
+    assert demo.result.training.registered.alias == "champion"
+
+
+def test_demo_prints_its_summary(demo: DemoRun) -> None:
+    for heading in (
+        "holdout metrics",
+        "gate passed",
+        "trip scores per fleet",
+        "riskiest 5 trips",
+        "where everything went",
+    ):
+        assert heading in demo.output
+
+
+def test_every_input_row_is_kept_or_quarantined(demo: DemoRun) -> None:
+    sim = demo.result.simulation
+    rows_in_files = pl.scan_parquet(f"{sim.pings_uri}/*.parquet").select(pl.len()).collect().item()
+    store = DataStore(demo.settings.resolved_data_uri, {})
+    prepared = demo.result.training.prepared
+    kept = store.read_dataset(prepared.cleaned).height
+    quarantine = store.read_dataset(prepared.quarantine)
+    assert quarantine.height > 0, "the simulator injects dirty rows; some must be caught"
+    assert rows_in_files == kept + quarantine.height
+    assert prepared.quality["rows_in"] == rows_in_files
+    assert prepared.quality["balanced"] is True
+    assert quarantine["reason"].null_count() == 0
+    per_rule = prepared.quality["quarantined_per_rule"]
+    assert sum(per_rule.values()) == quarantine.height
+    per_source = prepared.quality["quarantined_per_source"]
+    assert sum(sum(rules.values()) for rules in per_source.values()) == quarantine.height
+
+
+def test_registered_version_carries_lineage(demo: DemoRun) -> None:
+    registry = open_registry(demo.settings)
+    version = demo.result.training.registered.version
+    tags = registry.version_tags(version)
+    quality = demo.result.training.prepared.quality
+    assert tags["gate_status"] == "passed"
+    assert tags["data_version.raw"] == quality["datasets"]["raw"]
+    assert tags["data_version.features"] == quality["datasets"]["features"]
+    assert tags["data_version.labels"] == demo.result.training.data.labels.version
+    assert tags["code_version"].startswith("0.")
+    card = registry.load_card(version)
+    assert card.lineage["features"] == quality["datasets"]["features"]
+    assert card.feature_config == demo.settings.features
+
+
+def test_fresh_day_scores_every_trip_with_the_champion(demo: DemoRun) -> None:
+    scores = pl.read_parquet(demo.result.scoring.out_uri)
+    store = DataStore(demo.settings.resolved_data_uri, {})
+    features = store.read_dataset(demo.result.scoring.prepared.features)
+    assert scores.height == features.height > 0
+    assert scores["score"].is_between(0, 100).all()
+    assert set(scores["model_role"].unique()) == {"champion"}
+    assert set(scores["risk_band"].unique()) <= {"low", "moderate", "elevated", "high"}
+    risky = scores.filter(pl.col("score") < 60)
+    assert risky.height > 0
+    assert (risky["reasons"].list.len() > 0).all(), "a high-risk trip must say why"
+
+
+def _gps_only_csv(demo: DemoRun, path: Path) -> int:
+    """The fresh day as a GPS-only export: km/h, local-offset ISO times, other column names."""
+    pings = pl.scan_parquet(f"{demo.result.simulation.fresh_pings_uri}/*.parquet").collect()
+    vehicles = pings["vehicle_id"].unique().sort().head(12)
+    export = (
+        pings.filter(pl.col("vehicle_id").is_in(vehicles.implode()))
+        .sort("vehicle_id", "ts")
+        .select(
+            pl.col("ts")
+            .dt.convert_time_zone("Europe/Paris")
+            .dt.strftime("%Y-%m-%dT%H:%M:%S%:z")
+            .alias("time"),
+            pl.col("vehicle_id").alias("unit"),
+            pl.col("lat").alias("latitude"),
+            pl.col("lon").alias("longitude"),
+            (pl.col("speed_mps") * 3.6).round(2).alias("speed_kmh"),
+        )
+    )
+    export.write_csv(path)
+    return export.height
+
+
+def test_score_gps_only_kmh_csv_through_a_mapping(demo: DemoRun, tmp_path: Path) -> None:
+    csv = tmp_path / "gps_only.csv"
+    rows = _gps_only_csv(demo, csv)
+    mapping = tmp_path / "mapping.yaml"
+    mapping.write_text(
+        "columns:\n  ts: time\n  vehicle_id: unit\n  lat: latitude\n  lon: longitude\n"
+        "  speed_mps: speed_kmh\nunits:\n  ts: iso\n  speed_mps: km/h\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "scores.csv"
+    done = _cli(demo.settings.home, "score", str(csv), "--mapping", str(mapping), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    scores = pl.read_csv(out)
+    assert scores.height > 5
+    assert scores["score"].null_count() == 0
+    assert scores["score"].is_between(0, 100).all()
+    assert "reasons" in scores.columns
+    assert set(scores["event_source"].unique()) == {"gps"}
+    assert rows > scores.height
+
+
+def test_score_the_shipped_example_file(demo: DemoRun, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "example.parquet"
+    done = _cli(
+        demo.settings.home,
+        "score",
+        str(root / "examples" / "gps_only_kmh.csv"),
+        "--mapping",
+        str(root / "examples" / "gps_only_kmh.mapping.yaml"),
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    scores = pl.read_parquet(out)
+    assert scores.height >= 1
+    assert scores["score"].null_count() == 0
+    assert scores["hard_brake_count"].sum() >= 1, "the example contains a 50→0 km/h stop in 4 s"
+
+
+def test_bad_mapping_gives_one_clear_line(demo: DemoRun, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    mapping = tmp_path / "wrong.yaml"
+    mapping.write_text("columns:\n  ts: timestamp_utc\n", encoding="utf-8")
+    done = _cli(
+        demo.settings.home,
+        "score",
+        str(root / "examples" / "gps_only_kmh.csv"),
+        "--mapping",
+        str(mapping),
+        "--out",
+        str(tmp_path / "x.csv"),
+    )
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "gps_only_kmh.csv" in lines[0]
+    assert "timestamp_utc" in lines[0]
+    assert "Traceback" not in done.stderr + done.stdout
