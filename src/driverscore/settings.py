@@ -49,7 +49,9 @@ class TrainingConfig(BaseModel):
     label_maturity_days: float = Field(
         7.0,
         ge=0,
-        description="Trips younger than this are left out of training: their claims may be pending.",
+        description=(
+            "Trips younger than this are left out of training: their claims may be pending."
+        ),
     )
     max_iter: int = Field(200, ge=10)
     learning_rate: float = Field(0.05, gt=0, le=1)
@@ -68,7 +70,9 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".driverscore"), description="Folder holding all embedded state.")
     data_uri: str | None = Field(
         None,
-        description="Root of the versioned datasets: a path or s3://bucket/prefix (default: <home>/data).",
+        description=(
+            "Root of the versioned datasets: a path or s3://bucket/prefix (default: <home>/data)."
+        ),
     )
     mlflow_tracking_uri: str | None = Field(
         None,

@@ -20,7 +20,9 @@ class CleaningConfig(BaseModel):
     max_implied_speed_mps: float = Field(
         90.0,
         gt=0,
-        description="A fix whose implied speed from both neighbours exceeds this is a GPS jump (m/s).",
+        description=(
+            "A fix whose implied speed from both neighbours exceeds this is a GPS jump (m/s)."
+        ),
     )
     earliest_ts: str = Field(
         "2000-01-01T00:00:00Z", description="Fixes before this UTC time are bad timestamps."
@@ -51,7 +53,9 @@ class FeatureConfig(BaseModel):
     hard_brake_mps2: float = Field(
         3.0,
         gt=0,
-        description="Deceleration at or beyond this is hard braking (m/s²; 3.0 ≈ 0.31 g ≈ 6.7 mph/s).",
+        description=(
+            "Deceleration at or beyond this is hard braking (m/s²; 3.0 ≈ 0.31 g ≈ 6.7 mph/s)."
+        ),
     )
     harsh_accel_mps2: float = Field(
         3.0, gt=0, description="Acceleration at or beyond this is harsh (m/s²)."
@@ -71,13 +75,17 @@ class FeatureConfig(BaseModel):
     speeding_tolerance_mps: float = Field(
         2.0,
         ge=0,
-        description="Speed must exceed the posted limit by more than this to count as speeding (m/s).",
+        description=(
+            "Speed must exceed the posted limit by more than this to count as speeding (m/s)."
+        ),
     )
     night_start_hour: float = Field(22.0, ge=0, lt=24, description="Local hour when night starts.")
     night_end_hour: float = Field(5.0, ge=0, lt=24, description="Local hour when night ends.")
     timezone: str | None = Field(
         None,
-        description="IANA zone for local time; when unset, local mean solar time from longitude is used.",
+        description=(
+            "IANA zone for local time; when unset, local mean solar time from longitude is used."
+        ),
     )
     max_dt_s: float = Field(
         10.0,
