@@ -30,12 +30,6 @@ from driverscore.training.synthetic import synthetic_trips
 
 pytestmark = [
     pytest.mark.integration,
-    # MLflow's SQLAlchemy store still uses the ``noload`` strategy deprecated in SQLAlchemy 2.1.
-    pytest.mark.filterwarnings(
-        "ignore:The ``noload`` loader strategy is deprecated:sqlalchemy.exc.SADeprecationWarning"
-    ),
-    # Importing mlflow.pyfunc (for the sklearn flavour) warns once about its own type hints.
-    pytest.mark.filterwarnings("ignore:.*Any type hint is inferred as AnyType:UserWarning"),
 ]
 
 SCORED_AT = datetime(2026, 6, 1, tzinfo=UTC)

@@ -79,6 +79,18 @@ class RegisteredVersion:
         return f"models:/{self.model_name}/{self.version}"
 
 
+@dataclass(frozen=True)
+class VersionSummary:
+    """One registered version as listed by `driverscore models`."""
+
+    version: str
+    aliases: tuple[str, ...]
+    gate_status: str
+    code_version: str
+    created_at: str
+    metrics: dict[str, float]
+
+
 class ModelRegistry:
     """Tracking runs and registered versions of one model in one MLflow backend.
 
@@ -305,6 +317,35 @@ class ModelRegistry:
         card = self.load_card(version)
         model = OnnxRiskModel(self.load_onnx(version))
         return TripScorer(model.predict_proba, card, self.model_name, version, role or alias)
+
+    def list_versions(self) -> list[VersionSummary]:
+        """Every registered version, newest first, with aliases, gate status and metrics."""
+        try:
+            versions = self.client.search_model_versions(f"name = '{self.model_name}'")
+        except MlflowException:
+            return []
+        aliases: dict[str, list[str]] = {}
+        try:
+            for alias, version in self.client.get_registered_model(self.model_name).aliases.items():
+                aliases.setdefault(str(version), []).append(str(alias))
+        except MlflowException:
+            pass
+        out: list[VersionSummary] = []
+        for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
+            run = self.client.get_run(mv.run_id) if mv.run_id else None
+            metrics = dict(run.data.metrics) if run else {}
+            created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(mv.creation_timestamp / 1000))
+            out.append(
+                VersionSummary(
+                    version=str(mv.version),
+                    aliases=tuple(sorted(aliases.get(str(mv.version), []))),
+                    gate_status=mv.tags.get("gate_status", "unknown"),
+                    code_version=mv.tags.get("code_version", "unknown"),
+                    created_at=created,
+                    metrics={str(k): float(v) for k, v in metrics.items()},
+                )
+            )
+        return out
 
     def version_tags(self, version: str) -> dict[str, str]:
         """Tags of a registered version (gate status, code and data versions, role)."""

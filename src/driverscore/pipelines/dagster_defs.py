@@ -9,7 +9,6 @@ module does nothing.
 # No `from __future__ import annotations` here: Dagster inspects the asset functions'
 # annotations at definition time and cannot resolve strings inside a closure.
 
-
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
