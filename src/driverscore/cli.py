@@ -89,7 +89,12 @@ def simulate(
 ) -> None:
     """Simulate a fleet: 1 Hz pings, claims (labels) with reporting delays, driver truth."""
     from driverscore.pipelines.simulation_run import write_simulation
-    from driverscore.simulation import DirtConfig, DriftConfig, SimulationConfig
+    from driverscore.simulation import (
+        DirtConfig,
+        DriftConfig,
+        SimulationConfig,
+        vehicles_per_chunk_for,
+    )
 
     settings = _settings()
     start_time = _parse_time(start, "--start")
@@ -98,6 +103,7 @@ def simulate(
         days=days,
         seed=seed,
         start=start_time or SimulationConfig().start,
+        vehicles_per_chunk=vehicles_per_chunk_for(days),
         dirt=DirtConfig(
             duplicate_rate=0,
             out_of_order_rate=0,

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from rich.console import Console
@@ -117,6 +118,32 @@ def test_fresh_day_scores_every_trip_with_the_champion(demo: DemoRun) -> None:
     risky = scores.filter(pl.col("score") < 60)
     assert risky.height > 0
     assert (risky["reasons"].list.len() > 0).all(), "a high-risk trip must say why"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    ("behaviour", "highest"),
+    [("hard_brake_per_100km", 40.0), ("speeding_share", 1.0), ("night_share", 1.0)],
+)
+def test_more_risky_behaviour_never_raises_the_demo_champions_score(
+    demo: DemoRun, behaviour: str, highest: float
+) -> None:
+    scorer = open_registry(demo.settings).load_scorer("champion")
+    store = DataStore(demo.settings.resolved_data_uri, {})
+    trips = store.read_dataset(demo.result.scoring.prepared.features).head(200)
+    grid = np.linspace(0.0, highest, 21)
+    scores = np.stack(
+        [
+            scorer.score_trips(
+                trips.with_columns(pl.lit(value, dtype=pl.Float64).alias(behaviour)),
+                scored_at=demo.result.scoring.scores["scored_at"][0],
+            )["score"].to_numpy()
+            for value in grid
+        ]
+    )
+    # Rows: behaviour level; columns: trips. A score may stay flat, never rise.
+    assert (np.diff(scores, axis=0) <= 1e-9).all()
+    assert (scores[0] - scores[-1]).max() > 1.0, f"{behaviour} should matter for some trip"
 
 
 def _gps_only_csv(demo: DemoRun, path: Path) -> int:

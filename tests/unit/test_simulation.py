@@ -74,8 +74,15 @@ def test_public_api_is_explicit() -> None:
             "SimulationConfig",
             "iter_simulation",
             "simulate",
+            "vehicles_per_chunk_for",
         ]
     )
+
+
+def test_chunk_size_keeps_chunks_near_the_ping_budget() -> None:
+    assert simulation.vehicles_per_chunk_for(1) == 200
+    assert simulation.vehicles_per_chunk_for(29) * 29 * 3_000 <= 2_000_000
+    assert simulation.vehicles_per_chunk_for(10_000) == 1
 
 
 def test_same_seed_gives_identical_frames_and_another_seed_differs() -> None:

@@ -13,7 +13,7 @@ from driverscore.pipelines.scoring_run import ScoringRunResult, run_scoring
 from driverscore.pipelines.simulation_run import SimulationOutput, write_simulation
 from driverscore.pipelines.training_run import TrainingRunResult, run_training
 from driverscore.settings import Settings
-from driverscore.simulation import SimulationConfig
+from driverscore.simulation import SimulationConfig, vehicles_per_chunk_for
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,12 @@ def run_demo(
     settings: Settings, console: Console, *, vehicles: int, days: int, seed: int
 ) -> DemoResult:
     """Run the whole batch loop and print where every artifact went."""
-    config = SimulationConfig(vehicles=vehicles, days=days + 1, seed=seed)
+    config = SimulationConfig(
+        vehicles=vehicles,
+        days=days + 1,
+        seed=seed,
+        vehicles_per_chunk=vehicles_per_chunk_for(days + 1),
+    )
     history_end = config.start + timedelta(days=days)
     sim_uri = str((settings.home / "demo" / f"fleet-seed{seed}").resolve())
 

@@ -3,7 +3,12 @@
 See ``docs/simulator.md`` for the physics and the label model.
 """
 
-from driverscore.simulation.config import DirtConfig, DriftConfig, SimulationConfig
+from driverscore.simulation.config import (
+    DirtConfig,
+    DriftConfig,
+    SimulationConfig,
+    vehicles_per_chunk_for,
+)
 from driverscore.simulation.simulator import Simulation, iter_simulation, simulate
 
 __all__ = [
@@ -13,4 +18,5 @@ __all__ = [
     "SimulationConfig",
     "iter_simulation",
     "simulate",
+    "vehicles_per_chunk_for",
 ]

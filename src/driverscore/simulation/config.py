@@ -114,3 +114,15 @@ class SimulationConfig(BaseModel):
     def total_vehicles(self) -> int:
         """Regular vehicles plus those of the drift fleet."""
         return self.vehicles + self.drift.new_fleet_vehicles
+
+
+#: Pings one chunk may hold: about 0.5 kB each at peak, so ~1 GB of memory per chunk.
+CHUNK_PING_BUDGET = 2_000_000
+#: A vehicle drives roughly this many pings a day (3 trips of ~15 minutes at 1 Hz).
+PINGS_PER_VEHICLE_DAY = 3_000
+
+
+def vehicles_per_chunk_for(days: int, trips_per_day: float = 3.0) -> int:
+    """Chunk size keeping one chunk near ``CHUNK_PING_BUDGET`` pings, whatever the span."""
+    per_vehicle = max(1.0, days * PINGS_PER_VEHICLE_DAY * trips_per_day / 3.0)
+    return max(1, min(200, int(CHUNK_PING_BUDGET // per_vehicle)))
