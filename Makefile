@@ -22,5 +22,6 @@ typecheck: install ## mypy --strict on the package
 test: lint typecheck ## The whole test suite: lint, types, unit, model and integration tests
 	$(VENV)/pytest
 
-bench: install ## Cleaning + trips + features throughput benchmark
+bench: install ## Benchmarks: cleaning + trips + features, then the simulator
 	$(VENV)/python bench/bench_features.py
+	$(VENV)/python bench/bench_simulation.py
