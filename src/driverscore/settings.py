@@ -60,6 +60,47 @@ class TrainingConfig(BaseModel):
     random_seed: int = 7
 
 
+class ServiceConfig(BaseModel):
+    """The scoring service (`driverscore serve`): binding, security, models and rollout."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 for all.")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port (8080: SageMaker contract).")
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Bearer-token auth; auto: on unless bound to localhost only.",
+    )
+    tokens: list[SecretStr] = Field(default_factory=list, description="Accepted bearer tokens.")
+    token_file: Path | None = Field(
+        None, description="File with one accepted bearer token per line (added to tokens)."
+    )
+    max_body_bytes: int = Field(
+        8_000_000, ge=1024, description="Larger request bodies are refused (bytes)."
+    )
+    max_pings: int = Field(50_000, ge=1, description="Most pings accepted for one trip.")
+    max_trips: int = Field(1_000, ge=1, description="Most trips accepted in one batch request.")
+    max_future_s: float = Field(
+        300.0, ge=0, description="Pings later than now plus this are refused (s)."
+    )
+    poll_interval_s: float = Field(
+        30.0, gt=0, description="How often the registry is checked for moved aliases (s)."
+    )
+    rollout_mode: Literal["champion", "canary", "shadow"] = Field(
+        "champion", description="Initial champion/challenger split (see domain/rollout.py)."
+    )
+    challenger_percent: float = Field(
+        0.0, ge=0, le=100, description="Canary: share of drivers answered by the challenger (%)."
+    )
+    rollout_file: Path | None = Field(
+        None,
+        description="JSON rollout policy re-read on every poll: the split changes without restart.",
+    )
+    prediction_log_dir: Path | None = Field(
+        None, description="Where rollout decisions are logged (default: <home>/prediction_log)."
+    )
+
+
 class Settings(BaseSettings):
     """All settings of one driverscore process."""
 
@@ -97,6 +138,7 @@ class Settings(BaseSettings):
     features: FeatureConfig = FeatureConfig()
     training: TrainingConfig = TrainingConfig()
     gate: GateConfig = GateConfig()
+    service: ServiceConfig = ServiceConfig()
 
     @property
     def resolved_data_uri(self) -> str:
