@@ -101,6 +101,46 @@ class ServiceConfig(BaseModel):
     )
 
 
+class KafkaTopics(BaseModel):
+    """Topic names of the streaming contract (docs/streaming.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pings: str = Field("telematics.pings", description="Ping messages, key: vehicle id.")
+    dlq: str = Field(
+        "telematics.pings.dlq", description="Rejected messages: original bytes + reason."
+    )
+    trip_features: str = "driverscore.trip-features"
+    scores: str = "driverscore.scores"
+    alerts: str = "driverscore.alerts"
+
+
+class KafkaConfig(BaseModel):
+    """Kafka connection, topics and the stream processor's knobs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="host:port[,host:port...]")
+    topics: KafkaTopics = KafkaTopics()
+    partitions: int = Field(3, ge=1, description="Partitions of every topic `kafka init` creates.")
+    replication_factor: int = Field(1, ge=1)
+    retention_hours: float = Field(
+        168.0, gt=0, description="Retention of every topic `kafka init` creates (hours)."
+    )
+    consumer_group: str = "driverscore-stream"
+    grace_s: float = Field(
+        60.0, ge=0, description="Extra wait for late pings before a trip closes (s)."
+    )
+    alert_below_score: float = Field(
+        60.0, ge=0, le=100, description="Scores below this publish an alert."
+    )
+    processing_guarantee: Literal["at-least-once", "exactly-once"] = "exactly-once"
+    state_dir: Path | None = Field(
+        None, description="Stream state (RocksDB) folder (default: <home>/stream-state)."
+    )
+    model_alias: str = Field("champion", description="Registry alias of the scoring model.")
+
+
 class Settings(BaseSettings):
     """All settings of one driverscore process."""
 
@@ -138,6 +178,7 @@ class Settings(BaseSettings):
     features: FeatureConfig = FeatureConfig()
     training: TrainingConfig = TrainingConfig()
     gate: GateConfig = GateConfig()
+    kafka: KafkaConfig = KafkaConfig()
     service: ServiceConfig = ServiceConfig()
 
     @property
