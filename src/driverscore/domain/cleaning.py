@@ -26,6 +26,7 @@ from driverscore.domain.schema import PING_SCHEMA, REQUIRED_PING_COLUMNS
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
 
 #: Mean Earth radius (IUGG), metres.
 EARTH_RADIUS_M: Final = 6_371_008.8
@@ -128,26 +129,6 @@ def key_starts(key: str) -> pl.Expr:
     return pl.col(key).ne_missing(pl.col(key).shift(1))
 
 
-def is_sorted_by(frame: pl.DataFrame, key: str) -> bool:
-    """Whether ``frame`` is ordered by ``key`` then ``ts`` (nulls never sort correctly).
-
-    One string comparison per row finds the runs; the order of the keys is then checked
-    on the run heads only.
-    """
-    if frame.height < 2:
-        return True
-    ts = pl.col("ts")
-    starts = key_starts(key)
-    check = frame.select(
-        (starts | (ts >= ts.shift(1))).all().alias("ts_ordered"),
-        pl.col(key).filter(starts).alias("heads").implode(),
-    )
-    if not check["ts_ordered"].item():
-        return False
-    heads = check["heads"].explode()
-    return bool(heads.null_count() == 0 and (heads.slice(1) > heads.slice(0, len(heads) - 1)).all())
-
-
 def canonical_pings(pings: pl.DataFrame) -> pl.DataFrame:
     """Canonical columns in canonical order and types, plus ``source`` when present.
 
@@ -170,27 +151,108 @@ def canonical_pings(pings: pl.DataFrame) -> pl.DataFrame:
     return pings.select(exprs)
 
 
-def neighbour_starts(frame: pl.DataFrame, gap_s: float) -> BoolArray:
-    """True where a fix has no usable previous fix, on a frame sorted by vehicle, ts.
+@dataclass(frozen=True)
+class SortKeys:
+    """Integer keys of a frame sorted by vehicle, ts, row for row (internal hand-over).
+
+    ``vehicle``: codes that order like ``vehicle_id`` (equal ids, equal codes); ``ts_us``:
+    ``ts`` as epoch microseconds; ``trip``: codes equal where ``trip_id`` is equal (nulls
+    share one code), or None when no row has a given trip id. Cleaning computes them once
+    and trip cutting reuses them instead of comparing strings again.
+    """
+
+    vehicle: IntArray
+    ts_us: IntArray
+    trip: IntArray | None
+
+    def take(self, rows: IntArray | BoolArray) -> SortKeys:
+        """The keys of a subset of the rows (indices or mask)."""
+        trip = None if self.trip is None else self.trip[rows]
+        return SortKeys(self.vehicle[rows], self.ts_us[rows], trip)
+
+
+#: The code of a null value in :func:`ordinal_codes`.
+NULL_CODE: Final = -1
+
+
+def ordinal_codes(values: pl.Series) -> IntArray:
+    """int64 codes that order like the values (nulls first, as -1); equal values, equal codes.
+
+    Only the heads of runs of equal values are ranked: batch frames come grouped by
+    vehicle, so this compares one string per row and ranks a few hundred.
+    """
+    n = len(values)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = values.ne_missing(values.shift(1)).fill_null(True).to_numpy()
+    starts[0] = True
+    head_rows = np.flatnonzero(starts)
+    heads = values.gather(head_rows)
+    codes = heads.rank("dense").fill_null(0).cast(pl.Int64).to_numpy() - 1
+    result: IntArray = np.repeat(codes, np.diff(np.append(head_rows, n)))
+    return result
+
+
+def equality_codes(values: pl.Series) -> IntArray:
+    """int64 codes equal exactly where the values are equal (all nulls share one code)."""
+    return ordinal_codes(values)
+
+
+def ts_us_array(frame: pl.DataFrame) -> IntArray:
+    """``ts`` as epoch microseconds in numpy (nulls as the smallest int64)."""
+    result: IntArray = frame["ts"].dt.epoch("us").fill_null(np.iinfo(np.int64).min).to_numpy()
+    return result
+
+
+def sort_keys(frame: pl.DataFrame) -> SortKeys:
+    """The integer keys of ``frame`` (any order)."""
+    trip = frame["trip_id"]
+    trip_codes = None if trip.null_count() == len(trip) else equality_codes(trip)
+    return SortKeys(ordinal_codes(frame["vehicle_id"]), ts_us_array(frame), trip_codes)
+
+
+def is_sorted_keys(keys: SortKeys) -> bool:
+    """Whether rows are ordered by vehicle code, then ts."""
+    vehicle, ts = keys.vehicle, keys.ts_us
+    if len(vehicle) < 2:
+        return True
+    step = np.diff(vehicle)
+    return bool(np.all((step > 0) | ((step == 0) & (ts[1:] >= ts[:-1]))))
+
+
+def sort_order(keys: SortKeys) -> IntArray:
+    """Stable permutation that sorts rows by vehicle code, then ts.
+
+    One int64 key (vehicle code x ts span + ts offset) when it fits, which numpy's stable
+    sort handles fastest on the nearly sorted batch input; a two-key lexsort otherwise.
+    """
+    vehicle, ts = keys.vehicle, keys.ts_us
+    if len(ts) == 0:
+        return np.zeros(0, dtype=np.int64)
+    low, high = int(ts.min()), int(ts.max())
+    span = high - low + 1
+    if (int(vehicle.max()) + 2) * span < 2**62:
+        key = (vehicle + 1) * span + (ts - low)
+        order: IntArray = np.argsort(key, kind="stable")
+    else:
+        order = np.lexsort((ts, vehicle))
+    return order
+
+
+def neighbour_starts_keys(keys: SortKeys, gap_s: float) -> BoolArray:
+    """True where a fix has no usable previous fix (rows sorted by vehicle, ts).
 
     The previous row is not a neighbour when it belongs to another vehicle or another
-    given trip, or lies more than ``gap_s`` earlier: a fix is never judged by, or derived
-    from, a fix across a trip boundary.
+    given trip, or lies more than ``gap_s`` earlier.
     """
-    starts = frame.select(
-        key_starts("vehicle_id")
-        | key_starts("trip_id")
-        | (epoch_us().diff() > int(gap_s * 1e6)).fill_null(True)
-    )
-    result: BoolArray = starts.to_series().to_numpy()
-    return result
-
-
-def seconds_between(frame: pl.DataFrame) -> FloatArray:
-    """Seconds from each fix to the next row (length n - 1), exact to the microsecond."""
-    t_us = frame["ts"].dt.epoch("us").to_numpy()
-    result: FloatArray = np.diff(t_us) / 1e6
-    return result
+    n = len(keys.ts_us)
+    starts = np.ones(n, dtype=bool)
+    if n > 1:
+        new = (np.diff(keys.vehicle) != 0) | (np.diff(keys.ts_us) > int(gap_s * 1e6))
+        if keys.trip is not None:
+            new |= np.diff(keys.trip) != 0
+        starts[1:] = new
+    return starts
 
 
 def _parse_utc(text: str) -> datetime:
@@ -198,8 +260,11 @@ def _parse_utc(text: str) -> datetime:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
-def _row_reason(config: CleaningConfig, reference_time: datetime) -> pl.Expr:
-    """Reasons decided by a row alone, first failing rule wins."""
+def _row_reason_code(config: CleaningConfig, reference_time: datetime) -> pl.Expr:
+    """Reasons decided by a row alone as 1-based positions in CLEANING_REASONS, 0 = ok.
+
+    The first failing rule wins.
+    """
     reference = (
         reference_time.replace(tzinfo=UTC)
         if reference_time.tzinfo is None
@@ -213,22 +278,19 @@ def _row_reason(config: CleaningConfig, reference_time: datetime) -> pl.Expr:
     bad_coordinates = (
         ~lat.is_between(-90.0, 90.0) | ~lon.is_between(-180.0, 180.0) | ((lat == 0) & (lon == 0))
     )
+    code = CLEANING_REASONS.index
     return (
         pl.when(missing)
-        .then(pl.lit("missing_required"))
+        .then(code("missing_required") + 1)
         .when((ts < earliest) | (ts > latest))
-        .then(pl.lit("bad_timestamp"))
+        .then(code("bad_timestamp") + 1)
         .when(bad_coordinates)
-        .then(pl.lit("invalid_coordinates"))
+        .then(code("invalid_coordinates") + 1)
         .when((speed < 0) | (speed > config.max_speed_mps))
-        .then(pl.lit("impossible_speed"))
-        .otherwise(pl.lit(None, dtype=pl.String))
+        .then(code("impossible_speed") + 1)
+        .otherwise(0)
+        .cast(pl.Int64)
     )
-
-
-def _with_reason(frame: pl.DataFrame, reason: str | pl.Expr, stage: str) -> pl.DataFrame:
-    reason_expr = pl.lit(reason) if isinstance(reason, str) else reason
-    return frame.with_columns(reason_expr.alias("reason"), pl.lit(stage).alias("stage"))
 
 
 def empty_quarantine(columns: pl.Schema) -> pl.DataFrame:
@@ -238,7 +300,12 @@ def empty_quarantine(columns: pl.Schema) -> pl.DataFrame:
     return pl.DataFrame(schema=schema)
 
 
-def _gps_jumps(frame: pl.DataFrame, config: CleaningConfig, gap_s: float) -> pl.Series:
+_DEG_TO_M: Final = np.pi / 180.0 * EARTH_RADIUS_M
+
+
+def _gps_jumps(
+    lat: FloatArray, lon: FloatArray, keys: SortKeys, config: CleaningConfig, gap_s: float
+) -> BoolArray:
     """Fixes whose implied speed from BOTH neighbours is impossible: isolated spikes.
 
     One impossible edge alone is not enough: it says that this fix OR its neighbour is
@@ -246,39 +313,64 @@ def _gps_jumps(frame: pl.DataFrame, config: CleaningConfig, gap_s: float) -> pl.
     Rejecting on one edge would throw away the good fix next to every spike and the first
     fix after every dropout. A spike of two or more consecutive bad fixes is not caught;
     the feature step's plausibility limits keep it from creating events.
+
+    The great-circle step is at most R (|Δφ| + |Δλ|) (meridian, then parallel); only steps
+    where that cheap bound could exceed the limit get the haversine, so the decision is
+    the haversine's at a fraction of its cost.
     """
-    n = frame.height
-    if n < 3:
-        return pl.Series(np.zeros(n, dtype=bool))
-    lat, lon = frame["lat"].to_numpy(), frame["lon"].to_numpy()
-    # implied[i]: speed on the step from fix i to fix i + 1; dt > 0 as duplicates are gone.
-    implied = step_metres(lat, lon) / seconds_between(frame)
-    fast = (implied > config.max_implied_speed_mps) & ~neighbour_starts(frame, gap_s)[1:]
+    n = len(lat)
     jump = np.zeros(n, dtype=bool)
+    if n < 3:
+        return jump
+    dt_s = np.diff(keys.ts_us) / 1e6  # > 0 within a vehicle: duplicates are gone
+    bound_m = (np.abs(np.diff(lat)) + np.abs(np.diff(lon))) * _DEG_TO_M
+    candidate = (bound_m * (1.0 + 1e-6) >= config.max_implied_speed_mps * dt_s) & ~(
+        neighbour_starts_keys(keys, gap_s)[1:]
+    )
+    steps = np.flatnonzero(candidate)
+    if steps.size == 0:
+        return jump
+    # implied[i]: speed on the step from fix i to fix i + 1.
+    implied = step_metres_between(lat[steps], lon[steps], lat[steps + 1], lon[steps + 1])
+    fast = np.zeros(n - 1, dtype=bool)
+    fast[steps] = implied / dt_s[steps] > config.max_implied_speed_mps
     jump[1:-1] = fast[:-1] & fast[1:]
-    return pl.Series(jump)
+    return jump
 
 
-def _derive_motion(frame: pl.DataFrame, gap_s: float) -> pl.DataFrame:
-    """Fill null speed and heading from positions over a centred window (prev → next fix).
+def step_metres_between(
+    lat1: FloatArray, lon1: FloatArray, lat2: FloatArray, lon2: FloatArray
+) -> FloatArray:
+    """:func:`step_metres` for explicit pairs of fixes: the same operations, value for value."""
+    phi1, phi2 = np.radians(lat1), np.radians(lat2)
+    a = np.sin((phi2 - phi1) * 0.5) ** 2 + np.cos(phi1) * np.cos(phi2) * (
+        np.sin(np.radians(lon2 - lon1) * 0.5) ** 2
+    )
+    result: FloatArray = np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0))) * (2.0 * EARTH_RADIUS_M)
+    return result
 
+
+def _derived_motion(
+    rows: IntArray,
+    need: BoolArray,
+    lat: FloatArray,
+    lon: FloatArray,
+    keys: SortKeys,
+    gap_s: float,
+) -> tuple[FloatArray, FloatArray]:
+    """Speed and heading from positions over a centred window (prev → next fix).
+
+    ``rows``: positions (in the sorted kept rows) that need a value; ``need`` their mask.
     The centred chord averages out the position noise of the middle fix, which on 1 Hz
     GPS would otherwise dominate a fix-to-fix speed. At segment ends the window is
-    one-sided; a fix with no neighbour at all keeps a null speed. Only the rows that need
-    it are computed.
+    one-sided; a fix with no neighbour at all keeps a null speed (NaN here).
     """
-    need_speed = frame["speed_mps"].is_null().to_numpy()
-    need_heading = frame["heading_deg"].is_null().to_numpy()
-    rows = np.flatnonzero(need_speed | need_heading)
-    if rows.size == 0:
-        return frame
-    n = frame.height
-    has_prev = ~neighbour_starts(frame, gap_s)
+    n = len(need)
+    has_prev = ~neighbour_starts_keys(keys, gap_s)
     has_next = np.append(has_prev[1:], False)
     before = np.where(has_prev[rows], rows - 1, rows)
     after = np.where(has_next[rows], rows + 1, rows)
-    lat, lon = frame["lat"].to_numpy(), frame["lon"].to_numpy()
-    t_us = frame["ts"].dt.epoch("us").to_numpy()
+    t_us = keys.ts_us
     span_s = (t_us[after] - t_us[before]) / 1e6
     moved = span_s > 0
     speed = np.full(n, np.nan)
@@ -290,10 +382,18 @@ def _derive_motion(frame: pl.DataFrame, gap_s: float) -> pl.DataFrame:
     heading[rows] = np.where(
         moved, bearing_deg(lat[before], lon[before], lat[after], lon[after]), np.nan
     )
-    return frame.with_columns(
-        pl.col("speed_mps").fill_null(pl.Series(speed).fill_nan(None)),
-        pl.col("heading_deg").fill_null(pl.Series(heading).fill_nan(None)),
-    )
+    return speed, heading
+
+
+def _is_identity(rows: IntArray, height: int) -> bool:
+    return len(rows) == height and (height == 0 or bool(np.all(np.diff(rows) == 1)))
+
+
+def _gather(frame: pl.DataFrame, rows: IntArray) -> pl.DataFrame:
+    """Rows of ``frame`` by position (the frame itself when that is every row in order)."""
+    if _is_identity(rows, frame.height):
+        return frame
+    return frame.gather(pl.Series(rows, dtype=pl.Int64))
 
 
 def clean_pings(
@@ -319,56 +419,94 @@ def clean_pings(
     when the input had it), the quarantine (same columns + ``reason`` + ``stage``) and
     counts with ``rows_in == kept + quarantined``.
     """
+    return clean_with_keys(pings, config, reference_time, neighbour_gap_s)[0]
+
+
+def clean_with_keys(
+    pings: pl.DataFrame, config: CleaningConfig, reference_time: datetime, neighbour_gap_s: float
+) -> tuple[CleaningResult, SortKeys]:
+    """:func:`clean_pings`, plus the integer sort keys of the kept rows for trip cutting.
+
+    The rules run on integer keys and numpy arrays and pick row positions; the frame
+    itself is gathered once for the kept rows (in sorted order) and once for the rejects.
+    """
     frame = canonical_pings(pings)
     rows_in = frame.height
     counts: dict[str, int] = {"rows_in": rows_in}
-    rejected: list[pl.DataFrame] = []
 
-    frame = frame.with_columns(_row_reason(config, reference_time).alias("reason"))
-    row_rejects = frame["reason"].is_not_null()
-    if row_rejects.any():
-        rejected.append(
-            frame.filter(row_rejects).with_columns(pl.lit(CLEANING_STAGE).alias("stage"))
-        )
-        frame = frame.filter(~row_rejects)
-    frame = frame.drop("reason")
+    code = frame.select(_row_reason_code(config, reference_time)).to_series().to_numpy()
+    row_rejects = np.flatnonzero(code)
+    all_keys = sort_keys(frame)
+    if row_rejects.size:
+        rows = np.flatnonzero(code == 0)
+        keys = all_keys.take(rows)
+    else:
+        rows = np.arange(rows_in, dtype=np.int64)
+        keys = all_keys
 
     reordered = 0
-    if not is_sorted_by(frame, "vehicle_id"):
+    if not is_sorted_keys(keys):
         # A stable sort keeps input order among equal timestamps: "keep the first" works.
-        frame = frame.with_row_index("_input_row").sort(["vehicle_id", "ts"], maintain_order=True)
-        vehicle = pl.col("vehicle_id")
-        arrived_early = (vehicle == vehicle.shift(1)) & (
-            pl.col("_input_row") < pl.col("_input_row").shift(1)
-        )
-        reordered = int(frame.select(arrived_early.sum()).item())
-        frame = frame.drop("_input_row")
+        order = sort_order(keys)
+        keys = keys.take(order)
+        same_vehicle = np.diff(keys.vehicle) == 0
+        reordered = int(np.count_nonzero(same_vehicle & (np.diff(order) < 0)))
+        rows = rows[order]
     counts["reordered"] = reordered
 
-    vehicle, ts = pl.col("vehicle_id"), pl.col("ts")
-    duplicate = frame.select(
-        ((vehicle == vehicle.shift(1)) & (ts == ts.shift(1))).fill_null(False)
-    ).to_series()
-    if duplicate.any():
-        rejected.append(_with_reason(frame.filter(duplicate), "duplicate", CLEANING_STAGE))
-        frame = frame.filter(~duplicate)
+    duplicate = np.zeros(len(rows), dtype=bool)
+    duplicate[1:] = (np.diff(keys.vehicle) == 0) & (np.diff(keys.ts_us) == 0)
+    duplicate_rows = rows[duplicate]
+    if duplicate_rows.size:
+        rows, keys = rows[~duplicate], keys.take(~duplicate)
 
-    jumps = _gps_jumps(frame, config, neighbour_gap_s)
-    if jumps.any():
-        rejected.append(_with_reason(frame.filter(jumps), "gps_jump", CLEANING_STAGE))
-        frame = frame.filter(~jumps)
+    lat = frame["lat"].to_numpy()[rows]
+    lon = frame["lon"].to_numpy()[rows]
+    jumps = _gps_jumps(lat, lon, keys, config, neighbour_gap_s)
+    jump_rows = rows[jumps]
+    if jump_rows.size:
+        rows, keys = rows[~jumps], keys.take(~jumps)
+        lat, lon = lat[~jumps], lon[~jumps]
 
-    counts["filled_driver_id"] = frame["driver_id"].null_count()
-    counts["derived_speed"] = frame["speed_mps"].null_count()
-    counts["derived_heading"] = frame["heading_deg"].null_count()
-    frame = _derive_motion(frame, neighbour_gap_s)
+    if not _is_identity(rows, rows_in) and max(frame.n_chunks("all"), default=1) > 1:
+        frame = frame.rechunk()  # a frame in one chunk gathers several times faster
+    kept = _gather(frame, rows)
+    counts["filled_driver_id"] = kept["driver_id"].null_count()
+    counts["derived_speed"] = kept["speed_mps"].null_count()
+    counts["derived_heading"] = kept["heading_deg"].null_count()
+    fills: list[pl.Expr] = []
+    if counts["derived_speed"] or counts["derived_heading"]:
+        need = (kept["speed_mps"].is_null() | kept["heading_deg"].is_null()).to_numpy()
+        speed, heading = _derived_motion(
+            np.flatnonzero(need), need, lat, lon, keys, neighbour_gap_s
+        )
+        fills += [
+            pl.col("speed_mps").fill_null(pl.Series(speed).fill_nan(None)),
+            pl.col("heading_deg").fill_null(pl.Series(heading).fill_nan(None)),
+        ]
     if counts["filled_driver_id"]:
-        frame = frame.with_columns(pl.col("driver_id").fill_null(pl.col("vehicle_id")))
+        fills.append(pl.col("driver_id").fill_null(pl.col("vehicle_id")))
+    if fills:
+        kept = kept.with_columns(fills)
 
-    quarantine = pl.concat(rejected, how="vertical") if rejected else empty_quarantine(frame.schema)
-    reason_counts = dict(quarantine["reason"].value_counts().iter_rows()) if rejected else {}
-    for reason in CLEANING_REASONS:
-        counts[reason] = int(reason_counts.get(reason, 0))
-    counts["kept"] = frame.height
+    reject_rows = np.concatenate([row_rejects, duplicate_rows, jump_rows])
+    reject_codes = np.concatenate(
+        [
+            code[row_rejects],
+            np.full(duplicate_rows.size, CLEANING_REASONS.index("duplicate") + 1),
+            np.full(jump_rows.size, CLEANING_REASONS.index("gps_jump") + 1),
+        ]
+    ).astype(np.int64)
+    if reject_rows.size:
+        reasons = pl.Series(CLEANING_REASONS, dtype=pl.String).gather(reject_codes - 1)
+        quarantine = _gather(frame, reject_rows).with_columns(
+            reasons.alias("reason"), pl.lit(CLEANING_STAGE).alias("stage")
+        )
+    else:
+        quarantine = empty_quarantine(kept.schema)
+    per_reason = np.bincount(reject_codes, minlength=len(CLEANING_REASONS) + 1)
+    for position, reason in enumerate(CLEANING_REASONS, start=1):
+        counts[reason] = int(per_reason[position])
+    counts["kept"] = kept.height
     counts["quarantined"] = quarantine.height
-    return CleaningResult(kept=frame, quarantine=quarantine, counts=counts)
+    return CleaningResult(kept=kept, quarantine=quarantine, counts=counts), keys

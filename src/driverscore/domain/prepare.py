@@ -13,10 +13,10 @@ from typing import Final
 
 import polars as pl
 
-from driverscore.domain.cleaning import QUARANTINE_REASONS, clean_pings
+from driverscore.domain.cleaning import QUARANTINE_REASONS, clean_with_keys
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
 from driverscore.domain.features import FEATURE_COLUMNS, trip_features
-from driverscore.domain.trips import assign_trips
+from driverscore.domain.trips import assign_trips_sorted
 
 __all__ = [
     "FEATURE_COLUMNS",
@@ -54,8 +54,9 @@ def prepare_trips(
     ``cleaning.*`` and ``trips.*``, one count per quarantine reason, ``trips`` (kept
     trips, i.e. feature rows) and ``reordered``.
     """
-    cleaned = clean_pings(pings, cleaning, reference_time, neighbour_gap_s=trips.gap_s)
-    cut = assign_trips(cleaned.kept, trips)
+    cleaned, keys = clean_with_keys(pings, cleaning, reference_time, trips.gap_s)
+    # The kept pings come sorted with their integer keys: trip cutting reuses them.
+    cut, _ = assign_trips_sorted(cleaned.kept, keys, trips)
     rows = trip_features(cut.pings, features)
 
     parts = [frame for frame in (cleaned.quarantine, cut.quarantine) if frame.height]

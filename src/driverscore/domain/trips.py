@@ -8,13 +8,27 @@ names it exactly as the batch pipeline does.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 import polars as pl
 
-from driverscore.domain.cleaning import empty_quarantine, epoch_us, is_sorted_by, step_metres
+from driverscore.domain.cleaning import (
+    NULL_CODE,
+    BoolArray,
+    FloatArray,
+    IntArray,
+    SortKeys,
+    empty_quarantine,
+    epoch_us,
+    haversine_m,
+    is_sorted_keys,
+    sort_keys,
+    sort_order,
+    step_metres,
+)
 from driverscore.domain.config import TripConfig
 
 #: Stage name written to the quarantine's ``stage`` column by this module.
@@ -55,31 +69,77 @@ def assign_trips(pings: pl.DataFrame, config: TripConfig) -> TripResult:
 
     Counts: ``rows_in == kept + quarantined`` (pings), plus ``trips`` and ``short_trips``.
     """
-    frame = pings if is_sorted_by(pings, "vehicle_id") else pings.sort(["vehicle_id", "ts"])
+    keys = sort_keys(pings)
+    if is_sorted_keys(keys):
+        return assign_trips_sorted(pings, keys, config)[0]
+    order = sort_order(keys)
+    frame = pings.rechunk().gather(pl.Series(order, dtype=pl.Int64))
+    return assign_trips_sorted(frame, keys.take(order), config)[0]
+
+
+def _path_km(lat: FloatArray, lon: FloatArray) -> float:
+    """Sum of the great-circle steps along the fixes, exactly rounded (order-independent)."""
+    if len(lat) < 2:
+        return 0.0
+    return math.fsum(step_metres(lat, lon).tolist()) / 1000.0
+
+
+def _short_by_distance(
+    frame: pl.DataFrame, starts: IntArray, ends: IntArray, check: BoolArray, min_km: float
+) -> BoolArray:
+    """Which trips (of those flagged in ``check``) have a path shorter than ``min_km``.
+
+    The path is at least as long as the great-circle distance from the first fix to the
+    last or to the middle one (triangle inequality): only trips where those chords do not
+    already clear the limit get their full path summed.
+    """
+    short = np.zeros(len(starts), dtype=bool)
+    if min_km <= 0 or not check.any():
+        return short
+    lat, lon = frame["lat"].to_numpy(), frame["lon"].to_numpy()
+    first, last, middle = starts[check], ends[check], (starts[check] + ends[check]) // 2
+    chord_m = np.maximum(
+        haversine_m(lat[first], lon[first], lat[last], lon[last]),
+        haversine_m(lat[first], lon[first], lat[middle], lon[middle]),
+    )
+    clear = chord_m >= min_km * 1000.0 * (1.0 + 1e-9)
+    for trip in np.flatnonzero(check)[~clear]:
+        start, end = int(starts[trip]), int(ends[trip]) + 1
+        short[trip] = _path_km(lat[start:end], lon[start:end]) < min_km
+    return short
+
+
+def assign_trips_sorted(
+    frame: pl.DataFrame, keys: SortKeys, config: TripConfig
+) -> tuple[TripResult, IntArray]:
+    """:func:`assign_trips` on pings sorted by vehicle, ts whose integer keys are known.
+
+    Also returns the first row of every kept trip in the kept pings (each trip is a run
+    of consecutive rows in time order), which the features step uses as is.
+    """
     rows_in = frame.height
     if rows_in == 0:
         counts = {"rows_in": 0, "kept": 0, "quarantined": 0, "trips": 0, "short_trips": 0}
-        return TripResult(frame, empty_quarantine(frame.schema), counts)
+        return TripResult(frame, empty_quarantine(frame.schema), counts), np.zeros(0, np.int64)
 
-    start_mask = frame.select(trip_starts(config.gap_s)).to_series().to_numpy()
+    start_mask = np.ones(rows_in, dtype=bool)
+    if rows_in > 1:
+        new = np.diff(keys.vehicle) != 0
+        gap = np.diff(keys.ts_us) > int(config.gap_s * 1e6)
+        if keys.trip is None:
+            new |= gap
+        else:
+            new |= (np.diff(keys.trip) != 0) | ((keys.trip[1:] == NULL_CODE) & gap)
+        start_mask[1:] = new
     starts = np.flatnonzero(start_mask)
     ends = np.append(starts[1:], rows_in) - 1
-    t_us = frame["ts"].dt.epoch("us").to_numpy()
-    # step_m[i]: metres from fix i - 1 to fix i; the step into a trip's first fix is not
-    # part of any trip.
-    step_m = np.zeros(rows_in)
-    step_m[1:] = step_metres(frame["lat"].to_numpy(), frame["lon"].to_numpy())
-    step_m[starts] = 0.0
-    length_km = np.add.reduceat(step_m, starts) / 1000.0
+    t_us = keys.ts_us
     duration_s = (t_us[ends] - t_us[starts]) / 1e6
     ping_count = ends - starts + 1
-    short = (
-        (duration_s < config.min_duration_s)
-        | (length_km < config.min_distance_km)
-        | (ping_count < config.min_pings)
-    )
+    short = (duration_s < config.min_duration_s) | (ping_count < config.min_pings)
+    short |= _short_by_distance(frame, starts, ends, ~short, config.min_distance_km)
 
-    heads = frame.select("vehicle_id", "trip_id").filter(pl.Series(start_mask))
+    heads = frame.select("vehicle_id", "trip_id").gather(pl.Series(starts, dtype=pl.Int64))
     trip_ids = heads.select(
         pl.col("trip_id").fill_null(
             pl.concat_str(
@@ -89,7 +149,7 @@ def assign_trips(pings: pl.DataFrame, config: TripConfig) -> TripResult:
             )
         )
     ).to_series()
-    trip_index = pl.Series(np.cumsum(start_mask, dtype=np.int64) - 1)
+    trip_index = pl.Series(np.repeat(np.arange(len(starts), dtype=np.int64), ping_count))
     frame = frame.with_columns(trip_ids.gather(trip_index).alias("trip_id"))
 
     counts = {"rows_in": rows_in, "trips": len(starts), "short_trips": int(short.sum())}
@@ -99,8 +159,11 @@ def assign_trips(pings: pl.DataFrame, config: TripConfig) -> TripResult:
             pl.lit("short_trip").alias("reason"), pl.lit(TRIPS_STAGE).alias("stage")
         )
         frame = frame.filter(~short_rows)
+        kept_count = ping_count[~short]
+        kept_starts = np.cumsum(kept_count) - kept_count
     else:
         quarantine = empty_quarantine(frame.schema)
+        kept_starts = starts
     counts["kept"] = frame.height
     counts["quarantined"] = quarantine.height
-    return TripResult(pings=frame, quarantine=quarantine, counts=counts)
+    return TripResult(pings=frame, quarantine=quarantine, counts=counts), kept_starts
