@@ -246,6 +246,110 @@ def version() -> None:
     typer.echo(driverscore.__version__)
 
 
+kafka_app = typer.Typer(
+    help="Local Kafka broker, topics and ping replay (see docs/streaming.md).",
+    no_args_is_help=True,
+)
+app.add_typer(kafka_app, name="kafka")
+
+
+@kafka_app.command("up")
+def kafka_up() -> None:
+    """Start a single-node Kafka under <home>/kafka (jars from Maven Central on first use)."""
+    from driverscore.adapters.kafka.broker import LocalKafkaBroker
+
+    broker = LocalKafkaBroker((_settings().home / "kafka").resolve())
+    bootstrap = broker.up()
+    typer.echo(bootstrap)
+    err_console.print(f"export DRIVERSCORE_KAFKA__BOOTSTRAP_SERVERS={bootstrap}", highlight=False)
+
+
+@kafka_app.command("down")
+def kafka_down() -> None:
+    """Stop the local Kafka started by `driverscore kafka up`."""
+    from driverscore.adapters.kafka.broker import LocalKafkaBroker
+
+    broker = LocalKafkaBroker((_settings().home / "kafka").resolve())
+    broker.down()
+
+
+@kafka_app.command("init")
+def kafka_init() -> None:
+    """Create the contract topics (names, partitions, retention from DRIVERSCORE_KAFKA__*)."""
+    from driverscore.adapters.kafka.admin import create_topics
+
+    setup = create_topics(_settings().kafka)
+    for name in setup.created:
+        typer.echo(f"created  {name}")
+    for name in setup.existing:
+        typer.echo(f"exists   {name}")
+
+
+@kafka_app.command("produce")
+def kafka_produce(
+    pings: Annotated[str, typer.Argument(help="Ping file or folder (local or s3://).")],
+    mapping: Annotated[Path | None, typer.Option(help="YAML mapping for the ping file.")] = None,
+    batch_span: Annotated[
+        float, typer.Option(help="Batch each vehicle's pings per this many seconds; 0: single.")
+    ] = 0.0,
+    rate: Annotated[float, typer.Option(min=0, help="Pings per second; 0: full speed.")] = 0.0,
+    close_trips: Annotated[
+        bool, typer.Option(help="End with clock messages so every replayed trip closes.")
+    ] = False,
+) -> None:
+    """Replay a ping file into the pings topic in timestamp order, keyed by vehicle."""
+    from driverscore.adapters.kafka.producer import (
+        clock_after,
+        load_canonical_pings,
+        make_producer,
+        replay_pings,
+        send_clock,
+    )
+
+    settings = _settings()
+    frame, rejected = load_canonical_pings(
+        pings, _load_mapping(mapping), settings.storage_options()
+    )
+    producer = make_producer(settings.kafka.bootstrap_servers)
+    topic = settings.kafka.topics.pings
+    result = replay_pings(
+        producer, topic, frame, batch_span_s=batch_span, rate=rate, rejected_rows=rejected
+    )
+    if close_trips and result.last_ts is not None:
+        clock = clock_after(result.last_ts, settings.trips.gap_s, settings.kafka.grace_s)
+        send_clock(producer, topic, clock, settings.kafka.partitions)
+    typer.echo(f"sent {result.pings:,} pings in {result.messages:,} messages to {topic}")
+    if rejected:
+        typer.echo(f"{rejected:,} rows rejected by the column mapping (not sent)")
+
+
+@app.command()
+def stream(
+    metrics_port: Annotated[
+        int, typer.Option(help="Serve Prometheus /metrics on this port; 0: off.")
+    ] = 0,
+) -> None:
+    """Score trips from the pings topic as they close (Quix Streams consumer group)."""
+    from driverscore.pipelines.training_run import open_registry
+    from driverscore.services.stream import StreamMetrics, build_stream_application
+
+    settings = _settings()
+    scorer = open_registry(settings).load_scorer(settings.kafka.model_alias)
+    metrics = StreamMetrics()
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, registry=metrics.registry)
+    state_dir = settings.kafka.state_dir or (settings.home / "stream-state")
+    app_ = build_stream_application(settings.kafka, scorer, state_dir.resolve(), metrics)
+    err_console.print(
+        f"streaming with {scorer.model_name} v{scorer.model_version} from "
+        f"{settings.kafka.topics.pings} at {settings.kafka.bootstrap_servers}",
+        highlight=False,
+    )
+    app_.run()
+
+
 def _quiet_libraries() -> None:
     """MLflow's INFO chatter and progress bars would drown the command's own output."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -1,0 +1,1 @@
+"""Apache Kafka adapters: local broker process control, topic admin, ping producer, codec."""

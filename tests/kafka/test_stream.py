@@ -1,0 +1,292 @@
+"""The stream processor on a real broker: parity with batch scoring, and the dead-letter topic.
+
+`driverscore stream` runs as a subprocess (the real entry point, settings from the
+environment, the model from the registry); pings are replayed with the producer adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+from confluent_kafka import Consumer, Message, Producer
+
+from driverscore.adapters.kafka.admin import create_topics, topic_names
+from driverscore.adapters.kafka.messages import encode_ping
+from driverscore.adapters.kafka.producer import clock_after, make_producer, replay_pings, send_clock
+from driverscore.adapters.registry import CHAMPION
+from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
+from driverscore.domain.features import FEATURE_COLUMNS
+from driverscore.domain.prepare import prepare_trips
+from driverscore.domain.scoring import TripScorer, feature_matrix
+from driverscore.pipelines.training_run import open_registry
+from driverscore.services.stream import DLQ_REASON_HEADER
+from driverscore.settings import GateConfig, KafkaConfig, Settings, TrainingConfig
+from driverscore.simulation import DirtConfig, SimulationConfig, simulate
+from driverscore.training.dataset import label_trips, time_split
+from driverscore.training.gate import evaluate, run_gate
+from driverscore.training.model import train_model
+from driverscore.training.onnx_export import export_onnx
+from driverscore.training.synthetic import synthetic_trips
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+CLEAN = DirtConfig(
+    duplicate_rate=0,
+    out_of_order_rate=0,
+    zero_coordinate_rate=0,
+    gps_spike_rate=0,
+    impossible_speed_rate=0,
+    bad_timestamp_rate=0,
+)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A driverscore home whose registry holds a champion trained on synthetic trips."""
+    root = tmp_path_factory.mktemp("stream-home")
+    settings = Settings(home=root)
+    features, incidents = synthetic_trips(3000, seed=11)
+    labelled = label_trips(features, incidents, datetime(2026, 5, 20, tzinfo=UTC), 7.0)
+    train, holdout = time_split(labelled, 0.25)
+    trained = train_model(train, TrainingConfig(max_iter=40, min_samples_leaf=50))
+    x = feature_matrix(holdout, trained.feature_names)
+    card = trained.model_card(
+        cleaning_config=CleaningConfig(),
+        trip_config=TripConfig(),
+        feature_config=FeatureConfig(),
+    )
+    metrics = evaluate(
+        holdout["incident"].to_numpy(),
+        trained.predict_proba(x),
+        card.decision_threshold,
+        holdout["fleet_id"].to_numpy(),
+    )
+    report = run_gate(
+        metrics, None, GateConfig(min_roc_auc=0.5, max_brier=0.5, max_calibration_error=0.5)
+    )
+    registered = open_registry(settings).register(
+        trained,
+        export_onnx(trained, x),
+        card,
+        report,
+        params={},
+        data_versions={},
+        code_version="test",
+        sample=holdout.head(5),
+    )
+    assert registered.alias == CHAMPION
+    return root
+
+
+@pytest.fixture(scope="module")
+def scorer(home: Path) -> TripScorer:
+    return open_registry(Settings(home=home)).load_scorer(CHAMPION)
+
+
+@pytest.fixture(scope="module")
+def day_of_pings() -> pl.DataFrame:
+    config = SimulationConfig(vehicles=4, days=1, seed=5, dirt=CLEAN)
+    return simulate(config).pings
+
+
+def _env(home: Path, config: KafkaConfig) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIVERSCORE_")}
+    env.update(
+        {
+            "DRIVERSCORE_HOME": str(home),
+            "DRIVERSCORE_KAFKA": config.model_dump_json(),
+        }
+    )
+    return env
+
+
+@dataclass
+class StreamProcess:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+@pytest.fixture
+def stream_process(
+    home: Path, kafka_config: KafkaConfig, tmp_path: Path
+) -> Iterator[StreamProcess]:
+    create_topics(kafka_config)
+    config = kafka_config.model_copy(update={"state_dir": tmp_path / "state"})
+    log = tmp_path / "stream.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "driverscore", "stream"],
+            env=_env(home, config),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield StreamProcess(process, log)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _consume(
+    config: KafkaConfig, topic: str, count: int, stream: StreamProcess, timeout_s: float = 180
+) -> list[Message]:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": config.bootstrap_servers,
+            "group.id": f"check-{topic}",
+            "auto.offset.reset": "earliest",
+            # Only what the stream committed: exactly-once output, no aborted attempts.
+            "isolation.level": "read_committed",
+        }
+    )
+    consumer.subscribe([topic])
+    found: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(found) < count and time.monotonic() < deadline:
+            if stream.process.poll() is not None:
+                pytest.fail(f"stream exited: {stream.log.read_text()[-3000:]}")
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None:
+                found.append(message)
+        # A moment more: anything beyond the expected count would be a duplicate.
+        end = time.monotonic() + 2
+        while time.monotonic() < end:
+            message = consumer.poll(0.2)
+            if message is not None and message.error() is None:
+                found.append(message)
+    finally:
+        consumer.close()
+    assert len(found) >= count, (
+        f"{topic}: {len(found)} of {count}; {stream.log.read_text()[-3000:]}"
+    )
+    return found
+
+
+def _frame(messages: list[Message]) -> pl.DataFrame:
+    rows = [json.loads(m.value()) for m in messages]
+    return pl.DataFrame(rows, infer_schema_length=None).sort("trip_id")
+
+
+def test_stream_scores_every_trip_exactly_as_batch_does(
+    stream_process: StreamProcess,
+    kafka_config: KafkaConfig,
+    scorer: TripScorer,
+    day_of_pings: pl.DataFrame,
+) -> None:
+    card = scorer.card
+    now = datetime.now(UTC)
+    batch = prepare_trips(
+        day_of_pings, card.cleaning_config, card.trip_config, card.feature_config, now
+    )
+    expected = scorer.score_trips(batch.features, scored_at=now).sort("trip_id")
+    assert expected.height >= 8
+
+    producer = make_producer(kafka_config.bootstrap_servers)
+    topic = kafka_config.topics.pings
+    result = replay_pings(producer, topic, day_of_pings, batch_span_s=20)
+    assert result.pings == day_of_pings.height
+    assert result.last_ts is not None
+    send_clock(
+        producer,
+        topic,
+        clock_after(result.last_ts, card.trip_config.gap_s, kafka_config.grace_s),
+        kafka_config.partitions,
+    )
+
+    scores = _frame(
+        _consume(kafka_config, kafka_config.topics.scores, expected.height, stream_process)
+    )
+    features = _frame(
+        _consume(kafka_config, kafka_config.topics.trip_features, expected.height, stream_process)
+    )
+    assert scores["trip_id"].to_list() == expected["trip_id"].to_list()
+    assert features["trip_id"].to_list() == expected["trip_id"].to_list()
+    numeric = [c for c in FEATURE_COLUMNS if expected.schema[c].is_numeric()]
+    for column in numeric:
+        assert features[column].to_list() == pytest.approx(
+            expected[column].to_list(), rel=1e-12, abs=1e-12, nan_ok=True
+        ), column
+    assert scores["score"].to_list() == pytest.approx(expected["score"].to_list(), abs=1e-9)
+    assert scores["risk_band"].to_list() == expected["risk_band"].to_list()
+    assert scores["reasons"].to_list() == expected["reasons"].to_list()
+    assert set(scores["model_version"]) == {scorer.model_version}
+
+    low = expected.filter(pl.col("score") < kafka_config.alert_below_score)
+    if low.height:
+        alerts = _frame(
+            _consume(kafka_config, kafka_config.topics.alerts, low.height, stream_process)
+        )
+        assert alerts["trip_id"].to_list() == low["trip_id"].to_list()
+
+
+def test_poison_messages_reach_the_dead_letter_topic_while_good_traffic_flows(
+    stream_process: StreamProcess,
+    kafka_config: KafkaConfig,
+    scorer: TripScorer,
+    day_of_pings: pl.DataFrame,
+) -> None:
+    vehicle = day_of_pings["vehicle_id"][0]
+    pings = day_of_pings.filter(pl.col("vehicle_id") == vehicle)
+    producer: Producer = make_producer(kafka_config.bootstrap_servers)
+    topic = kafka_config.topics.pings
+    good = next(pings.iter_rows(named=True))
+    poison = {
+        b"{not json": "not_json",
+        b"[1, 2]": "not_an_object",
+        json.dumps({"schema_version": "9.0", "ts": 1, "vehicle_id": vehicle}).encode(): (
+            "unsupported_schema_version"
+        ),
+        json.dumps({"schema_version": "1.0", "vehicle_id": vehicle, "lat": 1.0}).encode(): (
+            "invalid_ping"
+        ),
+        encode_ping({**good, "vehicle_id": "someone-else"}): "key_mismatch",
+    }
+    for value in poison:
+        producer.produce(topic, value=value, key=str(vehicle).encode())
+    result = replay_pings(producer, topic, pings, batch_span_s=0)
+    assert result.last_ts is not None
+    send_clock(
+        producer,
+        topic,
+        clock_after(result.last_ts, scorer.card.trip_config.gap_s, kafka_config.grace_s),
+        kafka_config.partitions,
+    )
+
+    dead = _consume(kafka_config, kafka_config.topics.dlq, len(poison), stream_process)
+    assert len(dead) == len(poison)
+    for message in dead:
+        headers = dict(message.headers() or [])
+        reason = headers[DLQ_REASON_HEADER].decode()
+        assert reason.split(":", 1)[0] == poison[message.value()]
+        assert message.key() == str(vehicle).encode()
+
+    card = scorer.card
+    batch = prepare_trips(
+        pings, card.cleaning_config, card.trip_config, card.feature_config, datetime.now(UTC)
+    )
+    scores = _frame(
+        _consume(kafka_config, kafka_config.topics.scores, batch.features.height, stream_process)
+    )
+    assert scores["trip_id"].to_list() == batch.features["trip_id"].to_list()
+
+
+def test_topics_are_created_once(kafka_config: KafkaConfig) -> None:
+    first = create_topics(kafka_config)
+    assert first.created == sorted(topic_names(kafka_config)) and first.existing == []
+    again = create_topics(kafka_config)
+    assert again.created == [] and again.existing == sorted(topic_names(kafka_config))
