@@ -21,7 +21,7 @@ from typing import Final
 import numpy as np
 import polars as pl
 
-from driverscore.domain.cleaning import epoch_us, haversine_m
+from driverscore.domain.cleaning import BoolArray, epoch_us, haversine_m
 from driverscore.domain.config import FeatureConfig
 from driverscore.domain.schema import PING_SCHEMA
 
@@ -149,34 +149,41 @@ def _plausible(accel: pl.Expr, config: FeatureConfig) -> pl.Expr:
     return pl.when(accel.abs() <= config.max_plausible_accel_mps2).then(accel)
 
 
-def _step_columns(frame: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
+def _step_columns(frame: pl.DataFrame, config: FeatureConfig) -> tuple[pl.LazyFrame, list[str]]:
     """Per-row quantities on a frame in trip order; every ``shift`` is masked at trip starts.
 
-    Built in stages that materialise shared intermediates (trip start, valid step, speed
-    of the previous fix): eager Polars does not share sub-expressions, and the event and
-    jerk expressions would otherwise recompute them dozens of times.
+    ``frame`` carries ``first`` (trip start), ``trip_no`` and ``chord_m`` (see
+    :func:`_trip_structure`). One lazy query in stages that name shared intermediates
+    (valid step, speed of the previous fix), so that Polars computes each once, fuses the
+    rest and runs it with the per-trip aggregation in one go.
     """
-    trip, speed, heading = pl.col("trip_id"), pl.col("speed_mps"), pl.col("heading_deg")
+    speed, heading = pl.col("speed_mps"), pl.col("heading_deg")
     first_, dt_ok_, moving_ = pl.col("first"), pl.col("dt_ok"), pl.col("moving")
     speed_prev_, mean_speed_ = pl.col("speed_prev"), pl.col("mean_speed")
     dt = pl.when(~first_).then(epoch_us().diff().cast(pl.Float64) * 1e-6)
-    stage1 = frame.select(
-        *(pl.col(name) for name in _IDENTITY),
-        "ts",
-        "speed_mps",
-        "heading_deg",
-        "speed_limit_mps",
-        "accel_long_mps2",
-        "accel_lat_mps2",
-        _is_night(config).alias("night"),
-        trip.ne_missing(trip.shift(1)).alias("first"),
-    ).with_columns(
-        pl.when((dt > 0) & (dt <= config.max_dt_s)).then(dt).alias("dt_ok"),
-        pl.when(~first_).then(epoch_us().diff()).alias("dt_us"),
-        speed.shift(1).alias("speed_prev"),
-        ((speed + speed.shift(1)) * 0.5).alias("mean_speed"),
-        (speed >= config.idle_speed_mps).fill_null(False).alias("moving"),
-        (speed < config.idle_speed_mps).fill_null(False).alias("stopped"),
+    stage1 = (
+        frame.lazy()
+        .select(
+            "trip_no",
+            "first",
+            "chord_m",
+            *(pl.col(name) for name in _IDENTITY),
+            "ts",
+            "speed_mps",
+            "heading_deg",
+            "speed_limit_mps",
+            "accel_long_mps2",
+            "accel_lat_mps2",
+            _is_night(config).alias("night"),
+        )
+        .with_columns(
+            pl.when((dt > 0) & (dt <= config.max_dt_s)).then(dt).alias("dt_ok"),
+            pl.when(~first_).then(epoch_us().diff()).alias("dt_us"),
+            speed.shift(1).alias("speed_prev"),
+            ((speed + speed.shift(1)) * 0.5).alias("mean_speed"),
+            (speed >= config.idle_speed_mps).fill_null(False).alias("moving"),
+            (speed < config.idle_speed_mps).fill_null(False).alias("stopped"),
+        )
     )
 
     # Longitudinal acceleration from the IMU and from GPS speed; lateral from the IMU and
@@ -224,9 +231,8 @@ def _step_columns(frame: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
     limited_moving = moving_ & limit.is_not_null()
     speeding = limited_moving & (speed > limit + config.speeding_tolerance_mps)
     integrable = dt_ok_.is_not_null() & speed.is_not_null() & speed_prev_.is_not_null()
-    return stage2.select(
-        # Sorted by construction; the flag lets group_by slice instead of hashing.
-        first_.cum_sum().cast(pl.UInt32).set_sorted().alias("trip_no"),
+    steps = stage2.select(
+        "trip_no",
         *(pl.col(name) for name in _IDENTITY),
         "ts",
         "speed_mps",
@@ -236,9 +242,8 @@ def _step_columns(frame: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
         .then(0.0)
         .when(integrable)
         .then(mean_speed_ * dt_ok_)
-        .otherwise(None)
+        .otherwise(pl.col("chord_m"))
         .alias("step_m"),
-        (~first_ & ~integrable).alias("needs_haversine"),
         *event_exprs,
         (pl.col("stopped") & ~first_ & moving_.shift(1).fill_null(False))
         .cast(pl.Int64)
@@ -251,29 +256,37 @@ def _step_columns(frame: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
         pl.col("accel_long_mps2").is_not_null().alias("has_imu_long"),
         pl.col("accel_lat_mps2").is_not_null().alias("has_imu_lat"),
     )
+    return steps, list(sources)
 
 
 def _fixed(value: pl.Expr, scale: float) -> pl.Expr:
     return (value * scale).round().cast(pl.Int64)
 
 
-def _fill_long_steps(steps: pl.DataFrame, frame: pl.DataFrame) -> pl.DataFrame:
-    """Distance of steps that cannot be integrated from speed: the great-circle step.
+def _trip_structure(frame: pl.DataFrame, first: BoolArray, max_dt_s: float) -> pl.DataFrame:
+    """``frame`` plus ``first`` (trip start), ``trip_no`` (sorted) and ``chord_m``.
 
-    These are dropouts longer than ``max_dt_s`` and steps without speed; they are rare,
-    so the trigonometry runs on those rows only.
+    ``chord_m`` is the great-circle length of the steps that cannot be integrated from
+    speed (dropouts longer than ``max_dt_s``, steps without speed), 0 elsewhere; they are
+    rare, so the trigonometry runs on those rows only, in numpy.
     """
-    rows = np.flatnonzero(steps["needs_haversine"].to_numpy())
-    if rows.size == 0:
-        return steps
-    lat, lon = frame["lat"].to_numpy(), frame["lon"].to_numpy()
-    step_m = steps["step_m"].to_numpy().copy()
-    step_m[rows] = haversine_m(lat[rows - 1], lon[rows - 1], lat[rows], lon[rows])
-    return steps.with_columns(pl.Series("step_m", step_m))
-
-
-def _step_um(steps: pl.DataFrame) -> pl.DataFrame:
-    return steps.with_columns(_fixed(pl.col("step_m"), _UM_PER_M).alias("step_um"))
+    n = frame.height
+    t_us = frame["ts"].dt.epoch("us").to_numpy()
+    speed_known = frame["speed_mps"].is_not_null().to_numpy()
+    dt_us = np.zeros(n, dtype=np.int64)
+    dt_us[1:] = np.diff(t_us)
+    # the same test as dt_ok in _step_columns: 0 < dt <= max_dt_s, dt in float seconds
+    dt_s = dt_us.astype(np.float64) * 1e-6
+    integrable = (dt_s > 0) & (dt_s <= max_dt_s) & speed_known
+    integrable[1:] &= speed_known[:-1]
+    rows = np.flatnonzero(~first & ~integrable)
+    chord_m = np.zeros(n)
+    if rows.size:
+        lat, lon = frame["lat"].to_numpy(), frame["lon"].to_numpy()
+        chord_m[rows] = haversine_m(lat[rows - 1], lon[rows - 1], lat[rows], lon[rows])
+    # Sorted by construction; the flag lets group_by slice instead of hashing.
+    trip_no = pl.Series("trip_no", np.cumsum(first, dtype=np.uint32)).set_sorted()
+    return frame.with_columns(pl.Series("first", first), trip_no, pl.Series("chord_m", chord_m))
 
 
 def trip_features(pings: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
@@ -294,11 +307,23 @@ def trip_features(pings: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
     frame = _in_trip_order(
         pings.with_columns(pl.lit(None, dtype=PING_SCHEMA[name]).alias(name) for name in missing)
     )
-    steps = _step_um(_fill_long_steps(_step_columns(frame, config), frame))
+    trip = frame["trip_id"]
+    first = trip.ne_missing(trip.shift(1)).fill_null(True).to_numpy()
+    return features_in_trip_order(frame, first, config)
 
-    sources = [name for name in ("gps", "imu") if f"brake_{name}" in steps.columns]
+
+def features_in_trip_order(
+    frame: pl.DataFrame, first: BoolArray, config: FeatureConfig
+) -> pl.DataFrame:
+    """:func:`trip_features` on canonical pings whose trips are runs of consecutive rows
+    in time order, ``first`` marking the first row of each (what trip cutting produces).
+    """
+    if frame.height == 0:
+        return empty_features()
+    steps, sources = _step_columns(_trip_structure(frame, first, config.max_dt_s), config)
     trips = (
-        steps.group_by("trip_no", maintain_order=True)
+        steps.with_columns(_fixed(pl.col("step_m"), _UM_PER_M).alias("step_um"))
+        .group_by("trip_no", maintain_order=True)
         .agg(
             *(pl.col(name).first() for name in _IDENTITY),
             pl.col("ts").first().alias("start_ts"),
@@ -323,6 +348,7 @@ def trip_features(pings: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
             pl.col("has_imu_lat").any().alias("imu_lat"),
         )
         .sort("trip_no")
+        .collect()
     )
 
     def by_source(name: str, axis: str = "imu_long") -> pl.Expr:

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
+import numpy as np
 import polars as pl
 
 from driverscore.domain.cleaning import QUARANTINE_REASONS, clean_with_keys
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
-from driverscore.domain.features import FEATURE_COLUMNS, trip_features
+from driverscore.domain.features import FEATURE_COLUMNS, features_in_trip_order, trip_features
 from driverscore.domain.trips import assign_trips_sorted
 
 __all__ = [
@@ -56,8 +57,14 @@ def prepare_trips(
     """
     cleaned, keys = clean_with_keys(pings, cleaning, reference_time, trips.gap_s)
     # The kept pings come sorted with their integer keys: trip cutting reuses them.
-    cut, _ = assign_trips_sorted(cleaned.kept, keys, trips)
-    rows = trip_features(cut.pings, features)
+    cut, starts = assign_trips_sorted(cleaned.kept, keys, trips)
+    # Each trip is a run of rows in time order, unless a given trip id comes back later.
+    if cut.pings["trip_id"].gather(pl.Series(starts, dtype=pl.Int64)).is_unique().all():
+        first = np.zeros(cut.pings.height, dtype=bool)
+        first[starts] = True
+        rows = features_in_trip_order(cut.pings, first, features)
+    else:
+        rows = trip_features(cut.pings, features)
 
     parts = [frame for frame in (cleaned.quarantine, cut.quarantine) if frame.height]
     quarantine = pl.concat(parts, how="vertical") if parts else cleaned.quarantine
