@@ -217,6 +217,32 @@ def score(
 
 
 @app.command()
+def aggregate(
+    scores: Annotated[str, typer.Argument(help="Trip score records (.parquet, .csv, .jsonl).")],
+    by: Annotated[str, typer.Option(help="driver, vehicle, fleet or client.")] = "driver",
+    window_days: Annotated[float, typer.Option(min=0.001, help="Rolling window (days).")] = 30.0,
+    as_of: Annotated[
+        str | None, typer.Option(help="Window end, UTC ISO-8601; default: the newest trip end.")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Write the table here too.")] = None,
+) -> None:
+    """Distance-weighted driver, vehicle, fleet or client scores over a rolling window."""
+    from driverscore.pipelines.aggregation import run_aggregation
+    from driverscore.pipelines.reporting import print_aggregates
+
+    settings = _settings()
+    table = run_aggregation(
+        settings,
+        scores_uri=scores,
+        by=by,
+        window_days=window_days,
+        as_of=_parse_time(as_of, "--as-of"),
+        out_uri=out,
+    )
+    print_aggregates(Console(), table, by)
+
+
+@app.command()
 def demo(
     vehicles: Annotated[int, typer.Option(min=10, help="Vehicles to simulate.")] = DEMO_VEHICLES,
     days: Annotated[

@@ -227,3 +227,26 @@ def test_bad_mapping_gives_one_clear_line(demo: DemoRun, tmp_path: Path) -> None
     assert "gps_only_kmh.csv" in lines[0]
     assert "timestamp_utc" in lines[0]
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_aggregate_weights_trip_scores_by_distance(demo: DemoRun, tmp_path: Path) -> None:
+    out = tmp_path / "fleets.parquet"
+    done = _cli(
+        demo.settings.home,
+        "aggregate",
+        demo.result.scoring.out_uri,
+        "--by",
+        "fleet",
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr
+    fleets = pl.read_parquet(out)
+    scores = demo.result.scoring.scores
+    assert set(fleets["fleet_id"]) == set(scores["fleet_id"])
+    expected = (
+        scores.group_by("fleet_id")
+        .agg((pl.col("score") * pl.col("distance_km")).sum() / pl.col("distance_km").sum())
+        .sort("fleet_id")
+    )
+    assert np.allclose(fleets.sort("fleet_id")["score"], expected["score"])

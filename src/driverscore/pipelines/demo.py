@@ -8,7 +8,8 @@ from datetime import timedelta
 from rich.console import Console
 from rich.panel import Panel
 
-from driverscore.pipelines.reporting import print_scores, print_training
+from driverscore.domain.scoring import aggregate_scores
+from driverscore.pipelines.reporting import print_aggregates, print_scores, print_training
 from driverscore.pipelines.scoring_run import ScoringRunResult, run_scoring
 from driverscore.pipelines.simulation_run import SimulationOutput, write_simulation
 from driverscore.pipelines.training_run import TrainingRunResult, run_training
@@ -73,6 +74,14 @@ def run_demo(
             progress=status.update,
         )
     print_scores(console, scoring)
+    if scoring.scores.height:
+        drivers = aggregate_scores(
+            scoring.scores,
+            by="driver",
+            as_of=history_end + timedelta(days=1),
+            window_days=30,
+        )
+        print_aggregates(console, drivers, "driver", limit=5)
 
     console.print(
         Panel.fit(

@@ -158,3 +158,25 @@ def print_models(console: Console, settings: Settings) -> None:
             v.code_version,
         )
     console.print(table)
+
+
+def print_aggregates(console: Console, table: pl.DataFrame, by: str, limit: int = 15) -> None:
+    """The lowest-scoring groups first: they are the ones to coach or review."""
+    if table.height == 0:
+        console.print("no trips in the window")
+        return
+    window = f"{table['window_start'][0]:%Y-%m-%d %H:%M} → {table['window_end'][0]:%Y-%m-%d %H:%M}"
+    out = Table(title=f"{by} scores, distance-weighted ({window} UTC)", title_justify="left")
+    for column in (by, "score", "band", "trips", "km"):
+        out.add_column(column, justify="left" if column in (by, "band") else "right")
+    for row in table.sort("score").head(limit).iter_rows(named=True):
+        out.add_row(
+            str(row[f"{by}_id"]),
+            f"{row['score']:.1f}",
+            str(row["risk_band"]),
+            f"{row['trip_count']:,}",
+            f"{row['distance_km']:,.1f}",
+        )
+    console.print(out)
+    if table.height > limit:
+        console.print(f"… and {table.height - limit:,} more")
