@@ -1,0 +1,145 @@
+"""Prediction log: every rollout decision the service makes, for the canary analysis.
+
+One row per scored trip: which driver and trip, both model versions, both scores (the
+challenger's when it scored), which model answered and in which rollout mode. Sinks share
+one small interface (``setup``, ``add``, ``flush``, ``read``); the embedded default writes
+Parquet part files to a local folder (query them with DuckDB or Polars), and an in-memory
+sink exists for tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final, Protocol
+
+import polars as pl
+
+__all__ = [
+    "PREDICTION_LOG_SCHEMA",
+    "MemoryPredictionLog",
+    "ParquetPredictionLog",
+    "PredictionLog",
+    "PredictionRecord",
+]
+
+PREDICTION_LOG_SCHEMA: Final[dict[str, pl.DataType]] = {
+    "decision_id": pl.String(),
+    "logged_at": pl.Datetime("us", "UTC"),
+    "trip_id": pl.String(),
+    "driver_id": pl.String(),
+    "vehicle_id": pl.String(),
+    "rollout_mode": pl.String(),
+    "answered_by": pl.String(),
+    "model_name": pl.String(),
+    "champion_version": pl.String(),
+    "champion_score": pl.Float64(),
+    "champion_probability": pl.Float64(),
+    "challenger_version": pl.String(),
+    "challenger_score": pl.Float64(),
+    "challenger_probability": pl.Float64(),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionRecord:
+    """One rollout decision; challenger fields are ``None`` when it did not score."""
+
+    decision_id: str
+    logged_at: datetime
+    trip_id: str | None
+    driver_id: str | None
+    vehicle_id: str | None
+    rollout_mode: str
+    answered_by: str
+    model_name: str
+    champion_version: str | None
+    champion_score: float | None
+    champion_probability: float | None
+    challenger_version: str | None
+    challenger_score: float | None
+    challenger_probability: float | None
+
+
+def _frame(records: list[PredictionRecord]) -> pl.DataFrame:
+    return pl.DataFrame([asdict(r) for r in records], schema=PREDICTION_LOG_SCHEMA, orient="row")
+
+
+class PredictionLog(Protocol):
+    """Where rollout decisions go."""
+
+    def setup(self) -> None: ...
+    def add(self, records: list[PredictionRecord]) -> None: ...
+    def flush(self) -> None: ...
+    def read(self) -> pl.DataFrame: ...
+
+
+class MemoryPredictionLog:
+    """Keeps decisions in memory: for tests and for runs that need no log."""
+
+    def __init__(self) -> None:
+        self._records: list[PredictionRecord] = []
+        self._lock = threading.Lock()
+
+    def setup(self) -> None:
+        return None
+
+    def add(self, records: list[PredictionRecord]) -> None:
+        with self._lock:
+            self._records.extend(records)
+
+    def flush(self) -> None:
+        return None
+
+    def read(self) -> pl.DataFrame:
+        with self._lock:
+            return _frame(list(self._records))
+
+
+class ParquetPredictionLog:
+    """Buffers decisions and writes them as Parquet part files under ``directory``.
+
+    ``add`` only appends to a buffer (no I/O on the request path unless the buffer is
+    full); ``flush`` writes one part file. Call ``flush`` periodically and at shutdown.
+    """
+
+    def __init__(self, directory: Path, max_buffered: int = 5_000) -> None:
+        self.directory = directory
+        self.max_buffered = max_buffered
+        self._buffer: list[PredictionRecord] = []
+        self._lock = threading.Lock()
+        # Writes are serialised so that two flushes never race on the same folder listing.
+        self._write_lock = threading.Lock()
+
+    def setup(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def add(self, records: list[PredictionRecord]) -> None:
+        with self._lock:
+            self._buffer.extend(records)
+            full = len(self._buffer) >= self.max_buffered
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._buffer = self._buffer, []
+        if not pending:
+            return
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        name = f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
+        with self._write_lock:
+            tmp = self.directory / f".{name}.tmp"
+            _frame(pending).write_parquet(tmp)
+            # Readers never see a half-written part file.
+            tmp.replace(self.directory / name)
+
+    def read(self) -> pl.DataFrame:
+        """Every flushed decision, oldest part first."""
+        parts = sorted(self.directory.glob("part-*.parquet"))
+        if not parts:
+            return _frame([])
+        return pl.concat([pl.read_parquet(p) for p in parts], how="vertical")

@@ -1,0 +1,683 @@
+"""The scoring service: ``create_app(settings, registry_factory)`` builds it, nothing at import.
+
+Routes: ``POST /v1/score`` and ``/v1/score:batch``; the SageMaker container contract
+(``GET /ping``, ``POST /invocations`` with JSON or CSV); ``GET /v1/models``; the rollout
+split (``GET``/``PUT /v1/rollout``, also re-read from a file on every poll); ``/healthz``,
+``/readyz`` and Prometheus ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import polars as pl
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from driverscore.adapters.prediction_log import ParquetPredictionLog, PredictionLog
+from driverscore.domain.mapping import apply_mapping
+from driverscore.domain.prepare import prepare_trips
+from driverscore.domain.rollout import RolloutPolicy
+from driverscore.domain.scoring import TripScorer
+from driverscore.errors import ConfigError
+from driverscore.services.api.holder import LoadedModels, ModelHolder, RegistryReader
+from driverscore.services.api.metrics import ServiceMetrics
+from driverscore.services.api.schemas import (
+    BatchScoreRequest,
+    BatchScoreResponse,
+    ErrorResponse,
+    FieldProblem,
+    ModelsResponse,
+    ModelVersionInfo,
+    Readiness,
+    TripIn,
+    TripScore,
+    ValidationErrorResponse,
+)
+from driverscore.services.api.scoring import (
+    InvalidTripsError,
+    RequestLimits,
+    score_posted_trips,
+    trip_problems,
+)
+from driverscore.settings import ServiceConfig, Settings
+
+__all__ = ["ServiceState", "create_app"]
+
+_log = logging.getLogger("driverscore.service")
+_LOCAL_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
+#: How often the background loop wakes to flush the prediction log (s).
+_TICK_S: Final = 1.0
+
+
+class _ServiceError(Exception):
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+
+def auth_enabled(config: ServiceConfig) -> bool:
+    if config.auth == "auto":
+        return config.host not in _LOCAL_HOSTS
+    return config.auth == "on"
+
+
+def _load_tokens(config: ServiceConfig) -> list[bytes]:
+    tokens = [t.get_secret_value() for t in config.tokens]
+    if config.token_file is not None:
+        try:
+            text = config.token_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"service.token_file {config.token_file}: cannot read it ({exc.strerror})"
+            ) from None
+        tokens.extend(line.strip() for line in text.splitlines() if line.strip())
+    return [t.encode() for t in tokens if t]
+
+
+@dataclass
+class ServiceState:
+    """What the routes share: settings, models, rollout policy, log and metrics."""
+
+    settings: Settings
+    holder: ModelHolder
+    metrics: ServiceMetrics
+    prediction_log: PredictionLog
+    policy: RolloutPolicy
+    tokens: list[bytes]
+    auth: bool
+    limits: RequestLimits
+    rollout_mtime: float | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def reload_rollout_file(self) -> None:
+        path = self.settings.service.rollout_file
+        if path is None:
+            return
+        try:
+            mtime = path.stat().st_mtime
+            if mtime == self.rollout_mtime:
+                return
+            policy = RolloutPolicy.model_validate_json(path.read_bytes())
+        except (OSError, ValidationError) as exc:
+            _log.error(
+                "rollout file unreadable; keeping the current split",
+                extra={"path": str(path), "error": type(exc).__name__},
+            )
+            return
+        self.rollout_mtime = mtime
+        if policy != self.policy:
+            self.policy = policy
+            _log.info("rollout changed", extra={"rollout": policy.model_dump()})
+
+    def poll_forever(self) -> None:
+        """Background loop: flush the log every tick; check registry and rollout file."""
+        interval = self.settings.service.poll_interval_s
+        next_poll = time.monotonic() + interval
+        while not self.stop.wait(min(_TICK_S, interval)):
+            self._flush_log()
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + interval
+                self.poll_once()
+
+    def poll_once(self) -> None:
+        self.reload_rollout_file()
+        changed = self.holder.refresh()
+        outcome = "failed" if self.holder.last_error else ("swapped" if changed else "unchanged")
+        self.metrics.registry_polls.labels(outcome).inc()
+
+    def _flush_log(self) -> None:
+        try:
+            self.prediction_log.flush()
+        except Exception:
+            _log.exception("prediction log flush failed")
+            self.metrics.errors.labels("prediction_log").inc()
+
+
+def _record_models(metrics: ServiceMetrics) -> Callable[[LoadedModels], None]:
+    def record(models: LoadedModels) -> None:
+        metrics.models.info(
+            {
+                "model_name": models.champion.model_name,
+                "champion_version": models.champion.model_version,
+                "challenger_version": (
+                    models.challenger.model_version if models.challenger else "none"
+                ),
+            }
+        )
+
+    return record
+
+
+class _Guard:
+    """Outermost ASGI layer: request id, body size limit, in-flight gauge, latency, access log.
+
+    The body is read here, up to the limit, and replayed to the app: a chunked upload
+    without Content-Length is cut off as soon as it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        metrics = self.state.metrics
+        request_id = uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+        metrics.in_flight.inc()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            body = await self._read_body(scope, receive)
+            if body is None:
+                metrics.errors.labels("body_too_large").inc()
+                limit = self.state.settings.service.max_body_bytes
+                await _send_json(
+                    send_with_id,
+                    413,
+                    ErrorResponse(
+                        error="body_too_large",
+                        message=f"request body exceeds {limit} bytes",
+                        request_id=request_id,
+                    ),
+                )
+                return
+            await self.app(scope, _replay(body), send_with_id)
+        finally:
+            metrics.in_flight.dec()
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            version = scope["state"].get("model_version", "none")
+            metrics.latency.labels(path, scope["method"], str(status), version).observe(elapsed)
+            _log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "route": path,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "model_version": version,
+                },
+            )
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        limit = self.state.settings.service.max_body_bytes
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    if int(value) > limit:
+                        return None
+                except ValueError:
+                    pass
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        # After the body, wait like a real connection would until the client goes away.
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}  # pragma: no cover
+
+    return receive
+
+
+async def _send_json(send: Send, status: int, body: Any) -> None:
+    payload = body.model_dump_json().encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    # Union members (``ts`` as datetime or int) add the member's type to the path.
+    while parts and parts[-1] in ("datetime", "int", "constrained-int", "function-after[...]"):
+        parts.pop()
+    return ".".join(parts) or "(body)"
+
+
+def _problems(exc: RequestValidationError) -> list[FieldProblem]:
+    seen: dict[str, str] = {}
+    for error in exc.errors():
+        name = _field_name(tuple(error.get("loc", ())))
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if error.get("type") == "json_invalid":
+            message = "body is not valid JSON"
+        seen.setdefault(name, message)
+    return [FieldProblem(field=k, message=v) for k, v in seen.items()]
+
+
+def _invalid(problems: list[FieldProblem]) -> JSONResponse:
+    first = problems[0]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    body = ValidationErrorResponse(
+        message=f"{first.field}: {first.message}{more}", problems=problems
+    )
+    return JSONResponse(body.model_dump(), status_code=422)
+
+
+def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader]) -> FastAPI:
+    """Build the service; models load in the background when it starts (lifespan)."""
+    config = settings.service
+    metrics = ServiceMetrics.create()
+    holder = ModelHolder(registry_factory, on_swap=_record_models(metrics))
+    log_dir = config.prediction_log_dir or settings.home / "prediction_log"
+    auth = auth_enabled(config)
+    tokens = _load_tokens(config)
+    if auth and not tokens:
+        raise ConfigError(
+            f"the service binds to {config.host} so bearer-token auth is on, but no token is "
+            "set: set DRIVERSCORE_SERVICE__TOKENS or DRIVERSCORE_SERVICE__TOKEN_FILE "
+            "(or DRIVERSCORE_SERVICE__AUTH=off behind an authenticating proxy)"
+        )
+    state = ServiceState(
+        settings=settings,
+        holder=holder,
+        metrics=metrics,
+        prediction_log=ParquetPredictionLog(Path(log_dir)),
+        policy=RolloutPolicy(
+            mode=config.rollout_mode, challenger_percent=config.challenger_percent
+        ),
+        tokens=tokens,
+        auth=auth,
+        limits=RequestLimits(max_pings=config.max_pings, max_future_s=config.max_future_s),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.prediction_log.setup()
+        await asyncio.to_thread(state.poll_once)
+        if state.holder.last_error:
+            _log.error(
+                "service started without a model: not ready until the registry answers",
+                extra={"error": state.holder.last_error},
+            )
+        poller = threading.Thread(target=state.poll_forever, name="registry-poller", daemon=True)
+        poller.start()
+        try:
+            yield
+        finally:
+            state.stop.set()
+            await asyncio.to_thread(poller.join, 10)
+            state.prediction_log.flush()
+
+    app = FastAPI(
+        title="driverscore scoring service",
+        version="1",
+        summary="Driver Score for a trip, from raw pings or precomputed features.",
+        lifespan=lifespan,
+        responses={
+            401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."},
+            413: {"model": ErrorResponse, "description": "Request body too large."},
+            422: {"model": ValidationErrorResponse, "description": "Invalid fields, named."},
+        },
+    )
+    app.state.service = state
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.errors.labels("invalid_request").inc()
+        return _invalid(_problems(exc))
+
+    @app.exception_handler(InvalidTripsError)
+    async def _on_invalid_trips(request: Request, exc: InvalidTripsError) -> JSONResponse:
+        metrics.errors.labels("invalid_request").inc()
+        return _invalid(exc.problems)
+
+    @app.exception_handler(_ServiceError)
+    async def _on_service_error(request: Request, exc: _ServiceError) -> JSONResponse:
+        metrics.errors.labels(exc.kind).inc()
+        body = ErrorResponse(
+            error=exc.kind, message=exc.message, request_id=request.state.request_id
+        )
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(body.model_dump(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        metrics.errors.labels(kind).inc()
+        body = ErrorResponse(
+            error=kind,
+            message=str(exc.detail),
+            request_id=getattr(request.state, "request_id", None),
+        )
+        return JSONResponse(body.model_dump(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _on_bug(request: Request, exc: Exception) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", None)
+        _log.exception("unhandled error", extra={"request_id": request_id})
+        metrics.errors.labels("internal").inc()
+        body = ErrorResponse(
+            error="internal",
+            message="internal error; the service log has the details under this request id",
+            request_id=request_id,
+        )
+        return JSONResponse(body.model_dump(), status_code=500)
+
+    def require_token(request: Request) -> None:
+        if not state.auth:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _ServiceError(401, "unauthorized", "missing bearer token")
+        given = token.strip().encode()
+        # Compare against every token without stopping early: timing reveals nothing.
+        matches = [hmac.compare_digest(given, t) for t in state.tokens]
+        if not any(matches):
+            raise _ServiceError(401, "unauthorized", "invalid bearer token")
+
+    authorized = [Depends(require_token)]
+
+    def loaded(request: Request) -> LoadedModels:
+        models = state.holder.models
+        if models is None:
+            raise _ServiceError(
+                503, "not_ready", f"no model loaded yet ({state.holder.public_error or 'loading'})"
+            )
+        return models
+
+    def score(request: Request, trips: list[TripIn], wheres: list[str]) -> list[TripScore]:
+        models = loaded(request)
+        now = datetime.now(UTC)
+        if len(trips) > config.max_trips:
+            raise InvalidTripsError(
+                [
+                    FieldProblem(
+                        field="trips", message=f"{len(trips)} trips; at most {config.max_trips}"
+                    )
+                ]
+            )
+        problems = [
+            p
+            for t, w in zip(trips, wheres, strict=True)
+            for p in trip_problems(t, w, state.limits, now)
+        ]
+        if problems:
+            raise InvalidTripsError(problems)
+        scored = score_posted_trips(trips, wheres, models, state.policy, now)
+        state.prediction_log.add(scored.records)
+        versions = {s.model_version for s in scored.scores}
+        request.state.model_version = ",".join(sorted(versions))
+        request.scope["state"]["model_version"] = request.state.model_version
+        for s in scored.scores:
+            metrics.trips_scored.labels(s.model_role, s.model_version).inc()
+        return scored.scores
+
+    @app.post("/v1/score", response_model=TripScore, tags=["scoring"], dependencies=authorized)
+    def score_trip(trip: TripIn, request: Request) -> TripScore:
+        """Score one trip, given as raw pings or as precomputed features."""
+        return score(request, [trip], [""])[0]
+
+    @app.post(
+        "/v1/score:batch",
+        response_model=BatchScoreResponse,
+        tags=["scoring"],
+        dependencies=authorized,
+    )
+    def score_batch(batch: BatchScoreRequest, request: Request) -> BatchScoreResponse:
+        """Score many trips; scores come back in the order of the posted trips."""
+        wheres = [f"trips.{i}." for i in range(len(batch.trips))]
+        return BatchScoreResponse(scores=score(request, batch.trips, wheres))
+
+    @app.get("/v1/models", response_model=ModelsResponse, tags=["models"], dependencies=authorized)
+    def list_models(request: Request) -> ModelsResponse:
+        """The champion and challenger being served, their metrics and lineage."""
+        models = loaded(request)
+        infos = [_version_info("champion", models.champion, models.champion_loaded_at)]
+        if models.challenger is not None and models.challenger_loaded_at is not None:
+            infos.append(
+                _version_info("challenger", models.challenger, models.challenger_loaded_at)
+            )
+        return ModelsResponse(
+            model_name=models.champion.model_name, models=infos, rollout=state.policy
+        )
+
+    @app.get("/v1/rollout", response_model=RolloutPolicy, tags=["models"], dependencies=authorized)
+    def get_rollout() -> RolloutPolicy:
+        """The current champion/challenger split."""
+        return state.policy
+
+    @app.put("/v1/rollout", response_model=RolloutPolicy, tags=["models"], dependencies=authorized)
+    def put_rollout(policy: RolloutPolicy) -> RolloutPolicy:
+        """Change the split at once, without a restart (this instance only)."""
+        state.policy = policy
+        _log.info("rollout changed", extra={"rollout": policy.model_dump()})
+        return policy
+
+    @app.get("/healthz", tags=["operations"])
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Readiness, tags=["operations"])
+    def readyz() -> JSONResponse:
+        """Readiness: 200 once a champion is loaded, 503 (with the reason) before."""
+        return _readiness(state)
+
+    @app.get("/ping", tags=["sagemaker"])
+    def ping() -> JSONResponse:
+        """SageMaker health check: 200 when a model is loaded."""
+        return _readiness(state)
+
+    @app.post(
+        "/invocations",
+        tags=["sagemaker"],
+        dependencies=authorized,
+        responses={200: {"model": BatchScoreResponse}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "anyOf": [
+                                {"$ref": "#/components/schemas/TripIn"},
+                                {"$ref": "#/components/schemas/BatchScoreRequest"},
+                            ]
+                        }
+                    },
+                    "text/csv": {"schema": {"type": "string"}},
+                },
+            }
+        },
+    )
+    async def invocations(request: Request) -> Response:
+        """SageMaker inference: a trip or ``{"trips": [...]}`` as JSON, or CSV with a header.
+
+        CSV rows are canonical pings (when there is a ``lat`` column: cleaned as in batch,
+        bad rows set aside) or one row of precomputed features per trip. Answers JSON, or
+        CSV when ``Accept: text/csv``.
+        """
+        body = await request.body()
+        content_type = request.headers.get("content-type", "application/json").split(";")[0]
+        if content_type.strip() == "text/csv":
+            frame = await asyncio.to_thread(_score_csv, state, request, body)
+        elif content_type.strip() in ("application/json", ""):
+            return await asyncio.to_thread(_invoke_json, state, request, body, score)
+        else:
+            raise _ServiceError(415, "unsupported_media_type", "send application/json or text/csv")
+        if "text/csv" in request.headers.get("accept", ""):
+            out = frame.with_columns(pl.col("reasons").list.join("; "))
+            return Response(out.write_csv(), media_type="text/csv")
+        records = json.loads(frame.write_json())
+        return JSONResponse({"scores": records})
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    def prometheus_metrics() -> Response:
+        """Prometheus metrics: latency, errors, in-flight requests, loaded model versions."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    guarded = _Guard(app.router, state)
+    _wrap_router(app, guarded)
+    return app
+
+
+def _wrap_router(app: FastAPI, guard: _Guard) -> None:
+    """Put the guard outermost, around Starlette's own error and exception middleware."""
+    build = app.build_middleware_stack
+
+    def build_guarded() -> ASGIApp:
+        guard.app = build()
+        return guard
+
+    app.build_middleware_stack = build_guarded  # type: ignore[method-assign]
+
+
+def _readiness(state: ServiceState) -> JSONResponse:
+    models = state.holder.models
+    if models is None:
+        body = Readiness(ready=False, reason=state.holder.public_error or "loading the models")
+        return JSONResponse(body.model_dump(), status_code=503)
+    body = Readiness(
+        ready=True,
+        champion_version=models.champion.model_version,
+        challenger_version=models.challenger.model_version if models.challenger else None,
+    )
+    return JSONResponse(body.model_dump(), status_code=200)
+
+
+def _version_info(
+    role: Literal["champion", "challenger"], scorer: TripScorer, loaded_at: datetime
+) -> ModelVersionInfo:
+    card = scorer.card
+    return ModelVersionInfo(
+        role=role,
+        version=scorer.model_version,
+        loaded_at=loaded_at,
+        created_at=card.created_at,
+        decision_threshold=card.decision_threshold,
+        feature_names=card.feature_names,
+        metrics=card.metrics,
+        lineage=card.lineage,
+    )
+
+
+def _invoke_json(
+    state: ServiceState,
+    request: Request,
+    body: bytes,
+    score: Callable[[Request, list[TripIn], list[str]], list[TripScore]],
+) -> Response:
+    try:
+        document = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidTripsError(
+            [FieldProblem(field="(body)", message="body is not valid JSON")]
+        ) from None
+    try:
+        if isinstance(document, dict) and "trips" in document:
+            batch = BatchScoreRequest.model_validate(document)
+            wheres = [f"trips.{i}." for i in range(len(batch.trips))]
+            scores = score(request, batch.trips, wheres)
+            return JSONResponse(BatchScoreResponse(scores=scores).model_dump(mode="json"))
+        trip = TripIn.model_validate(document)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    return JSONResponse(score(request, [trip], [""])[0].model_dump(mode="json"))
+
+
+def _score_csv(state: ServiceState, request: Request, body: bytes) -> pl.DataFrame:
+    models = state.holder.models
+    if models is None:
+        raise _ServiceError(503, "not_ready", "no model loaded yet")
+    try:
+        raw = pl.read_csv(io.BytesIO(body), infer_schema=False)
+    except Exception:
+        raise InvalidTripsError(
+            [FieldProblem(field="(body)", message="body is not CSV with a header row")]
+        ) from None
+    if raw.height == 0:
+        raise InvalidTripsError([FieldProblem(field="(body)", message="CSV has no rows")])
+    scorer = models.champion
+    now = datetime.now(UTC)
+    card = scorer.card
+    if "lat" in raw.columns:
+        try:
+            pings = apply_mapping(raw, None, "invocations").pings.drop("source")
+        except Exception as exc:
+            raise InvalidTripsError([FieldProblem(field="(body)", message=str(exc))]) from None
+        features = prepare_trips(
+            pings, card.cleaning_config, card.trip_config, card.feature_config, now
+        ).features
+    else:
+        missing = [n for n in card.feature_names if n not in raw.columns]
+        if missing:
+            raise InvalidTripsError(
+                [
+                    FieldProblem(field=m, message="feature column missing from the CSV header")
+                    for m in missing
+                ]
+            )
+        features = raw.with_columns(pl.col(card.feature_names).cast(pl.Float64, strict=False))
+        bad = [n for n in card.feature_names if features[n].null_count() > raw[n].null_count()]
+        if bad:
+            raise InvalidTripsError(
+                [FieldProblem(field=b, message="values that are not numbers") for b in bad]
+            )
+    scored = scorer.score_trips(features, now)
+    request.scope["state"]["model_version"] = scorer.model_version
+    state.metrics.trips_scored.labels("champion", scorer.model_version).inc(scored.height)
+    return scored.with_columns(pl.col(pl.Datetime).dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ"))
