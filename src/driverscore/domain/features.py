@@ -16,12 +16,13 @@ than ``max_dt_s`` (dropouts) carry no weight. Accelerations beyond
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 import numpy as np
 import polars as pl
 
-from driverscore.domain.cleaning import BoolArray, epoch_us, haversine_m
+from driverscore.domain.cleaning import BoolArray, FloatArray, IntArray, epoch_us, haversine_m
 from driverscore.domain.config import FeatureConfig
 from driverscore.domain.schema import PING_SCHEMA
 
@@ -139,154 +140,223 @@ def _is_night(config: FeatureConfig) -> pl.Expr:
     return (hour >= start) & (hour < end)
 
 
-def _event_starts(exceeds: pl.Expr, first: pl.Expr) -> pl.Expr:
-    """1 on the first row of each contiguous run of exceedance within a trip, else 0."""
-    hit = exceeds.fill_null(False)
-    return (hit & (first | ~hit.shift(1).fill_null(False))).cast(pl.Int64)
-
-
-def _plausible(accel: pl.Expr, config: FeatureConfig) -> pl.Expr:
-    return pl.when(accel.abs() <= config.max_plausible_accel_mps2).then(accel)
-
-
-def _step_columns(frame: pl.DataFrame, config: FeatureConfig) -> tuple[pl.LazyFrame, list[str]]:
-    """Per-row quantities on a frame in trip order; every ``shift`` is masked at trip starts.
-
-    ``frame`` carries ``first`` (trip start), ``trip_no`` and ``chord_m`` (see
-    :func:`_trip_structure`). One lazy query in stages that name shared intermediates
-    (valid step, speed of the previous fix), so that Polars computes each once, fuses the
-    rest and runs it with the per-trip aggregation in one go.
-    """
-    speed, heading = pl.col("speed_mps"), pl.col("heading_deg")
-    first_, dt_ok_, moving_ = pl.col("first"), pl.col("dt_ok"), pl.col("moving")
-    speed_prev_, mean_speed_ = pl.col("speed_prev"), pl.col("mean_speed")
-    dt = pl.when(~first_).then(epoch_us().diff().cast(pl.Float64) * 1e-6)
-    stage1 = (
-        frame.lazy()
-        .select(
-            "trip_no",
-            "first",
-            "chord_m",
-            *(pl.col(name) for name in _IDENTITY),
-            "ts",
-            "speed_mps",
-            "heading_deg",
-            "speed_limit_mps",
-            "accel_long_mps2",
-            "accel_lat_mps2",
-            _is_night(config).alias("night"),
-        )
-        .with_columns(
-            pl.when((dt > 0) & (dt <= config.max_dt_s)).then(dt).alias("dt_ok"),
-            pl.when(~first_).then(epoch_us().diff()).alias("dt_us"),
-            speed.shift(1).alias("speed_prev"),
-            ((speed + speed.shift(1)) * 0.5).alias("mean_speed"),
-            (speed >= config.idle_speed_mps).fill_null(False).alias("moving"),
-            (speed < config.idle_speed_mps).fill_null(False).alias("stopped"),
-        )
-    )
-
-    # Longitudinal acceleration from the IMU and from GPS speed; lateral from the IMU and
-    # from speed x yaw rate (heading change wrapped to ±180°; cornering from GPS heading is
-    # noise at walking pace, hence the minimum speed). Each trip picks its source per axis
-    # at aggregation time, so a source is only computed when some trip can use it.
-    turn = heading - heading.shift(1)
-    turn_deg = turn - 360.0 * (turn * (1.0 / 360.0)).round()  # wrapped to ±180°, no float modulo
-    sources: dict[str, tuple[pl.Expr, pl.Expr]] = {}
-    all_imu = frame["accel_long_mps2"].null_count() == 0 == frame["accel_lat_mps2"].null_count()
-    if not all_imu:
-        sources["gps"] = (
-            (speed - speed_prev_) / dt_ok_,
-            pl.when(mean_speed_ >= config.min_corner_speed_mps).then(
-                mean_speed_ * turn_deg.radians() / dt_ok_
-            ),
-        )
-    has_imu = min(frame["accel_long_mps2"].null_count(), frame["accel_lat_mps2"].null_count())
-    if has_imu < frame.height:
-        sources["imu"] = (pl.col("accel_long_mps2"), pl.col("accel_lat_mps2"))
-    stage2 = stage1.with_columns(
-        expr
-        for name, (longitudinal, lateral) in sources.items()
-        for expr in (
-            _plausible(longitudinal, config).alias(f"long_{name}"),
-            _plausible(lateral, config).abs().alias(f"lat_{name}"),
-        )
-    )
-
-    event_exprs: list[pl.Expr] = []
-    for name in sources:
-        longitudinal, lateral = pl.col(f"long_{name}"), pl.col(f"lat_{name}")
-        # Jerk between consecutive accelerations of one trip, only while moving.
-        jerk = pl.when(moving_ & ~first_).then((longitudinal - longitudinal.shift(1)) / dt_ok_)
-        event_exprs += [
-            _event_starts(longitudinal <= -config.hard_brake_mps2, first_).alias(f"brake_{name}"),
-            _event_starts(longitudinal >= config.harsh_accel_mps2, first_).alias(f"accel_{name}"),
-            _event_starts(lateral >= config.harsh_corner_mps2, first_).alias(f"corner_{name}"),
-            _fixed(jerk, _MILLI).clip(-_MAX_JERK_MM, _MAX_JERK_MM).pow(2).alias(f"jerk2_{name}"),
-        ]
-
-    # A fix's state holds until the next fix of the trip (the next row's step).
-    weight = pl.when(dt_ok_.is_not_null()).then(pl.col("dt_us")).shift(-1).fill_null(0)
-    limit = pl.col("speed_limit_mps")
-    limited_moving = moving_ & limit.is_not_null()
-    speeding = limited_moving & (speed > limit + config.speeding_tolerance_mps)
-    integrable = dt_ok_.is_not_null() & speed.is_not_null() & speed_prev_.is_not_null()
-    steps = stage2.select(
-        "trip_no",
-        *(pl.col(name) for name in _IDENTITY),
-        "ts",
-        "speed_mps",
-        pl.when(moving_).then(_fixed(speed, _MILLI)).alias("moving_mm"),
-        pl.when(moving_).then(_fixed(speed, _MILLI).pow(2)).alias("moving_mm2"),
-        pl.when(first_)
-        .then(0.0)
-        .when(integrable)
-        .then(mean_speed_ * dt_ok_)
-        .otherwise(pl.col("chord_m"))
-        .alias("step_m"),
-        *event_exprs,
-        (pl.col("stopped") & ~first_ & moving_.shift(1).fill_null(False))
-        .cast(pl.Int64)
-        .alias("stops"),
-        weight.alias("w"),
-        (weight * pl.col("stopped")).alias("w_idle"),
-        (weight * pl.col("night")).alias("w_night"),
-        (weight * limited_moving).alias("w_limited"),
-        (weight * speeding).alias("w_speeding"),
-        pl.col("accel_long_mps2").is_not_null().alias("has_imu_long"),
-        pl.col("accel_lat_mps2").is_not_null().alias("has_imu_lat"),
-    )
-    return steps, list(sources)
-
-
 def _fixed(value: pl.Expr, scale: float) -> pl.Expr:
     return (value * scale).round().cast(pl.Int64)
 
 
-def _trip_structure(frame: pl.DataFrame, first: BoolArray, max_dt_s: float) -> pl.DataFrame:
-    """``frame`` plus ``first`` (trip start), ``trip_no`` (sorted) and ``chord_m``.
+def _fixed_np(value: FloatArray, scale: float) -> IntArray:
+    """Fixed point: ``value * scale`` rounded half to even (as Polars rounds); NaN → 0."""
+    scaled = np.round(value * scale)
+    result: IntArray = np.where(np.isnan(scaled), 0.0, scaled).astype(np.int64)
+    return result
 
-    ``chord_m`` is the great-circle length of the steps that cannot be integrated from
-    speed (dropouts longer than ``max_dt_s``, steps without speed), 0 elsewhere; they are
-    rare, so the trigonometry runs on those rows only, in numpy.
+
+def _previous(values: FloatArray) -> FloatArray:
+    """The previous row's value (NaN on row 0); masked at trip starts by the callers."""
+    result = np.empty_like(values)
+    result[0] = np.nan
+    result[1:] = values[:-1]
+    return result
+
+
+def _plausible_np(accel: FloatArray, config: FeatureConfig) -> FloatArray:
+    result: FloatArray = np.where(np.abs(accel) <= config.max_plausible_accel_mps2, accel, np.nan)
+    return result
+
+
+def _floats(frame: pl.DataFrame, name: str) -> FloatArray:
+    """A float column as numpy with NaN for null."""
+    result: FloatArray = frame[name].cast(pl.Float64).to_numpy()
+    return result
+
+
+class _Trips:
+    """Per-trip reductions over rows in trip order: trip ``t`` is rows starts[t]..ends[t].
+
+    Sums are over int64 (exact in any order); sparse counts come from the rows where
+    something happens, located in their trip by binary search.
+    """
+
+    def __init__(self, starts: IntArray, n: int) -> None:
+        self.starts = starts
+        self.ends = np.append(starts[1:], n) - 1
+        self.count = len(starts)
+
+    def sum(self, values: IntArray) -> IntArray:
+        result: IntArray = np.add.reduceat(values, self.starts)
+        return result
+
+    def count_true(self, mask: BoolArray) -> IntArray:
+        result: IntArray = np.add.reduceat(mask, self.starts, dtype=np.int64)
+        return result
+
+    def count_sparse(self, mask: BoolArray) -> IntArray:
+        """:meth:`count_true` for masks with few True rows (events, stops)."""
+        rows = np.flatnonzero(mask)
+        trip = np.searchsorted(self.starts, rows, side="right") - 1
+        result: IntArray = np.bincount(trip, minlength=self.count).astype(np.int64)
+        return result
+
+    def rows(self, per_trip: BoolArray) -> BoolArray:
+        """A per-trip flag repeated on every row of the trip."""
+        result: BoolArray = np.repeat(per_trip, self.ends - self.starts + 1)
+        return result
+
+    def max(self, values: FloatArray) -> FloatArray:
+        """NaN-ignoring maximum; NaN when the trip has no value."""
+        result: FloatArray = np.fmax.reduceat(values, self.starts)
+        return result
+
+    def quantile(self, values: FloatArray, q: float) -> FloatArray:
+        """Linear-interpolated quantile of the non-NaN values, as Polars computes it."""
+        result = np.full(self.count, np.nan)
+        any_nan = bool(np.isnan(values).any())
+        for trip, (start, end) in enumerate(
+            zip(self.starts.tolist(), self.ends.tolist(), strict=True)
+        ):
+            x = values[start : end + 1]
+            if any_nan:
+                x = x[~np.isnan(x)]
+            size = x.size
+            if size == 0:
+                continue
+            index = q * (size - 1)
+            low = math.floor(index)
+            high = min(low + 1, size - 1)
+            part = np.partition(x, (low, high))
+            result[trip] = part[low] + (part[high] - part[low]) * (index - low)
+        return result
+
+
+def _night_np(frame: pl.DataFrame, t_us: IntArray, config: FeatureConfig) -> BoolArray:
+    if config.timezone is not None:
+        night: BoolArray = frame.select(_is_night(config)).to_series().to_numpy()
+        return night
+    # Mean solar time: UTC shifted by 4 minutes (240 s) per degree of longitude east.
+    # Integer microseconds: exact, and integer modulo is much cheaper than float modulo.
+    local_us = t_us + (_floats(frame, "lon") * 240e6).astype(np.int64)
+    hour = (local_us % 86_400_000_000).astype(np.float64) * (1.0 / 3.6e9)
+    start, end = config.night_start_hour, config.night_end_hour
+    if start > end:  # the window wraps midnight, e.g. 22 → 5
+        result: BoolArray = (hour >= start) | (hour < end)
+        return result
+    result = (hour >= start) & (hour < end)
+    return result
+
+
+def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> pl.DataFrame:
+    """Per-trip sums, counts and extremes (one row per trip, in row order of the trips).
+
+    Every per-row quantity is computed on numpy arrays; every value taken from the
+    previous row is masked at trip starts, so no value mixes two trips.
     """
     n = frame.height
+    starts = np.flatnonzero(first)
+    trips = _Trips(starts, n)
+    not_first = ~first
     t_us = frame["ts"].dt.epoch("us").to_numpy()
-    speed_known = frame["speed_mps"].is_not_null().to_numpy()
+    speed = _floats(frame, "speed_mps")
+    speed_prev = _previous(speed)
     dt_us = np.zeros(n, dtype=np.int64)
     dt_us[1:] = np.diff(t_us)
-    # the same test as dt_ok in _step_columns: 0 < dt <= max_dt_s, dt in float seconds
-    dt_s = dt_us.astype(np.float64) * 1e-6
-    integrable = (dt_s > 0) & (dt_s <= max_dt_s) & speed_known
-    integrable[1:] &= speed_known[:-1]
-    rows = np.flatnonzero(~first & ~integrable)
-    chord_m = np.zeros(n)
-    if rows.size:
-        lat, lon = frame["lat"].to_numpy(), frame["lon"].to_numpy()
-        chord_m[rows] = haversine_m(lat[rows - 1], lon[rows - 1], lat[rows], lon[rows])
-    # Sorted by construction; the flag lets group_by slice instead of hashing.
-    trip_no = pl.Series("trip_no", np.cumsum(first, dtype=np.uint32)).set_sorted()
-    return frame.with_columns(pl.Series("first", first), trip_no, pl.Series("chord_m", chord_m))
+    dt = dt_us.astype(np.float64) * 1e-6
+    step_ok = not_first & (dt > 0) & (dt <= config.max_dt_s)
+    dt_ok = np.where(step_ok, dt, np.nan)
+    mean_speed = (speed + speed_prev) * 0.5
+    moving = speed >= config.idle_speed_mps
+    stopped = speed < config.idle_speed_mps
+
+    # Longitudinal acceleration from the IMU when the trip has any value in it, else from
+    # GPS speed; lateral from the IMU likewise, else speed x yaw rate (heading change
+    # wrapped to ±180°; cornering from GPS heading is noise at walking pace, hence the
+    # minimum speed). Each axis is one series holding, trip by trip, the chosen source.
+    accel_long, accel_lat = _floats(frame, "accel_long_mps2"), _floats(frame, "accel_lat_mps2")
+    imu_long = trips.count_true(~np.isnan(accel_long)) > 0
+    imu_lat = trips.count_true(~np.isnan(accel_lat)) > 0
+    with np.errstate(invalid="ignore"):
+        if imu_long.all():
+            longitudinal = accel_long
+        else:
+            longitudinal = (speed - speed_prev) / dt_ok
+            if imu_long.any():
+                longitudinal = np.where(trips.rows(imu_long), accel_long, longitudinal)
+        if imu_lat.all():
+            lateral = accel_lat
+        else:
+            heading = _floats(frame, "heading_deg")
+            turn = heading - _previous(heading)
+            turn_deg = turn - 360.0 * np.round(turn * (1.0 / 360.0))  # wrapped to ±180°
+            lateral = np.where(
+                mean_speed >= config.min_corner_speed_mps,
+                mean_speed * np.radians(turn_deg) / dt_ok,
+                np.nan,
+            )
+            if imu_lat.any():
+                lateral = np.where(trips.rows(imu_lat), accel_lat, lateral)
+        longitudinal = _plausible_np(longitudinal, config)
+        lateral = np.abs(_plausible_np(lateral, config))
+
+    columns: dict[str, IntArray | FloatArray | BoolArray] = {}
+    for kind, hit in (
+        ("brake", longitudinal <= -config.hard_brake_mps2),
+        ("accel", longitudinal >= config.harsh_accel_mps2),
+        ("corner", lateral >= config.harsh_corner_mps2),
+    ):
+        # One event per run of consecutive exceeding fixes within a trip.
+        hit_prev = np.zeros(n, dtype=bool)
+        hit_prev[1:] = hit[:-1]
+        columns[kind] = trips.count_sparse(hit & (first | ~hit_prev))
+    # Jerk between consecutive accelerations of one trip, only while moving.
+    with np.errstate(invalid="ignore"):
+        jerk = np.where(
+            moving & not_first, (longitudinal - _previous(longitudinal)) / dt_ok, np.nan
+        )
+    jerk_mm = np.clip(_fixed_np(jerk, _MILLI), -_MAX_JERK_MM, _MAX_JERK_MM)
+    columns["jerk2_count"] = trips.count_true(~np.isnan(jerk))
+    columns["jerk2_sum"] = trips.sum(jerk_mm * jerk_mm)
+
+    moving_prev = np.zeros(n, dtype=bool)
+    moving_prev[1:] = moving[:-1]
+    columns["stops"] = trips.count_sparse(stopped & not_first & moving_prev)
+
+    integrable = step_ok & ~np.isnan(speed) & ~np.isnan(speed_prev)
+    chord_rows = np.flatnonzero(not_first & ~integrable)
+    step_m = np.where(integrable, mean_speed * dt_ok, 0.0)
+    if chord_rows.size:
+        # Dropouts and steps without speed add their great-circle length; they are rare,
+        # so the trigonometry runs on those rows only.
+        lat, lon = _floats(frame, "lat"), _floats(frame, "lon")
+        before = chord_rows - 1
+        step_m[chord_rows] = haversine_m(lat[before], lon[before], lat[chord_rows], lon[chord_rows])
+    columns["step_um"] = trips.sum(_fixed_np(step_m, _UM_PER_M))
+
+    moving_mm = np.where(moving, _fixed_np(speed, _MILLI), 0)
+    columns["moving_n"] = trips.count_true(moving)
+    columns["moving_mm"] = trips.sum(moving_mm)
+    columns["moving_mm2"] = trips.sum(moving_mm * moving_mm)
+
+    # A fix's state holds until the next fix of the trip (the next row's step).
+    weight = np.zeros(n, dtype=np.int64)
+    weight[:-1] = np.where(step_ok[1:], dt_us[1:], 0)
+    limit = _floats(frame, "speed_limit_mps")
+    limited_moving = moving & ~np.isnan(limit)
+    speeding = limited_moving & (speed > limit + config.speeding_tolerance_mps)
+    columns["w"] = trips.sum(weight)
+    columns["w_idle"] = trips.sum(weight * stopped)
+    columns["w_night"] = trips.sum(weight * _night_np(frame, t_us, config))
+    columns["w_limited"] = trips.sum(weight * limited_moving)
+    columns["w_speeding"] = trips.sum(weight * speeding)
+    columns["imu"] = imu_long
+
+    heads = pl.Series(starts, dtype=pl.Int64)
+    identity = frame.select(*_IDENTITY, pl.col("ts").alias("start_ts")).gather(heads)
+    return identity.with_columns(
+        frame["ts"].gather(pl.Series(trips.ends, dtype=pl.Int64)).alias("end_ts"),
+        pl.Series("ping_count", trips.ends - starts + 1, dtype=pl.Int64),
+        pl.Series("max_speed", trips.max(speed)).fill_nan(None),
+        pl.Series("p95_speed", trips.quantile(speed, 0.95)).fill_nan(None),
+        *(pl.Series(name, values) for name, values in columns.items()),
+    )
 
 
 def trip_features(pings: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
@@ -320,50 +390,7 @@ def features_in_trip_order(
     """
     if frame.height == 0:
         return empty_features()
-    steps, sources = _step_columns(_trip_structure(frame, first, config.max_dt_s), config)
-    trips = (
-        steps.with_columns(_fixed(pl.col("step_m"), _UM_PER_M).alias("step_um"))
-        .group_by("trip_no", maintain_order=True)
-        .agg(
-            *(pl.col(name).first() for name in _IDENTITY),
-            pl.col("ts").first().alias("start_ts"),
-            pl.col("ts").last().alias("end_ts"),
-            pl.len().alias("ping_count"),
-            pl.col("speed_mps").max().alias("max_speed"),
-            pl.col("speed_mps").quantile(0.95, interpolation="linear").alias("p95_speed"),
-            *(
-                pl.col(f"{kind}_{source}").sum()
-                for source in sources
-                for kind in ("brake", "accel", "corner")
-            ),
-            *(pl.col(f"jerk2_{source}").count().alias(f"jerk_n_{source}") for source in sources),
-            pl.col("stops").sum(),
-            *(pl.col(f"jerk2_{source}").sum() for source in sources),
-            pl.col("step_um").sum(),
-            pl.col("moving_mm").count().alias("moving_n"),
-            pl.col("moving_mm").sum(),
-            pl.col("moving_mm2").sum(),
-            *(pl.col(name).sum() for name in ("w", "w_idle", "w_night", "w_limited", "w_speeding")),
-            pl.col("has_imu_long").any().alias("imu_long"),
-            pl.col("has_imu_lat").any().alias("imu_lat"),
-        )
-        .sort("trip_no")
-        .collect()
-    )
-
-    def by_source(name: str, axis: str = "imu_long") -> pl.Expr:
-        if sources == ["gps"] or sources == ["imu"]:
-            return pl.col(f"{name}_{sources[0]}")
-        return pl.when(pl.col(axis)).then(pl.col(f"{name}_imu")).otherwise(pl.col(f"{name}_gps"))
-
-    trips = trips.with_columns(
-        by_source("brake").alias("brake"),
-        by_source("accel").alias("accel"),
-        by_source("corner", "imu_lat").alias("corner"),
-        by_source("jerk2").alias("jerk2_sum"),
-        by_source("jerk_n").alias("jerk2_count"),
-        pl.col("imu_long").alias("imu"),
-    )
+    trips = _trip_sums(frame, first, config)
 
     distance_km = pl.col("step_um").cast(pl.Float64) * 1e-9
     moving_n = pl.col("moving_n").cast(pl.Float64)
