@@ -265,6 +265,22 @@ def models() -> None:
 
 
 @app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default: settings).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default: settings, 8080).")] = None,
+) -> None:
+    """Serve scores over HTTP (REST and the SageMaker container contract)."""
+    from driverscore.services.api.runner import run_service
+
+    settings = _settings()
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if overrides:
+        service = settings.service.model_copy(update=overrides)
+        settings = settings.model_copy(update={"service": service})
+    run_service(settings)
+
+
+@app.command()
 def version() -> None:
     """Print the driverscore version."""
     import driverscore

@@ -93,7 +93,8 @@ class ModelHolder:
                     else "model registry unavailable"
                 )
                 _log.error(
-                    "model registry unavailable; serving the models already loaded",
+                    "cannot load models from the registry; "
+                    + ("serving the models already loaded" if self.ready else "not ready"),
                     extra={"error": self.last_error, "ready": self.ready},
                 )
                 return False
