@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,29 +116,36 @@ class StreamProcess:
     log: Path
 
 
+StreamStarter = Callable[[KafkaConfig], StreamProcess]
+
+
 @pytest.fixture
-def stream_process(
-    home: Path, kafka_config: KafkaConfig, tmp_path: Path
-) -> Iterator[StreamProcess]:
-    create_topics(kafka_config)
-    config = kafka_config.model_copy(update={"state_dir": tmp_path / "state"})
-    log = tmp_path / "stream.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "driverscore", "stream"],
-            env=_env(home, config),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+def start_stream(home: Path, tmp_path: Path) -> Iterator[StreamStarter]:
+    """Starts `driverscore stream` on a config's topics (created first); stops it after."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(config: KafkaConfig) -> StreamProcess:
+        create_topics(config)
+        config = config.model_copy(update={"state_dir": tmp_path / "state"})
+        log = tmp_path / "stream.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "driverscore", "stream"],
+                env=_env(home, config),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        started.append(process)
+        return StreamProcess(process, log)
+
+    yield start
+    for process in started:
+        process.terminate()
         try:
-            yield StreamProcess(process, log)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _consume(
@@ -183,7 +190,7 @@ def _frame(messages: list[Message]) -> pl.DataFrame:
 
 
 def test_stream_scores_every_trip_exactly_as_batch_does(
-    stream_process: StreamProcess,
+    start_stream: StreamStarter,
     kafka_config: KafkaConfig,
     scorer: TripScorer,
     day_of_pings: pl.DataFrame,
@@ -195,6 +202,10 @@ def test_stream_scores_every_trip_exactly_as_batch_does(
     )
     expected = scorer.score_trips(batch.features, scored_at=now).sort("trip_id")
     assert expected.height >= 8
+    # Alerts for the riskier half of the trips: both sides of the threshold are exercised.
+    threshold = float(expected["score"].median())  # type: ignore[arg-type]
+    kafka_config = kafka_config.model_copy(update={"alert_below_score": threshold})
+    stream_process = start_stream(kafka_config)
 
     producer = make_producer(kafka_config.bootstrap_servers)
     topic = kafka_config.topics.pings
@@ -226,20 +237,20 @@ def test_stream_scores_every_trip_exactly_as_batch_does(
     assert scores["reasons"].to_list() == expected["reasons"].to_list()
     assert set(scores["model_version"]) == {scorer.model_version}
 
-    low = expected.filter(pl.col("score") < kafka_config.alert_below_score)
-    if low.height:
-        alerts = _frame(
-            _consume(kafka_config, kafka_config.topics.alerts, low.height, stream_process)
-        )
-        assert alerts["trip_id"].to_list() == low["trip_id"].to_list()
+    low = expected.filter(pl.col("score") < threshold)
+    assert 0 < low.height < expected.height
+    alerts = _frame(_consume(kafka_config, kafka_config.topics.alerts, low.height, stream_process))
+    assert alerts["trip_id"].to_list() == low["trip_id"].to_list()
+    assert all(text.startswith("score ") for text in alerts["alert"])
 
 
 def test_poison_messages_reach_the_dead_letter_topic_while_good_traffic_flows(
-    stream_process: StreamProcess,
+    start_stream: StreamStarter,
     kafka_config: KafkaConfig,
     scorer: TripScorer,
     day_of_pings: pl.DataFrame,
 ) -> None:
+    stream_process = start_stream(kafka_config)
     vehicle = day_of_pings["vehicle_id"][0]
     pings = day_of_pings.filter(pl.col("vehicle_id") == vehicle)
     producer: Producer = make_producer(kafka_config.bootstrap_servers)

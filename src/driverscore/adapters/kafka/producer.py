@@ -101,11 +101,17 @@ def replay_pings(
         )
     sent_pings = 0
     sent_messages = 0
+    failures: list[str] = []
+
+    def delivered(error: Any, _message: Any) -> None:
+        if error is not None:
+            failures.append(str(error))
+
     started = time.monotonic()
     for key, value, count in messages:
         while True:
             try:
-                producer.produce(topic, value=value, key=key.encode())
+                producer.produce(topic, value=value, key=key.encode(), on_delivery=delivered)
                 break
             except BufferError:
                 producer.poll(0.1)  # local queue full: let deliveries drain
@@ -119,6 +125,8 @@ def replay_pings(
         if progress and sent_messages % 10_000 == 0:
             progress(sent_pings)
     _flush(producer)
+    if failures:
+        raise DriverscoreError(f"kafka: {len(failures)} message(s) not delivered: {failures[0]}")
     first = ordered["ts"].min() if ordered.height else None
     last = ordered["ts"].max() if ordered.height else None
     return ReplayResult(
