@@ -221,3 +221,20 @@ def test_empty_input() -> None:
     empty = trip_features(pl.DataFrame(schema=PING_SCHEMA), FeatureConfig())
     assert empty.columns == list(FEATURE_COLUMNS)
     assert empty.height == 0
+
+
+def test_day_remainder_without_division_is_exact() -> None:
+    import numpy as np
+
+    from driverscore.domain.features import _mod_day
+
+    day = 86_400_000_000
+    values = np.array(
+        [0, 1, -1, day - 1, day, -day, -day - 1, 1_767_225_599_999_999, 1_767_225_600_000_000]
+        + [k * day + r for k in (-20_000, -1, 7, 20_454) for r in (0, 1, day - 1)],
+        dtype=np.int64,
+    )
+    assert _mod_day(values).tolist() == (values % day).tolist()
+    rng = np.random.default_rng(0)
+    many = rng.integers(-(2**55), 2**55, 100_000, dtype=np.int64)
+    assert np.array_equal(_mod_day(many), many % day)

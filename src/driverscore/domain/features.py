@@ -145,9 +145,12 @@ def _fixed(value: pl.Expr, scale: float) -> pl.Expr:
 
 
 def _fixed_np(value: FloatArray, scale: float) -> IntArray:
-    """Fixed point: ``value * scale`` rounded half to even (as Polars rounds); NaN → 0."""
-    scaled = np.round(value * scale)
-    result: IntArray = np.where(np.isnan(scaled), 0.0, scaled).astype(np.int64)
+    """Fixed point: ``value * scale`` rounded half to even (as Polars rounds).
+
+    ``value`` must hold no NaN; it is consumed (scaled in place).
+    """
+    np.multiply(value, scale, out=value)
+    result: IntArray = np.round(value, out=value).astype(np.int64)
     return result
 
 
@@ -228,6 +231,22 @@ class _Trips:
         return result
 
 
+_DAY_US: Final = 86_400_000_000
+
+
+def _mod_day(t_us: IntArray) -> IntArray:
+    """``t_us % 86_400_000_000`` (floored, exact) without integer division, which is slow.
+
+    The day number from a float division is off by at most one; the integer remainder is
+    then corrected into 0..day.
+    """
+    day = np.floor(t_us.astype(np.float64) * (1.0 / _DAY_US)).astype(np.int64)
+    rest: IntArray = t_us - day * _DAY_US
+    rest[rest < 0] += _DAY_US
+    rest[rest >= _DAY_US] -= _DAY_US
+    return rest
+
+
 def _night_np(frame: pl.DataFrame, t_us: IntArray, config: FeatureConfig) -> BoolArray:
     if config.timezone is not None:
         night: BoolArray = frame.select(_is_night(config)).to_series().to_numpy()
@@ -235,7 +254,7 @@ def _night_np(frame: pl.DataFrame, t_us: IntArray, config: FeatureConfig) -> Boo
     # Mean solar time: UTC shifted by 4 minutes (240 s) per degree of longitude east.
     # Integer microseconds: exact, and integer modulo is much cheaper than float modulo.
     local_us = t_us + (_floats(frame, "lon") * 240e6).astype(np.int64)
-    hour = (local_us % 86_400_000_000).astype(np.float64) * (1.0 / 3.6e9)
+    hour = _mod_day(local_us).astype(np.float64) * (1.0 / 3.6e9)
     start, end = config.night_start_hour, config.night_end_hour
     if start > end:  # the window wraps midnight, e.g. 22 → 5
         result: BoolArray = (hour >= start) | (hour < end)
@@ -308,11 +327,10 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
         columns[kind] = trips.count_sparse(hit & (first | ~hit_prev))
     # Jerk between consecutive accelerations of one trip, only while moving.
     with np.errstate(invalid="ignore"):
-        jerk = np.where(
-            moving & not_first, (longitudinal - _previous(longitudinal)) / dt_ok, np.nan
-        )
-    jerk_mm = np.clip(_fixed_np(jerk, _MILLI), -_MAX_JERK_MM, _MAX_JERK_MM)
-    columns["jerk2_count"] = trips.count_true(~np.isnan(jerk))
+        jerk = (longitudinal - _previous(longitudinal)) / dt_ok
+    has_jerk = moving & not_first & ~np.isnan(jerk)
+    jerk_mm = np.clip(_fixed_np(np.where(has_jerk, jerk, 0.0), _MILLI), -_MAX_JERK_MM, _MAX_JERK_MM)
+    columns["jerk2_count"] = trips.count_true(has_jerk)
     columns["jerk2_sum"] = trips.sum(jerk_mm * jerk_mm)
 
     moving_prev = np.zeros(n, dtype=bool)
@@ -321,7 +339,8 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
 
     integrable = step_ok & ~np.isnan(speed) & ~np.isnan(speed_prev)
     chord_rows = np.flatnonzero(not_first & ~integrable)
-    step_m = np.where(integrable, mean_speed * dt_ok, 0.0)
+    with np.errstate(invalid="ignore"):
+        step_m = np.where(integrable, mean_speed * dt_ok, 0.0)
     if chord_rows.size:
         # Dropouts and steps without speed add their great-circle length; they are rare,
         # so the trigonometry runs on those rows only.
@@ -330,7 +349,7 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
         step_m[chord_rows] = haversine_m(lat[before], lon[before], lat[chord_rows], lon[chord_rows])
     columns["step_um"] = trips.sum(_fixed_np(step_m, _UM_PER_M))
 
-    moving_mm = np.where(moving, _fixed_np(speed, _MILLI), 0)
+    moving_mm = _fixed_np(np.where(moving, speed, 0.0), _MILLI)
     columns["moving_n"] = trips.count_true(moving)
     columns["moving_mm"] = trips.sum(moving_mm)
     columns["moving_mm2"] = trips.sum(moving_mm * moving_mm)
