@@ -180,7 +180,9 @@ def serving(
 
 @pytest.fixture(scope="module")
 def client(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    settings = _settings(tmp_path_factory.mktemp("service"), tokens=[TOKEN], auth="on")
+    settings = _settings(
+        tmp_path_factory.mktemp("service"), tokens=[TOKEN], auth="on", max_pings=500
+    )
     with serving(settings, backend.registry) as c:
         yield c
 
@@ -219,3 +221,187 @@ def test_score_from_pings_equals_batch_scoring(client: httpx.Client, backend: Ba
             assert value == pytest.approx(expected[name], abs=1e-12), name
         else:
             assert value == expected[name], name
+
+
+def _assert_no_internals(text: str) -> None:
+    assert "Traceback" not in text
+    assert "/tmp" not in text and "site-packages" not in text and ".py" not in text
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({}, "missing bearer token"),
+        ({"Authorization": "Bearer wrong-token"}, "invalid bearer token"),
+        ({"Authorization": f"Basic {TOKEN}"}, "missing bearer token"),
+    ],
+)
+def test_auth_rejects_missing_and_wrong_tokens(
+    client: httpx.Client, headers: dict[str, str], message: str
+) -> None:
+    for method, path in (("POST", "/v1/score"), ("GET", "/v1/models"), ("POST", "/invocations")):
+        response = client.request(method, path, json=trip_body(1), headers=headers)
+        assert response.status_code == 401, path
+        assert response.json()["message"] == message
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert client.get("/v1/models", headers=AUTH).status_code == 200
+
+
+def _with_ping(body: dict[str, Any], index: int, **values: Any) -> dict[str, Any]:
+    pings = [dict(p) for p in body["pings"]]
+    pings[index].update(values)
+    return {**body, "pings": pings}
+
+
+def _bad_bodies() -> list[tuple[str, str, str]]:
+    """(name, raw JSON body, field the 422 must name)."""
+    import json
+
+    good = trip_body(3)
+    future = (datetime.now(UTC) + timedelta(days=2)).isoformat()
+    earlier = (START - timedelta(seconds=30)).isoformat()
+    cases = {
+        "nan speed": (_with_ping(good, 5, speed_mps=float("nan")), "pings.5.speed_mps"),
+        "infinite latitude": (_with_ping(good, 2, lat=float("inf")), "pings.2.lat"),
+        "negative speed": (_with_ping(good, 4, speed_mps=-3.0), "pings.4.speed_mps"),
+        "negative speed limit": (
+            _with_ping(good, 1, speed_limit_mps=-1.0),
+            "pings.1.speed_limit_mps",
+        ),
+        "latitude out of range": (_with_ping(good, 0, lat=91.0), "pings.0.lat"),
+        "timestamps out of order": (_with_ping(good, 10, ts=earlier), "pings.10.ts"),
+        "timestamp in the future": (_with_ping(good, 239, ts=future), "pings.239.ts"),
+        "naive timestamp": (_with_ping(good, 3, ts="2026-03-02T08:00:03"), "pings.3.ts"),
+        "too many pings": ({**good, "pings": trip_pings(3, n=501)}, "pings"),
+        "unknown field": ({**good, "speed_kmh": 3}, "speed_kmh"),
+        "missing vehicle": ({k: v for k, v in good.items() if k != "vehicle_id"}, "vehicle_id"),
+        "too few pings for a trip": ({**good, "pings": good["pings"][:5]}, "pings"),
+        "pings and features": (
+            {**good, "features": {"distance_km": 1.0}},
+            "features.avg_speed_kmh",
+        ),
+        "negative feature": (
+            {
+                "vehicle_id": "v",
+                "features": {**FEATURES, "hard_brake_per_100km": -1.0},
+            },
+            "features.hard_brake_per_100km",
+        ),
+    }
+    return [(name, json.dumps(body), field) for name, (body, field) in cases.items()]
+
+
+FEATURES: dict[str, Any] = {
+    "distance_km": 12.5,
+    "avg_speed_kmh": 41.0,
+    "p95_speed_kmh": 63.0,
+    "speed_std_kmh": 11.0,
+    "hard_brake_per_100km": 4.0,
+    "harsh_accel_per_100km": 1.0,
+    "harsh_corner_per_100km": 0.5,
+    "speeding_share": 0.08,
+    "night_share": 0.0,
+    "idle_share": 0.1,
+    "jerk_rms_mps3": 0.7,
+}
+
+
+@pytest.mark.parametrize(("name", "body", "field"), _bad_bodies(), ids=lambda v: str(v)[:30])
+def test_bad_input_gets_a_422_naming_the_field(
+    client: httpx.Client, name: str, body: str, field: str
+) -> None:
+    response = client.post(
+        "/v1/score", content=body, headers={**AUTH, "content-type": "application/json"}
+    )
+    assert response.status_code == 422, (name, response.text)
+    payload = response.json()
+    fields = [p["field"] for p in payload["problems"]]
+    assert field in fields, (name, payload)
+    assert payload["message"].startswith(fields[0])
+    _assert_no_internals(response.text)
+
+
+def test_batch_scores_pings_and_features_in_order(client: httpx.Client, backend: Backend) -> None:
+    trips = [trip_body(11), {"vehicle_id": "v-f", "trip_id": "f-1", "features": FEATURES}]
+    response = client.post("/v1/score:batch", json={"trips": trips}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    scores = response.json()["scores"]
+    assert [s["trip_id"] for s in scores] == ["trip-11", "f-1"]
+    scorer = backend.registry().load_scorer(CHAMPION)
+    expected = scorer.score_trips(pl.DataFrame([FEATURES]), datetime.now(UTC)).row(0, named=True)
+    assert scores[1]["score"] == pytest.approx(expected["score"], abs=1e-9)
+    assert scores[1]["reasons"] == expected["reasons"]
+    single = client.post("/v1/score", json=trip_body(11), headers=AUTH).json()
+    assert single["score"] == scores[0]["score"]
+
+    bad = [trip_body(12), _with_ping(trip_body(13), 7, speed_mps=-1.0)]
+    response = client.post("/v1/score:batch", json={"trips": bad}, headers=AUTH)
+    assert response.status_code == 422
+    assert response.json()["problems"][0]["field"] == "trips.1.pings.7.speed_mps"
+
+
+def test_models_lists_champion_and_challenger(client: httpx.Client, backend: Backend) -> None:
+    body = client.get("/v1/models", headers=AUTH).json()
+    assert body["model_name"] == backend.model_name
+    roles = {m["role"]: m for m in body["models"]}
+    assert roles["champion"]["version"] == backend.versions[0]
+    assert roles["challenger"]["version"] == backend.versions[1]
+    lineage = roles["champion"]["lineage"]
+    assert lineage["features"] == "abc123"
+    assert lineage["data_version.features"] == "f" * 16
+    assert lineage["code_version"] == "test" and lineage["gate_status"] == "passed"
+    assert 0.5 < roles["champion"]["metrics"]["holdout.roc_auc"] <= 1.0
+    assert body["rollout"]["mode"] == "champion"
+
+
+def test_sagemaker_ping_and_invocations(client: httpx.Client, backend: Backend) -> None:
+    assert client.get("/ping").status_code == 200
+    single = client.post("/invocations", json=trip_body(21), headers=AUTH)
+    assert single.status_code == 200, single.text
+    direct = client.post("/v1/score", json=trip_body(21), headers=AUTH).json()
+    assert single.json()["score"] == direct["score"]
+    batch = client.post("/invocations", json={"trips": [trip_body(21)]}, headers=AUTH)
+    assert batch.json()["scores"][0]["score"] == direct["score"]
+
+    header = ",".join(FEATURES)
+    row = ",".join(str(v) for v in FEATURES.values())
+    csv_body = f"trip_id,vehicle_id,{header}\nf-1,v-1,{row}\nf-2,v-2,{row}\n"
+    csv_headers = {**AUTH, "content-type": "text/csv"}
+    response = client.post("/invocations", content=csv_body, headers=csv_headers)
+    assert response.status_code == 200, response.text
+    scores = response.json()["scores"]
+    assert [s["trip_id"] for s in scores] == ["f-1", "f-2"]
+    assert scores[0]["model_version"] == backend.versions[0]
+    as_csv = client.post(
+        "/invocations", content=csv_body, headers={**csv_headers, "accept": "text/csv"}
+    )
+    assert as_csv.headers["content-type"].startswith("text/csv")
+    assert len(pl.read_csv(as_csv.content)) == 2
+
+    pings = pl.DataFrame(trip_pings(21)).with_columns(
+        pl.lit("trip-21").alias("trip_id"),
+        pl.lit("vehicle-21").alias("vehicle_id"),
+        pl.lit("driver-1").alias("driver_id"),
+        pl.lit("fleet-a").alias("fleet_id"),
+    )
+    response = client.post("/invocations", content=pings.write_csv(), headers=csv_headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["scores"][0]["score"] == pytest.approx(direct["score"], abs=1e-9)
+
+    bad = client.post("/invocations", content="trip_id\nx\n", headers=csv_headers)
+    assert bad.status_code == 422 and bad.json()["problems"][0]["field"] == "distance_km"
+
+
+def test_metrics_expose_latency_errors_and_versions(client: httpx.Client, backend: Backend) -> None:
+    client.post("/v1/score", json=trip_body(31), headers=AUTH)
+    client.post("/v1/score", json={"vehicle_id": "v"}, headers=AUTH)
+    text = client.get("/metrics").text
+    version = backend.versions[0]
+    assert (
+        f'driverscore_request_seconds_bucket{{le="0.5",method="POST",model_version="{version}",'
+        'route="/v1/score",status="200"}' in text
+    )
+    assert 'driverscore_errors_total{kind="invalid_request"}' in text
+    assert "driverscore_requests_in_flight" in text
+    assert f'champion_version="{version}"' in text
+    assert f'challenger_version="{backend.versions[1]}"' in text

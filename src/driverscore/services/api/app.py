@@ -486,10 +486,10 @@ def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader
     def list_models(request: Request) -> ModelsResponse:
         """The champion and challenger being served, their metrics and lineage."""
         models = loaded(request)
-        infos = [_version_info("champion", models.champion, models.champion_loaded_at)]
+        infos = [_version_info("champion", models.champion, models.champion_loaded_at, models)]
         if models.challenger is not None and models.challenger_loaded_at is not None:
             infos.append(
-                _version_info("challenger", models.challenger, models.challenger_loaded_at)
+                _version_info("challenger", models.challenger, models.challenger_loaded_at, models)
             )
         return ModelsResponse(
             model_name=models.champion.model_name, models=infos, rollout=state.policy
@@ -600,7 +600,10 @@ def _readiness(state: ServiceState) -> JSONResponse:
 
 
 def _version_info(
-    role: Literal["champion", "challenger"], scorer: TripScorer, loaded_at: datetime
+    role: Literal["champion", "challenger"],
+    scorer: TripScorer,
+    loaded_at: datetime,
+    models: LoadedModels,
 ) -> ModelVersionInfo:
     card = scorer.card
     return ModelVersionInfo(
@@ -610,8 +613,8 @@ def _version_info(
         created_at=card.created_at,
         decision_threshold=card.decision_threshold,
         feature_names=card.feature_names,
-        metrics=card.metrics,
-        lineage=card.lineage,
+        metrics={**card.metrics, **models.run_metrics.get(scorer.model_version, {})},
+        lineage={**card.lineage, **models.tags.get(scorer.model_version, {})},
     )
 
 

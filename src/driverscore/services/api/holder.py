@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from driverscore.adapters.registry import CHALLENGER, CHAMPION
+from driverscore.adapters.registry import CHALLENGER, CHAMPION, VersionSummary
 from driverscore.domain.scoring import TripScorer
 
 __all__ = ["LoadedModels", "ModelHolder", "RegistryReader"]
@@ -29,6 +29,8 @@ class RegistryReader(Protocol):
 
     def alias_version(self, alias: str) -> str | None: ...
     def load_scorer(self, alias: str, role: str | None = None) -> TripScorer: ...
+    def list_versions(self) -> list[VersionSummary]: ...
+    def version_tags(self, version: str) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ class LoadedModels:
     shadow: TripScorer | None
     champion_loaded_at: datetime
     challenger_loaded_at: datetime | None
+    #: Per loaded version: run metrics (holdout) from the registry, and its tags (lineage).
+    run_metrics: dict[str, dict[str, float]]
+    tags: dict[str, dict[str, str]]
 
 
 class ModelHolder:
@@ -145,7 +150,13 @@ class ModelHolder:
             if challenger is not None
             else None
         )
-        loaded = LoadedModels(champion, challenger, shadow, champion_at, challenger_at)
+        versions = [champion.model_version] + ([challenger.model_version] if challenger else [])
+        summaries = {s.version: s for s in registry.list_versions()}
+        run_metrics = {v: summaries[v].metrics if v in summaries else {} for v in versions}
+        tags = {v: registry.version_tags(v) for v in versions}
+        loaded = LoadedModels(
+            champion, challenger, shadow, champion_at, challenger_at, run_metrics, tags
+        )
         self.models = loaded
         _log.info(
             "models loaded",
