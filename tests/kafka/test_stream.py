@@ -116,7 +116,7 @@ class StreamProcess:
     log: Path
 
 
-StreamStarter = Callable[[KafkaConfig], StreamProcess]
+StreamStarter = Callable[..., StreamProcess]
 
 
 @pytest.fixture
@@ -124,10 +124,10 @@ def start_stream(home: Path, tmp_path: Path) -> Iterator[StreamStarter]:
     """Starts `driverscore stream` on a config's topics (created first); stops it after."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(config: KafkaConfig) -> StreamProcess:
+    def start(config: KafkaConfig, state: str = "state") -> StreamProcess:
         create_topics(config)
-        config = config.model_copy(update={"state_dir": tmp_path / "state"})
-        log = tmp_path / "stream.log"
+        config = config.model_copy(update={"state_dir": tmp_path / state})
+        log = tmp_path / f"stream-{len(started)}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
                 [sys.executable, "-m", "driverscore", "stream"],
@@ -301,3 +301,43 @@ def test_topics_are_created_once(kafka_config: KafkaConfig) -> None:
     assert first.created == sorted(topic_names(kafka_config)) and first.existing == []
     again = create_topics(kafka_config)
     assert again.created == [] and again.existing == sorted(topic_names(kafka_config))
+
+
+def test_a_killed_processor_resumes_open_trips_without_loss_or_duplicates(
+    start_stream: StreamStarter,
+    kafka_config: KafkaConfig,
+    scorer: TripScorer,
+    day_of_pings: pl.DataFrame,
+) -> None:
+    card = scorer.card
+    batch = prepare_trips(
+        day_of_pings, card.cleaning_config, card.trip_config, card.feature_config, datetime.now(UTC)
+    )
+    middle = day_of_pings["ts"].sort()[day_of_pings.height // 2]
+    first_half = day_of_pings.filter(pl.col("ts") < middle)
+    producer = make_producer(kafka_config.bootstrap_servers)
+    topic = kafka_config.topics.pings
+
+    first = start_stream(kafka_config, state="state-first")
+    replay_pings(producer, topic, first_half, batch_span_s=20)
+    time.sleep(8)  # trips are open mid-way; some offsets and state are committed
+    first.process.kill()  # no clean shutdown
+    first.process.wait()
+
+    # A new process on an empty state folder: open trips come back from the changelog.
+    second = start_stream(kafka_config, state="state-second")
+    result = replay_pings(
+        producer, topic, day_of_pings.filter(pl.col("ts") >= middle), batch_span_s=20
+    )
+    assert result.last_ts is not None
+    send_clock(
+        producer,
+        topic,
+        clock_after(result.last_ts, card.trip_config.gap_s, kafka_config.grace_s),
+        kafka_config.partitions,
+    )
+    scores = _frame(
+        _consume(kafka_config, kafka_config.topics.scores, batch.features.height, second)
+    )
+    assert scores["trip_id"].to_list() == batch.features["trip_id"].to_list()
+    assert scores["ping_count"].to_list() == batch.features["ping_count"].to_list()
