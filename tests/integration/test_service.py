@@ -405,3 +405,186 @@ def test_metrics_expose_latency_errors_and_versions(client: httpx.Client, backen
     assert "driverscore_requests_in_flight" in text
     assert f'champion_version="{version}"' in text
     assert f'challenger_version="{backend.versions[1]}"' in text
+
+
+class SwitchableRegistry:
+    """The real registry behind a switch that makes it fail like an unreachable server."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self.model_name = registry.model_name
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise ConnectionError("registry at /secret/path unreachable")
+
+    def alias_version(self, alias: str) -> str | None:
+        self._check()
+        return self.registry.alias_version(alias)
+
+    def load_scorer(self, alias: str, role: str | None = None) -> Any:
+        self._check()
+        return self.registry.load_scorer(alias, role)
+
+    def list_versions(self) -> Any:
+        self._check()
+        return self.registry.list_versions()
+
+    def version_tags(self, version: str) -> dict[str, str]:
+        self._check()
+        return self.registry.version_tags(version)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_alias_move_is_picked_up_without_a_failed_request(backend: Backend, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, poll_interval_s=0.2)
+    registry = backend.registry()
+    old, new = backend.versions
+    failures: list[str] = []
+    seen: list[str] = []
+    stop = threading.Event()
+
+    with serving(settings, backend.registry) as client:
+
+        def hammer() -> None:
+            with httpx.Client(base_url=str(client.base_url), timeout=30) as own:
+                while not stop.is_set():
+                    response = own.post("/v1/score", json=trip_body(41))
+                    if response.status_code != 200:
+                        failures.append(response.text)
+                    else:
+                        seen.append(response.json()["model_version"])
+
+        workers = [threading.Thread(target=hammer) for _ in range(3)]
+        for w in workers:
+            w.start()
+        try:
+            _wait_for(lambda: len(seen) >= 5)
+            registry.set_alias(CHAMPION, new)
+            _wait_for(lambda: seen[-1] == new)
+            count = len(seen)
+            _wait_for(lambda: len(seen) >= count + 5)
+        finally:
+            stop.set()
+            for w in workers:
+                w.join()
+            registry.set_alias(CHAMPION, old)
+            registry.set_alias(CHALLENGER, new)
+    assert not failures
+    assert seen[0] == old and seen[-1] == new
+    # Once the new version answered, the old one never came back.
+    assert old not in seen[seen.index(new) :]
+
+
+def test_registry_down_at_start_is_not_ready_with_a_clear_error(tmp_path: Path) -> None:
+    def unreachable() -> ModelRegistry:
+        raise ConnectionError("cannot reach http://10.0.0.1:5000 from /etc/secret")
+
+    with serving(_settings(tmp_path, poll_interval_s=30), unreachable) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["reason"] == "model registry unavailable"
+        assert client.get("/ping").status_code == 503
+        assert client.get("/healthz").status_code == 200
+        response = client.post("/v1/score", json=trip_body(1))
+        assert response.status_code == 503 and response.json()["error"] == "not_ready"
+        for text in (ready.text, response.text):
+            assert "10.0.0.1" not in text and "secret" not in text
+
+
+def test_registry_down_later_keeps_serving(backend: Backend, tmp_path: Path) -> None:
+    switchable = SwitchableRegistry(backend.registry())
+    with serving(_settings(tmp_path, poll_interval_s=0.2), lambda: switchable) as client:
+        before = client.post("/v1/score", json=trip_body(51))
+        assert before.status_code == 200
+        switchable.down = True
+        _wait_for(lambda: 'outcome="failed"' in client.get("/metrics").text)
+        after = client.post("/v1/score", json=trip_body(51))
+        assert after.status_code == 200
+        assert after.json()["score"] == before.json()["score"]
+        assert client.get("/readyz").status_code == 200
+
+
+def test_shadow_logs_both_scores_and_split_changes_without_restart(
+    backend: Backend, tmp_path: Path
+) -> None:
+    log_dir = tmp_path / "predictions"
+    settings = _settings(tmp_path, rollout_mode="shadow", prediction_log_dir=log_dir)
+    champion, challenger = backend.versions
+    with serving(settings, backend.registry) as client:
+        shadowed = client.post("/v1/score", json=trip_body(61, driver="d-shadow"))
+        assert shadowed.status_code == 200
+        assert shadowed.json()["model_version"] == champion
+
+        # Canary at 50 %: each driver gets exactly the model the pure rule picks, every time.
+        policy = {"mode": "canary", "challenger_percent": 50.0, "salt": "driverscore"}
+        assert client.put("/v1/rollout", json=policy).status_code == 200
+        trips = [
+            {"vehicle_id": f"v{i}", "driver_id": f"d{i}", "trip_id": f"t{i}", "features": FEATURES}
+            for i in range(200)
+        ]
+        first = client.post("/v1/score:batch", json={"trips": trips}).json()["scores"]
+        again = client.post("/v1/score:batch", json={"trips": trips}).json()["scores"]
+        from driverscore.domain.rollout import RolloutPolicy, decide
+
+        expected = [
+            challenger
+            if decide(RolloutPolicy(**policy), f"d{i}", True).answered_by == "challenger"
+            else champion
+            for i in range(200)
+        ]
+        assert [s["model_version"] for s in first] == expected
+        assert [s["model_version"] for s in again] == expected
+        assert 70 < expected.count(challenger) < 130
+        roles = {s["model_version"]: s["model_role"] for s in first}
+        assert roles == {champion: "champion", challenger: "challenger"}
+
+    log = pl.read_parquet(sorted(log_dir.glob("part-*.parquet")))
+    shadow_row = log.filter(pl.col("trip_id") == "trip-61").row(0, named=True)
+    assert shadow_row["rollout_mode"] == "shadow" and shadow_row["answered_by"] == "champion"
+    assert shadow_row["champion_version"] == champion
+    assert shadow_row["challenger_version"] == challenger
+    assert shadow_row["champion_score"] == pytest.approx(shadowed.json()["score"])
+    assert shadow_row["challenger_score"] is not None
+    canary = log.filter(pl.col("rollout_mode") == "canary")
+    assert canary.height == 400
+    assert canary["challenger_score"].null_count() == 0
+    answered = canary.head(200)["answered_by"].to_list()
+    assert answered == ["challenger" if v == challenger else "champion" for v in expected]
+
+
+def test_body_size_limit(backend: Backend, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, max_body_bytes=4096)
+    with serving(settings, backend.registry) as client:
+        response = client.post("/v1/score", json=trip_body(71))
+        assert response.status_code == 413
+        assert response.json()["error"] == "body_too_large"
+
+        def chunks() -> Iterator[bytes]:
+            yield b'{"vehicle_id": "v", "pings": ['
+            for _ in range(200):
+                yield b'{"ts": 0, "lat": 0, "lon": 0},'
+
+        chunked = client.post(
+            "/v1/score", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert chunked.status_code == 413
+
+
+def test_auth_is_on_by_default_off_localhost(backend: Backend, tmp_path: Path) -> None:
+    from driverscore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no token is set"):
+        create_app(_settings(tmp_path, host="0.0.0.0"), backend.registry)
+    token_file = tmp_path / "tokens"
+    token_file.write_text("first\nsecond\n")
+    app = create_app(_settings(tmp_path, host="0.0.0.0", token_file=token_file), backend.registry)
+    assert app.state.service.auth and len(app.state.service.tokens) == 2
+    assert not create_app(_settings(tmp_path), backend.registry).state.service.auth
