@@ -177,3 +177,31 @@ def test_empty_input() -> None:
     result = clean(pings([]))
     assert result.counts["rows_in"] == result.counts["kept"] == 0
     assert result.quarantine.height == 0
+
+
+def test_jump_prefilter_decides_like_the_full_haversine() -> None:
+    """Only steps whose cheap bound could be too fast get the haversine: same decisions."""
+    import numpy as np
+
+    from driverscore.domain.cleaning import SortKeys, _gps_jumps, haversine_m
+
+    rng = np.random.default_rng(5)
+    n = 50_000
+    vehicle = np.repeat(np.arange(50, dtype=np.int64), n // 50)
+    ts_us = np.cumsum(rng.choice([1, 1, 2, 400], n)) * 1_000_000
+    lat = 60.0 * np.sin(np.cumsum(rng.normal(0, 1e-3, n)))  # far north and south too
+    lon = 170.0 * np.sin(np.cumsum(rng.normal(0, 1e-3, n)))
+    # Steps just below, at and above the limit, and spikes.
+    lat += rng.choice([0.0, 0.0, 0.0, 8e-4, 8.1e-4, 0.5], n)
+    config = CleaningConfig()
+    keys = SortKeys(vehicle=vehicle, ts_us=ts_us, trip=None)
+    jumps = _gps_jumps(lat, lon, keys, config, 300.0)
+
+    step = haversine_m(lat[:-1], lon[:-1], lat[1:], lon[1:])
+    dt_s = np.diff(ts_us) / 1e6
+    neighbours = (np.diff(vehicle) == 0) & (np.diff(ts_us) <= 300_000_000)
+    fast = (step / dt_s > config.max_implied_speed_mps) & neighbours
+    expected = np.zeros(n, dtype=bool)
+    expected[1:-1] = fast[:-1] & fast[1:]
+    assert expected.sum() > 100
+    assert np.array_equal(jumps, expected)

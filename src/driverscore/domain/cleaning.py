@@ -322,18 +322,26 @@ def _gps_jumps(
     jump = np.zeros(n, dtype=bool)
     if n < 3:
         return jump
-    dt_s = np.diff(keys.ts_us) / 1e6  # > 0 within a vehicle: duplicates are gone
-    bound_m = (np.abs(np.diff(lat)) + np.abs(np.diff(lon))) * _DEG_TO_M
-    candidate = (bound_m * (1.0 + 1e-6) >= config.max_implied_speed_mps * dt_s) & ~(
-        neighbour_starts_keys(keys, gap_s)[1:]
+    ts = keys.ts_us
+    bound_deg = np.abs(np.diff(lat))
+    bound_deg += np.abs(np.diff(lon))
+    # bound_m >= limit * dt_s, with a margin far above rounding so no fast step is missed.
+    per_us = config.max_implied_speed_mps * 1e-6 / (_DEG_TO_M * (1.0 + 1e-6))
+    steps = np.flatnonzero(bound_deg >= np.diff(ts) * per_us)
+    # Neighbours only: same vehicle (and given trip), not farther apart than the gap.
+    after = steps + 1
+    same = (keys.vehicle[steps] == keys.vehicle[after]) & (
+        ts[after] - ts[steps] <= int(gap_s * 1e6)
     )
-    steps = np.flatnonzero(candidate)
+    if keys.trip is not None:
+        same &= keys.trip[steps] == keys.trip[after]
+    steps, after = steps[same], after[same]
     if steps.size == 0:
         return jump
-    # implied[i]: speed on the step from fix i to fix i + 1.
-    implied = step_metres_between(lat[steps], lon[steps], lat[steps + 1], lon[steps + 1])
+    # implied[i]: speed on the step from fix i to fix i + 1 (dt > 0: duplicates are gone).
+    implied = step_metres_between(lat[steps], lon[steps], lat[after], lon[after])
     fast = np.zeros(n - 1, dtype=bool)
-    fast[steps] = implied / dt_s[steps] > config.max_implied_speed_mps
+    fast[steps] = implied / ((ts[after] - ts[steps]) / 1e6) > config.max_implied_speed_mps
     jump[1:-1] = fast[:-1] & fast[1:]
     return jump
 
@@ -466,7 +474,6 @@ def clean_with_keys(
     jump_rows = rows[jumps]
     if jump_rows.size:
         rows, keys = rows[~jumps], keys.take(~jumps)
-        lat, lon = lat[~jumps], lon[~jumps]
 
     if not _is_identity(rows, rows_in) and max(frame.n_chunks("all"), default=1) > 1:
         frame = frame.rechunk()  # a frame in one chunk gathers several times faster
@@ -477,6 +484,8 @@ def clean_with_keys(
     fills: list[pl.Expr] = []
     if counts["derived_speed"] or counts["derived_heading"]:
         need = (kept["speed_mps"].is_null() | kept["heading_deg"].is_null()).to_numpy()
+        if jump_rows.size:
+            lat, lon = lat[~jumps], lon[~jumps]
         speed, heading = _derived_motion(
             np.flatnonzero(need), need, lat, lon, keys, neighbour_gap_s
         )
