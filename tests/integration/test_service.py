@@ -588,3 +588,92 @@ def test_auth_is_on_by_default_off_localhost(backend: Backend, tmp_path: Path) -
     app = create_app(_settings(tmp_path, host="0.0.0.0", token_file=token_file), backend.registry)
     assert app.state.service.auth and len(app.state.service.tokens) == 2
     assert not create_app(_settings(tmp_path), backend.registry).state.service.auth
+
+
+def test_openapi_documents_every_field(client: httpx.Client) -> None:
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    ours = [
+        "PingIn",
+        "TripIn",
+        "TripFeaturesIn",
+        "TripFeaturesOut",
+        "TripScore",
+        "BatchScoreRequest",
+        "ModelVersionInfo",
+        "RolloutPolicy",
+        "FieldProblem",
+    ]
+    undocumented = [
+        f"{name}.{prop}"
+        for name in ours
+        for prop, spec in components[name]["properties"].items()
+        if not spec.get("description")
+    ]
+    assert not undocumented
+    assert "m/s" in components["PingIn"]["properties"]["speed_mps"]["description"]
+    paths = schema["paths"]
+    for path in ("/v1/score", "/v1/score:batch", "/invocations", "/ping", "/v1/models"):
+        assert path in paths
+
+
+def test_rollout_file_changes_the_split_without_restart(backend: Backend, tmp_path: Path) -> None:
+    rollout = tmp_path / "rollout.json"
+    rollout.write_text('{"mode": "champion"}')
+    settings = _settings(tmp_path, rollout_file=rollout, poll_interval_s=0.2)
+    with serving(settings, backend.registry) as client:
+        assert client.get("/v1/rollout").json()["mode"] == "champion"
+        rollout.write_text('{"mode": "canary", "challenger_percent": 100}')
+        _wait_for(lambda: client.get("/v1/rollout").json()["mode"] == "canary")
+        body = client.post("/v1/score", json=trip_body(81)).json()
+        assert body["model_version"] == backend.versions[1]
+        assert body["model_role"] == "challenger"
+        rollout.write_text("not json")  # a broken file keeps the last good split
+        time.sleep(0.6)
+        assert client.get("/v1/rollout").json()["challenger_percent"] == 100
+
+
+def test_serve_command_speaks_the_sagemaker_contract(backend: Backend, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    assert Settings().service.port == 8080  # SageMaker's port by default
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DRIVERSCORE_HOME": str(tmp_path),
+        "DRIVERSCORE_MLFLOW_TRACKING_URI": f"sqlite:///{backend.root / 'mlflow.db'}",
+        "DRIVERSCORE_MODEL_NAME": backend.model_name,
+    }
+    log = (tmp_path / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "driverscore", "serve", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            deadline = time.monotonic() + 90
+            while True:
+                assert process.poll() is None, (tmp_path / "serve.log").read_text()
+                try:
+                    if client.get("/ping").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(0.3)
+            response = client.post("/invocations", json=trip_body(91))
+            assert response.status_code == 200, response.text
+            assert response.json()["model_version"] == backend.versions[0]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+    lines = (tmp_path / "serve.log").read_text().splitlines()
+    import json
+
+    requests = [json.loads(x) for x in lines if x.startswith("{") and '"request"' in x]
+    assert any(r.get("route") == "/invocations" and r["status"] == 200 for r in requests)

@@ -219,8 +219,8 @@ class ErrorResponse(BaseModel):
 class ModelVersionInfo(BaseModel):
     """A loaded model version with what it learned from and how it measured."""
 
-    role: Literal["champion", "challenger"]
-    version: str
+    role: Literal["champion", "challenger"] = Field(description="Registry alias it serves as.")
+    version: str = Field(description="Registered model version.")
     loaded_at: datetime = Field(description="When this process loaded it, UTC.")
     created_at: datetime = Field(description="When it was trained, UTC.")
     decision_threshold: float = Field(description="Alerting probability threshold (0-1).")
