@@ -136,6 +136,21 @@ def canonical_pings(pings: pl.DataFrame) -> pl.DataFrame:
     required columns (those rows are quarantined, not raised on) and keeps ``source``.
     """
     exprs: list[pl.Expr] = []
+    # fill_nan copies the column: only columns that hold a NaN get it.
+    floats = [name for name in _NAN_AS_NULL if name in pings.columns]
+    with_nan = (
+        {
+            name
+            for name, found in pings.select(
+                pl.col(name).cast(pl.Float64).is_nan().any() for name in floats
+            )
+            .row(0, named=True)
+            .items()
+            if found
+        }
+        if floats and pings.height
+        else set()
+    )
     for name, dtype in PING_SCHEMA.items():
         if name not in pings.columns:
             exprs.append(pl.lit(None, dtype=dtype).alias(name))
@@ -143,7 +158,7 @@ def canonical_pings(pings: pl.DataFrame) -> pl.DataFrame:
         expr = pl.col(name)
         if pings.schema[name] != dtype:
             expr = expr.cast(dtype)
-        if name in _NAN_AS_NULL:
+        if name in with_nan:
             expr = expr.fill_nan(None)
         exprs.append(expr)
     if "source" in pings.columns:
