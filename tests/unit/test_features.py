@@ -238,3 +238,15 @@ def test_day_remainder_without_division_is_exact() -> None:
     rng = np.random.default_rng(0)
     many = rng.integers(-(2**55), 2**55, 100_000, dtype=np.int64)
     assert np.array_equal(_mod_day(many), many % day)
+
+
+def test_night_hour_thresholds_match_the_float_hour() -> None:
+    import numpy as np
+
+    from driverscore.domain.features import _first_us_at
+
+    for hour in (0.0, 5.0, 22.0, 21.999999999, 6.5, 23.75, 1e-12, 13.0 + 1 / 3):
+        us = _first_us_at(hour)
+        around = np.arange(max(0, us - 5), us + 5, dtype=np.int64)
+        hours = around.astype(np.float64) * (1.0 / 3.6e9)
+        assert np.array_equal(hours >= hour, around >= us)

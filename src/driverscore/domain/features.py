@@ -247,6 +247,22 @@ def _mod_day(t_us: IntArray) -> IntArray:
     return rest
 
 
+def _first_us_at(hour: float) -> int:
+    """The smallest time of day (µs) whose hour, computed as in ``_local_hour``, is >= hour.
+
+    The hour of ``us`` is ``float(us) * (1 / 3.6e9)``, non-decreasing in ``us``, so
+    ``hour_of(us) >= hour`` exactly when ``us >= _first_us_at(hour)``: the night test then
+    compares integers, with the same outcome fix for fix.
+    """
+    scale = 1.0 / 3.6e9
+    us = max(0, math.ceil(hour * 3.6e9))
+    while us > 0 and float(us - 1) * scale >= hour:
+        us -= 1
+    while float(us) * scale < hour:
+        us += 1
+    return us
+
+
 def _night_np(frame: pl.DataFrame, t_us: IntArray, config: FeatureConfig) -> BoolArray:
     if config.timezone is not None:
         night: BoolArray = frame.select(_is_night(config)).to_series().to_numpy()
@@ -254,12 +270,13 @@ def _night_np(frame: pl.DataFrame, t_us: IntArray, config: FeatureConfig) -> Boo
     # Mean solar time: UTC shifted by 4 minutes (240 s) per degree of longitude east.
     # Integer microseconds: exact, and integer modulo is much cheaper than float modulo.
     local_us = t_us + (_floats(frame, "lon") * 240e6).astype(np.int64)
-    hour = _mod_day(local_us).astype(np.float64) * (1.0 / 3.6e9)
-    start, end = config.night_start_hour, config.night_end_hour
-    if start > end:  # the window wraps midnight, e.g. 22 → 5
-        result: BoolArray = (hour >= start) | (hour < end)
+    of_day = _mod_day(local_us)
+    start = _first_us_at(config.night_start_hour)
+    end = _first_us_at(config.night_end_hour)
+    if config.night_start_hour > config.night_end_hour:  # wraps midnight, e.g. 22 → 5
+        result: BoolArray = (of_day >= start) | (of_day < end)
         return result
-    result = (hour >= start) & (hour < end)
+    result = (of_day >= start) & (of_day < end)
     return result
 
 
