@@ -253,11 +253,22 @@ CONTENDERS = {"floor": run_floor, "driverscore": run_driverscore, "pandas": run_
 
 def _measure(mode: str, directory: Path, limit: int) -> dict[str, Any]:
     files = sorted(directory.glob("part-*.parquet"))
+    before = resource.getrusage(resource.RUSAGE_SELF)
     began = time.perf_counter()
     rows = CONTENDERS[mode](files, limit)
     seconds = time.perf_counter() - began
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"mode": mode, "pings": rows, "seconds": seconds, "peak_rss_mb": peak_kb / 1024}
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    # CPU seconds (user + system, all threads): less sensitive than wall time to other jobs
+    # on a shared machine, though not to memory-bandwidth contention.
+    cpu = (usage.ru_utime - before.ru_utime) + (usage.ru_stime - before.ru_stime)
+    peak_kb = usage.ru_maxrss  # KiB on Linux
+    return {
+        "mode": mode,
+        "pings": rows,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "peak_rss_mb": peak_kb / 1024,
+    }
 
 
 def main() -> None:
@@ -286,17 +297,26 @@ def main() -> None:
         results[mode] = json.loads(output.strip().splitlines()[-1])
         results[mode]["rate"] = results[mode]["pings"] / results[mode]["seconds"]
 
-    print(f"\n{'contender':<13}{'pings':>14}{'seconds':>10}{'pings/s':>14}{'peak RSS':>12}")
+    print(
+        f"\n{'contender':<13}{'pings':>14}{'seconds':>10}{'pings/s':>14}"
+        f"{'CPU s':>9}{'pings/CPU s':>14}{'peak RSS':>12}"
+    )
     for mode, r in results.items():
         print(
-            f"{mode:<13}{r['pings']:>14,}{r['seconds']:>10.2f}"
-            f"{r['rate']:>14,.0f}{r['peak_rss_mb']:>9,.0f} MB"
+            f"{mode:<13}{r['pings']:>14,}{r['seconds']:>10.2f}{r['rate']:>14,.0f}"
+            f"{r['cpu_seconds']:>9.2f}{r['pings'] / r['cpu_seconds']:>14,.0f}"
+            f"{r['peak_rss_mb']:>9,.0f} MB"
         )
     if "driverscore" in results:
-        ours = results["driverscore"]["rate"]
+        ours = results["driverscore"]
         for other in ("pandas", "floor"):
             if other in results:
-                print(f"driverscore / {other}: {ours / results[other]['rate']:.2f}x pings/s")
+                theirs = results[other]
+                wall = ours["rate"] / theirs["rate"]
+                cpu = (ours["pings"] / ours["cpu_seconds"]) / (
+                    theirs["pings"] / theirs["cpu_seconds"]
+                )
+                print(f"driverscore / {other}: {wall:.2f}x pings/s, {cpu:.2f}x pings per CPU s")
 
 
 if __name__ == "__main__":
