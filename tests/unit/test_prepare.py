@@ -122,3 +122,27 @@ def test_event_sources_and_derived_speed(fleet: pl.DataFrame) -> None:
     assert sources["veh-000"] == sources["veh-002"] == "gps"
     assert prepared.pings["speed_mps"].null_count() == 0
     assert prepared.features["distance_km"].min() > 0.2  # type: ignore[operator]
+
+
+def test_given_trip_ids_that_come_back_are_one_trip() -> None:
+    """A given id that recurs later for the vehicle is still one feature row."""
+    rng = np.random.default_rng(3)
+    a = burst(rng, 1, 0).with_columns(trip_id=pl.lit("t-1"))
+    b = burst(rng, 1, 1).with_columns(trip_id=pl.lit("t-2"))
+    c = burst(rng, 1, 2).with_columns(trip_id=pl.lit("t-1"))
+    prepared = prepare(pl.concat([a, b, c]))
+    assert prepared.features["trip_id"].to_list() == ["t-1", "t-2"]
+    assert prepared.counts["rows_in"] == prepared.counts["kept"] + prepared.counts["quarantined"]
+    alone = prepare(b)
+    assert_frame_equal(
+        prepared.features.filter(pl.col("trip_id") == "t-2"), alone.features, check_exact=True
+    )
+
+
+def test_sorted_and_shuffled_input_give_the_same_result(fleet: pl.DataFrame) -> None:
+    ordered = prepare(fleet.sort("vehicle_id", "ts", maintain_order=True))
+    shuffled = prepare(fleet)
+    assert_frame_equal(ordered.features, shuffled.features, check_exact=True)
+    assert_frame_equal(
+        ordered.pings.drop("source"), shuffled.pings.drop("source"), check_exact=True
+    )

@@ -208,11 +208,6 @@ def ordinal_codes(values: pl.Series) -> IntArray:
     return result
 
 
-def equality_codes(values: pl.Series) -> IntArray:
-    """int64 codes equal exactly where the values are equal (all nulls share one code)."""
-    return ordinal_codes(values)
-
-
 def ts_us_array(frame: pl.DataFrame) -> IntArray:
     """``ts`` as epoch microseconds in numpy (nulls as the smallest int64)."""
     result: IntArray = frame["ts"].dt.epoch("us").fill_null(np.iinfo(np.int64).min).to_numpy()
@@ -222,7 +217,7 @@ def ts_us_array(frame: pl.DataFrame) -> IntArray:
 def sort_keys(frame: pl.DataFrame) -> SortKeys:
     """The integer keys of ``frame`` (any order)."""
     trip = frame["trip_id"]
-    trip_codes = None if trip.null_count() == len(trip) else equality_codes(trip)
+    trip_codes = None if trip.null_count() == len(trip) else ordinal_codes(trip)
     return SortKeys(ordinal_codes(frame["vehicle_id"]), ts_us_array(frame), trip_codes)
 
 
