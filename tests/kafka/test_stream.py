@@ -149,7 +149,7 @@ def start_stream(home: Path, tmp_path: Path) -> Iterator[StreamStarter]:
 
 
 def _consume(
-    config: KafkaConfig, topic: str, count: int, stream: StreamProcess, timeout_s: float = 180
+    config: KafkaConfig, topic: str, count: int, stream: StreamProcess, timeout_s: float = 300
 ) -> list[Message]:
     consumer = Consumer(
         {
