@@ -66,6 +66,8 @@ _log = logging.getLogger("driverscore.service")
 _LOCAL_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
 #: How often the background loop wakes to flush the prediction log (s).
 _TICK_S: Final = 1.0
+#: Largest magnitude of a feature value: the model's inputs are float32.
+_MODEL_MAX: Final = 3.4e38
 
 
 class _ServiceError(Exception):
@@ -675,10 +677,21 @@ def _score_csv(state: ServiceState, request: Request, body: bytes) -> pl.DataFra
                 ]
             )
         features = raw.with_columns(pl.col(card.feature_names).cast(pl.Float64, strict=False))
-        bad = [n for n in card.feature_names if features[n].null_count() > raw[n].null_count()]
+        bad = [
+            n
+            for n in card.feature_names
+            if features[n].null_count() > raw[n].null_count()
+            # NaN, infinity and values beyond float32 (the model's input type) too.
+            or not features[n].drop_nulls().abs().le(_MODEL_MAX).all()
+        ]
         if bad:
             raise InvalidTripsError(
-                [FieldProblem(field=b, message="values that are not numbers") for b in bad]
+                [
+                    FieldProblem(
+                        field=b, message=f"values that are not numbers up to {_MODEL_MAX:g}"
+                    )
+                    for b in bad
+                ]
             )
     scored = scorer.score_trips(features, now)
     request.scope["state"]["model_version"] = scorer.model_version

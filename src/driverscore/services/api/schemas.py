@@ -34,6 +34,8 @@ _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 _Id = Annotated[str, Field(min_length=1, max_length=200)]
 #: Epoch milliseconds: 0 .. year 2500.
 _EpochMs = Annotated[int, Field(ge=0, le=16_725_225_600_000)]
+#: Largest feature value the model takes: its inputs are float32.
+_MODEL_MAX = 3.4e38
 
 
 class PingIn(BaseModel):
@@ -66,13 +68,21 @@ class TripFeaturesIn(BaseModel):
 
     model_config = _STRICT
 
-    distance_km: float = Field(ge=0, description="Distance driven, km.")
-    avg_speed_kmh: float = Field(ge=0, description="Mean speed while moving, km/h.")
-    p95_speed_kmh: float = Field(ge=0, description="95th percentile of speed, km/h.")
-    speed_std_kmh: float = Field(ge=0, description="Standard deviation of speed, km/h.")
-    hard_brake_per_100km: float = Field(ge=0, description="Hard-braking events per 100 km.")
-    harsh_accel_per_100km: float = Field(ge=0, description="Harsh-acceleration events per 100 km.")
-    harsh_corner_per_100km: float = Field(ge=0, description="Harsh-cornering events per 100 km.")
+    distance_km: float = Field(ge=0, le=_MODEL_MAX, description="Distance driven, km.")
+    avg_speed_kmh: float = Field(ge=0, le=_MODEL_MAX, description="Mean speed while moving, km/h.")
+    p95_speed_kmh: float = Field(ge=0, le=_MODEL_MAX, description="95th percentile of speed, km/h.")
+    speed_std_kmh: float = Field(
+        ge=0, le=_MODEL_MAX, description="Standard deviation of speed, km/h."
+    )
+    hard_brake_per_100km: float = Field(
+        ge=0, le=_MODEL_MAX, description="Hard-braking events per 100 km."
+    )
+    harsh_accel_per_100km: float = Field(
+        ge=0, le=_MODEL_MAX, description="Harsh-acceleration events per 100 km."
+    )
+    harsh_corner_per_100km: float = Field(
+        ge=0, le=_MODEL_MAX, description="Harsh-cornering events per 100 km."
+    )
     speeding_share: float | None = Field(
         None,
         ge=0,
@@ -85,7 +95,9 @@ class TripFeaturesIn(BaseModel):
     night_share: float = Field(ge=0, le=1, description="Share (0-1) of time in the night window.")
     idle_share: float = Field(ge=0, le=1, description="Share (0-1) of time below idle speed.")
     jerk_rms_mps3: float = Field(
-        ge=0, description="RMS change of longitudinal acceleration while moving, m/s³."
+        ge=0,
+        le=_MODEL_MAX,
+        description="RMS change of longitudinal acceleration while moving, m/s³.",
     )
     start_ts: AwareDatetime | None = Field(None, description="Trip start, UTC.")
     end_ts: AwareDatetime | None = Field(None, description="Trip end, UTC.")
