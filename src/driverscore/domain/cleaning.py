@@ -196,15 +196,11 @@ def ordinal_codes(values: pl.Series) -> IntArray:
     Only the heads of runs of equal values are ranked: batch frames come grouped by
     vehicle, so this compares one string per row and ranks a few hundred.
     """
-    n = len(values)
-    if n == 0:
+    if len(values) == 0:
         return np.zeros(0, dtype=np.int64)
-    starts = values.ne_missing(values.shift(1)).fill_null(True).to_numpy()
-    starts[0] = True
-    head_rows = np.flatnonzero(starts)
-    heads = values.gather(head_rows)
-    codes = heads.rank("dense").fill_null(0).cast(pl.Int64).to_numpy() - 1
-    result: IntArray = np.repeat(codes, np.diff(np.append(head_rows, n)))
+    runs = values.rle().struct.unnest()  # columns len, value: one row per run
+    codes = runs["value"].rank("dense").fill_null(0).cast(pl.Int64).to_numpy() - 1
+    result: IntArray = np.repeat(codes, runs["len"].to_numpy())
     return result
 
 
@@ -485,8 +481,12 @@ def clean_with_keys(
     if jump_rows.size:
         rows, keys = rows[~jumps], keys.take(~jumps)
 
-    if not _is_identity(rows, rows_in) and max(frame.n_chunks("all"), default=1) > 1:
-        frame = frame.rechunk()  # a frame in one chunk gathers several times faster
+    if not _is_identity(rows, rows_in):
+        # A string column in several chunks gathers several times slower than in one;
+        # numeric columns gather as fast either way, so only strings are rechunked.
+        strings = [name for name, dtype in frame.schema.items() if dtype == pl.String]
+        if strings and max(frame.select(strings).n_chunks("all")) > 1:
+            frame = frame.with_columns(frame[name].rechunk() for name in strings)
     kept = _gather(frame, rows)
     counts["filled_driver_id"] = kept["driver_id"].null_count()
     counts["derived_speed"] = kept["speed_mps"].null_count()
