@@ -367,14 +367,31 @@ def kafka_produce(
 
 @app.command()
 def stream(
+    pings: Annotated[
+        str | None, typer.Argument(help="--source file: ping file or folder (local or s3://).")
+    ] = None,
+    source: Annotated[
+        str, typer.Option(help="kafka: the pings topic; file: replay PINGS without Kafka.")
+    ] = "kafka",
+    mapping: Annotated[Path | None, typer.Option(help="YAML mapping for the ping file.")] = None,
+    speed: Annotated[
+        float, typer.Option(min=0, help="--source file: × real time (60: 1 min/s); 0: max.")
+    ] = 0.0,
+    out: Annotated[
+        Path | None, typer.Option(help="--source file: Parquet folder (default <home>/stream).")
+    ] = None,
     metrics_port: Annotated[
         int, typer.Option(help="Serve Prometheus /metrics on this port; 0: off.")
     ] = 0,
 ) -> None:
-    """Score trips from the pings topic as they close (Quix Streams consumer group)."""
+    """Score trips as they close, from the pings topic or a replayed ping file."""
     from driverscore.pipelines.training_run import open_registry
-    from driverscore.services.stream import StreamMetrics, build_stream_application
+    from driverscore.services.stream import StreamMetrics, TripScoringStep, build_stream_application
 
+    if source not in ("kafka", "file"):
+        raise ConfigError(f"--source: '{source}' is neither kafka nor file")
+    if (source == "file") != (pings is not None):
+        raise ConfigError("PINGS is required with --source file and not allowed otherwise")
     settings = _settings()
     scorer = open_registry(settings).load_scorer(settings.kafka.model_alias)
     metrics = StreamMetrics()
@@ -382,6 +399,25 @@ def stream(
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, registry=metrics.registry)
+    if pings is not None:
+        from driverscore.adapters.ping_files import load_canonical_pings
+        from driverscore.services.stream_embedded import ParquetScoreSink, run_embedded_stream
+
+        frame, rejected = load_canonical_pings(
+            pings, _load_mapping(mapping), settings.storage_options()
+        )
+        folder = (out or settings.home / "stream").resolve()
+        step = TripScoringStep(scorer, settings.kafka.alert_below_score, metrics)
+        result = run_embedded_stream(
+            frame, step, ParquetScoreSink(folder), grace_s=settings.kafka.grace_s, speed=speed
+        )
+        typer.echo(
+            f"replayed {result.pings:,} pings: {result.trips:,} trips scored, "
+            f"{result.alerts:,} alerts, in {result.wall_s:.1f}s → {folder}"
+        )
+        if rejected:
+            typer.echo(f"{rejected:,} rows rejected by the column mapping (not replayed)")
+        return
     state_dir = settings.kafka.state_dir or (settings.home / "stream-state")
     app_ = build_stream_application(settings.kafka, scorer, state_dir.resolve(), metrics)
     err_console.print(

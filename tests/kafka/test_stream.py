@@ -23,80 +23,14 @@ from confluent_kafka import Consumer, Message, Producer
 from driverscore.adapters.kafka.admin import create_topics, topic_names
 from driverscore.adapters.kafka.messages import encode_ping
 from driverscore.adapters.kafka.producer import clock_after, make_producer, replay_pings, send_clock
-from driverscore.adapters.registry import CHAMPION
-from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
 from driverscore.domain.features import FEATURE_COLUMNS
 from driverscore.domain.prepare import prepare_trips
-from driverscore.domain.scoring import TripScorer, feature_matrix
-from driverscore.pipelines.training_run import open_registry
-from driverscore.services.stream import DLQ_REASON_HEADER
-from driverscore.settings import GateConfig, KafkaConfig, Settings, TrainingConfig
-from driverscore.simulation import DirtConfig, SimulationConfig, simulate
-from driverscore.training.dataset import label_trips, time_split
-from driverscore.training.gate import evaluate, run_gate
-from driverscore.training.model import train_model
-from driverscore.training.onnx_export import export_onnx
-from driverscore.training.synthetic import synthetic_trips
+from driverscore.domain.scoring import TripScorer
+from driverscore.services.stream import DLQ_REASON_HEADER, StreamMetrics, TripScoringStep
+from driverscore.services.stream_embedded import MemoryScoreSink, run_embedded_stream
+from driverscore.settings import KafkaConfig
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
-
-CLEAN = DirtConfig(
-    duplicate_rate=0,
-    out_of_order_rate=0,
-    zero_coordinate_rate=0,
-    gps_spike_rate=0,
-    impossible_speed_rate=0,
-    bad_timestamp_rate=0,
-)
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A driverscore home whose registry holds a champion trained on synthetic trips."""
-    root = tmp_path_factory.mktemp("stream-home")
-    settings = Settings(home=root)
-    features, incidents = synthetic_trips(3000, seed=11)
-    labelled = label_trips(features, incidents, datetime(2026, 5, 20, tzinfo=UTC), 7.0)
-    train, holdout = time_split(labelled, 0.25)
-    trained = train_model(train, TrainingConfig(max_iter=40, min_samples_leaf=50))
-    x = feature_matrix(holdout, trained.feature_names)
-    card = trained.model_card(
-        cleaning_config=CleaningConfig(),
-        trip_config=TripConfig(),
-        feature_config=FeatureConfig(),
-    )
-    metrics = evaluate(
-        holdout["incident"].to_numpy(),
-        trained.predict_proba(x),
-        card.decision_threshold,
-        holdout["fleet_id"].to_numpy(),
-    )
-    report = run_gate(
-        metrics, None, GateConfig(min_roc_auc=0.5, max_brier=0.5, max_calibration_error=0.5)
-    )
-    registered = open_registry(settings).register(
-        trained,
-        export_onnx(trained, x),
-        card,
-        report,
-        params={},
-        data_versions={},
-        code_version="test",
-        sample=holdout.head(5),
-    )
-    assert registered.alias == CHAMPION
-    return root
-
-
-@pytest.fixture(scope="module")
-def scorer(home: Path) -> TripScorer:
-    return open_registry(Settings(home=home)).load_scorer(CHAMPION)
-
-
-@pytest.fixture(scope="module")
-def day_of_pings() -> pl.DataFrame:
-    config = SimulationConfig(vehicles=4, days=1, seed=5, dirt=CLEAN)
-    return simulate(config).pings
 
 
 def _env(home: Path, config: KafkaConfig) -> dict[str, str]:
@@ -189,6 +123,14 @@ def _frame(messages: list[Message]) -> pl.DataFrame:
     return pl.DataFrame(rows, infer_schema_length=None).sort("trip_id")
 
 
+def _records(lines: list[bytes] | list[str]) -> list[dict[str, object]]:
+    """JSON records by trip id, without the wall-clock scoring time."""
+    rows = [json.loads(line) for line in lines]
+    for row in rows:
+        row.pop("scored_at", None)
+    return sorted(rows, key=lambda row: str(row["trip_id"]))
+
+
 def test_stream_scores_every_trip_exactly_as_batch_does(
     start_stream: StreamStarter,
     kafka_config: KafkaConfig,
@@ -219,12 +161,13 @@ def test_stream_scores_every_trip_exactly_as_batch_does(
         kafka_config.partitions,
     )
 
-    scores = _frame(
-        _consume(kafka_config, kafka_config.topics.scores, expected.height, stream_process)
+    score_messages = _consume(
+        kafka_config, kafka_config.topics.scores, expected.height, stream_process
     )
-    features = _frame(
-        _consume(kafka_config, kafka_config.topics.trip_features, expected.height, stream_process)
+    feature_messages = _consume(
+        kafka_config, kafka_config.topics.trip_features, expected.height, stream_process
     )
+    scores, features = _frame(score_messages), _frame(feature_messages)
     assert scores["trip_id"].to_list() == expected["trip_id"].to_list()
     assert features["trip_id"].to_list() == expected["trip_id"].to_list()
     numeric = [c for c in FEATURE_COLUMNS if expected.schema[c].is_numeric()]
@@ -239,9 +182,24 @@ def test_stream_scores_every_trip_exactly_as_batch_does(
 
     low = expected.filter(pl.col("score") < threshold)
     assert 0 < low.height < expected.height
-    alerts = _frame(_consume(kafka_config, kafka_config.topics.alerts, low.height, stream_process))
+    alert_messages = _consume(kafka_config, kafka_config.topics.alerts, low.height, stream_process)
+    alerts = _frame(alert_messages)
     assert alerts["trip_id"].to_list() == low["trip_id"].to_list()
     assert all(text.startswith("score ") for text in alerts["alert"])
+
+    # The embedded runner (no Kafka) publishes the very same records, field for field.
+    sink = MemoryScoreSink()
+    step = TripScoringStep(scorer, threshold, StreamMetrics())
+    run_embedded_stream(day_of_pings, step, sink, grace_s=kafka_config.grace_s)
+    for embedded, published in (
+        (sink.scores, score_messages),
+        (sink.features, feature_messages),
+        (sink.alerts, alert_messages),
+    ):
+        assert len(published) == embedded.height
+        assert _records(embedded.write_ndjson().splitlines()) == _records(
+            [m.value() for m in published]
+        )
 
 
 def test_poison_messages_reach_the_dead_letter_topic_while_good_traffic_flows(

@@ -12,7 +12,6 @@ rows, score records and alerts are published.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from driverscore.adapters.kafka.messages import CLOCK_KEY, decode_message, pings_frame
@@ -27,7 +27,15 @@ from driverscore.domain.prepare import prepare_trips
 from driverscore.domain.scoring import TripScorer
 from driverscore.settings import KafkaConfig
 
-__all__ = ["StreamMetrics", "TripOutput", "TripScoringStep", "build_stream_application"]
+__all__ = [
+    "ScoredSession",
+    "StreamMetrics",
+    "TripOutput",
+    "TripScoringStep",
+    "alert_text",
+    "build_stream_application",
+    "trip_outputs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +85,29 @@ class TripOutput:
     alert: bytes | None
 
 
+@dataclass(frozen=True)
+class ScoredSession:
+    """The trips of one closed session: feature rows, score records, and the alerting ones.
+
+    ``alerts`` are the score records below the alert threshold plus an ``alert`` text.
+    """
+
+    features: pl.DataFrame
+    records: pl.DataFrame
+    alerts: pl.DataFrame
+
+
+def alert_text(score: float, alert_below_score: float) -> str:
+    return f"score {score:.1f} below {alert_below_score:g}"
+
+
 class TripScoringStep:
-    """A closed session's pings → trip features and score records, with the batch code."""
+    """A closed session's pings → trip features and score records, with the batch code.
+
+    The one trip-closing function of every stream runner: the Kafka processor
+    (:func:`build_stream_application`) and the embedded file replay
+    (``services/stream_embedded.py``) both hand each closed session to :meth:`close`.
+    """
 
     def __init__(
         self,
@@ -92,10 +121,12 @@ class TripScoringStep:
         self.metrics = metrics
         self.now = now
 
-    def __call__(self, pings: list[dict[str, Any]]) -> list[TripOutput]:
+    def score_session(self, pings: list[dict[str, Any]]) -> ScoredSession | None:
+        """Prepare and score one session's pings; None when no trip is long enough to score."""
         with self.metrics.scoring_seconds.time():
             now = self.now()
-            card = self.scorer.card
+            scorer = self.scorer
+            card = scorer.card
             prepared = prepare_trips(
                 pings_frame(pings),
                 card.cleaning_config,
@@ -105,24 +136,61 @@ class TripScoringStep:
             )
             if prepared.features.height == 0:
                 self.metrics.trips.labels("set_aside").inc()
-                return []
-            records = self.scorer.score_trips(prepared.features, scored_at=now)
-        outputs: list[TripOutput] = []
-        feature_lines = prepared.features.write_ndjson().splitlines()
-        score_lines = records.write_ndjson().splitlines()
-        for row, feature_line, score_line in zip(
-            records.select("trip_id", "score").iter_rows(), feature_lines, score_lines, strict=True
-        ):
-            trip_id, score = str(row[0]), float(row[1])
-            alert: bytes | None = None
-            if score < self.alert_below_score:
-                body = json.loads(score_line)
-                body["alert"] = f"score {score:.1f} below {self.alert_below_score:g}"
-                alert = json.dumps(body, separators=(",", ":")).encode()
-                self.metrics.alerts.inc()
-            outputs.append(TripOutput(trip_id, feature_line.encode(), score_line.encode(), alert))
-            self.metrics.trips.labels("scored").inc()
-        return outputs
+                return None
+            records = scorer.score_trips(prepared.features, scored_at=now)
+        low = records.filter(pl.col("score") < self.alert_below_score)
+        alerts = low.with_columns(
+            pl.Series(
+                "alert",
+                [alert_text(float(s), self.alert_below_score) for s in low["score"]],
+                dtype=pl.String,
+            )
+        )
+        self.metrics.trips.labels("scored").inc(records.height)
+        self.metrics.alerts.inc(alerts.height)
+        return ScoredSession(prepared.features, records, alerts)
+
+    def close(
+        self, vehicle: str, start: object, pings: list[dict[str, Any]]
+    ) -> ScoredSession | None:
+        """:meth:`score_session`, but a session that fails is counted and logged, not raised.
+
+        A trip that cannot be scored must not stop the stream.
+        """
+        try:
+            return self.score_session(pings)
+        except Exception:
+            self.metrics.trips.labels("failed").inc()
+            log.exception("trip of %s starting at %s could not be scored", vehicle, start)
+            return None
+
+    def __call__(self, pings: list[dict[str, Any]]) -> list[TripOutput]:
+        scored = self.score_session(pings)
+        return trip_outputs(scored) if scored is not None else []
+
+
+def trip_outputs(scored: ScoredSession) -> list[TripOutput]:
+    """One closed session's trips as the JSON messages of the output topics."""
+    feature_lines = scored.features.write_ndjson().splitlines()
+    score_lines = scored.records.write_ndjson().splitlines()
+    alert_lines = dict(
+        zip(
+            scored.alerts["trip_id"].to_list(),
+            scored.alerts.write_ndjson().splitlines(),
+            strict=True,
+        )
+    )
+    return [
+        TripOutput(
+            str(trip_id),
+            feature_line.encode(),
+            score_line.encode(),
+            alert_lines[trip_id].encode() if trip_id in alert_lines else None,
+        )
+        for trip_id, feature_line, score_line in zip(
+            scored.records["trip_id"].to_list(), feature_lines, score_lines, strict=True
+        )
+    ]
 
 
 def _decode_step(metrics: StreamMetrics) -> Callable[[Any, Any, int, Any], dict[str, Any]]:
@@ -160,13 +228,8 @@ def _scored_session(step: TripScoringStep) -> Callable[[Any, Any, int, Any], lis
         pings = [p for p in window["value"] if not p.get("clock")]
         if not pings:
             return []
-        try:
-            return step(pings)
-        except Exception:
-            # A trip that cannot be scored must not stop the stream; it is counted and logged.
-            step.metrics.trips.labels("failed").inc()
-            log.exception("trip of %s starting at %s could not be scored", key, window["start"])
-            return []
+        scored = step.close(str(key), window["start"], pings)
+        return trip_outputs(scored) if scored is not None else []
 
     return score
 

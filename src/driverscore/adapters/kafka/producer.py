@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -12,9 +12,8 @@ import polars as pl
 from confluent_kafka import KafkaException, Producer  # type: ignore[import-untyped]
 
 from driverscore.adapters.kafka.messages import CLOCK_KEY, encode_batch, encode_clock, encode_ping
-from driverscore.adapters.readers import list_sources, read_table
-from driverscore.domain.mapping import ColumnMapping, apply_mapping
-from driverscore.errors import DriverscoreError, InputDataError
+from driverscore.adapters.ping_files import load_canonical_pings
+from driverscore.errors import DriverscoreError
 
 __all__ = ["ReplayResult", "load_canonical_pings", "make_producer", "replay_pings", "send_clock"]
 
@@ -41,27 +40,6 @@ def make_producer(bootstrap_servers: str) -> Any:
             "log_level": 0,
         }
     )
-
-
-def load_canonical_pings(
-    uri: str, mapping: ColumnMapping | None, storage_options: Mapping[str, object]
-) -> tuple[pl.DataFrame, int]:
-    """Canonical pings of every file at ``uri`` (batch readers and mapping), rejected rows."""
-    frames: list[pl.DataFrame] = []
-    rejected = 0
-    for source in list_sources(uri, storage_options):
-        raw = read_table(
-            source,
-            mapping.format if mapping else None,
-            storage_options,
-            delimiter=mapping.delimiter if mapping else ",",
-        )
-        mapped = apply_mapping(raw, mapping, source)
-        rejected += mapped.rejected.height
-        frames.append(mapped.pings.drop("source"))
-    if not frames:
-        raise InputDataError(f"{uri}: no pings")
-    return pl.concat(frames, how="vertical"), rejected
 
 
 def replay_pings(

@@ -1,0 +1,167 @@
+"""The embedded (Kafka-free) stream runner: same sessions as Quix, same scores as batch.
+
+No broker: these tests only share the registry and pings of the Kafka tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from driverscore.adapters.ping_files import load_canonical_pings
+from driverscore.domain.features import FEATURE_COLUMNS
+from driverscore.domain.mapping import ColumnMapping
+from driverscore.domain.prepare import prepare_trips
+from driverscore.domain.scoring import TripScorer
+from driverscore.services.stream import StreamMetrics, TripScoringStep
+from driverscore.services.stream_embedded import (
+    MemoryScoreSink,
+    SessionWindows,
+    run_embedded_stream,
+)
+
+pytestmark = [pytest.mark.slow]
+
+GAP_MS = 300_000
+GRACE_MS = 30_000
+
+
+def _ping(vehicle: str, ms: int) -> dict[str, Any]:
+    return {"ts": ms * 1000, "vehicle_id": vehicle, "lat": 52.0, "lon": 13.0}
+
+
+def _batch_scores(scorer: TripScorer, pings: pl.DataFrame) -> pl.DataFrame:
+    card = scorer.card
+    now = datetime.now(UTC)
+    prepared = prepare_trips(
+        pings, card.cleaning_config, card.trip_config, card.feature_config, now
+    )
+    return scorer.score_trips(prepared.features, scored_at=now).sort("trip_id")
+
+
+def _assert_same_scores(got: pl.DataFrame, expected: pl.DataFrame) -> None:
+    got = got.sort("trip_id")
+    assert expected.height >= 8
+    assert got["trip_id"].to_list() == expected["trip_id"].to_list()
+    for column in [c for c in FEATURE_COLUMNS if expected.schema[c].is_numeric()]:
+        assert got[column].is_null().to_list() == expected[column].is_null().to_list(), column
+        assert got[column].drop_nulls().to_list() == pytest.approx(
+            expected[column].drop_nulls().to_list(), rel=1e-12, abs=1e-12, nan_ok=True
+        ), column
+    assert got["score"].to_list() == pytest.approx(expected["score"].to_list(), abs=1e-9)
+    assert got["risk_band"].to_list() == expected["risk_band"].to_list()
+    assert got["reasons"].to_list() == expected["reasons"].to_list()
+    assert got["model_version"].to_list() == expected["model_version"].to_list()
+
+
+def test_a_ping_one_gap_after_the_last_starts_a_new_session() -> None:
+    windows = SessionWindows(GAP_MS, GRACE_MS)
+    assert windows.add(_ping("a", 0)) == []
+    assert windows.add(_ping("a", GAP_MS - 1)) == []  # joins: less than one gap later
+    assert windows.add(_ping("a", 2 * GAP_MS - 1)) == []  # one gap after the last: new
+    rest = windows.close_all()
+    assert [[p["ts"] // 1000 for p in s.pings] for s in rest] == [
+        [0, GAP_MS - 1],
+        [2 * GAP_MS - 1],
+    ]
+
+
+def test_a_session_closes_when_event_time_passes_its_end_plus_two_gaps_and_grace() -> None:
+    windows = SessionWindows(GAP_MS, GRACE_MS)
+    windows.add(_ping("a", 0))
+    end = 2 * GAP_MS + GRACE_MS
+    # Another vehicle's pings move event time; "a" stays open up to its closing time.
+    assert windows.add(_ping("b", end - 1)) == []
+    closed = windows.add(_ping("b", end))
+    assert [(s.vehicle, len(s.pings)) for s in closed] == [("a", 1)]
+    assert [s.vehicle for s in windows.close_all()] == ["b"]
+
+
+def test_embedded_runner_scores_every_trip_exactly_as_batch_does(
+    scorer: TripScorer, day_of_pings: pl.DataFrame
+) -> None:
+    expected = _batch_scores(scorer, day_of_pings)
+    sink = MemoryScoreSink()
+    threshold = float(expected["score"].median())  # type: ignore[arg-type]
+    step = TripScoringStep(scorer, threshold, StreamMetrics())
+    # Shuffled input: the runner replays in timestamp order whatever the file order.
+    result = run_embedded_stream(day_of_pings.sample(fraction=1.0, seed=3), step, sink, grace_s=30)
+    assert result.pings == day_of_pings.height
+    assert result.trips == expected.height
+    _assert_same_scores(sink.scores, expected)
+    assert sink.features["trip_id"].sort().to_list() == expected["trip_id"].to_list()
+    low = expected.filter(pl.col("score") < threshold)
+    assert 0 < low.height < expected.height
+    assert sink.alerts["trip_id"].sort().to_list() == low["trip_id"].to_list()
+    # Trips close while the replay runs, not only at the end of the file.
+    assert result.sessions > len(set(day_of_pings["vehicle_id"]))
+
+
+def test_speed_paces_the_replay_in_event_time(
+    scorer: TripScorer, day_of_pings: pl.DataFrame
+) -> None:
+    vehicle = day_of_pings["vehicle_id"][0]
+    pings = day_of_pings.filter(pl.col("vehicle_id") == vehicle).sort("ts").head(600)
+    span_s = (pings["ts"][-1] - pings["ts"][0]).total_seconds()
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    step = TripScoringStep(scorer, 0.0, StreamMetrics())
+    run_embedded_stream(
+        pings, step, MemoryScoreSink(), grace_s=30, speed=10.0, sleep=sleep, clock=lambda: now[0]
+    )
+    assert now[0] == pytest.approx(span_s / 10.0, rel=1e-6)
+
+
+def test_stream_command_replays_a_file_into_parquet_like_batch(
+    home: Path, scorer: TripScorer, day_of_pings: pl.DataFrame, tmp_path: Path
+) -> None:
+    # Another layout through a column mapping: epoch-second times and km/h speeds.
+    raw = day_of_pings.select(
+        pl.col("ts").dt.epoch("s").alias("time_s"),
+        pl.col("vehicle_id").alias("unit"),
+        "lat",
+        "lon",
+        (pl.col("speed_mps") * 3.6).alias("speed_kmh"),
+    )
+    raw.write_csv(tmp_path / "pings.csv")
+    mapping_yaml = (
+        "format: csv\n"
+        "columns: {ts: time_s, vehicle_id: unit, speed_mps: speed_kmh}\n"
+        "units: {ts: epoch_s, speed_mps: kmh}\n"
+    )
+    (tmp_path / "mapping.yaml").write_text(mapping_yaml)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIVERSCORE_")}
+    env["DRIVERSCORE_HOME"] = str(home)
+    out = tmp_path / "stream-out"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "driverscore", "stream", "--source", "file"),
+            *(str(tmp_path / "pings.csv"), "--mapping", str(tmp_path / "mapping.yaml")),
+            *("--out", str(out)),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    canonical, rejected = load_canonical_pings(
+        str(tmp_path / "pings.csv"), ColumnMapping.from_yaml_text(mapping_yaml, where="test"), {}
+    )
+    assert rejected == 0 and canonical.height == day_of_pings.height
+    expected = _batch_scores(scorer, canonical)
+    got = pl.read_parquet(out / "scores" / "*.parquet")
+    _assert_same_scores(got, expected)
+    assert got["scored_at"].dtype == pl.Datetime("us", "UTC")
+    assert timedelta(0) <= datetime.now(UTC) - got["scored_at"].max() < timedelta(hours=1)  # type: ignore[operator]
