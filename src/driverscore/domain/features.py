@@ -237,14 +237,18 @@ _DAY_US: Final = 86_400_000_000
 def _mod_day(t_us: IntArray) -> IntArray:
     """``t_us % 86_400_000_000`` (floored, exact) without integer division, which is slow.
 
-    The day number from a float division is off by at most one; the integer remainder is
-    then corrected into 0..day.
+    The day number from a float division is off by at most one; the few remainders that
+    land outside 0..day are then taken exactly. ``t_us`` is consumed (reused in place).
     """
-    day = np.floor(t_us.astype(np.float64) * (1.0 / _DAY_US)).astype(np.int64)
-    rest: IntArray = t_us - day * _DAY_US
-    rest[rest < 0] += _DAY_US
-    rest[rest >= _DAY_US] -= _DAY_US
-    return rest
+    day = t_us.astype(np.float64)
+    day *= 1.0 / _DAY_US
+    np.floor(day, out=day)
+    days = day.astype(np.int64)
+    days *= _DAY_US
+    t_us -= days
+    outside = np.flatnonzero(t_us.view(np.uint64) >= _DAY_US)  # negative ones too
+    t_us[outside] %= _DAY_US
+    return t_us
 
 
 def _first_us_at(hour: float) -> int:
@@ -269,7 +273,8 @@ def _night_np(frame: pl.DataFrame, t_us: IntArray, config: FeatureConfig) -> Boo
         return night
     # Mean solar time: UTC shifted by 4 minutes (240 s) per degree of longitude east.
     # Integer microseconds: exact, and integer modulo is much cheaper than float modulo.
-    local_us = t_us + (_floats(frame, "lon") * 240e6).astype(np.int64)
+    local_us = (_floats(frame, "lon") * 240e6).astype(np.int64)
+    local_us += t_us
     of_day = _mod_day(local_us)
     start = _first_us_at(config.night_start_hour)
     end = _first_us_at(config.night_end_hour)
