@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
@@ -28,6 +29,7 @@ __all__ = [
     "REASON_TEMPLATES",
     "SCORE_RECORD_COLUMNS",
     "FeatureReference",
+    "MatrixScores",
     "ModelCard",
     "ModelFeature",
     "ReasonTemplate",
@@ -300,6 +302,16 @@ def feature_matrix(features: pl.DataFrame, names: Sequence[str]) -> npt.NDArray[
     return np.ascontiguousarray(block.to_numpy().astype(np.float32))
 
 
+@dataclass(frozen=True)
+class MatrixScores:
+    """What :meth:`TripScorer.score_matrix` returns: one entry per input row."""
+
+    probabilities: npt.NDArray[np.float64]
+    scores: npt.NDArray[np.float64]
+    bands: list[RiskBand]
+    reasons: list[list[str]]
+
+
 ProbabilityFn = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.floating[Any]]]
 
 
@@ -344,7 +356,25 @@ class TripScorer:
             raise ValueError("scored_at must be timezone-aware (UTC)")
         # Re-scoring a score record replaces its score columns instead of duplicating them.
         features = features.drop([c for c in SCORE_RECORD_COLUMNS if c in features.columns])
-        x = feature_matrix(features, self._names)
+        scored = self.score_matrix(feature_matrix(features, self._names))
+        return features.with_columns(
+            pl.Series("risk_probability", scored.probabilities, dtype=pl.Float64),
+            pl.Series("score", scored.scores, dtype=pl.Float64),
+            pl.Series("risk_band", scored.bands, dtype=pl.String),
+            pl.Series("reasons", scored.reasons, dtype=pl.List(pl.String)),
+            pl.lit(self.model_name, dtype=pl.String).alias("model_name"),
+            pl.lit(self.model_version, dtype=pl.String).alias("model_version"),
+            pl.lit(self.model_role, dtype=pl.String).alias("model_role"),
+            pl.lit(scored_at, dtype=pl.Datetime("us", "UTC")).alias("scored_at"),
+        ).select(*features.columns, *SCORE_RECORD_COLUMNS)
+
+    def score_matrix(self, x: npt.NDArray[np.float32]) -> MatrixScores:
+        """Probability, score, band and reasons per row of a model input matrix.
+
+        ``x`` is what :func:`feature_matrix` builds (float32, ``card.feature_names`` order,
+        NaN for missing). :meth:`score_trips` is this plus the frame around it; a caller that
+        already holds the numbers (the REST service, one trip at a time) calls it directly.
+        """
         n = x.shape[0]
         blocks = [x]
         cf_index: list[tuple[int, npt.NDArray[np.int64]]] = []
@@ -364,21 +394,14 @@ class TripScorer:
             else np.empty(0, dtype=np.float64)
         )
         probs = probs_all[:n]
-        mapping = self.card.score_mapping
-        scores = mapping.score(probs)
-        reasons = self._reasons(x, scores, probs_all[n:], cf_index)
-        return (
-            features.with_columns(
-                pl.Series("risk_probability", probs, dtype=pl.Float64),
-                pl.Series("score", scores, dtype=pl.Float64),
-                pl.Series("reasons", reasons, dtype=pl.List(pl.String)),
-                pl.lit(self.model_name, dtype=pl.String).alias("model_name"),
-                pl.lit(self.model_version, dtype=pl.String).alias("model_version"),
-                pl.lit(self.model_role, dtype=pl.String).alias("model_role"),
-                pl.lit(scored_at, dtype=pl.Datetime("us", "UTC")).alias("scored_at"),
-            )
-            .with_columns(_band_expr(pl.col("score")).alias("risk_band"))
-            .select(*features.columns, *SCORE_RECORD_COLUMNS)
+        scores = self.card.score_mapping.score(probs)
+        floors = [scores >= floor for _band, floor in BAND_FLOORS]
+        bands = np.select(floors, [band for band, _floor in BAND_FLOORS], "high")
+        return MatrixScores(
+            probabilities=probs,
+            scores=scores,
+            bands=bands.tolist(),
+            reasons=self._reasons(x, scores, probs_all[n:], cf_index),
         )
 
     def _reasons(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+import numpy as np
 import polars as pl
 
 from driverscore.adapters.prediction_log import PredictionRecord
@@ -187,6 +188,46 @@ def _feature_rows(
     return frame.with_columns(missing) if missing else frame
 
 
+def _feature_identity(trip: TripIn) -> dict[str, Any]:
+    """A posted feature trip as the row ``_features_row`` would make of it."""
+    assert trip.features is not None
+    row: dict[str, Any] = {name: getattr(trip, name) for name in _IDENTITY}
+    row.update(trip.features.model_dump())
+    for name in ("start_ts", "end_ts"):
+        if row[name] is not None:
+            row[name] = row[name].astimezone(UTC)
+    return row
+
+
+def _score_identities(
+    scorer: TripScorer, rows: list[dict[str, Any]], now: datetime
+) -> list[dict[str, Any]]:
+    names = scorer.card.feature_names
+    nan = float("nan")
+    x = np.array(
+        [[nan if (v := row.get(n)) is None else v for n in names] for row in rows],
+        dtype=np.float32,
+    ).reshape(len(rows), len(names))
+    scored = scorer.score_matrix(x)
+    constant = {
+        "model_name": scorer.model_name,
+        "model_version": scorer.model_version,
+        "model_role": scorer.model_role,
+        "scored_at": now,
+    }
+    return [
+        {
+            **row,
+            "risk_probability": float(scored.probabilities[i]),
+            "score": float(scored.scores[i]),
+            "risk_band": scored.bands[i],
+            "reasons": scored.reasons[i],
+            **constant,
+        }
+        for i, row in enumerate(rows)
+    ]
+
+
 def _same_preparation(a: ModelCard, b: ModelCard) -> bool:
     return (a.cleaning_config, a.trip_config, a.feature_config) == (
         b.cleaning_config,
@@ -233,21 +274,30 @@ def score_posted_trips(
     decisions: list[RolloutDecision] = [
         decide(policy, t.driver_id or t.vehicle_id, models.challenger is not None) for t in trips
     ]
-    champion_rows = _feature_rows(trips, wheres, champion.card, now)
-    champion_scores = champion.score_trips(champion_rows, now).to_dicts()
     other: TripScorer | None = None
     if models.challenger is not None and policy.mode == "canary":
         other = models.challenger
     elif models.shadow is not None and policy.mode == "shadow":
         other = models.shadow
+    champion_scores: list[dict[str, Any]]
     other_scores: list[dict[str, Any]] | None = None
-    if other is not None:
-        other_rows = (
-            champion_rows
-            if _same_preparation(champion.card, other.card)
-            else _feature_rows(trips, wheres, other.card, now)
-        )
-        other_scores = other.score_trips(other_rows, now).to_dicts()
+    if all(t.features is not None for t in trips):
+        # Posted features are already the model's numbers: no frame to build. The scorer is
+        # the same (``score_matrix`` is what ``score_trips`` runs); only the wrapping differs.
+        identities = [_feature_identity(t) for t in trips]
+        champion_scores = _score_identities(champion, identities, now)
+        if other is not None:
+            other_scores = _score_identities(other, identities, now)
+    else:
+        champion_rows = _feature_rows(trips, wheres, champion.card, now)
+        champion_scores = champion.score_trips(champion_rows, now).to_dicts()
+        if other is not None:
+            other_rows = (
+                champion_rows
+                if _same_preparation(champion.card, other.card)
+                else _feature_rows(trips, wheres, other.card, now)
+            )
+            other_scores = other.score_trips(other_rows, now).to_dicts()
 
     scores: list[TripScore] = []
     records: list[PredictionRecord] = []
