@@ -5,8 +5,12 @@ Every rejected ping lands in the quarantine frame with a reason code from
 Kept pings come out sorted by ``vehicle_id, ts`` with ``driver_id`` filled and
 ``speed_mps`` / ``heading_deg`` derived from positions where they were missing.
 
-All work is vectorised over the whole frame: neighbours are found with ``shift`` on the
-sorted frame and masked at vehicle, trip and gap boundaries, never with per-group loops.
+All work is vectorised over the whole frame, never with per-group loops: the rules run on
+integer keys (vehicle codes that order like the ids, ts in microseconds) in numpy, pick
+row positions, and the frame is gathered once for the kept rows in sorted order.
+Neighbours are the previous / next rows of the sorted keys, masked at vehicle, trip and
+gap boundaries. :func:`clean_with_keys` also returns the keys so that trip cutting
+(:func:`~driverscore.domain.trips.assign_trips_sorted`) does not recompute them.
 The same function is called with the pings of one trip (stream, REST) and with millions
 of pings (batch); the boundary masks make both give identical rows for that trip.
 """

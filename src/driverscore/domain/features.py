@@ -4,10 +4,13 @@
 (the table in ``docs/design.md``; column order :data:`FEATURE_COLUMNS`). It is written
 for throughput and for parity at once:
 
-- the frame is sorted once (skipped when already in trip order); every per-step quantity
-  is a ``shift`` difference masked at trip starts, so no value ever mixes two trips;
-- trips are aggregated by one ``group_by`` at the end, over contiguous rows, so a trip's
-  features do not depend on which other trips were in the frame.
+- the frame is sorted once (skipped when already in trip order, and not even checked when
+  trip cutting hands over its trip starts: :func:`features_in_trip_order`); every per-row
+  quantity is a numpy element-wise operation on contiguous arrays, and every value taken
+  from the previous row is masked at trip starts, so no value ever mixes two trips;
+- per-trip sums are exact int64 sums in fixed point (``np.add.reduceat`` over each trip's
+  contiguous rows), so a trip's features do not depend on which other trips were in the
+  frame; only the final per-trip arithmetic is a Polars select.
 
 Time shares are time-weighted: a fix's state holds until the next fix, and steps longer
 than ``max_dt_s`` (dropouts) carry no weight. Accelerations beyond
