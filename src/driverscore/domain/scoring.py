@@ -114,6 +114,10 @@ def band_for_score(score: float) -> RiskBand:
     return "high"
 
 
+_FLOORS_ASCENDING: Final = np.array([floor for _band, floor in reversed(BAND_FLOORS)])
+_BANDS_ASCENDING: Final = np.array(["high", *(band for band, _floor in reversed(BAND_FLOORS))])
+
+
 def _band_expr(score: pl.Expr) -> pl.Expr:
     expr: Any = pl.when(score >= BAND_FLOORS[0][1]).then(pl.lit(BAND_FLOORS[0][0]))
     for band, floor in BAND_FLOORS[1:]:
@@ -394,30 +398,30 @@ class TripScorer:
             else np.empty(0, dtype=np.float64)
         )
         probs = probs_all[:n]
-        scores = self.card.score_mapping.score(probs)
-        floors = [scores >= floor for _band, floor in BAND_FLOORS]
-        bands = np.select(floors, [band for band, _floor in BAND_FLOORS], "high")
+        # One mapping call for trips and counterfactuals: per-call overhead dominates small n.
+        scores_all = self.card.score_mapping.score(probs_all)
+        scores = scores_all[:n]
+        # Floors ascending; a score on a floor belongs to the band above it.
+        bands = _BANDS_ASCENDING[np.searchsorted(_FLOORS_ASCENDING, scores, side="right")]
         return MatrixScores(
             probabilities=probs,
             scores=scores,
             bands=bands.tolist(),
-            reasons=self._reasons(x, scores, probs_all[n:], cf_index),
+            reasons=self._reasons(x, scores, scores_all[n:], cf_index),
         )
 
     def _reasons(
         self,
         x: npt.NDArray[np.float32],
         scores: npt.NDArray[np.float64],
-        cf_probs: npt.NDArray[np.float64],
+        cf_scores: npt.NDArray[np.float64],
         cf_index: list[tuple[int, npt.NDArray[np.int64]]],
     ) -> list[list[str]]:
         n = x.shape[0]
         gains = np.zeros((n, len(self._reason_cols)), dtype=np.float64)
         offset = 0
-        mapping = self.card.score_mapping
         for k, rows in cf_index:
-            cf_scores = mapping.score(cf_probs[offset : offset + rows.size])
-            gains[rows, k] = cf_scores - scores[rows]
+            gains[rows, k] = cf_scores[offset : offset + rows.size] - scores[rows]
             offset += rows.size
         out: list[list[str]] = [[] for _ in range(n)]
         if not self._reason_cols:
