@@ -385,15 +385,20 @@ def stream(
     ] = 0,
 ) -> None:
     """Score trips as they close, from the pings topic or a replayed ping file."""
-    from driverscore.pipelines.training_run import open_registry
-    from driverscore.services.stream import StreamMetrics, TripScoringStep, build_stream_application
+    from driverscore.services.stream import (
+        StreamMetrics,
+        TripScoringStep,
+        build_stream_application,
+        stream_models,
+    )
 
     if source not in ("kafka", "file"):
         raise ConfigError(f"--source: '{source}' is neither kafka nor file")
     if (source == "file") != (pings is not None):
         raise ConfigError("PINGS is required with --source file and not allowed otherwise")
     settings = _settings()
-    scorer = open_registry(settings).load_scorer(settings.kafka.model_alias)
+    models = stream_models(settings)
+    scorer = models.current().champion
     metrics = StreamMetrics()
     if metrics_port:
         from prometheus_client import start_http_server
@@ -407,7 +412,9 @@ def stream(
             pings, _load_mapping(mapping), settings.storage_options()
         )
         folder = (out or settings.home / "stream").resolve()
-        step = TripScoringStep(scorer, settings.kafka.alert_below_score, metrics)
+        step = TripScoringStep(
+            models, settings.kafka.alert_below_score, metrics, policy=settings.kafka.rollout
+        )
         result = run_embedded_stream(
             frame, step, ParquetScoreSink(folder), grace_s=settings.kafka.grace_s, speed=speed
         )
@@ -419,7 +426,7 @@ def stream(
             typer.echo(f"{rejected:,} rows rejected by the column mapping (not replayed)")
         return
     state_dir = settings.kafka.state_dir or (settings.home / "stream-state")
-    app_ = build_stream_application(settings.kafka, scorer, state_dir.resolve(), metrics)
+    app_ = build_stream_application(settings.kafka, models, state_dir.resolve(), metrics)
     err_console.print(
         f"streaming with {scorer.model_name} v{scorer.model_version} from "
         f"{settings.kafka.topics.pings} at {settings.kafka.bootstrap_servers}",
@@ -431,6 +438,10 @@ def stream(
 def _quiet_libraries() -> None:
     """MLflow's INFO chatter and progress bars would drown the command's own output."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow configures its own loggers on import, so a level set here would be overridden;
+    # its environment variable is read at that moment. Its pickle warning concerns the
+    # sklearn artifact kept for `mlflow models serve`; serving uses the ONNX export.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
