@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
+from driverscore.domain.rollout import RolloutPolicy
 
 
 class GateConfig(BaseModel):
@@ -139,6 +140,13 @@ class KafkaConfig(BaseModel):
         None, description="Stream state (RocksDB) folder (default: <home>/stream-state)."
     )
     model_alias: str = Field("champion", description="Registry alias of the scoring model.")
+    poll_interval_s: float = Field(
+        30.0, gt=0, description="How often the stream re-checks the champion/challenger aliases."
+    )
+    rollout: RolloutPolicy = Field(
+        default_factory=RolloutPolicy,
+        description="Champion/challenger split of the stream (domain/rollout.py).",
+    )
 
 
 class Settings(BaseSettings):

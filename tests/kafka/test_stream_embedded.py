@@ -6,8 +6,10 @@ No broker: these tests only share the registry and pings of the Kafka tests.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,16 +18,26 @@ import polars as pl
 import pytest
 
 from driverscore.adapters.ping_files import load_canonical_pings
+from driverscore.adapters.registry import CHALLENGER, CHAMPION, ModelRegistry
 from driverscore.domain.features import FEATURE_COLUMNS
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.domain.prepare import prepare_trips
+from driverscore.domain.rollout import RolloutPolicy, decide
 from driverscore.domain.scoring import TripScorer
-from driverscore.services.stream import StreamMetrics, TripScoringStep
+from driverscore.pipelines.training_run import open_registry
+from driverscore.services.api.holder import ModelHolder
+from driverscore.services.stream import (
+    PolledModels,
+    ScoredSession,
+    StreamMetrics,
+    TripScoringStep,
+)
 from driverscore.services.stream_embedded import (
     MemoryScoreSink,
     SessionWindows,
     run_embedded_stream,
 )
+from driverscore.settings import Settings
 
 pytestmark = [pytest.mark.slow]
 
@@ -165,3 +177,82 @@ def test_stream_command_replays_a_file_into_parquet_like_batch(
     _assert_same_scores(got, expected)
     assert got["scored_at"].dtype == pl.Datetime("us", "UTC")
     assert timedelta(0) <= datetime.now(UTC) - got["scored_at"].max() < timedelta(hours=1)  # type: ignore[operator]
+
+
+def _home_with_a_second_version(home: Path, tmp_path: Path) -> tuple[Settings, ModelRegistry]:
+    """A copy of the test home whose registry also holds version 2 (the same model files)."""
+    copy = tmp_path / "home"
+    shutil.copytree(home, copy)
+    settings = Settings(home=copy)
+    registry = open_registry(settings)
+    first = registry.client.get_model_version(registry.model_name, "1")
+    registry.client.create_model_version(
+        registry.model_name, source=first.source, run_id=first.run_id
+    )
+    return settings, registry
+
+
+@dataclass
+class _MoveAliasAfter:
+    """A sink that moves ``alias`` to version 2 once ``sessions`` sessions were stored."""
+
+    registry: ModelRegistry
+    alias: str
+    sessions: int
+    inner: MemoryScoreSink
+
+    def add(self, scored: ScoredSession) -> None:
+        self.inner.add(scored)
+        if len(self.inner.sessions) == self.sessions:
+            self.registry.set_alias(self.alias, "2")
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+
+def test_a_champion_moved_mid_stream_scores_the_trips_closed_after_the_next_poll(
+    home: Path, day_of_pings: pl.DataFrame, tmp_path: Path
+) -> None:
+    settings, registry = _home_with_a_second_version(home, tmp_path)
+    models = PolledModels(ModelHolder(lambda: registry), poll_interval_s=1e-9)
+    sink = _MoveAliasAfter(registry, CHAMPION, 3, MemoryScoreSink())
+    step = TripScoringStep(models, 0.0, StreamMetrics())
+    run_embedded_stream(day_of_pings, step, sink, grace_s=30)
+    versions = [s.records["model_version"].unique().to_list() for s in sink.inner.sessions]
+    assert versions[:3] == [["1"]] * 3
+    assert versions[3:] and all(v == ["2"] for v in versions[3:])
+    assert set(sink.inner.scores["model_role"]) == {"champion"}
+    assert settings.kafka.poll_interval_s > 0
+
+
+def test_canary_split_answers_each_driver_with_the_model_rollout_decides(
+    home: Path, day_of_pings: pl.DataFrame, tmp_path: Path
+) -> None:
+    _, registry = _home_with_a_second_version(home, tmp_path)
+    registry.set_alias(CHALLENGER, "2")
+    policy = RolloutPolicy(mode="canary", challenger_percent=50.0)
+    models = PolledModels(ModelHolder(lambda: registry), poll_interval_s=3600)
+    sink = MemoryScoreSink()
+    step = TripScoringStep(models, 0.0, StreamMetrics(), policy=policy)
+    result = run_embedded_stream(day_of_pings, step, sink, grace_s=30)
+    scores = sink.scores
+    assert scores.height == result.trips
+    for driver, role, version in scores.select(
+        "driver_id", "model_role", "model_version"
+    ).iter_rows():
+        wanted = decide(policy, driver, has_challenger=True)
+        assert role == wanted.role
+        assert version == ("2" if wanted.answered_by == "challenger" else "1")
+    assert set(scores["model_role"]) == {"champion", "challenger"}
+    assert sink.features["trip_id"].to_list() == scores["trip_id"].to_list()
+
+    shadow_policy = RolloutPolicy(mode="shadow")
+    shadow_sink = MemoryScoreSink()
+    step = TripScoringStep(models, 0.0, StreamMetrics(), policy=shadow_policy)
+    run_embedded_stream(day_of_pings, step, shadow_sink, grace_s=30)
+    assert set(shadow_sink.scores["model_version"]) == {"1"}
+    assert set(shadow_sink.shadow["model_role"]) == {"shadow"}
+    assert (
+        shadow_sink.shadow["trip_id"].sort().to_list()
+        == shadow_sink.scores["trip_id"].sort().to_list()
+    )

@@ -13,27 +13,36 @@ rows, score records and alerts are published.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import polars as pl
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from driverscore.adapters.kafka.messages import CLOCK_KEY, decode_message, pings_frame
 from driverscore.domain.prepare import prepare_trips
-from driverscore.domain.scoring import TripScorer
-from driverscore.settings import KafkaConfig
+from driverscore.domain.rollout import RolloutPolicy, decide
+from driverscore.domain.scoring import ModelCard, TripScorer
+from driverscore.errors import NoModelError
+from driverscore.services.api.holder import ModelHolder
+from driverscore.settings import KafkaConfig, Settings
 
 __all__ = [
+    "FixedModels",
+    "ModelSource",
+    "PolledModels",
     "ScoredSession",
     "StreamMetrics",
+    "StreamModels",
     "TripOutput",
     "TripScoringStep",
     "alert_text",
     "build_stream_application",
+    "stream_models",
     "trip_outputs",
 ]
 
@@ -95,10 +104,75 @@ class ScoredSession:
     features: pl.DataFrame
     records: pl.DataFrame
     alerts: pl.DataFrame
+    #: Shadow mode: the challenger's records for the same trips (role ``shadow``).
+    shadow: pl.DataFrame
 
 
 def alert_text(score: float, alert_below_score: float) -> str:
     return f"score {score:.1f} below {alert_below_score:g}"
+
+
+@dataclass(frozen=True)
+class StreamModels:
+    """The models a closed session is scored with (the challenger only when one is set)."""
+
+    champion: TripScorer
+    challenger: TripScorer | None = None
+    #: The challenger under role ``shadow``: scores alongside the champion in shadow mode.
+    shadow: TripScorer | None = None
+
+
+class ModelSource(Protocol):
+    def current(self) -> StreamModels: ...
+
+
+@dataclass(frozen=True)
+class FixedModels:
+    """One model for the whole run (e.g. a named alias other than champion)."""
+
+    scorer: TripScorer
+
+    def current(self) -> StreamModels:
+        return StreamModels(self.scorer)
+
+
+class PolledModels:
+    """Champion and challenger by registry alias, re-checked every ``poll_interval_s``.
+
+    The REST service's :class:`~driverscore.services.api.holder.ModelHolder` does the
+    loading: a moved alias swaps in the new version for every session closed after the
+    poll; a registry that fails keeps the models already loaded (the holder logs it).
+    """
+
+    def __init__(
+        self,
+        holder: ModelHolder,
+        poll_interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.holder = holder
+        self.poll_interval_s = poll_interval_s
+        self.clock = clock
+        holder.refresh()
+        if holder.models is None:
+            raise NoModelError(f"no champion model to stream with: {holder.last_error}")
+        self._next_poll = clock() + poll_interval_s
+
+    def current(self) -> StreamModels:
+        if self.clock() >= self._next_poll:
+            self.holder.refresh()
+            self._next_poll = self.clock() + self.poll_interval_s
+        loaded = self.holder.models
+        assert loaded is not None  # set at construction, never unset by a refresh
+        return StreamModels(loaded.champion, loaded.challenger, loaded.shadow)
+
+
+def _configs(card: ModelCard) -> tuple[str, str, str]:
+    return (
+        card.cleaning_config.model_dump_json(),
+        card.trip_config.model_dump_json(),
+        card.feature_config.model_dump_json(),
+    )
 
 
 class TripScoringStep:
@@ -107,37 +181,64 @@ class TripScoringStep:
     The one trip-closing function of every stream runner: the Kafka processor
     (:func:`build_stream_application`) and the embedded file replay
     (``services/stream_embedded.py``) both hand each closed session to :meth:`close`.
+    Each trip is answered by the champion or the challenger as ``domain.rollout.decide``
+    says for its driver (role and version in the record); in shadow mode the challenger's
+    records come along with role ``shadow``.
     """
 
     def __init__(
         self,
-        scorer: TripScorer,
+        models: TripScorer | ModelSource,
         alert_below_score: float,
         metrics: StreamMetrics,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        policy: RolloutPolicy | None = None,
     ) -> None:
-        self.scorer = scorer
+        self.models: ModelSource = FixedModels(models) if isinstance(models, TripScorer) else models
         self.alert_below_score = alert_below_score
         self.metrics = metrics
         self.now = now
+        self.policy = policy or RolloutPolicy()
+
+    @property
+    def scorer(self) -> TripScorer:
+        """The current champion."""
+        return self.models.current().champion
 
     def score_session(self, pings: list[dict[str, Any]]) -> ScoredSession | None:
         """Prepare and score one session's pings; None when no trip is long enough to score."""
         with self.metrics.scoring_seconds.time():
             now = self.now()
-            scorer = self.scorer
-            card = scorer.card
-            prepared = prepare_trips(
-                pings_frame(pings),
-                card.cleaning_config,
-                card.trip_config,
-                card.feature_config,
-                reference_time=now,
-            )
-            if prepared.features.height == 0:
+            models = self.models.current()
+            frame = pings_frame(pings)
+            prepared: dict[tuple[str, str, str], pl.DataFrame] = {}
+
+            def features_for(card: ModelCard) -> pl.DataFrame:
+                # What training learned travels with the model: each model's own configs.
+                key = _configs(card)
+                if key not in prepared:
+                    prepared[key] = prepare_trips(
+                        frame,
+                        card.cleaning_config,
+                        card.trip_config,
+                        card.feature_config,
+                        reference_time=now,
+                    ).features
+                return prepared[key]
+
+            features = features_for(models.champion.card)
+            if features.height == 0:
                 self.metrics.trips.labels("set_aside").inc()
                 return None
-            records = scorer.score_trips(prepared.features, scored_at=now)
+            if models.challenger is None:
+                records = models.champion.score_trips(features, scored_at=now)
+            else:
+                records = self._split(models.champion, models.challenger, features_for, now)
+            shadow = (
+                models.shadow.score_trips(features_for(models.shadow.card), scored_at=now)
+                if models.shadow is not None and self.policy.mode == "shadow"
+                else records.clear()
+            )
         low = records.filter(pl.col("score") < self.alert_below_score)
         alerts = low.with_columns(
             pl.Series(
@@ -148,7 +249,36 @@ class TripScoringStep:
         )
         self.metrics.trips.labels("scored").inc(records.height)
         self.metrics.alerts.inc(alerts.height)
-        return ScoredSession(prepared.features, records, alerts)
+        if not features["trip_id"].equals(records["trip_id"]):
+            # A split reorders trips, and a challenger with other configs may cut other ones:
+            # publish the feature rows of exactly the trips scored, in the records' order.
+            pool = pl.concat(list(prepared.values()), how="diagonal_relaxed")
+            features = (
+                pool.unique("trip_id", keep="first", maintain_order=True)
+                .filter(pl.col("trip_id").is_in(records["trip_id"].implode()))
+                .sort("start_ts", "trip_id")
+            )
+        return ScoredSession(features, records, alerts, shadow)
+
+    def _split(
+        self,
+        champion: TripScorer,
+        challenger: TripScorer,
+        features_for: Callable[[ModelCard], pl.DataFrame],
+        now: datetime,
+    ) -> pl.DataFrame:
+        """Each trip scored by the model ``decide`` picks for its driver."""
+        parts: list[pl.DataFrame] = []
+        for side, scorer in (("champion", champion), ("challenger", challenger)):
+            rows = features_for(scorer.card)
+            answered = [
+                decide(self.policy, str(driver or vehicle), True).answered_by == side
+                for driver, vehicle in rows.select("driver_id", "vehicle_id").iter_rows()
+            ]
+            mine = rows.filter(pl.Series(answered, dtype=pl.Boolean))
+            if mine.height:
+                parts.append(scorer.score_trips(mine, scored_at=now))
+        return pl.concat(parts, how="vertical").sort("start_ts", "trip_id")
 
     def close(
         self, vehicle: str, start: object, pings: list[dict[str, Any]]
@@ -236,7 +366,7 @@ def _scored_session(step: TripScoringStep) -> Callable[[Any, Any, int, Any], lis
 
 def build_stream_application(
     config: KafkaConfig,
-    scorer: TripScorer,
+    models: TripScorer | ModelSource,
     state_dir: Path,
     metrics: StreamMetrics,
     *,
@@ -276,9 +406,10 @@ def build_stream_application(
     def out(name: str) -> Any:
         return app.topic(name, key_serializer="str", value_serializer="bytes")
 
-    card = scorer.card
-    gap_ms = round(card.trip_config.gap_s * 1000)
-    step = TripScoringStep(scorer, config.alert_below_score, metrics)
+    step = TripScoringStep(models, config.alert_below_score, metrics, policy=config.rollout)
+    # Sessions are cut with the gap of the champion at start; a later champion scores with
+    # its own configs, but the windowing keeps this gap until the processor restarts.
+    gap_ms = round(step.scorer.card.trip_config.gap_s * 1000)
 
     sdf = app.dataframe(pings)
     decoded = sdf.apply(_decode_step(metrics), metadata=True)
@@ -303,3 +434,14 @@ def build_stream_application(
         out(topics.alerts)
     )
     return app
+
+
+def stream_models(settings: Settings) -> ModelSource:
+    """The stream's models: champion and challenger polled by alias, or one fixed alias."""
+    from driverscore.adapters.registry import CHAMPION
+    from driverscore.pipelines.training_run import open_registry
+
+    config = settings.kafka
+    if config.model_alias != CHAMPION:
+        return FixedModels(open_registry(settings).load_scorer(config.model_alias))
+    return PolledModels(ModelHolder(lambda: open_registry(settings)), config.poll_interval_s)

@@ -71,6 +71,10 @@ class MemoryScoreSink:
     def alerts(self) -> pl.DataFrame:
         return _concat(s.alerts for s in self.sessions)
 
+    @property
+    def shadow(self) -> pl.DataFrame:
+        return _concat(s.shadow for s in self.sessions)
+
 
 def _concat(frames: Iterable[pl.DataFrame]) -> pl.DataFrame:
     parts = [f for f in frames if f.height]
@@ -78,7 +82,8 @@ def _concat(frames: Iterable[pl.DataFrame]) -> pl.DataFrame:
 
 
 class ParquetScoreSink:
-    """Parquet part files under ``folder``: ``scores/``, ``trip_features/``, ``alerts/``.
+    """Parquet part files under ``folder``: ``scores/``, ``trip_features/``, ``alerts/``, and
+    ``shadow/`` (the challenger's records in shadow mode).
 
     Parts are written every ``flush_every`` sessions and on :meth:`flush`; each name carries
     the run's start time, so later runs add files next to earlier ones
@@ -107,6 +112,7 @@ class ParquetScoreSink:
             ("scores", _concat(s.records for s in pending)),
             ("trip_features", _concat(s.features for s in pending)),
             ("alerts", _concat(s.alerts for s in pending)),
+            ("shadow", _concat(s.shadow for s in pending)),
         ):
             if frame.height == 0:
                 continue
