@@ -88,3 +88,18 @@ def test_features_beyond_the_model_input_range_get_a_422(service: httpx.Client) 
         )
         assert response.status_code == 422, (value, response.text)
         assert response.json()["problems"][0]["field"] == "jerk_rms_mps3"
+
+
+def test_times_out_of_range_get_a_422(service: httpx.Client) -> None:
+    # Found by the test above: an offset near year 1 or 9999 overflowed the UTC conversion.
+    ping = {"ts": "0001-01-01T00:00:00+01:00", "lat": 52.5, "lon": 13.4}
+    response = service.post("/v1/score", json={"vehicle_id": "v", "pings": [ping]}, headers=AUTH)
+    assert response.status_code == 422, response.text
+    assert response.json()["problems"][0]["field"] == "pings.0.ts"
+
+    features = {**FEATURES, "start_ts": "9999-12-31T23:59:59-01:00"}
+    response = service.post(
+        "/v1/score", json={"vehicle_id": "v", "features": features}, headers=AUTH
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["problems"][0]["field"] == "features.start_ts"

@@ -294,7 +294,10 @@ async def _send_json(send: Send, status: int, body: Any) -> None:
 def _field_name(loc: tuple[int | str, ...]) -> str:
     parts = [str(p) for p in loc if p != "body"]
     # Union members (``ts`` as datetime or int) add the member's type to the path.
-    while parts and parts[-1] in ("datetime", "int", "constrained-int", "function-after[...]"):
+    while parts and (
+        parts[-1] in ("datetime", "int", "constrained-int")
+        or parts[-1].startswith("function-after[")
+    ):
         parts.pop()
     return ".".join(parts) or "(body)"
 

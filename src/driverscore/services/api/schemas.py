@@ -6,10 +6,10 @@ gets a 422 naming the field instead of a silently different score.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Final, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.schema import PING_FIELD_DOCS
@@ -34,6 +34,23 @@ _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 _Id = Annotated[str, Field(min_length=1, max_length=200)]
 #: Epoch milliseconds: 0 .. year 2500.
 _EpochMs = Annotated[int, Field(ge=0, le=16_725_225_600_000)]
+_EARLIEST: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST: Final = datetime(2500, 1, 1, tzinfo=UTC)
+
+
+def _utc_in_range(value: datetime) -> datetime:
+    # Near year 1 or 9999 an offset moves the time out of what datetime can hold.
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("time out of range (1970 to 2500 UTC)") from None
+    if not _EARLIEST <= utc < _LATEST:
+        raise ValueError("time out of range (1970 to 2500 UTC)")
+    return utc
+
+
+#: A time with an offset, 1970 to 2500, returned in UTC.
+_Time = Annotated[AwareDatetime, AfterValidator(_utc_in_range)]
 #: Largest feature value the model takes: its inputs are float32.
 _MODEL_MAX = 3.4e38
 
@@ -43,7 +60,7 @@ class PingIn(BaseModel):
 
     model_config = _STRICT
 
-    ts: AwareDatetime | _EpochMs = Field(
+    ts: _Time | _EpochMs = Field(
         description=PING_FIELD_DOCS["ts"] + " Must not decrease from one ping to the next."
     )
     lat: float = Field(ge=-90, le=90, description=PING_FIELD_DOCS["lat"])
@@ -99,8 +116,8 @@ class TripFeaturesIn(BaseModel):
         le=_MODEL_MAX,
         description="RMS change of longitudinal acceleration while moving, m/s³.",
     )
-    start_ts: AwareDatetime | None = Field(None, description="Trip start, UTC.")
-    end_ts: AwareDatetime | None = Field(None, description="Trip end, UTC.")
+    start_ts: _Time | None = Field(None, description="Trip start, UTC.")
+    end_ts: _Time | None = Field(None, description="Trip end, UTC.")
 
 
 class TripIn(BaseModel):
