@@ -146,6 +146,16 @@ def test_more_risky_behaviour_never_raises_the_demo_champions_score(
     assert (scores[0] - scores[-1]).max() > 1.0, f"{behaviour} should matter for some trip"
 
 
+def test_live_replay_scores_the_fresh_day_exactly_as_batch(demo: DemoRun) -> None:
+    live = demo.result.live
+    batch = demo.result.scoring.scores
+    assert live.result.trips == batch.height > 0
+    assert live.trips_matching_batch == batch.height
+    assert "replay the fresh day live" in demo.output
+    scores = pl.scan_parquet(live.scores_folder / "scores" / "*.parquet").collect()
+    assert sorted(scores["trip_id"].to_list()) == sorted(batch["trip_id"].to_list())
+
+
 def _gps_only_csv(demo: DemoRun, path: Path) -> int:
     """The fresh day as a GPS-only export: km/h, local-offset ISO times, other column names."""
     pings = pl.scan_parquet(f"{demo.result.simulation.fresh_pings_uri}/*.parquet").collect()

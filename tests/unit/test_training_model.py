@@ -82,6 +82,20 @@ def test_onnx_matches_sklearn_including_missing_values(
         model.predict_proba(x[:, :3])
 
 
+def test_a_row_scores_the_same_whatever_else_is_in_the_call(
+    trained: TrainedModel, data: tuple[pl.DataFrame, pl.DataFrame]
+) -> None:
+    # The stream and the REST service score one trip (plus its reason counterfactuals) per
+    # call, batch scores thousands: the probabilities must agree to the bit.
+    x = feature_matrix(data[1], trained.feature_names)[:400]
+    model = OnnxRiskModel(export_onnx(trained, x))
+    whole = model.predict_proba(x)
+    for size in (1, 2, 3, 5, 8, 13):
+        for start in range(0, 60, size):
+            part = model.predict_proba(x[start : start + size])
+            assert np.array_equal(part, whole[start : start + size]), (size, start)
+
+
 def test_onnx_model_is_shared_safely_between_threads(
     trained: TrainedModel, data: tuple[pl.DataFrame, pl.DataFrame]
 ) -> None:

@@ -18,9 +18,14 @@ class OnnxRiskModel:
 
     ``InferenceSession.run`` is safe to call from many threads at once, so one instance
     serves a whole process (REST workers, stream consumers) without locking.
+
+    One intra-op thread by default: with several, onnxruntime splits small batches over
+    the trees and sums their parts in a different order, so a trip scored alone (stream,
+    REST) would differ in the last float32 bit from the same trip scored in a batch. Parity
+    across paths is worth more than intra-request parallelism; scale out with processes.
     """
 
-    def __init__(self, onnx_bytes: bytes, intra_op_threads: int | None = None) -> None:
+    def __init__(self, onnx_bytes: bytes, intra_op_threads: int | None = 1) -> None:
         options = ort.SessionOptions()
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
