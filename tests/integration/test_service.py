@@ -677,3 +677,33 @@ def test_serve_command_speaks_the_sagemaker_contract(backend: Backend, tmp_path:
 
     requests = [json.loads(x) for x in lines if x.startswith("{") and '"request"' in x]
     assert any(r.get("route") == "/invocations" and r["status"] == 200 for r in requests)
+
+
+def test_canary_split_holds_over_ten_thousand_drivers_and_sticks(
+    backend: Backend, tmp_path: Path
+) -> None:
+    champion, challenger = backend.versions
+    settings = _settings(tmp_path)
+    with serving(settings, backend.registry) as client:
+        policy = {"mode": "canary", "challenger_percent": 20.0, "salt": "canary-check"}
+        assert client.put("/v1/rollout", json=policy, headers=AUTH).status_code == 200
+
+        def answered(drivers: range) -> list[str]:
+            versions: list[str] = []
+            for first in range(drivers.start, drivers.stop, 1_000):
+                trips = [
+                    {"vehicle_id": f"v{i}", "driver_id": f"d{i}", "features": FEATURES}
+                    for i in range(first, min(first + 1_000, drivers.stop))
+                ]
+                response = client.post("/v1/score:batch", json={"trips": trips}, headers=AUTH)
+                assert response.status_code == 200, response.text
+                versions += [s["model_version"] for s in response.json()["scores"]]
+            return versions
+
+        drivers = range(10_000)
+        first_pass = answered(drivers)
+        share = first_pass.count(challenger) / len(first_pass) * 100
+        assert abs(share - 20.0) <= 3.0, share
+        assert set(first_pass) == {champion, challenger}
+        # Sticky: every driver gets the same model again.
+        assert answered(drivers) == first_pass
