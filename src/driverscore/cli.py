@@ -104,16 +104,7 @@ def simulate(
         seed=seed,
         start=start_time or SimulationConfig().start,
         vehicles_per_chunk=vehicles_per_chunk_for(days),
-        dirt=DirtConfig(
-            duplicate_rate=0,
-            out_of_order_rate=0,
-            zero_coordinate_rate=0,
-            gps_spike_rate=0,
-            impossible_speed_rate=0,
-            bad_timestamp_rate=0,
-        )
-        if clean
-        else DirtConfig(),
+        dirt=DirtConfig.clean() if clean else DirtConfig(),
         drift=DriftConfig(
             new_fleet_vehicles=new_fleet_vehicles,
             speed_sensor_bias=speed_sensor_bias,

@@ -20,14 +20,7 @@ from driverscore.simulation import (
     simulate,
 )
 
-CLEAN = DirtConfig(
-    duplicate_rate=0,
-    out_of_order_rate=0,
-    zero_coordinate_rate=0,
-    gps_spike_rate=0,
-    impossible_speed_rate=0,
-    bad_timestamp_rate=0,
-)
+CLEAN = DirtConfig.clean()
 HARD_MPS2 = 3.0
 
 

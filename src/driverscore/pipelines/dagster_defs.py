@@ -9,7 +9,6 @@ module does nothing.
 # No `from __future__ import annotations` here: Dagster inspects the asset functions'
 # annotations at definition time and cannot resolve strings inside a closure.
 
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ from driverscore.pipelines.steps import (
     PreparedDataset,
     RunContext,
     ingest,
+    new_run_id,
     prepare,
 )
 from driverscore.pipelines.training_run import (
@@ -95,7 +95,7 @@ def build_definitions(settings: Settings, source: TelemetrySource) -> dg.Definit
     @dg.asset(group_name="driverscore", description="Raw snapshot and canonical pings.")
     def raw_telemetry(context: AssetExecutionContext, telemetry: TelemetrySource) -> IngestedRun:
         reference_time = telemetry.resolved_reference_time()
-        run_id = f"{reference_time:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+        run_id = new_run_id(reference_time)
         ctx = _context(settings, run_id, reference_time, context.log)
         ingested = ingest(ctx, telemetry.pings_uri, telemetry.mapping())
         context.add_output_metadata(

@@ -9,7 +9,7 @@ from datetime import datetime
 import polars as pl
 
 from driverscore.adapters.files import write_table
-from driverscore.adapters.storage import DatasetRef, DataStore
+from driverscore.adapters.storage import DatasetRef
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.domain.scoring import TripScorer
 from driverscore.pipelines.steps import (
@@ -20,7 +20,7 @@ from driverscore.pipelines.steps import (
     ingest,
     prepare,
 )
-from driverscore.pipelines.training_run import new_run_id, open_registry
+from driverscore.pipelines.training_run import open_registry
 from driverscore.settings import Settings
 
 
@@ -55,15 +55,8 @@ def run_scoring(
     progress: Callable[[str], None] | None = None,
 ) -> ScoringRunResult:
     """Ingest, prepare with the model's cleaning/trip/feature configs, score and write."""
-    store = DataStore(settings.resolved_data_uri, settings.storage_options())
-    run_id = new_run_id(reference_time)
-    ctx = RunContext(
-        settings=settings,
-        store=store,
-        run_id=run_id,
-        reference_time=reference_time,
-        **({"progress": progress} if progress else {}),
-    )
+    ctx = RunContext.start(settings, reference_time, progress)
+    store, run_id = ctx.store, ctx.run_id
     scorer = open_registry(settings).load_scorer(alias)
     card = scorer.card
     # What training learned travels with the model: features are rebuilt with the exact

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -85,6 +86,23 @@ class RunContext:
     run_id: str
     reference_time: datetime
     progress: ProgressFn = field(default=_no_progress)
+
+    @classmethod
+    def start(
+        cls, settings: Settings, reference_time: datetime, progress: ProgressFn | None = None
+    ) -> RunContext:
+        """A new run on the settings' data store, named by its reference time."""
+        return cls(
+            settings=settings,
+            store=DataStore(settings.resolved_data_uri, settings.storage_options()),
+            run_id=new_run_id(reference_time),
+            reference_time=reference_time,
+            progress=progress or _no_progress,
+        )
+
+
+def new_run_id(reference_time: datetime) -> str:
+    return f"{reference_time:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
 def code_version() -> str:

@@ -6,7 +6,6 @@ Each step is a function with typed inputs and outputs; the Dagster assets in
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +14,7 @@ import polars as pl
 
 from driverscore.adapters.readers import read_table
 from driverscore.adapters.registry import ModelRegistry, RegisteredVersion
-from driverscore.adapters.storage import DatasetRef, DataStore
+from driverscore.adapters.storage import DatasetRef
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.domain.scoring import ModelCard, feature_matrix
 from driverscore.errors import InputDataError, NoModelError
@@ -66,10 +65,6 @@ class TrainingRunResult:
     candidate: ValidatedCandidate
     registered: RegisteredVersion
     manifest_uri: str
-
-
-def new_run_id(reference_time: datetime) -> str:
-    return f"{reference_time:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
 def open_registry(settings: Settings) -> ModelRegistry:
@@ -228,15 +223,8 @@ def run_training(
     progress: Callable[[str], None] | None = None,
 ) -> TrainingRunResult:
     """The whole training pipeline in process, with no server."""
-    store = DataStore(settings.resolved_data_uri, settings.storage_options())
-    run_id = new_run_id(reference_time)
-    ctx = RunContext(
-        settings=settings,
-        store=store,
-        run_id=run_id,
-        reference_time=reference_time,
-        **({"progress": progress} if progress else {}),
-    )
+    ctx = RunContext.start(settings, reference_time, progress)
+    store, run_id = ctx.store, ctx.run_id
     registry = open_registry(settings)
     ingested = ingest(ctx, pings_uri, mapping)
     prepared = prepare(ctx, ingested)

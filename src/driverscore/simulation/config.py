@@ -32,6 +32,18 @@ class DirtConfig(BaseModel):
         default=0.0002, ge=0, le=1, description="Pings stamped at epoch 0 (device clock reset)."
     )
 
+    @classmethod
+    def clean(cls) -> DirtConfig:
+        """No defects at all: every simulated ping is a good one."""
+        return cls(
+            duplicate_rate=0,
+            out_of_order_rate=0,
+            zero_coordinate_rate=0,
+            gps_spike_rate=0,
+            impossible_speed_rate=0,
+            bad_timestamp_rate=0,
+        )
+
 
 class DriftConfig(BaseModel):
     """Changes of the world or of the devices, for drift detection to notice."""
