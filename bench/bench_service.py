@@ -66,35 +66,8 @@ FEATURES: dict[str, float] = {
 def register_model(root: Path) -> tuple[str, list[str]]:
     """Train on synthetic trips and register one version; returns it and its feature order."""
     from driverscore.adapters.registry import ModelRegistry
-    from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
-    from driverscore.domain.scoring import feature_matrix
-    from driverscore.settings import GateConfig, TrainingConfig
-    from driverscore.training.dataset import label_trips, time_split
-    from driverscore.training.gate import evaluate, run_gate
-    from driverscore.training.model import train_model
-    from driverscore.training.onnx_export import export_onnx
-    from driverscore.training.synthetic import synthetic_trips
+    from driverscore.training.synthetic import register_synthetic_model
 
-    features, incidents = synthetic_trips(4000, seed=5)
-    labelled = label_trips(features, incidents, datetime(2026, 5, 20, tzinfo=UTC), 7.0)
-    train, holdout = time_split(labelled, 0.25)
-    trained = train_model(train, TrainingConfig(max_iter=60, min_samples_leaf=50))
-    x = feature_matrix(holdout, trained.feature_names)
-    card = trained.model_card(
-        cleaning_config=CleaningConfig(),
-        trip_config=TripConfig(),
-        feature_config=FeatureConfig(),
-        lineage={"features": "bench"},
-    )
-    metrics = evaluate(
-        holdout["incident"].to_numpy(),
-        trained.predict_proba(x),
-        card.decision_threshold,
-        holdout["fleet_id"].to_numpy(),
-    )
-    report = run_gate(
-        metrics, None, GateConfig(min_roc_auc=0.5, max_brier=0.5, max_calibration_error=0.5)
-    )
     registry = ModelRegistry(
         tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
         registry_uri=None,
@@ -102,15 +75,11 @@ def register_model(root: Path) -> tuple[str, list[str]]:
         experiment_name="bench-service",
         artifact_location=str(root / "artifacts"),
     )
-    registered = registry.register(
-        trained,
-        export_onnx(trained, x),
-        card,
-        report,
-        params={"max_iter": 60},
+    registered, trained = register_synthetic_model(
+        registry,
+        lineage={"features": "bench"},
         data_versions={"features": "bench"},
         code_version="bench",
-        sample=holdout.head(5),
     )
     return registered.version, list(trained.feature_names)
 

@@ -20,18 +20,12 @@ import pytest
 import uvicorn
 
 from driverscore.adapters.registry import CHALLENGER, CHAMPION, ModelRegistry
-from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
 from driverscore.domain.prepare import prepare_trips
 from driverscore.domain.schema import conform_pings
-from driverscore.domain.scoring import feature_matrix
 from driverscore.services.api import create_app
 from driverscore.services.api.holder import RegistryReader
-from driverscore.settings import GateConfig, ServiceConfig, Settings, TrainingConfig
-from driverscore.training.dataset import label_trips, time_split
-from driverscore.training.gate import evaluate, run_gate
-from driverscore.training.model import train_model
-from driverscore.training.onnx_export import export_onnx
-from driverscore.training.synthetic import synthetic_trips
+from driverscore.settings import ServiceConfig, Settings
+from driverscore.training.synthetic import register_synthetic_model
 
 pytestmark = [pytest.mark.integration]
 
@@ -56,41 +50,18 @@ class Backend:
 
 
 def _register_two(root: Path, model_name: str) -> Backend:
-    features, incidents = synthetic_trips(4000, seed=5)
-    labelled = label_trips(features, incidents, datetime(2026, 5, 20, tzinfo=UTC), 7.0)
-    train, holdout = time_split(labelled, 0.25)
     backend = Backend(root, model_name, ("", ""))
     registry = backend.registry()
-    versions = []
-    for max_iter in (30, 60):
-        trained = train_model(train, TrainingConfig(max_iter=max_iter, min_samples_leaf=50))
-        x = feature_matrix(holdout, trained.feature_names)
-        card = trained.model_card(
-            cleaning_config=CleaningConfig(),
-            trip_config=TripConfig(),
-            feature_config=FeatureConfig(),
+    versions = [
+        register_synthetic_model(
+            registry,
+            max_iter=max_iter,
             lineage={"features": "abc123"},
-        )
-        metrics = evaluate(
-            holdout["incident"].to_numpy(),
-            trained.predict_proba(x),
-            card.decision_threshold,
-            holdout["fleet_id"].to_numpy(),
-        )
-        report = run_gate(
-            metrics, None, GateConfig(min_roc_auc=0.5, max_brier=0.5, max_calibration_error=0.5)
-        )
-        registered = registry.register(
-            trained,
-            export_onnx(trained, x),
-            card,
-            report,
-            params={"max_iter": max_iter},
             data_versions={"features": "f" * 16},
             code_version="test",
-            sample=holdout.head(5),
-        )
-        versions.append(registered.version)
+        )[0].version
+        for max_iter in (30, 60)
+    ]
     assert registry.alias_version(CHAMPION) == versions[0]
     assert registry.alias_version(CHALLENGER) == versions[1]
     return Backend(root, model_name, (versions[0], versions[1]))

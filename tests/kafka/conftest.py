@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -19,16 +18,11 @@ import pytest
 
 from driverscore.adapters.kafka.broker import LocalKafkaBroker, wait_until_ready
 from driverscore.adapters.registry import CHAMPION
-from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
-from driverscore.domain.scoring import TripScorer, feature_matrix
+from driverscore.domain.scoring import TripScorer
 from driverscore.pipelines.training_run import open_registry
-from driverscore.settings import GateConfig, KafkaConfig, KafkaTopics, Settings, TrainingConfig
+from driverscore.settings import KafkaConfig, KafkaTopics, Settings
 from driverscore.simulation import DirtConfig, SimulationConfig, simulate
-from driverscore.training.dataset import label_trips, time_split
-from driverscore.training.gate import evaluate, run_gate
-from driverscore.training.model import train_model
-from driverscore.training.onnx_export import export_onnx
-from driverscore.training.synthetic import synthetic_trips
+from driverscore.training.synthetic import register_synthetic_model
 
 
 @pytest.fixture(scope="session")
@@ -75,34 +69,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A driverscore home whose registry holds a champion trained on synthetic trips."""
     root = tmp_path_factory.mktemp("stream-home")
     settings = Settings(home=root)
-    features, incidents = synthetic_trips(3000, seed=11)
-    labelled = label_trips(features, incidents, datetime(2026, 5, 20, tzinfo=UTC), 7.0)
-    train, holdout = time_split(labelled, 0.25)
-    trained = train_model(train, TrainingConfig(max_iter=40, min_samples_leaf=50))
-    x = feature_matrix(holdout, trained.feature_names)
-    card = trained.model_card(
-        cleaning_config=CleaningConfig(),
-        trip_config=TripConfig(),
-        feature_config=FeatureConfig(),
-    )
-    metrics = evaluate(
-        holdout["incident"].to_numpy(),
-        trained.predict_proba(x),
-        card.decision_threshold,
-        holdout["fleet_id"].to_numpy(),
-    )
-    report = run_gate(
-        metrics, None, GateConfig(min_roc_auc=0.5, max_brier=0.5, max_calibration_error=0.5)
-    )
-    registered = open_registry(settings).register(
-        trained,
-        export_onnx(trained, x),
-        card,
-        report,
-        params={},
-        data_versions={},
-        code_version="test",
-        sample=holdout.head(5),
+    registered, _ = register_synthetic_model(
+        open_registry(settings), trips=3000, seed=11, max_iter=40, code_version="test"
     )
     assert registered.alias == CHAMPION
     return root
