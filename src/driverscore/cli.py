@@ -350,7 +350,7 @@ def kafka_produce(
     )
     if close_trips and result.last_ts is not None:
         clock = clock_after(result.last_ts, settings.trips.gap_s, settings.kafka.grace_s)
-        send_clock(producer, topic, clock, settings.kafka.partitions)
+        send_clock(producer, topic, clock)
     typer.echo(f"sent {result.pings:,} pings in {result.messages:,} messages to {topic}")
     if rejected:
         typer.echo(f"{rejected:,} rows rejected by the column mapping (not sent)")
@@ -407,12 +407,19 @@ def stream(
             models, settings.kafka.alert_below_score, metrics, policy=settings.kafka.rollout
         )
         result = run_embedded_stream(
-            frame, step, ParquetScoreSink(folder), grace_s=settings.kafka.grace_s, speed=speed
+            frame,
+            step,
+            ParquetScoreSink(folder),
+            grace_s=settings.kafka.grace_s,
+            max_trip_pings=settings.kafka.max_trip_pings,
+            speed=speed,
         )
         typer.echo(
             f"replayed {result.pings:,} pings: {result.trips:,} trips scored, "
             f"{result.alerts:,} alerts, in {result.wall_s:.1f}s → {folder}"
         )
+        if result.late_pings:
+            typer.echo(f"{result.late_pings:,} pings behind a closed trip (not scored)")
         if rejected:
             typer.echo(f"{rejected:,} rows rejected by the column mapping (not replayed)")
         return

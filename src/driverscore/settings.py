@@ -114,6 +114,10 @@ class KafkaTopics(BaseModel):
     trip_features: str = "driverscore.trip-features"
     scores: str = "driverscore.scores"
     alerts: str = "driverscore.alerts"
+    shadow_scores: str = Field(
+        "driverscore.shadow-scores",
+        description="Shadow mode: the challenger's score records (role shadow), key: vehicle.",
+    )
 
 
 class KafkaConfig(BaseModel):
@@ -135,7 +139,19 @@ class KafkaConfig(BaseModel):
     alert_below_score: float = Field(
         60.0, ge=0, le=100, description="Scores below this publish an alert."
     )
-    processing_guarantee: Literal["at-least-once", "exactly-once"] = "exactly-once"
+    processing_guarantee: Literal["at-least-once", "exactly-once"] = Field(
+        "at-least-once",
+        description=(
+            "exactly-once: outputs and state commit in Kafka transactions "
+            "(read them with isolation.level=read_committed)."
+        ),
+    )
+    commit_interval_s: float = Field(
+        0.2, gt=0, description="How often offsets, state and transactions are committed (s)."
+    )
+    max_trip_pings: int = Field(
+        50_000, ge=100, description="A trip is closed and scored at this many pings (bounds state)."
+    )
     state_dir: Path | None = Field(
         None, description="Stream state (RocksDB) folder (default: <home>/stream-state)."
     )

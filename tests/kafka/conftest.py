@@ -52,6 +52,7 @@ def kafka_config(kafka_bootstrap: str) -> KafkaConfig:
             trip_features=f"features-{run}",
             scores=f"scores-{run}",
             alerts=f"alerts-{run}",
+            shadow_scores=f"shadow-{run}",
         ),
         partitions=2,
         consumer_group=f"stream-{run}",

@@ -158,7 +158,6 @@ def test_stream_scores_every_trip_exactly_as_batch_does(
         producer,
         topic,
         clock_after(result.last_ts, card.trip_config.gap_s, kafka_config.grace_s),
-        kafka_config.partitions,
     )
 
     score_messages = _consume(
@@ -233,7 +232,6 @@ def test_poison_messages_reach_the_dead_letter_topic_while_good_traffic_flows(
         producer,
         topic,
         clock_after(result.last_ts, scorer.card.trip_config.gap_s, kafka_config.grace_s),
-        kafka_config.partitions,
     )
 
     dead = _consume(kafka_config, kafka_config.topics.dlq, len(poison), stream_process)
@@ -292,7 +290,6 @@ def test_a_killed_processor_resumes_open_trips_without_loss_or_duplicates(
         producer,
         topic,
         clock_after(result.last_ts, card.trip_config.gap_s, kafka_config.grace_s),
-        kafka_config.partitions,
     )
     scores = _frame(
         _consume(kafka_config, kafka_config.topics.scores, batch.features.height, second)

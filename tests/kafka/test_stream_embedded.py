@@ -34,7 +34,6 @@ from driverscore.services.stream import (
 )
 from driverscore.services.stream_embedded import (
     MemoryScoreSink,
-    SessionWindows,
     run_embedded_stream,
 )
 from driverscore.settings import Settings
@@ -71,29 +70,6 @@ def _assert_same_scores(got: pl.DataFrame, expected: pl.DataFrame) -> None:
     assert got["risk_band"].to_list() == expected["risk_band"].to_list()
     assert got["reasons"].to_list() == expected["reasons"].to_list()
     assert got["model_version"].to_list() == expected["model_version"].to_list()
-
-
-def test_a_ping_one_gap_after_the_last_starts_a_new_session() -> None:
-    windows = SessionWindows(GAP_MS, GRACE_MS)
-    assert windows.add(_ping("a", 0)) == []
-    assert windows.add(_ping("a", GAP_MS - 1)) == []  # joins: less than one gap later
-    assert windows.add(_ping("a", 2 * GAP_MS - 1)) == []  # one gap after the last: new
-    rest = windows.close_all()
-    assert [[p["ts"] // 1000 for p in s.pings] for s in rest] == [
-        [0, GAP_MS - 1],
-        [2 * GAP_MS - 1],
-    ]
-
-
-def test_a_session_closes_when_event_time_passes_its_end_plus_two_gaps_and_grace() -> None:
-    windows = SessionWindows(GAP_MS, GRACE_MS)
-    windows.add(_ping("a", 0))
-    end = 2 * GAP_MS + GRACE_MS
-    # Another vehicle's pings move event time; "a" stays open up to its closing time.
-    assert windows.add(_ping("b", end - 1)) == []
-    closed = windows.add(_ping("b", end))
-    assert [(s.vehicle, len(s.pings)) for s in closed] == [("a", 1)]
-    assert [s.vehicle for s in windows.close_all()] == ["b"]
 
 
 def test_embedded_runner_scores_every_trip_exactly_as_batch_does(

@@ -58,7 +58,13 @@ def replay_live(settings: Settings, pings_uri: str, batch_scores: pl.DataFrame) 
     )
     folder = (settings.home / "stream").resolve()
     sink = ParquetScoreSink(folder)
-    result = run_embedded_stream(pings, step, sink, grace_s=settings.kafka.grace_s)
+    result = run_embedded_stream(
+        pings,
+        step,
+        sink,
+        grace_s=settings.kafka.grace_s,
+        max_trip_pings=settings.kafka.max_trip_pings,
+    )
     written = [path for path in sink.written if path.parent.name == "scores"]
     live = (
         pl.concat([pl.read_parquet(path) for path in written])

@@ -12,6 +12,7 @@ rows, score records and alerts are published.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -21,19 +22,34 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import polars as pl
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from driverscore.adapters.kafka.messages import CLOCK_KEY, decode_message, pings_frame
+from driverscore.adapters.kafka.messages import (
+    DecodedMessage,
+    decode_message,
+    encode_batch,
+    pings_frame,
+)
 from driverscore.domain.prepare import prepare_trips
 from driverscore.domain.rollout import RolloutPolicy, decide
 from driverscore.domain.scoring import ModelCard, TripScorer
+from driverscore.domain.sessions import (
+    ClosedSession,
+    KeyValue,
+    PartitionScope,
+    SessionRules,
+    TripAssembler,
+)
 from driverscore.errors import NoModelError
 from driverscore.services.api.holder import ModelHolder
-from driverscore.settings import KafkaConfig, Settings
+from driverscore.settings import KafkaConfig, KafkaTopics, Settings
 
 __all__ = [
+    "CLOSE_TRIGGER_HEADER",
     "FixedModels",
     "ModelSource",
+    "OutMessage",
+    "PingProcessor",
     "PolledModels",
     "ScoredSession",
     "StreamMetrics",
@@ -42,6 +58,7 @@ __all__ = [
     "TripScoringStep",
     "alert_text",
     "build_stream_application",
+    "record_consumer_lag",
     "stream_models",
     "trip_outputs",
 ]
@@ -50,6 +67,9 @@ log = logging.getLogger(__name__)
 
 DLQ_REASON_HEADER = "driverscore.dlq.reason"
 DLQ_SOURCE_HEADER = "driverscore.dlq.source"
+#: On every trip output: Kafka timestamp (ms) of the input message whose arrival closed it.
+CLOSE_TRIGGER_HEADER = "driverscore.close_trigger_ms"
+_PARTITION_PREFIX = b"__partition__"
 
 
 class StreamMetrics:
@@ -79,7 +99,31 @@ class StreamMetrics:
         )
         self.scoring_seconds = Histogram(
             "driverscore_stream_trip_seconds",
-            "Time to prepare and score one closed session.",
+            "Time to prepare and score the sessions one message closed.",
+            registry=self.registry,
+        )
+        self.published = Counter(
+            "driverscore_stream_published",
+            "Messages published, by topic (features, scores, alerts, shadow, dead letters).",
+            ["topic"],
+            registry=self.registry,
+        )
+        self.consumer_lag = Gauge(
+            "driverscore_stream_consumer_lag",
+            "Messages behind the end of each input partition (librdkafka statistics).",
+            ["topic", "partition"],
+            registry=self.registry,
+        )
+        self.close_to_publish = Histogram(
+            "driverscore_stream_close_to_publish_seconds",
+            "From reading the message that closes trips to handing their outputs to the producer.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
+        self.model = Gauge(
+            "driverscore_stream_model",
+            "1 for each model version the stream scores with, by role.",
+            ["role", "version"],
             registry=self.registry,
         )
 
@@ -199,6 +243,7 @@ class TripScoringStep:
         self.metrics = metrics
         self.now = now
         self.policy = policy or RolloutPolicy()
+        self._shown: set[tuple[str, str]] = set()
 
     @property
     def scorer(self) -> TripScorer:
@@ -210,6 +255,7 @@ class TripScoringStep:
         with self.metrics.scoring_seconds.time():
             now = self.now()
             models = self.models.current()
+            self._show_models(models)
             frame = pings_frame(pings)
             prepared: dict[tuple[str, str, str], pl.DataFrame] = {}
 
@@ -260,6 +306,23 @@ class TripScoringStep:
             )
         return ScoredSession(features, records, alerts, shadow)
 
+    def _show_models(self, models: StreamModels) -> None:
+        shown = {
+            (role, scorer.model_version)
+            for role, scorer in (
+                ("champion", models.champion),
+                ("challenger", models.challenger),
+                ("shadow", models.shadow),
+            )
+            if scorer is not None
+        }
+        if shown != self._shown:
+            for role, version in self._shown - shown:
+                self.metrics.model.remove(role, version)
+            for role, version in shown:
+                self.metrics.model.labels(role, version).set(1)
+            self._shown = shown
+
     def _split(
         self,
         champion: TripScorer,
@@ -294,6 +357,43 @@ class TripScoringStep:
             log.exception("trip of %s starting at %s could not be scored", vehicle, start)
             return None
 
+    def close_sessions(self, sessions: list[ClosedSession]) -> list[ScoredSession]:
+        """Score closed sessions together, one vehicle's session per group at most.
+
+        Many sessions close at once when event time jumps (a clock message, a partition
+        catching up); one ``prepare_trips`` over all of them costs a fraction of one per
+        session and gives every trip the same row (a trip's features do not depend on
+        other trips). A group that fails is retried one session at a time, so one bad trip
+        does not take its neighbours down.
+        """
+        groups: list[list[ClosedSession]] = []
+        for session in sessions:
+            home = next(
+                (g for g in groups if all(s.vehicle_id != session.vehicle_id for s in g)), None
+            )
+            if home is None:
+                groups.append([session])
+            else:
+                home.append(session)
+        scored: list[ScoredSession] = []
+        for group in groups:
+            pings = [p for s in group for p in s.pings]
+            if len(group) == 1:
+                result = self.close(group[0].vehicle_id, group[0].start_us, pings)
+            else:
+                try:
+                    result = self.score_session(pings)
+                except Exception:
+                    scored.extend(self.close_sessions_alone(group))
+                    continue
+            if result is not None:
+                scored.append(result)
+        return scored
+
+    def close_sessions_alone(self, sessions: list[ClosedSession]) -> list[ScoredSession]:
+        results = (self.close(s.vehicle_id, s.start_us, s.pings) for s in sessions)
+        return [r for r in results if r is not None]
+
     def __call__(self, pings: list[dict[str, Any]]) -> list[TripOutput]:
         scored = self.score_session(pings)
         return trip_outputs(scored) if scored is not None else []
@@ -323,45 +423,167 @@ def trip_outputs(scored: ScoredSession) -> list[TripOutput]:
     ]
 
 
-def _decode_step(metrics: StreamMetrics) -> Callable[[Any, Any, int, Any], dict[str, Any]]:
-    def decode(value: Any, key: Any, _timestamp: int, _headers: Any) -> dict[str, Any]:
-        text_key = key.decode(errors="replace") if isinstance(key, bytes) else key
-        decoded = decode_message(value, text_key)
-        if decoded.error:
-            metrics.messages.labels(decoded.reason_code or "invalid").inc()
-        else:
-            metrics.messages.labels("clock" if decoded.clock_us else "accepted").inc()
-        events: list[dict[str, Any]] = decoded.pings
+@dataclass(frozen=True)
+class OutMessage:
+    """One message the processor publishes: the topic name, key, value bytes and headers."""
+
+    topic: str
+    key: str
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+def _late_message(vehicle: str, late: list[dict[str, Any]]) -> bytes:
+    rows = [{**p, "ts": datetime.fromtimestamp(int(p["ts"]) / 1e6, UTC)} for p in late]
+    return encode_batch(vehicle, rows)
+
+
+class PingProcessor:
+    """One ping message in, its output messages out: decode, assemble trips, score.
+
+    Kafka-free: the Quix Streams application calls :meth:`process` for every message with
+    the message's partition state; tests call it with a ``MemoryScope``. Everything after
+    decoding leaves through one list, so a trip's feature row, score record and alert are
+    produced together (and, under exactly-once, committed in the same transaction).
+    """
+
+    def __init__(
+        self,
+        step: TripScoringStep,
+        assembler: TripAssembler,
+        topics: KafkaTopics,
+        metrics: StreamMetrics,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.step = step
+        self.assembler = assembler
+        self.topics = topics
+        self.metrics = metrics
+        self.clock = clock
+
+    def process(
+        self,
+        value: bytes | None,
+        key: str | None,
+        timestamp_ms: int,
+        headers: list[tuple[str, bytes]],
+        scope: PartitionScope,
+        source: str,
+    ) -> list[OutMessage]:
+        started = self.clock()
+        decoded = decode_message(value, key)
+        if decoded.error is None and decoded.clock_us is None and not key:
+            decoded = DecodedMessage(error="key_mismatch: the message has no key (the vehicle id)")
+        if decoded.error is not None:
+            self.metrics.messages.labels(decoded.reason_code or "invalid").inc()
+            reject = [
+                (DLQ_REASON_HEADER, decoded.error.encode()),
+                (DLQ_SOURCE_HEADER, source.encode()),
+            ]
+            return [self._out(self.topics.dlq, key or "", value or b"", [*headers, *reject])]
         if decoded.clock_us is not None:
-            events = [{"ts": decoded.clock_us, "clock": True}]
-        return {"events": events, "error": decoded.error, "raw": value}
+            self.metrics.messages.labels("clock").inc()
+            assembled = self.assembler.advance(scope, decoded.clock_us)
+        else:
+            self.metrics.messages.labels("accepted").inc()
+            assert key is not None
+            assembled = self.assembler.add(scope, key, decoded.pings)
+        out: list[OutMessage] = []
+        if assembled.late:
+            self.metrics.late_pings.inc(len(assembled.late))
+            everything = len(assembled.late) == len(decoded.pings)
+            reason = (
+                f"late_ping: {len(assembled.late)} ping(s) behind a closed trip or more than "
+                "gap + grace behind the partition's event time"
+            )
+            out.append(
+                self._out(
+                    self.topics.dlq,
+                    key or "",
+                    (value or b"") if everything else _late_message(str(key), assembled.late),
+                    [
+                        *headers,
+                        (DLQ_REASON_HEADER, reason.encode()),
+                        (DLQ_SOURCE_HEADER, source.encode()),
+                    ],
+                )
+            )
+        if assembled.closed:
+            trigger = [(CLOSE_TRIGGER_HEADER, str(timestamp_ms).encode())]
+            for scored in self.step.close_sessions(assembled.closed):
+                out.extend(self._trip_messages(scored, trigger))
+            self.metrics.close_to_publish.observe(self.clock() - started)
+        return out
 
-    return decode
+    def _trip_messages(
+        self, scored: ScoredSession, headers: list[tuple[str, bytes]]
+    ) -> list[OutMessage]:
+        topics = self.topics
+        out: list[OutMessage] = []
+        vehicles = scored.records["vehicle_id"].to_list()
+        for vehicle, trip in zip(vehicles, trip_outputs(scored), strict=True):
+            out.append(self._out(topics.trip_features, vehicle, trip.features, headers))
+            out.append(self._out(topics.scores, vehicle, trip.score, headers))
+            if trip.alert is not None:
+                out.append(self._out(topics.alerts, vehicle, trip.alert, headers))
+        if scored.shadow.height:
+            lines = scored.shadow.write_ndjson().splitlines()
+            for vehicle, line in zip(scored.shadow["vehicle_id"].to_list(), lines, strict=True):
+                out.append(self._out(topics.shadow_scores, vehicle, line.encode(), headers))
+        return out
+
+    def _out(
+        self, topic: str, key: str, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> OutMessage:
+        self.metrics.published.labels(topic).inc()
+        return OutMessage(topic, key, value, headers)
 
 
-def _dlq_headers(value: Any, _key: Any, _ts: int, headers: Any) -> list[tuple[str, bytes]]:
-    from quixstreams import message_context
+class _QuixScope:
+    """The partition state of the message being processed, as a ``PartitionScope``."""
 
-    ctx = message_context()
-    source = f"{ctx.topic}/{ctx.partition}/{ctx.offset}"
-    return [
-        *(headers or []),
-        (DLQ_REASON_HEADER, str(value["error"]).encode()),
-        (DLQ_SOURCE_HEADER, source.encode()),
-    ]
+    def __init__(self, state: Any, partition: tuple[str, int]) -> None:
+        # Quix hands a stateful function the state of the message's key only; trips of
+        # idle vehicles close on other vehicles' messages, so the transaction behind it
+        # (the same RocksDB store and changelog, same commit) is reached for their keys.
+        self._transaction = state._transaction
+        self._partition = partition
+
+    @property
+    def partition(self) -> tuple[str, int]:
+        return self._partition
+
+    def vehicle(self, vehicle_id: str) -> KeyValue:
+        state: KeyValue = self._transaction.as_state(prefix=vehicle_id)
+        return state
+
+    def shared(self) -> KeyValue:
+        state: KeyValue = self._transaction.as_state(prefix=_PARTITION_PREFIX)
+        return state
 
 
-def _scored_session(step: TripScoringStep) -> Callable[[Any, Any, int, Any], list[TripOutput]]:
-    def score(window: Any, key: Any, _ts: int, _headers: Any) -> list[TripOutput]:
-        if key == CLOCK_KEY:
-            return []
-        pings = [p for p in window["value"] if not p.get("clock")]
-        if not pings:
-            return []
-        scored = step.close(str(key), window["start"], pings)
-        return trip_outputs(scored) if scored is not None else []
+def _quix_step(processor: PingProcessor) -> Callable[..., list[OutMessage]]:
+    def process(
+        value: Any, key: Any, timestamp_ms: int, headers: Any, state: Any
+    ) -> list[OutMessage]:
+        from quixstreams import message_context
 
-    return score
+        ctx = message_context()
+        scope = _QuixScope(state, (ctx.topic, ctx.partition))
+        source = f"{ctx.topic}/{ctx.partition}/{ctx.offset}"
+        return processor.process(value, key, timestamp_ms, list(headers or []), scope, source)
+
+    return process
+
+
+def record_consumer_lag(metrics: StreamMetrics, stats_json: str) -> None:
+    """librdkafka's statistics → the consumer lag gauge, per topic partition."""
+    stats = json.loads(stats_json)
+    for topic, info in (stats.get("topics") or {}).items():
+        for partition, numbers in (info.get("partitions") or {}).items():
+            lag = numbers.get("consumer_lag", -1)
+            if partition != "-1" and lag is not None and lag >= 0:
+                metrics.consumer_lag.labels(topic, partition).set(lag)
 
 
 def build_stream_application(
@@ -375,21 +597,11 @@ def build_stream_application(
 ) -> Any:
     """The Quix Streams application of the stream processor, ready for ``app.run()``."""
     from quixstreams import Application
+    from quixstreams.models.serializers import SerializationContext, Serializer
 
-    def on_late(
-        value: Any,
-        key: Any,
-        timestamp_ms: int,
-        late_by_ms: int,
-        start: int,
-        end: int,
-        store_name: str,
-        topic: str,
-        partition: int,
-        offset: int,
-    ) -> bool:
-        metrics.late_pings.inc()
-        return True  # Quix logs it with the key and how late it was
+    class _OutValue(Serializer):
+        def __call__(self, value: OutMessage, ctx: SerializationContext) -> bytes:
+            return value.value
 
     app = Application(
         broker_address=config.bootstrap_servers,
@@ -398,40 +610,38 @@ def build_stream_application(
         state_dir=str(state_dir),
         processing_guarantee=config.processing_guarantee,
         loglevel=loglevel,  # type: ignore[arg-type]
-        commit_interval=1.0,
+        commit_interval=config.commit_interval_s,
+        consumer_extra_config={
+            "statistics.interval.ms": 5000,
+            "stats_cb": lambda stats: record_consumer_lag(metrics, stats),
+        },
     )
     topics = config.topics
     pings = app.topic(topics.pings, key_deserializer="str", value_deserializer="bytes")
-
-    def out(name: str) -> Any:
-        return app.topic(name, key_serializer="str", value_serializer="bytes")
-
+    outputs = {
+        name: app.topic(name, key_serializer="str", value_serializer=_OutValue())
+        for name in (
+            topics.dlq,
+            topics.trip_features,
+            topics.scores,
+            topics.alerts,
+            topics.shadow_scores,
+        )
+    }
     step = TripScoringStep(models, config.alert_below_score, metrics, policy=config.rollout)
-    # Sessions are cut with the gap of the champion at start; a later champion scores with
-    # its own configs, but the windowing keeps this gap until the processor restarts.
-    gap_ms = round(step.scorer.card.trip_config.gap_s * 1000)
+    # Trips are cut with the gap of the champion at start; a later champion scores with
+    # its own configs, but the cutting keeps this gap until the processor restarts.
+    rules = SessionRules.of(
+        step.scorer.card.trip_config.gap_s, config.grace_s, config.max_trip_pings
+    )
+    processor = PingProcessor(step, TripAssembler(rules), topics, metrics)
 
     sdf = app.dataframe(pings)
-    decoded = sdf.apply(_decode_step(metrics), metadata=True)
-
-    rejected = decoded.filter(lambda m: m["error"] is not None)
-    rejected = rejected.set_headers(_dlq_headers)
-    rejected.apply(lambda m: m["raw"]).to_topic(out(topics.dlq))
-
-    events = decoded.filter(lambda m: m["error"] is None).apply(lambda m: m["events"], expand=True)
-    events = events.set_timestamp(lambda ping, _k, _ts, _h: int(ping["ts"]) // 1000)
-    sessions = (
-        events.session_window(
-            inactivity_gap_ms=gap_ms, grace_ms=round(config.grace_s * 1000), on_late=on_late
-        )
-        .collect()
-        .final(closing_strategy="partition")
-    )
-    trips = sessions.apply(_scored_session(step), expand=True, metadata=True)
-    trips.apply(lambda t: t.features).to_topic(out(topics.trip_features))
-    trips.apply(lambda t: t.score).to_topic(out(topics.scores))
-    trips.filter(lambda t: t.alert is not None).apply(lambda t: t.alert).to_topic(
-        out(topics.alerts)
+    sdf = sdf.apply(_quix_step(processor), stateful=True, metadata=True, expand=True)
+    sdf = sdf.set_headers(lambda message, _key, _ts, _headers: message.headers)
+    sdf.to_topic(
+        lambda message, _key, _ts, _headers: outputs[message.topic],
+        key=lambda message: message.key,
     )
     return app
 

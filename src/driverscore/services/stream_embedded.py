@@ -1,22 +1,17 @@
 """The stream processor without Kafka: replay a ping file through the same trip closing.
 
 `driverscore stream --source file PINGS` reads pings in timestamp order (optionally paced
-at ``speed`` × real time), cuts them per vehicle into session windows with the rules of
-the Kafka processor's Quix Streams session windows, and hands every closed session to the
-same :class:`~driverscore.services.stream.TripScoringStep` the Kafka processor uses. The
-feature rows, score records and alerts go to a sink: Parquet files under the home folder,
-or memory (tests, the demo).
-
-Session rules (Quix ``session_window`` with ``closing_strategy="partition"``; the whole
-file is one partition): a ping joins its vehicle's open session when it is less than one
-inactivity gap after the session's last ping, otherwise it starts a new one; a session
-closes once the event time seen so far passes its last ping + 2 × gap + grace. At the end
-of the file every open session closes (what the Kafka replay's closing clock does).
+at ``speed`` × real time), cuts them into trips with the same
+:class:`~driverscore.domain.sessions.TripAssembler` as the Kafka processor (the whole file
+is one partition, its state in memory), and hands the closed sessions to the same
+:class:`~driverscore.services.stream.TripScoringStep`. The feature rows, score records and
+alerts go to a sink: Parquet files under the home folder, or memory (tests, the demo). At
+the end of the file every open session closes (what the Kafka replay's closing clock
+does).
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,6 +23,7 @@ from typing import Any, Protocol
 import polars as pl
 
 from driverscore.domain.schema import PING_SCHEMA
+from driverscore.domain.sessions import ClosedSession, MemoryScope, SessionRules, TripAssembler
 from driverscore.services.stream import ScoredSession, TripScoringStep
 
 __all__ = [
@@ -35,7 +31,6 @@ __all__ = [
     "MemoryScoreSink",
     "ParquetScoreSink",
     "ScoreSink",
-    "SessionWindows",
     "run_embedded_stream",
 ]
 
@@ -122,70 +117,6 @@ class ParquetScoreSink:
             self.written.append(path)
 
 
-@dataclass
-class _Session:
-    vehicle: str
-    start_ms: int
-    end_ms: int
-    pings: list[dict[str, Any]]
-
-
-class SessionWindows:
-    """Per-vehicle session windows over time-ordered pings (the Quix session rules).
-
-    :meth:`add` returns the sessions the new event time closed; :meth:`close_all` the rest.
-    """
-
-    def __init__(self, gap_ms: int, grace_ms: int) -> None:
-        self.gap_ms = gap_ms
-        self.grace_ms = grace_ms
-        self.watermark_ms: int | None = None
-        self._open: dict[str, _Session] = {}
-        # (last ping + 2 gap + grace, tie-breaker, session); re-pushed when a session grew.
-        self._expiry: list[tuple[int, int, _Session]] = []
-        self._seq = itertools.count()
-
-    def add(self, ping: dict[str, Any]) -> list[_Session]:
-        vehicle = str(ping["vehicle_id"])
-        ts_ms = int(ping["ts"]) // 1000
-        session = self._open.get(vehicle)
-        if session is not None and ts_ms < session.end_ms + self.gap_ms:
-            session.pings.append(ping)
-            session.end_ms = max(session.end_ms, ts_ms)
-        else:
-            session = _Session(vehicle, ts_ms, ts_ms, [ping])
-            self._open[vehicle] = session
-            self._push(session)
-        self.watermark_ms = ts_ms if self.watermark_ms is None else max(self.watermark_ms, ts_ms)
-        return self._expire(self.watermark_ms - 2 * self.gap_ms - self.grace_ms)
-
-    def close_all(self) -> list[_Session]:
-        closed = sorted(
-            {id(s): s for _, _, s in self._expiry}.values(), key=lambda s: (s.end_ms, s.vehicle)
-        )
-        self._expiry.clear()
-        self._open.clear()
-        return closed
-
-    def _push(self, session: _Session) -> None:
-        expiry = session.end_ms + 2 * self.gap_ms + self.grace_ms
-        heapq.heappush(self._expiry, (expiry, next(self._seq), session))
-
-    def _expire(self, close_before_ms: int) -> list[_Session]:
-        closed: list[_Session] = []
-        while self._expiry and self._expiry[0][0] - 2 * self.gap_ms - self.grace_ms <= (
-            close_before_ms
-        ):
-            _, _, session = heapq.heappop(self._expiry)
-            if session.end_ms > close_before_ms:
-                self._push(session)  # it grew since it was queued
-                continue
-            if self._open.get(session.vehicle) is session:
-                del self._open[session.vehicle]
-            closed.append(session)
-        return closed
-
-
 @dataclass(frozen=True)
 class EmbeddedRunResult:
     """How much one replay read and produced."""
@@ -194,6 +125,8 @@ class EmbeddedRunResult:
     sessions: int
     trips: int
     alerts: int
+    #: Pings behind a closed trip (only in a file not in time order per vehicle).
+    late_pings: int
     wall_s: float
 
 
@@ -217,6 +150,7 @@ def run_embedded_stream(
     sink: ScoreSink,
     *,
     grace_s: float,
+    max_trip_pings: int = 50_000,
     speed: float = 0.0,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
@@ -226,22 +160,20 @@ def run_embedded_stream(
     ``speed`` paces the replay: 1.0 is real time, 60.0 a minute of driving per second,
     0 as fast as possible. The session gap is the scoring model card's ``TripConfig.gap_s``.
     """
-    gap_ms = round(step.scorer.card.trip_config.gap_s * 1000)
-    windows = SessionWindows(gap_ms, round(grace_s * 1000))
+    card = step.scorer.card
+    assembler = TripAssembler(SessionRules.of(card.trip_config.gap_s, grace_s, max_trip_pings))
+    scope = MemoryScope()
     started = clock()
     first_us: int | None = None
-    count = sessions = trips = alerts = 0
+    count = sessions = trips = alerts = late = 0
 
-    def close(closed: list[_Session]) -> None:
+    def close(closed: list[ClosedSession]) -> None:
         nonlocal sessions, trips, alerts
-        for session in closed:
-            sessions += 1
-            start = datetime.fromtimestamp(session.start_ms / 1000, UTC)
-            scored = step.close(session.vehicle, start, session.pings)
-            if scored is not None:
-                trips += scored.records.height
-                alerts += scored.alerts.height
-                sink.add(scored)
+        sessions += len(closed)
+        for scored in step.close_sessions(closed):
+            trips += scored.records.height
+            alerts += scored.alerts.height
+            sink.add(scored)
 
     for ping in _ping_dicts(pings):
         if speed > 0:
@@ -250,7 +182,10 @@ def run_embedded_stream(
             if ahead > 0:
                 sleep(ahead)
         count += 1
-        close(windows.add(ping))
-    close(windows.close_all())
+        assembled = assembler.add(scope, str(ping["vehicle_id"]), [ping])
+        late += len(assembled.late)
+        if assembled.closed:
+            close(assembled.closed)
+    close(assembler.close_all(scope).closed)
     sink.flush()
-    return EmbeddedRunResult(count, sessions, trips, alerts, clock() - started)
+    return EmbeddedRunResult(count, sessions, trips, alerts, late, clock() - started)

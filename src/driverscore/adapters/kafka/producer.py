@@ -15,7 +15,14 @@ from driverscore.adapters.kafka.messages import CLOCK_KEY, encode_batch, encode_
 from driverscore.adapters.ping_files import load_canonical_pings
 from driverscore.errors import DriverscoreError
 
-__all__ = ["ReplayResult", "load_canonical_pings", "make_producer", "replay_pings", "send_clock"]
+__all__ = [
+    "ReplayResult",
+    "load_canonical_pings",
+    "make_producer",
+    "replay_pings",
+    "send_clock",
+    "topic_partitions",
+]
 
 
 @dataclass(frozen=True)
@@ -116,11 +123,24 @@ def replay_pings(
     )
 
 
-def send_clock(producer: Any, topic: str, ts: datetime, partitions: int) -> None:
+def send_clock(producer: Any, topic: str, ts: datetime) -> None:
     """A clock message at ``ts`` on every partition: trips idle since before it can close."""
-    for partition in range(partitions):
+    for partition in range(topic_partitions(producer, topic)):
         producer.produce(topic, value=encode_clock(ts), key=CLOCK_KEY.encode(), partition=partition)
     _flush(producer)
+
+
+def topic_partitions(client: Any, topic: str, timeout_s: float = 10.0) -> int:
+    """How many partitions ``topic`` has, from the broker's metadata."""
+    try:
+        metadata = client.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    except KafkaException as exc:
+        raise DriverscoreError(f"kafka: cannot read metadata of topic {topic!r}: {exc}") from None
+    if metadata is None or metadata.error is not None or not metadata.partitions:
+        raise DriverscoreError(
+            f"kafka: topic {topic!r} does not exist; create it with `driverscore kafka init`"
+        )
+    return len(metadata.partitions)
 
 
 def clock_after(last_ts: datetime, gap_s: float, grace_s: float) -> datetime:

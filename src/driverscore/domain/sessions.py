@@ -1,0 +1,370 @@
+"""Trips of a ping stream: open sessions per vehicle in key-value state, closed by event time.
+
+Pure logic shared by every stream runner: the Kafka processor keeps the state in Quix
+Streams' RocksDB stores (changelogged, so it survives restarts and moves with its
+partition), the embedded runner in dicts. The rules, in event time (the pings' ``ts``):
+
+* A ping joins its vehicle's open session when it is at most one gap (``TripConfig.gap_s``,
+  the batch rule) before the session's first or after its last ping and carries the same
+  ``trip_id`` (both absent counts as the same); a ping bridging two sessions merges them.
+  Otherwise it opens a new session. A ping of a new ``trip_id`` ends the overlapping
+  session of the old one: that trip is over, whatever the gap.
+* The partition's **watermark** is the latest ``ts`` seen on it (pings and clock messages).
+  A session closes once the watermark is past its last ping + gap + grace (an ended
+  session: last ping + grace), and at ``max_trip_pings`` pings at once, so no trip's state
+  grows without bound.
+* A ping is **late** when a closed session would have had to take it (at most one gap
+  after the vehicle's last closed trip) or when it is more than gap + grace behind the
+  watermark. Late pings are handed back to the caller (the dead-letter topic), never
+  silently dropped.
+
+Work per ping is constant: each message's pings are stored as one new chunk of the
+session, and a closing session reads each chunk once. Sessions due to close are found
+from an in-memory index of deadlines per partition, rebuilt from the persisted list of
+vehicles with open sessions after a restart or a rebalance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, Protocol
+
+__all__ = [
+    "Assembled",
+    "ClosedSession",
+    "KeyValue",
+    "MemoryScope",
+    "PartitionScope",
+    "SessionRules",
+    "TripAssembler",
+]
+
+CloseReason = Literal["gap", "trip_id", "max_pings", "end"]
+
+_META: Final = "meta"
+_WATERMARK: Final = "wm"
+_OPEN: Final = "open"
+
+
+class KeyValue(Protocol):
+    """Get/set/delete of JSON-able values (a Quix ``State``, or a dict wrapper)."""
+
+    def get(self, key: str, default: Any = None) -> Any: ...
+    def set(self, key: str, value: Any) -> None: ...
+    def delete(self, key: str) -> None: ...
+
+
+class PartitionScope(Protocol):
+    """The state of one input partition: one store per vehicle and one shared by all."""
+
+    @property
+    def partition(self) -> Hashable: ...
+    def vehicle(self, vehicle_id: str) -> KeyValue: ...
+    def shared(self) -> KeyValue: ...
+
+
+@dataclass(frozen=True)
+class SessionRules:
+    """How sessions are cut and closed, in microseconds of event time."""
+
+    gap_us: int
+    grace_us: int
+    max_trip_pings: int = 50_000
+    #: How much the watermark must move before every vehicle's deadline is checked again.
+    scan_every_us: int = 1_000_000
+
+    @classmethod
+    def of(cls, gap_s: float, grace_s: float, max_trip_pings: int = 50_000) -> SessionRules:
+        return cls(round(gap_s * 1e6), round(grace_s * 1e6), max_trip_pings)
+
+
+@dataclass(frozen=True)
+class ClosedSession:
+    """One vehicle's pings of a closed session, in arrival order."""
+
+    vehicle_id: str
+    start_us: int
+    last_us: int
+    pings: list[dict[str, Any]]
+    reason: CloseReason
+
+
+@dataclass
+class Assembled:
+    """What one message (or clock tick) did: sessions it closed and pings that came too late."""
+
+    closed: list[ClosedSession] = field(default_factory=list)
+    late: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Index:
+    version: int
+    deadlines: dict[str, int]
+    scanned_at: int | None = None
+
+
+class TripAssembler:
+    """Adds pings to their vehicle's sessions and closes the sessions that are due."""
+
+    def __init__(self, rules: SessionRules) -> None:
+        self.rules = rules
+        self._indexes: dict[Hashable, _Index] = {}
+
+    # -- entry points ------------------------------------------------------------------
+
+    def add(self, scope: PartitionScope, vehicle_id: str, pings: list[dict[str, Any]]) -> Assembled:
+        """One message's pings of ``vehicle_id``."""
+        shared = scope.shared()
+        index = self._index(scope, shared)
+        watermark: int | None = shared.get(_WATERMARK)
+        state = scope.vehicle(vehicle_id)
+        meta = state.get(_META) or {"seq": 0, "closed_until": None, "open": []}
+        had_open = bool(meta["open"])
+        out = Assembled()
+        if watermark is not None:
+            out.closed.extend(self._close_due(state, meta, vehicle_id, watermark))
+        fresh: list[dict[str, Any]] = []
+        for ping in pings:
+            if self._is_late(int(ping["ts"]), meta, watermark):
+                out.late.append(ping)
+            else:
+                fresh.append(ping)
+        if fresh:
+            self._assign(state, meta, fresh)
+            out.closed.extend(self._close_full(state, meta, vehicle_id))
+            newest = max(int(p["ts"]) for p in fresh)
+            if watermark is None or newest > watermark:
+                watermark = newest
+                shared.set(_WATERMARK, watermark)
+        state.set(_META, meta)
+        self._track(shared, index, vehicle_id, meta, had_open)
+        if watermark is not None:
+            out.closed.extend(self._scan(scope, shared, index, watermark, force=False))
+        return out
+
+    def advance(self, scope: PartitionScope, ts_us: int) -> Assembled:
+        """A clock message: event time of the partition is at least ``ts_us``."""
+        shared = scope.shared()
+        index = self._index(scope, shared)
+        watermark: int | None = shared.get(_WATERMARK)
+        if watermark is None or ts_us > watermark:
+            watermark = ts_us
+            shared.set(_WATERMARK, watermark)
+        return Assembled(closed=self._scan(scope, shared, index, watermark, force=True))
+
+    def close_all(self, scope: PartitionScope) -> Assembled:
+        """Close every open session of the partition (the end of a replayed file)."""
+        shared = scope.shared()
+        index = self._index(scope, shared)
+        closed: list[ClosedSession] = []
+        for vehicle_id in sorted(index.deadlines):
+            state = scope.vehicle(vehicle_id)
+            meta = state.get(_META)
+            sessions = list(meta["open"])
+            meta["open"] = []
+            closed.extend(self._close(state, meta, vehicle_id, s, "end") for s in sessions)
+            state.set(_META, meta)
+            self._track(shared, index, vehicle_id, meta, had_open=True)
+        return Assembled(closed=sorted(closed, key=lambda s: (s.last_us, s.vehicle_id)))
+
+    # -- sessions of one vehicle -------------------------------------------------------
+
+    def _is_late(self, ts: int, meta: dict[str, Any], watermark: int | None) -> bool:
+        closed_until = meta["closed_until"]
+        if closed_until is not None and ts <= closed_until:
+            return True
+        return watermark is not None and ts + self.rules.gap_us + self.rules.grace_us < watermark
+
+    def _assign(self, state: KeyValue, meta: dict[str, Any], pings: list[dict[str, Any]]) -> None:
+        gap = self.rules.gap_us
+        sessions: list[dict[str, Any]] = meta["open"]
+        pending: dict[int, list[dict[str, Any]]] = {}  # id(session) -> this message's pings
+        for ping in pings:
+            ts = int(ping["ts"])
+            trip = ping.get("trip_id")
+            near = [s for s in sessions if s["start"] - gap <= ts <= s["last"] + gap]
+            # An ended trip still takes its own late pings; pings without an id start anew.
+            joins = [s for s in near if s["trip"] == trip and (not s["ended"] or trip is not None)]
+            if joins:
+                session = joins[0]
+                for other in joins[1:]:  # the ping bridges them: one trip after all
+                    self._merge(session, other, pending)
+                    sessions.remove(other)
+            else:
+                for other in near:  # a new trip id ends the trip it overlaps
+                    if other["trip"] != trip and other["last"] <= ts:
+                        other["ended"] = True
+                session = {
+                    "start": ts,
+                    "last": ts,
+                    "n": 0,
+                    "trip": trip,
+                    "ended": False,
+                    "chunks": [],
+                }
+                sessions.append(session)
+            session["start"] = min(session["start"], ts)
+            session["last"] = max(session["last"], ts)
+            session["n"] += 1
+            pending.setdefault(id(session), []).append(ping)
+        for session in sessions:
+            chunk = pending.get(id(session))
+            if chunk:
+                chunk_id = meta["seq"]
+                meta["seq"] = chunk_id + 1
+                state.set(f"c{chunk_id}", chunk)
+                session["chunks"].append(chunk_id)
+        sessions.sort(key=lambda s: s["start"])
+
+    @staticmethod
+    def _merge(
+        into: dict[str, Any], other: dict[str, Any], pending: dict[int, list[dict[str, Any]]]
+    ) -> None:
+        into["start"] = min(into["start"], other["start"])
+        into["last"] = max(into["last"], other["last"])
+        into["n"] += other["n"]
+        into["chunks"] = sorted(into["chunks"] + other["chunks"])
+        moved = pending.pop(id(other), [])
+        pending.setdefault(id(into), []).extend(moved)
+
+    def _deadline(self, session: dict[str, Any]) -> int:
+        wait = 0 if session["ended"] else self.rules.gap_us
+        return int(session["last"]) + wait + self.rules.grace_us
+
+    def _close_due(
+        self, state: KeyValue, meta: dict[str, Any], vehicle_id: str, watermark: int
+    ) -> list[ClosedSession]:
+        due = [s for s in meta["open"] if self._deadline(s) < watermark]
+        if not due:
+            return []
+        meta["open"] = [s for s in meta["open"] if self._deadline(s) >= watermark]
+        return [
+            self._close(state, meta, vehicle_id, s, "trip_id" if s["ended"] else "gap") for s in due
+        ]
+
+    def _close_full(
+        self, state: KeyValue, meta: dict[str, Any], vehicle_id: str
+    ) -> list[ClosedSession]:
+        full = [s for s in meta["open"] if s["n"] >= self.rules.max_trip_pings]
+        if not full:
+            return []
+        meta["open"] = [s for s in meta["open"] if s["n"] < self.rules.max_trip_pings]
+        return [self._close(state, meta, vehicle_id, s, "max_pings") for s in full]
+
+    def _close(
+        self,
+        state: KeyValue,
+        meta: dict[str, Any],
+        vehicle_id: str,
+        session: dict[str, Any],
+        reason: CloseReason,
+    ) -> ClosedSession:
+        pings: list[dict[str, Any]] = []
+        for chunk_id in session["chunks"]:
+            pings.extend(state.get(f"c{chunk_id}") or [])
+            state.delete(f"c{chunk_id}")
+        # Later pings a gap after a trip that ended by the gap rule would have joined it:
+        # they are late. After a forced or explicit end the next ping starts a new trip.
+        until = int(session["last"]) + (self.rules.gap_us if reason in ("gap", "end") else 0)
+        previous = meta["closed_until"]
+        meta["closed_until"] = until if previous is None else max(previous, until)
+        return ClosedSession(vehicle_id, int(session["start"]), int(session["last"]), pings, reason)
+
+    # -- the partition's index of deadlines ----------------------------------------------
+
+    def _index(self, scope: PartitionScope, shared: KeyValue) -> _Index:
+        persisted = shared.get(_OPEN) or {"version": 0, "vehicles": []}
+        index = self._indexes.get(scope.partition)
+        if index is None or index.version != persisted["version"]:
+            # First use, a restart or a rebalance: rebuild from the vehicles' own state.
+            deadlines: dict[str, int] = {}
+            for vehicle_id in persisted["vehicles"]:
+                meta = scope.vehicle(vehicle_id).get(_META)
+                if meta and meta["open"]:
+                    deadlines[vehicle_id] = min(self._deadline(s) for s in meta["open"])
+            index = _Index(int(persisted["version"]), deadlines)
+            self._indexes[scope.partition] = index
+        return index
+
+    def _track(
+        self,
+        shared: KeyValue,
+        index: _Index,
+        vehicle_id: str,
+        meta: dict[str, Any],
+        had_open: bool,
+    ) -> None:
+        if meta["open"]:
+            index.deadlines[vehicle_id] = min(self._deadline(s) for s in meta["open"])
+        else:
+            index.deadlines.pop(vehicle_id, None)
+        if had_open != bool(meta["open"]):
+            index.version += 1
+            shared.set(_OPEN, {"version": index.version, "vehicles": sorted(index.deadlines)})
+
+    def _scan(
+        self,
+        scope: PartitionScope,
+        shared: KeyValue,
+        index: _Index,
+        watermark: int,
+        *,
+        force: bool,
+    ) -> list[ClosedSession]:
+        recent = index.scanned_at is not None and (
+            watermark - index.scanned_at < self.rules.scan_every_us
+        )
+        if recent and not force:
+            return []
+        index.scanned_at = watermark
+        due = sorted((d, v) for v, d in index.deadlines.items() if d < watermark)
+        closed: list[ClosedSession] = []
+        for _, vehicle_id in due:
+            state = scope.vehicle(vehicle_id)
+            meta = state.get(_META)
+            if not meta or not meta["open"]:
+                index.deadlines.pop(vehicle_id, None)
+                continue
+            closed.extend(self._close_due(state, meta, vehicle_id, watermark))
+            state.set(_META, meta)
+            self._track(shared, index, vehicle_id, meta, had_open=True)
+        return closed
+
+
+class _DictState:
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._data.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        self._data[key] = value
+
+    def delete(self, key: str) -> None:
+        self._data.pop(key, None)
+
+
+class MemoryScope:
+    """A partition's state in dicts (the embedded runner, unit tests)."""
+
+    def __init__(self, partition: Hashable = 0) -> None:
+        self._partition = partition
+        self._vehicles: dict[str, dict[str, Any]] = {}
+        self._shared: dict[str, Any] = {}
+
+    @property
+    def partition(self) -> Hashable:
+        return self._partition
+
+    def vehicle(self, vehicle_id: str) -> KeyValue:
+        return _DictState(self._vehicles.setdefault(vehicle_id, {}))
+
+    def shared(self) -> KeyValue:
+        return _DictState(self._shared)
+
+    def stored_keys(self) -> int:
+        """How many keys the vehicles' state holds (bounded-state tests)."""
+        return sum(len(v) for v in self._vehicles.values())
