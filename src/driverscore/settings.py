@@ -149,6 +149,12 @@ class KafkaConfig(BaseModel):
     commit_interval_s: float = Field(
         0.2, gt=0, description="How often offsets, state and transactions are committed (s)."
     )
+    score_batch_trips: int = Field(
+        200, ge=1, description="Closed trips are scored together once this many are waiting."
+    )
+    score_batch_wait_s: float = Field(
+        0.1, ge=0, description="...or once the first of them has waited this long (s)."
+    )
     max_trip_pings: int = Field(
         50_000, ge=100, description="A trip is closed and scored at this many pings (bounds state)."
     )

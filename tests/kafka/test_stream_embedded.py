@@ -193,7 +193,7 @@ def test_a_champion_moved_mid_stream_scores_the_trips_closed_after_the_next_poll
     models = PolledModels(ModelHolder(lambda: registry), poll_interval_s=1e-9)
     sink = _MoveAliasAfter(registry, CHAMPION, 3, MemoryScoreSink())
     step = TripScoringStep(models, 0.0, StreamMetrics())
-    run_embedded_stream(day_of_pings, step, sink, grace_s=30)
+    run_embedded_stream(day_of_pings, step, sink, grace_s=30, score_batch_trips=1)
     versions = [s.records["model_version"].unique().to_list() for s in sink.inner.sessions]
     assert versions[:3] == [["1"]] * 3
     assert versions[3:] and all(v == ["2"] for v in versions[3:])

@@ -20,12 +20,14 @@ partition), the embedded runner in dicts. The rules, in event time (the pings' `
 
 Work per ping is constant: each message's pings are stored as one new chunk of the
 session, and a closing session reads each chunk once. Sessions due to close are found
-from an in-memory index of deadlines per partition, rebuilt from the persisted list of
-vehicles with open sessions after a restart or a rebalance.
+with in-memory timers per partition (a heap with one live entry per vehicle, re-armed
+when it fires early), rebuilt from the persisted list of vehicles with open sessions
+after a restart or a rebalance.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
@@ -45,6 +47,7 @@ CloseReason = Literal["gap", "trip_id", "max_pings", "end"]
 _META: Final = "meta"
 _WATERMARK: Final = "wm"
 _OPEN: Final = "open"
+_PENDING: Final = "pending"
 
 
 class KeyValue(Protocol):
@@ -71,8 +74,6 @@ class SessionRules:
     gap_us: int
     grace_us: int
     max_trip_pings: int = 50_000
-    #: How much the watermark must move before every vehicle's deadline is checked again.
-    scan_every_us: int = 1_000_000
 
     @classmethod
     def of(cls, gap_s: float, grace_s: float, max_trip_pings: int = 50_000) -> SessionRules:
@@ -96,20 +97,31 @@ class Assembled:
 
     closed: list[ClosedSession] = field(default_factory=list)
     late: list[dict[str, Any]] = field(default_factory=list)
+    #: Deferred closing: sessions closed but not yet collected with :meth:`TripAssembler.flush`.
+    pending: int = 0
 
 
 @dataclass
 class _Index:
     version: int
     deadlines: dict[str, int]
-    scanned_at: int | None = None
+    #: (deadline, vehicle) timers; a vehicle's entry may be older than its deadline
+    #: (it is re-armed when it fires early) or stale (skipped when it fires).
+    timers: list[tuple[int, str]] = field(default_factory=list)
 
 
 class TripAssembler:
-    """Adds pings to their vehicle's sessions and closes the sessions that are due."""
+    """Adds pings to their vehicle's sessions and closes the sessions that are due.
 
-    def __init__(self, rules: SessionRules) -> None:
+    With ``defer=True`` a closing session is only moved to the partition's pending list,
+    its pings still in state; :meth:`flush` collects all pending sessions at once. A caller
+    that scores trips in batches does so without holding closed trips in memory only,
+    where a crash would lose them.
+    """
+
+    def __init__(self, rules: SessionRules, *, defer: bool = False) -> None:
         self.rules = rules
+        self.defer = defer
         self._indexes: dict[Hashable, _Index] = {}
 
     # -- entry points ------------------------------------------------------------------
@@ -124,7 +136,7 @@ class TripAssembler:
         had_open = bool(meta["open"])
         out = Assembled()
         if watermark is not None:
-            out.closed.extend(self._close_due(state, meta, vehicle_id, watermark))
+            out.closed.extend(self._close_due(shared, state, meta, vehicle_id, watermark))
         fresh: list[dict[str, Any]] = []
         for ping in pings:
             if self._is_late(int(ping["ts"]), meta, watermark):
@@ -133,7 +145,7 @@ class TripAssembler:
                 fresh.append(ping)
         if fresh:
             self._assign(state, meta, fresh)
-            out.closed.extend(self._close_full(state, meta, vehicle_id))
+            out.closed.extend(self._close_full(shared, state, meta, vehicle_id))
             newest = max(int(p["ts"]) for p in fresh)
             if watermark is None or newest > watermark:
                 watermark = newest
@@ -141,8 +153,8 @@ class TripAssembler:
         state.set(_META, meta)
         self._track(shared, index, vehicle_id, meta, had_open)
         if watermark is not None:
-            out.closed.extend(self._scan(scope, shared, index, watermark, force=False))
-        return out
+            out.closed.extend(self._expire(scope, shared, index, watermark))
+        return self._finish(shared, out)
 
     def advance(self, scope: PartitionScope, ts_us: int) -> Assembled:
         """A clock message: event time of the partition is at least ``ts_us``."""
@@ -152,7 +164,7 @@ class TripAssembler:
         if watermark is None or ts_us > watermark:
             watermark = ts_us
             shared.set(_WATERMARK, watermark)
-        return Assembled(closed=self._scan(scope, shared, index, watermark, force=True))
+        return self._finish(shared, Assembled(closed=self._expire(scope, shared, index, watermark)))
 
     def close_all(self, scope: PartitionScope) -> Assembled:
         """Close every open session of the partition (the end of a replayed file)."""
@@ -164,10 +176,30 @@ class TripAssembler:
             meta = state.get(_META)
             sessions = list(meta["open"])
             meta["open"] = []
-            closed.extend(self._close(state, meta, vehicle_id, s, "end") for s in sessions)
+            for session in sessions:
+                closed.extend(self._close(shared, state, meta, vehicle_id, session, "end"))
             state.set(_META, meta)
             self._track(shared, index, vehicle_id, meta, had_open=True)
-        return Assembled(closed=sorted(closed, key=lambda s: (s.last_us, s.vehicle_id)))
+        closed.sort(key=lambda s: (s.last_us, s.vehicle_id))
+        return self._finish(shared, Assembled(closed=closed))
+
+    def flush(self, scope: PartitionScope) -> list[ClosedSession]:
+        """Deferred closing: every pending session of the partition, with its pings."""
+        shared = scope.shared()
+        pending: list[dict[str, Any]] = shared.get(_PENDING) or []
+        if not pending:
+            return []
+        shared.delete(_PENDING)
+        closed: list[ClosedSession] = []
+        for entry in pending:
+            state = scope.vehicle(entry["vehicle"])
+            closed.append(self._collect(state, entry["vehicle"], entry["session"], entry["reason"]))
+        return closed
+
+    def _finish(self, shared: KeyValue, out: Assembled) -> Assembled:
+        if self.defer:
+            out.pending = len(shared.get(_PENDING) or [])
+        return out
 
     # -- sessions of one vehicle -------------------------------------------------------
 
@@ -180,6 +212,9 @@ class TripAssembler:
     def _assign(self, state: KeyValue, meta: dict[str, Any], pings: list[dict[str, Any]]) -> None:
         gap = self.rules.gap_us
         sessions: list[dict[str, Any]] = meta["open"]
+        if len(sessions) == 1 and self._extend(sessions[0], pings):
+            self._store_chunk(state, meta, sessions[0], pings)
+            return
         pending: dict[int, list[dict[str, Any]]] = {}  # id(session) -> this message's pings
         for ping in pings:
             ts = int(ping["ts"])
@@ -212,11 +247,38 @@ class TripAssembler:
         for session in sessions:
             chunk = pending.get(id(session))
             if chunk:
-                chunk_id = meta["seq"]
-                meta["seq"] = chunk_id + 1
-                state.set(f"c{chunk_id}", chunk)
-                session["chunks"].append(chunk_id)
+                self._store_chunk(state, meta, session, chunk)
         sessions.sort(key=lambda s: s["start"])
+
+    def _extend(self, session: dict[str, Any], pings: list[dict[str, Any]]) -> bool:
+        """The common case, fast: every ping continues the one open session, in order."""
+        if session["ended"]:
+            return False
+        gap = self.rules.gap_us
+        trip = session["trip"]
+        start = session["start"]
+        last = session["last"]
+        for ping in pings:
+            ts = ping["ts"]
+            if ts > last + gap or ts < start - gap or ping.get("trip_id") != trip:
+                return False
+            if ts > last:
+                last = ts
+            elif ts < start:
+                start = ts
+        session["start"] = start
+        session["last"] = last
+        session["n"] += len(pings)
+        return True
+
+    @staticmethod
+    def _store_chunk(
+        state: KeyValue, meta: dict[str, Any], session: dict[str, Any], chunk: list[dict[str, Any]]
+    ) -> None:
+        chunk_id = meta["seq"]
+        meta["seq"] = chunk_id + 1
+        state.set(f"c{chunk_id}", chunk)
+        session["chunks"].append(chunk_id)
 
     @staticmethod
     def _merge(
@@ -234,42 +296,64 @@ class TripAssembler:
         return int(session["last"]) + wait + self.rules.grace_us
 
     def _close_due(
-        self, state: KeyValue, meta: dict[str, Any], vehicle_id: str, watermark: int
+        self,
+        shared: KeyValue,
+        state: KeyValue,
+        meta: dict[str, Any],
+        vehicle_id: str,
+        watermark: int,
     ) -> list[ClosedSession]:
         due = [s for s in meta["open"] if self._deadline(s) < watermark]
         if not due:
             return []
         meta["open"] = [s for s in meta["open"] if self._deadline(s) >= watermark]
-        return [
-            self._close(state, meta, vehicle_id, s, "trip_id" if s["ended"] else "gap") for s in due
-        ]
+        closed: list[ClosedSession] = []
+        for session in due:
+            reason: CloseReason = "trip_id" if session["ended"] else "gap"
+            closed.extend(self._close(shared, state, meta, vehicle_id, session, reason))
+        return closed
 
     def _close_full(
-        self, state: KeyValue, meta: dict[str, Any], vehicle_id: str
+        self, shared: KeyValue, state: KeyValue, meta: dict[str, Any], vehicle_id: str
     ) -> list[ClosedSession]:
         full = [s for s in meta["open"] if s["n"] >= self.rules.max_trip_pings]
         if not full:
             return []
         meta["open"] = [s for s in meta["open"] if s["n"] < self.rules.max_trip_pings]
-        return [self._close(state, meta, vehicle_id, s, "max_pings") for s in full]
+        closed: list[ClosedSession] = []
+        for session in full:
+            closed.extend(self._close(shared, state, meta, vehicle_id, session, "max_pings"))
+        return closed
 
     def _close(
         self,
+        shared: KeyValue,
         state: KeyValue,
         meta: dict[str, Any],
         vehicle_id: str,
         session: dict[str, Any],
         reason: CloseReason,
-    ) -> ClosedSession:
-        pings: list[dict[str, Any]] = []
-        for chunk_id in session["chunks"]:
-            pings.extend(state.get(f"c{chunk_id}") or [])
-            state.delete(f"c{chunk_id}")
+    ) -> list[ClosedSession]:
         # Later pings a gap after a trip that ended by the gap rule would have joined it:
         # they are late. After a forced or explicit end the next ping starts a new trip.
         until = int(session["last"]) + (self.rules.gap_us if reason in ("gap", "end") else 0)
         previous = meta["closed_until"]
         meta["closed_until"] = until if previous is None else max(previous, until)
+        if self.defer:
+            pending: list[dict[str, Any]] = shared.get(_PENDING) or []
+            pending.append({"vehicle": vehicle_id, "session": session, "reason": reason})
+            shared.set(_PENDING, pending)
+            return []
+        return [self._collect(state, vehicle_id, session, reason)]
+
+    @staticmethod
+    def _collect(
+        state: KeyValue, vehicle_id: str, session: dict[str, Any], reason: CloseReason
+    ) -> ClosedSession:
+        pings: list[dict[str, Any]] = []
+        for chunk_id in session["chunks"]:
+            pings.extend(state.get(f"c{chunk_id}") or [])
+            state.delete(f"c{chunk_id}")
         return ClosedSession(vehicle_id, int(session["start"]), int(session["last"]), pings, reason)
 
     # -- the partition's index of deadlines ----------------------------------------------
@@ -284,7 +368,9 @@ class TripAssembler:
                 meta = scope.vehicle(vehicle_id).get(_META)
                 if meta and meta["open"]:
                     deadlines[vehicle_id] = min(self._deadline(s) for s in meta["open"])
-            index = _Index(int(persisted["version"]), deadlines)
+            timers = [(d, v) for v, d in deadlines.items()]
+            heapq.heapify(timers)
+            index = _Index(int(persisted["version"]), deadlines, timers)
             self._indexes[scope.partition] = index
         return index
 
@@ -297,38 +383,35 @@ class TripAssembler:
         had_open: bool,
     ) -> None:
         if meta["open"]:
-            index.deadlines[vehicle_id] = min(self._deadline(s) for s in meta["open"])
+            deadline = min(self._deadline(s) for s in meta["open"])
+            before = index.deadlines.get(vehicle_id)
+            index.deadlines[vehicle_id] = deadline
+            if before is None or deadline < before:
+                heapq.heappush(index.timers, (deadline, vehicle_id))
         else:
             index.deadlines.pop(vehicle_id, None)
         if had_open != bool(meta["open"]):
             index.version += 1
             shared.set(_OPEN, {"version": index.version, "vehicles": sorted(index.deadlines)})
 
-    def _scan(
-        self,
-        scope: PartitionScope,
-        shared: KeyValue,
-        index: _Index,
-        watermark: int,
-        *,
-        force: bool,
+    def _expire(
+        self, scope: PartitionScope, shared: KeyValue, index: _Index, watermark: int
     ) -> list[ClosedSession]:
-        recent = index.scanned_at is not None and (
-            watermark - index.scanned_at < self.rules.scan_every_us
-        )
-        if recent and not force:
-            return []
-        index.scanned_at = watermark
-        due = sorted((d, v) for v, d in index.deadlines.items() if d < watermark)
         closed: list[ClosedSession] = []
-        for _, vehicle_id in due:
+        timers = index.timers
+        while timers and timers[0][0] < watermark:
+            _, vehicle_id = heapq.heappop(timers)
+            deadline = index.deadlines.get(vehicle_id)
+            if deadline is None:
+                continue  # closed since: a stale timer
+            if deadline >= watermark:
+                heapq.heappush(timers, (deadline, vehicle_id))  # it moved on: re-arm
+                continue
             state = scope.vehicle(vehicle_id)
             meta = state.get(_META)
-            if not meta or not meta["open"]:
-                index.deadlines.pop(vehicle_id, None)
-                continue
-            closed.extend(self._close_due(state, meta, vehicle_id, watermark))
+            closed.extend(self._close_due(shared, state, meta, vehicle_id, watermark))
             state.set(_META, meta)
+            index.deadlines.pop(vehicle_id, None)
             self._track(shared, index, vehicle_id, meta, had_open=True)
         return closed
 

@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import polars as pl
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from driverscore.adapters.kafka.messages import (
+    CLOCK_KEY,
     DecodedMessage,
     decode_message,
     encode_batch,
+    encode_clock,
     pings_frame,
 )
 from driverscore.domain.prepare import prepare_trips
@@ -47,11 +51,13 @@ from driverscore.settings import KafkaConfig, KafkaTopics, Settings
 __all__ = [
     "CLOSE_TRIGGER_HEADER",
     "FixedModels",
+    "FlushTicker",
     "ModelSource",
     "OutMessage",
     "PingProcessor",
     "PolledModels",
     "ScoredSession",
+    "StreamApplication",
     "StreamMetrics",
     "StreamModels",
     "TripOutput",
@@ -454,12 +460,19 @@ class PingProcessor:
         topics: KafkaTopics,
         metrics: StreamMetrics,
         clock: Callable[[], float] = time.perf_counter,
+        *,
+        batch_trips: int = 1,
+        batch_wait_s: float = 0.0,
     ) -> None:
         self.step = step
         self.assembler = assembler
         self.topics = topics
         self.metrics = metrics
         self.clock = clock
+        self.batch_trips = batch_trips
+        self.batch_wait_s = batch_wait_s
+        #: Partitions with closed trips waiting to be scored, since when (``clock``).
+        self.waiting: dict[Hashable, float] = {}
 
     def process(
         self,
@@ -508,12 +521,28 @@ class PingProcessor:
                     ],
                 )
             )
-        if assembled.closed:
+        closed = assembled.closed
+        if assembled.pending:
+            since = self.waiting.setdefault(scope.partition, started)
+            if (
+                assembled.pending >= self.batch_trips
+                or decoded.clock_us is not None
+                or started - since >= self.batch_wait_s
+            ):
+                closed = closed + self.assembler.flush(scope)
+                del self.waiting[scope.partition]
+        if closed:
             trigger = [(CLOSE_TRIGGER_HEADER, str(timestamp_ms).encode())]
-            for scored in self.step.close_sessions(assembled.closed):
+            for scored in self.step.close_sessions(closed):
                 out.extend(self._trip_messages(scored, trigger))
             self.metrics.close_to_publish.observe(self.clock() - started)
         return out
+
+    def overdue(self) -> list[Hashable]:
+        """Partitions whose waiting trips are past ``batch_wait_s`` (for :class:`FlushTicker`)."""
+        now = self.clock()
+        waiting = dict(self.waiting)  # written by the processing thread
+        return [p for p, since in waiting.items() if now - since >= self.batch_wait_s]
 
     def _trip_messages(
         self, scored: ScoredSession, headers: list[tuple[str, bytes]]
@@ -576,6 +605,49 @@ def _quix_step(processor: PingProcessor) -> Callable[..., list[OutMessage]]:
     return process
 
 
+class FlushTicker:
+    """Sends a flush tick to partitions whose closed trips wait while no message comes.
+
+    Trips are scored in batches once enough are waiting or the first has waited
+    ``batch_wait_s``, and both are checked when a message arrives. When a partition goes
+    quiet, this thread writes a clock message dated 1970 to it: it moves no event time
+    and changes no trip, but its arrival makes the processor score what is waiting.
+    """
+
+    def __init__(
+        self, processor: PingProcessor, bootstrap_servers: str, interval_s: float = 0.05
+    ) -> None:
+        self.processor = processor
+        self.bootstrap_servers = bootstrap_servers
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="flush-ticker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from confluent_kafka import Producer  # type: ignore[import-untyped]
+
+        producer = Producer({"bootstrap.servers": self.bootstrap_servers, "log_level": 0})
+        tick = encode_clock(datetime(1970, 1, 1, tzinfo=UTC))
+        sent: dict[Hashable, float] = {}
+        while not self._stop.wait(self.interval_s):
+            now = self.processor.clock()
+            for partition in self.processor.overdue():
+                if now - sent.get(partition, -math.inf) < max(self.processor.batch_wait_s, 0.5):
+                    continue  # one tick per partition until it had time to arrive
+                topic, number = cast(tuple[str, int], partition)
+                producer.produce(topic, value=tick, key=CLOCK_KEY.encode(), partition=number)
+                sent[partition] = now
+            producer.poll(0)
+        producer.flush(5)
+
+
 def record_consumer_lag(metrics: StreamMetrics, stats_json: str) -> None:
     """librdkafka's statistics → the consumer lag gauge, per topic partition."""
     stats = json.loads(stats_json)
@@ -594,8 +666,8 @@ def build_stream_application(
     *,
     auto_offset_reset: str = "earliest",
     loglevel: str = "WARNING",
-) -> Any:
-    """The Quix Streams application of the stream processor, ready for ``app.run()``."""
+) -> StreamApplication:
+    """The stream processor: the Quix Streams application and its flush ticker; ``.run()``."""
     from quixstreams import Application
     from quixstreams.models.serializers import SerializationContext, Serializer
 
@@ -634,7 +706,15 @@ def build_stream_application(
     rules = SessionRules.of(
         step.scorer.card.trip_config.gap_s, config.grace_s, config.max_trip_pings
     )
-    processor = PingProcessor(step, TripAssembler(rules), topics, metrics)
+    processor = PingProcessor(
+        step,
+        TripAssembler(rules, defer=True),
+        topics,
+        metrics,
+        batch_trips=config.score_batch_trips,
+        batch_wait_s=config.score_batch_wait_s,
+    )
+    ticker = FlushTicker(processor, config.bootstrap_servers)
 
     sdf = app.dataframe(pings)
     sdf = sdf.apply(_quix_step(processor), stateful=True, metadata=True, expand=True)
@@ -643,7 +723,22 @@ def build_stream_application(
         lambda message, _key, _ts, _headers: outputs[message.topic],
         key=lambda message: message.key,
     )
-    return app
+    return StreamApplication(app, ticker)
+
+
+@dataclass(frozen=True)
+class StreamApplication:
+    """The Quix application and its flush ticker; :meth:`run` runs both until stopped."""
+
+    app: Any
+    ticker: FlushTicker
+
+    def run(self) -> None:
+        self.ticker.start()
+        try:
+            self.app.run()
+        finally:
+            self.ticker.stop()
 
 
 def stream_models(settings: Settings) -> ModelSource:

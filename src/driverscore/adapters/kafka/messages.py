@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import orjson
 import polars as pl
 
 from driverscore.domain.schema import PING_SCHEMA, PING_SCHEMA_VERSION, conform_pings
@@ -56,6 +57,12 @@ _SUPPORTED_MAJOR: Final = PING_SCHEMA_VERSION.split(".", 1)[0]
 _TEXT_FIELDS: Final = tuple(n for n, t in PING_SCHEMA.items() if t == pl.String())
 _NUMBER_FIELDS: Final = tuple(n for n, t in PING_SCHEMA.items() if t == pl.Float64())
 _REQUIRED_NUMBERS: Final = ("lat", "lon")
+_NUMBER: Final = "number"
+_TEXT: Final = "text"
+_FIELD_KINDS: Final[dict[str, str]] = {
+    **dict.fromkeys(_TEXT_FIELDS, _TEXT),
+    **dict.fromkeys(_NUMBER_FIELDS, _NUMBER),
+}
 _US_PER_MS: Final = 1000
 # Epoch values below this are seconds, not milliseconds (1973 in ms, year 33658 in s).
 _EPOCH_MS_FLOOR: Final = 100_000_000_000
@@ -102,25 +109,32 @@ def _ts_us(value: Any) -> int:
 
 
 def _ping(raw: Any, vehicle_id: str | None) -> dict[str, Any]:
-    if not isinstance(raw, Mapping):
+    # Every ping of every message passes here: one pass over the fields present, exact
+    # type tests (bool is not a number here), no per-field lookups of absent ones.
+    if type(raw) is not dict:
         raise _InvalidMessageError("invalid_ping", "a ping is not an object")
     ping: dict[str, Any] = {"ts": _ts_us(raw.get("ts"))}
-    for name in _TEXT_FIELDS:
-        value = raw.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, str | int):
+    for name, value in raw.items():
+        kind = _FIELD_KINDS.get(name)
+        if kind is None or value is None:
+            continue  # ts (done), or a field this version does not know: ignored
+        kind_of_value = type(value)
+        if kind is _NUMBER:
+            if kind_of_value is float:
+                ping[name] = value
+            elif kind_of_value is int:
+                ping[name] = float(value)
+            else:
+                raise _InvalidMessageError("invalid_ping", f"{name} is not a number")
+        elif kind_of_value is str:
+            ping[name] = value
+        elif kind_of_value is int:
+            ping[name] = str(value)
+        else:
             raise _InvalidMessageError("invalid_ping", f"{name} is not text")
-        ping[name] = str(value)
-    for name in _NUMBER_FIELDS:
-        value = raw.get(name)
-        if value is None:
-            if name in _REQUIRED_NUMBERS:
-                raise _InvalidMessageError("invalid_ping", f"{name} is missing")
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _InvalidMessageError("invalid_ping", f"{name} is not a number")
-        ping[name] = float(value)
+    for name in _REQUIRED_NUMBERS:
+        if name not in ping:
+            raise _InvalidMessageError("invalid_ping", f"{name} is missing")
     if vehicle_id is not None:
         own = ping.setdefault("vehicle_id", vehicle_id)
         if own != vehicle_id:
@@ -132,9 +146,18 @@ def _ping(raw: Any, vehicle_id: str | None) -> dict[str, Any]:
     return ping
 
 
+def _loads(value: bytes) -> Any:
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        # orjson refuses NaN and Infinity literals, which the json module (and many device
+        # SDKs) accept: such values reach cleaning, which quarantines them with a reason.
+        return json.loads(value)
+
+
 def _decode(value: bytes, key: str | None) -> DecodedMessage:
     try:
-        body = json.loads(value)
+        body = _loads(value)
     except (UnicodeDecodeError, ValueError):
         raise _InvalidMessageError("not_json", "value does not parse as JSON") from None
     if not isinstance(body, dict):
