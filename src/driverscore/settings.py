@@ -149,6 +149,15 @@ class KafkaConfig(BaseModel):
     commit_interval_s: float = Field(
         0.2, gt=0, description="How often offsets, state and transactions are committed (s)."
     )
+    session_timeout_s: float = Field(
+        45.0,
+        ge=6,
+        le=300,
+        description=(
+            "A processor silent this long leaves the consumer group and its partitions move "
+            "to the others (s)."
+        ),
+    )
     score_batch_trips: int = Field(
         200, ge=1, description="Closed trips are scored together once this many are waiting."
     )

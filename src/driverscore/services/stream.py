@@ -684,6 +684,7 @@ def build_stream_application(
         loglevel=loglevel,  # type: ignore[arg-type]
         commit_interval=config.commit_interval_s,
         consumer_extra_config={
+            "session.timeout.ms": round(config.session_timeout_s * 1000),
             "statistics.interval.ms": 5000,
             "stats_cb": lambda stats: record_consumer_lag(metrics, stats),
         },
