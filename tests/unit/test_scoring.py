@@ -167,6 +167,30 @@ def test_reasons_use_one_batched_predict_call(card: ModelCard) -> None:
     assert len(calls) == 1 and calls[0] > 200
 
 
+def test_one_row_path_is_bit_identical_to_the_general_path(
+    card: ModelCard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = feature_matrix(trips(300, seed=11), NAMES)
+    j = NAMES.index("hard_brake_per_100km")
+    x[0, j] = np.float32(card.reference["hard_brake_per_100km"].median)  # on the median
+    x[1, NAMES.index("speeding_share")] = np.nan  # missing value
+    x[2, :] = 0.0  # nothing to blame
+    x[3, :] = 50.0  # everything to blame
+    fast = TripScorer(logistic_model, card, "m", "1", "champion")
+    general = TripScorer(logistic_model, card, "m", "1", "champion")
+    monkeypatch.setattr(general, "_score_one", lambda row: None)
+    for i in range(x.shape[0]):
+        row = x[i : i + 1]
+        a, b = fast.score_matrix(row), general.score_matrix(row)
+        assert a.probabilities.tobytes() == b.probabilities.tobytes(), i
+        assert a.scores.tobytes() == b.scores.tobytes(), i
+        assert (a.bands, a.reasons) == (b.bands, b.reasons), i
+    # A model answering NaN falls back to the general path (which does not sort NaN).
+    nan_scorer = TripScorer(lambda m: np.full(m.shape[0], np.nan), card, "m", "1", "champion")
+    assert nan_scorer._score_one(x[:1]) is None
+    assert nan_scorer.score_matrix(x[:1]).bands == ["low"]
+
+
 def test_empty_frame_and_missing_columns(card: ModelCard) -> None:
     scorer = TripScorer(logistic_model, card, "m", "1", "champion")
     empty = scorer.score_trips(trips(3).head(0), NOW)

@@ -9,6 +9,7 @@ reference statistics - travels in the :class:`ModelCard`, never recomputed onlin
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -116,6 +117,8 @@ def band_for_score(score: float) -> RiskBand:
 
 _FLOORS_ASCENDING: Final = np.array([floor for _band, floor in reversed(BAND_FLOORS)])
 _BANDS_ASCENDING: Final = np.array(["high", *(band for band, _floor in reversed(BAND_FLOORS))])
+_FLOORS_LIST: Final[list[float]] = _FLOORS_ASCENDING.tolist()
+_BANDS_LIST: Final[list[RiskBand]] = ["high", *(band for band, _floor in reversed(BAND_FLOORS))]
 
 
 def _band_expr(score: pl.Expr) -> pl.Expr:
@@ -352,6 +355,10 @@ class TripScorer:
                 and ref.median is not None
             ):
                 self._reason_cols.append((j, feat.name, ref.median))
+        # The medians as the float32 the model compares and counterfactuals hold.
+        self._reason_cols32: list[tuple[int, float]] = [
+            (j, float(np.float32(median))) for j, _name, median in self._reason_cols
+        ]
         self._names = names
 
     def score_trips(self, features: pl.DataFrame, scored_at: datetime) -> pl.DataFrame:
@@ -380,6 +387,10 @@ class TripScorer:
         already holds the numbers (the REST service, one trip at a time) calls it directly.
         """
         n = x.shape[0]
+        if n == 1:
+            one = self._score_one(x)
+            if one is not None:
+                return one
         blocks = [x]
         cf_index: list[tuple[int, npt.NDArray[np.int64]]] = []
         for k, (j, _name, median) in enumerate(self._reason_cols):
@@ -408,6 +419,50 @@ class TripScorer:
             scores=scores,
             bands=bands.tolist(),
             reasons=self._reasons(x, scores, scores_all[n:], cf_index),
+        )
+
+    def _score_one(self, x: npt.NDArray[np.float32]) -> MatrixScores | None:
+        """:meth:`score_matrix` of one row with plain Python around the model call.
+
+        The REST service scores one trip per request, where numpy's per-call overhead on
+        arrays of one row cost more than the model itself. Same rows, same model call, same
+        score mapping, same tie-breaking: the result is bit-identical to the general path
+        (tests compare both). Returns ``None`` when a score is not a number, which the
+        general path handles.
+        """
+        row: list[float] = x[0].tolist()
+        # Counterfactual rows, in reason-column order, as the general path stacks them.
+        blamed = [
+            (k, j, median) for k, (j, median) in enumerate(self._reason_cols32) if row[j] > median
+        ]
+        stacked = np.empty((1 + len(blamed), x.shape[1]), dtype=np.float32)
+        stacked[:] = x[0]
+        for r, (_k, j, median) in enumerate(blamed, start=1):
+            stacked[r, j] = median
+        probs_all = np.asarray(self.predict_proba(stacked), dtype=np.float64).reshape(-1)
+        scores_all = self.card.score_mapping.score(probs_all)
+        values: list[float] = scores_all.tolist()
+        score = values[0]
+        if any(math.isnan(v) for v in values):
+            return None
+        gains = [0.0] * len(self._reason_cols)
+        for r, (k, _j, _median) in enumerate(blamed, start=1):
+            gains[k] = values[r] - score
+        reasons: list[str] = []
+        min_points = self.card.reason_min_points
+        if any(g >= min_points for g in gains):
+            # Stable sort on negated gains, as the general path's argsort.
+            order = sorted(range(len(gains)), key=lambda k: -gains[k])
+            for k in order[: self.card.max_reasons]:
+                if gains[k] < min_points:
+                    break
+                j, name, median = self._reason_cols[k]
+                reasons.append(REASON_TEMPLATES[name].render(row[j], median))
+        return MatrixScores(
+            probabilities=probs_all[:1],
+            scores=scores_all[:1],
+            bands=[_BANDS_LIST[bisect.bisect_right(_FLOORS_LIST, score)]],
+            reasons=[reasons],
         )
 
     def _reasons(
