@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import socket
 import threading
@@ -117,6 +119,7 @@ def trip_body(seed: int, driver: str = "driver-1", **extra: Any) -> dict[str, An
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+JSON = {"content-type": "application/json"}
 
 
 def _free_port() -> int:
@@ -309,6 +312,89 @@ def test_batch_scores_pings_and_features_in_order(client: httpx.Client, backend:
     response = client.post("/v1/score:batch", json={"trips": bad}, headers=AUTH)
     assert response.status_code == 422
     assert response.json()["problems"][0]["field"] == "trips.1.pings.7.speed_mps"
+
+
+def test_feature_trip_answers_like_the_route_and_is_logged(
+    backend: Backend, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One feature trip takes the service's fast path (``application/json``, valid token);
+    a ``+json`` content type goes through FastAPI's route. Same answer, same bytes but for
+    the decision id and time; both are scored, logged and counted the same way."""
+    log_dir = tmp_path / "predictions"
+    settings = _settings(tmp_path, tokens=[TOKEN], auth="on", prediction_log_dir=log_dir)
+    trip = {"trip_id": "fast-1", "vehicle_id": "v-fast", "driver_id": "d-1", "features": FEATURES}
+    raw = json.dumps(trip)
+    with (
+        caplog.at_level(logging.INFO, logger="driverscore.service"),
+        serving(settings, backend.registry) as client,
+    ):
+        answers = [
+            client.post("/v1/score", content=raw, headers={**AUTH, "content-type": kind})
+            for kind in ("application/json", "application/vnd.driverscore+json")
+        ]
+        for response in answers:
+            assert response.status_code == 200, response.text
+            assert response.headers["content-type"] == "application/json"
+            assert len(response.headers["x-request-id"]) == 16
+        fast, routed = (r.json() for r in answers)
+        assert fast["decision_id"] != routed["decision_id"]
+        same = {"decision_id": "", "scored_at": ""}
+        assert {**fast, **same} == {**routed, **same}
+        # Byte for byte, once the two per-decision values are swapped in.
+        swapped = answers[0].content.replace(
+            fast["decision_id"].encode(), routed["decision_id"].encode()
+        )
+        stamp = (json.dumps(fast["scored_at"]), json.dumps(routed["scored_at"]))
+        assert swapped.replace(stamp[0].encode(), stamp[1].encode()) == answers[1].content
+
+        scorer = backend.registry().load_scorer(CHAMPION)
+        expected = scorer.score_trips(pl.DataFrame([FEATURES]), datetime.now(UTC))
+        assert fast["risk_probability"] == expected["risk_probability"][0]
+        assert fast["score"] == expected["score"][0]
+        assert fast["reasons"] == expected["reasons"][0].to_list()
+
+        # Refusals fall through to the app and keep their answers.
+        wrong = client.post(
+            "/v1/score", content=raw, headers={"Authorization": "Bearer nope", **JSON}
+        )
+        assert wrong.status_code == 401 and wrong.json()["message"] == "invalid bearer token"
+        assert client.post("/v1/score", content=raw, headers=JSON).status_code == 401
+        bad = {**trip, "features": {**FEATURES, "night_share": 2.0}}
+        invalid = client.post("/v1/score", json=bad, headers=AUTH)
+        assert invalid.status_code == 422
+        assert invalid.json()["problems"][0]["field"] == "features.night_share"
+        broken = client.post("/v1/score", content=raw[:-1], headers={**AUTH, **JSON})
+        assert broken.status_code == 422
+        assert broken.json()["problems"][0]["message"] == "body is not valid JSON"
+
+        # The challenger answers through the fast path too when the split says so.
+        policy = {"mode": "canary", "challenger_percent": 100.0}
+        assert client.put("/v1/rollout", json=policy, headers=AUTH).status_code == 200
+        canary = client.post("/v1/score", content=raw, headers={**AUTH, **JSON}).json()
+        assert canary["model_role"] == "challenger"
+        assert canary["model_version"] == backend.versions[1]
+        metrics = client.get("/metrics").text
+
+    for version in backend.versions:
+        assert (
+            f'driverscore_request_seconds_count{{method="POST",model_version="{version}",'
+            'route="/v1/score",status="200"}' in metrics
+        )
+    assert 'driverscore_errors_total{kind="unauthorized"} 2.0' in metrics
+    assert f'driverscore_trips_scored_total{{model_version="{backend.versions[1]}"' in metrics
+    lines = [r for r in caplog.records if r.getMessage() == "request"]
+    ok = [r for r in lines if getattr(r, "route", None) == "/v1/score" and r.status == 200]
+    assert len(ok) == 3
+    assert {r.request_id for r in ok} >= {a.headers["x-request-id"] for a in answers}
+    assert all(r.model_version in backend.versions and r.duration_ms >= 0 for r in ok)
+    log = pl.read_parquet(sorted(log_dir.glob("part-*.parquet")))
+    assert log["decision_id"].to_list() == [
+        fast["decision_id"],
+        routed["decision_id"],
+        canary["decision_id"],
+    ]
+    assert log["answered_by"].to_list() == ["champion", "champion", "challenger"]
+    assert log["challenger_score"][2] is not None
 
 
 def test_models_lists_champion_and_challenger(client: httpx.Client, backend: Backend) -> None:
