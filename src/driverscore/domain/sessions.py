@@ -63,6 +63,12 @@ class PartitionScope(Protocol):
 
     @property
     def partition(self) -> Hashable: ...
+    @property
+    def token(self) -> object:
+        """Same object while nothing else can have written this partition's state (for a
+        Kafka processor: one transaction); what was read from it may be kept until then."""
+        ...
+
     def vehicle(self, vehicle_id: str) -> KeyValue: ...
     def shared(self) -> KeyValue: ...
 
@@ -108,6 +114,10 @@ class _Index:
     #: (deadline, vehicle) timers; a vehicle's entry may be older than its deadline
     #: (it is re-armed when it fires early) or stale (skipped when it fires).
     timers: list[tuple[int, str]] = field(default_factory=list)
+    #: Copies of the partition's shared values, valid while ``token`` is the scope's.
+    token: object = None
+    watermark: int | None = None
+    pending: int = 0
 
 
 class TripAssembler:
@@ -130,13 +140,13 @@ class TripAssembler:
         """One message's pings of ``vehicle_id``."""
         shared = scope.shared()
         index = self._index(scope, shared)
-        watermark: int | None = shared.get(_WATERMARK)
+        watermark = index.watermark
         state = scope.vehicle(vehicle_id)
         meta = state.get(_META) or {"seq": 0, "closed_until": None, "open": []}
         had_open = bool(meta["open"])
         out = Assembled()
         if watermark is not None:
-            out.closed.extend(self._close_due(shared, state, meta, vehicle_id, watermark))
+            out.closed.extend(self._close_due(shared, index, state, meta, vehicle_id, watermark))
         fresh: list[dict[str, Any]] = []
         for ping in pings:
             if self._is_late(int(ping["ts"]), meta, watermark):
@@ -145,26 +155,26 @@ class TripAssembler:
                 fresh.append(ping)
         if fresh:
             self._assign(state, meta, fresh)
-            out.closed.extend(self._close_full(shared, state, meta, vehicle_id))
+            out.closed.extend(self._close_full(shared, index, state, meta, vehicle_id))
             newest = max(int(p["ts"]) for p in fresh)
             if watermark is None or newest > watermark:
-                watermark = newest
+                watermark = index.watermark = newest
                 shared.set(_WATERMARK, watermark)
         state.set(_META, meta)
         self._track(shared, index, vehicle_id, meta, had_open)
         if watermark is not None:
             out.closed.extend(self._expire(scope, shared, index, watermark))
-        return self._finish(shared, out)
+        return self._finish(index, out)
 
     def advance(self, scope: PartitionScope, ts_us: int) -> Assembled:
         """A clock message: event time of the partition is at least ``ts_us``."""
         shared = scope.shared()
         index = self._index(scope, shared)
-        watermark: int | None = shared.get(_WATERMARK)
+        watermark = index.watermark
         if watermark is None or ts_us > watermark:
-            watermark = ts_us
+            watermark = index.watermark = ts_us
             shared.set(_WATERMARK, watermark)
-        return self._finish(shared, Assembled(closed=self._expire(scope, shared, index, watermark)))
+        return self._finish(index, Assembled(closed=self._expire(scope, shared, index, watermark)))
 
     def close_all(self, scope: PartitionScope) -> Assembled:
         """Close every open session of the partition (the end of a replayed file)."""
@@ -177,28 +187,30 @@ class TripAssembler:
             sessions = list(meta["open"])
             meta["open"] = []
             for session in sessions:
-                closed.extend(self._close(shared, state, meta, vehicle_id, session, "end"))
+                closed.extend(self._close(shared, index, state, meta, vehicle_id, session, "end"))
             state.set(_META, meta)
             self._track(shared, index, vehicle_id, meta, had_open=True)
         closed.sort(key=lambda s: (s.last_us, s.vehicle_id))
-        return self._finish(shared, Assembled(closed=closed))
+        return self._finish(index, Assembled(closed=closed))
 
     def flush(self, scope: PartitionScope) -> list[ClosedSession]:
         """Deferred closing: every pending session of the partition, with its pings."""
         shared = scope.shared()
-        pending: list[dict[str, Any]] = shared.get(_PENDING) or []
+        index = self._index(scope, shared)
+        pending: list[dict[str, Any]] = shared.get(_PENDING) or [] if index.pending else []
         if not pending:
             return []
         shared.delete(_PENDING)
+        index.pending = 0
         closed: list[ClosedSession] = []
         for entry in pending:
             state = scope.vehicle(entry["vehicle"])
             closed.append(self._collect(state, entry["vehicle"], entry["session"], entry["reason"]))
         return closed
 
-    def _finish(self, shared: KeyValue, out: Assembled) -> Assembled:
-        if self.defer:
-            out.pending = len(shared.get(_PENDING) or [])
+    @staticmethod
+    def _finish(index: _Index, out: Assembled) -> Assembled:
+        out.pending = index.pending
         return out
 
     # -- sessions of one vehicle -------------------------------------------------------
@@ -298,6 +310,7 @@ class TripAssembler:
     def _close_due(
         self,
         shared: KeyValue,
+        index: _Index,
         state: KeyValue,
         meta: dict[str, Any],
         vehicle_id: str,
@@ -310,11 +323,16 @@ class TripAssembler:
         closed: list[ClosedSession] = []
         for session in due:
             reason: CloseReason = "trip_id" if session["ended"] else "gap"
-            closed.extend(self._close(shared, state, meta, vehicle_id, session, reason))
+            closed.extend(self._close(shared, index, state, meta, vehicle_id, session, reason))
         return closed
 
     def _close_full(
-        self, shared: KeyValue, state: KeyValue, meta: dict[str, Any], vehicle_id: str
+        self,
+        shared: KeyValue,
+        index: _Index,
+        state: KeyValue,
+        meta: dict[str, Any],
+        vehicle_id: str,
     ) -> list[ClosedSession]:
         full = [s for s in meta["open"] if s["n"] >= self.rules.max_trip_pings]
         if not full:
@@ -322,12 +340,13 @@ class TripAssembler:
         meta["open"] = [s for s in meta["open"] if s["n"] < self.rules.max_trip_pings]
         closed: list[ClosedSession] = []
         for session in full:
-            closed.extend(self._close(shared, state, meta, vehicle_id, session, "max_pings"))
+            closed.extend(self._close(shared, index, state, meta, vehicle_id, session, "max_pings"))
         return closed
 
     def _close(
         self,
         shared: KeyValue,
+        index: _Index,
         state: KeyValue,
         meta: dict[str, Any],
         vehicle_id: str,
@@ -343,6 +362,7 @@ class TripAssembler:
             pending: list[dict[str, Any]] = shared.get(_PENDING) or []
             pending.append({"vehicle": vehicle_id, "session": session, "reason": reason})
             shared.set(_PENDING, pending)
+            index.pending = len(pending)
             return []
         return [self._collect(state, vehicle_id, session, reason)]
 
@@ -359,8 +379,10 @@ class TripAssembler:
     # -- the partition's index of deadlines ----------------------------------------------
 
     def _index(self, scope: PartitionScope, shared: KeyValue) -> _Index:
-        persisted = shared.get(_OPEN) or {"version": 0, "vehicles": []}
         index = self._indexes.get(scope.partition)
+        if index is not None and index.token is scope.token:
+            return index
+        persisted = shared.get(_OPEN) or {"version": 0, "vehicles": []}
         if index is None or index.version != persisted["version"]:
             # First use, a restart or a rebalance: rebuild from the vehicles' own state.
             deadlines: dict[str, int] = {}
@@ -372,6 +394,9 @@ class TripAssembler:
             heapq.heapify(timers)
             index = _Index(int(persisted["version"]), deadlines, timers)
             self._indexes[scope.partition] = index
+        index.watermark = shared.get(_WATERMARK)
+        index.pending = len(shared.get(_PENDING) or [])
+        index.token = scope.token
         return index
 
     def _track(
@@ -409,7 +434,7 @@ class TripAssembler:
                 continue
             state = scope.vehicle(vehicle_id)
             meta = state.get(_META)
-            closed.extend(self._close_due(shared, state, meta, vehicle_id, watermark))
+            closed.extend(self._close_due(shared, index, state, meta, vehicle_id, watermark))
             state.set(_META, meta)
             index.deadlines.pop(vehicle_id, None)
             self._track(shared, index, vehicle_id, meta, had_open=True)
@@ -437,10 +462,19 @@ class MemoryScope:
         self._partition = partition
         self._vehicles: dict[str, dict[str, Any]] = {}
         self._shared: dict[str, Any] = {}
+        self._token = object()
 
     @property
     def partition(self) -> Hashable:
         return self._partition
+
+    @property
+    def token(self) -> object:
+        return self._token
+
+    def hand_over(self) -> None:
+        """What a Kafka rebalance does: another processor may write this state from now on."""
+        self._token = object()
 
     def vehicle(self, vehicle_id: str) -> KeyValue:
         return _DictState(self._vehicles.setdefault(vehicle_id, {}))

@@ -582,6 +582,11 @@ class _QuixScope:
     def partition(self) -> tuple[str, int]:
         return self._partition
 
+    @property
+    def token(self) -> object:
+        # One transaction per checkpoint; a rebalance always starts a new one.
+        return self._transaction
+
     def vehicle(self, vehicle_id: str) -> KeyValue:
         state: KeyValue = self._transaction.as_state(prefix=vehicle_id)
         return state
