@@ -145,18 +145,21 @@ class TripAssembler:
         meta = state.get(_META) or {"seq": 0, "closed_until": None, "open": []}
         had_open = bool(meta["open"])
         out = Assembled()
-        if watermark is not None:
+        if watermark is not None and had_open:
             out.closed.extend(self._close_due(shared, index, state, meta, vehicle_id, watermark))
-        fresh: list[dict[str, Any]] = []
-        for ping in pings:
-            if self._is_late(int(ping["ts"]), meta, watermark):
-                out.late.append(ping)
-            else:
-                fresh.append(ping)
+        # Late: within a gap of the last closed trip, or more than gap + grace behind.
+        closed_until = meta["closed_until"]
+        too_old = -1 if watermark is None else watermark - self.rules.gap_us - self.rules.grace_us
+        if closed_until is not None and closed_until + 1 > too_old:
+            too_old = closed_until + 1  # ts <= closed_until is late
+        fresh = pings
+        if any(p["ts"] < too_old for p in pings):
+            fresh = [p for p in pings if p["ts"] >= too_old]
+            out.late = [p for p in pings if p["ts"] < too_old]
         if fresh:
             self._assign(state, meta, fresh)
             out.closed.extend(self._close_full(shared, index, state, meta, vehicle_id))
-            newest = max(int(p["ts"]) for p in fresh)
+            newest = max(p["ts"] for p in fresh)
             if watermark is None or newest > watermark:
                 watermark = index.watermark = newest
                 shared.set(_WATERMARK, watermark)
@@ -214,12 +217,6 @@ class TripAssembler:
         return out
 
     # -- sessions of one vehicle -------------------------------------------------------
-
-    def _is_late(self, ts: int, meta: dict[str, Any], watermark: int | None) -> bool:
-        closed_until = meta["closed_until"]
-        if closed_until is not None and ts <= closed_until:
-            return True
-        return watermark is not None and ts + self.rules.gap_us + self.rules.grace_us < watermark
 
     def _assign(self, state: KeyValue, meta: dict[str, Any], pings: list[dict[str, Any]]) -> None:
         gap = self.rules.gap_us
@@ -407,15 +404,20 @@ class TripAssembler:
         meta: dict[str, Any],
         had_open: bool,
     ) -> None:
-        if meta["open"]:
-            deadline = min(self._deadline(s) for s in meta["open"])
+        sessions = meta["open"]
+        if sessions:
+            deadline = (
+                self._deadline(sessions[0])
+                if len(sessions) == 1
+                else min(self._deadline(s) for s in sessions)
+            )
             before = index.deadlines.get(vehicle_id)
             index.deadlines[vehicle_id] = deadline
             if before is None or deadline < before:
                 heapq.heappush(index.timers, (deadline, vehicle_id))
         else:
             index.deadlines.pop(vehicle_id, None)
-        if had_open != bool(meta["open"]):
+        if had_open != bool(sessions):
             index.version += 1
             shared.set(_OPEN, {"version": index.version, "vehicles": sorted(index.deadlines)})
 
