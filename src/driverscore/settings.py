@@ -97,6 +97,13 @@ class ServiceConfig(BaseModel):
         None,
         description="JSON rollout policy re-read on every poll: the split changes without restart.",
     )
+    prediction_log: Literal["parquet", "kafka"] = Field(
+        "parquet",
+        description=(
+            "Where rollout decisions go: Parquet parts under prediction_log_dir, or the "
+            "kafka.topics.predictions topic at kafka.bootstrap_servers."
+        ),
+    )
     prediction_log_dir: Path | None = Field(
         None, description="Where rollout decisions are logged (default: <home>/prediction_log)."
     )
@@ -114,6 +121,10 @@ class KafkaTopics(BaseModel):
     trip_features: str = "driverscore.trip-features"
     scores: str = "driverscore.scores"
     alerts: str = "driverscore.alerts"
+    predictions: str = Field(
+        "driverscore.predictions",
+        description="The service's rollout decisions when service.prediction_log is kafka.",
+    )
     shadow_scores: str = Field(
         "driverscore.shadow-scores",
         description="Shadow mode: the challenger's score records (role shadow), key: vehicle.",
@@ -177,6 +188,24 @@ class KafkaConfig(BaseModel):
     rollout: RolloutPolicy = Field(
         default_factory=RolloutPolicy,
         description="Champion/challenger split of the stream (domain/rollout.py).",
+    )
+    scoring_url: str | None = Field(
+        None,
+        description=(
+            "Score closed trips through this scoring service (`driverscore serve`, e.g. "
+            "http://127.0.0.1:8080) instead of in-process; None: in-process ONNX."
+        ),
+    )
+    scoring_token: SecretStr | None = Field(
+        None, description="Bearer token sent to the scoring service."
+    )
+    scoring_timeout_s: float = Field(
+        10.0, gt=0, description="Timeout of one request to the scoring service (s)."
+    )
+    scoring_max_trips: int = Field(
+        1_000,
+        ge=1,
+        description="Most trips in one request to the scoring service (its max_trips).",
     )
 
 

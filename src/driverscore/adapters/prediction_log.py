@@ -24,6 +24,7 @@ __all__ = [
     "ParquetPredictionLog",
     "PredictionLog",
     "PredictionRecord",
+    "records_frame",
 ]
 
 PREDICTION_LOG_SCHEMA: Final[dict[str, pl.DataType]] = {
@@ -64,7 +65,8 @@ class PredictionRecord:
     challenger_probability: float | None
 
 
-def _frame(records: list[PredictionRecord]) -> pl.DataFrame:
+def records_frame(records: list[PredictionRecord]) -> pl.DataFrame:
+    """Decisions as a frame of ``PREDICTION_LOG_SCHEMA``."""
     # Column by column: ``asdict`` per record held the GIL ~25 ms per thousand records,
     # stalling the requests of a busy service on every flush.
     columns = {name: [getattr(r, name) for r in records] for name in PREDICTION_LOG_SCHEMA}
@@ -99,7 +101,7 @@ class MemoryPredictionLog:
 
     def read(self) -> pl.DataFrame:
         with self._lock:
-            return _frame(list(self._records))
+            return records_frame(list(self._records))
 
 
 class ParquetPredictionLog:
@@ -136,7 +138,7 @@ class ParquetPredictionLog:
         name = f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
         with self._write_lock:
             tmp = self.directory / f".{name}.tmp"
-            _frame(pending).write_parquet(tmp)
+            records_frame(pending).write_parquet(tmp)
             # Readers never see a half-written part file.
             tmp.replace(self.directory / name)
 
@@ -144,5 +146,5 @@ class ParquetPredictionLog:
         """Every flushed decision, oldest part first."""
         parts = sorted(self.directory.glob("part-*.parquet"))
         if not parts:
-            return _frame([])
+            return records_frame([])
         return pl.concat([pl.read_parquet(p) for p in parts], how="vertical")
