@@ -8,6 +8,7 @@ import math
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -338,6 +339,7 @@ def test_feature_trip_answers_like_the_route_and_is_logged(
             assert len(response.headers["x-request-id"]) == 16
         fast, routed = (r.json() for r in answers)
         assert fast["decision_id"] != routed["decision_id"]
+        assert uuid.UUID(hex=fast["decision_id"]).version == 4
         same = {"decision_id": "", "scored_at": ""}
         assert {**fast, **same} == {**routed, **same}
         # Byte for byte, once the two per-decision values are swapped in.
@@ -735,10 +737,11 @@ def test_serve_command_speaks_the_sagemaker_contract(backend: Backend, tmp_path:
         process.wait(timeout=30)
         log.close()
     lines = (tmp_path / "serve.log").read_text().splitlines()
-    import json
 
     requests = [json.loads(x) for x in lines if x.startswith("{") and '"request"' in x]
     assert any(r.get("route") == "/invocations" and r["status"] == 200 for r in requests)
+    # Request lines are written in batches: stopping the service writes out the last ones.
+    assert json.loads(lines[-1])["message"].startswith("Finished server process")
 
 
 def test_canary_split_holds_over_ten_thousand_drivers_and_sticks(

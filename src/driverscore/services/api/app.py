@@ -40,6 +40,7 @@ from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.scoring import TripScorer
 from driverscore.errors import ConfigError
 from driverscore.services.api.holder import LoadedModels, ModelHolder, RegistryReader
+from driverscore.services.api.logs import flush_logs
 from driverscore.services.api.metrics import ServiceMetrics
 from driverscore.services.api.schemas import (
     BatchScoreRequest,
@@ -161,6 +162,7 @@ class ServiceState:
         next_poll = time.monotonic() + interval
         while not self.stop.wait(min(_TICK_S, interval)):
             self._flush_log()
+            flush_logs()  # request lines batched by the JSON log handler
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + interval
                 self.poll_once()

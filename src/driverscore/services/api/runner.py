@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
 import uvicorn
 
 from driverscore.services.api.app import create_app
-from driverscore.services.api.logs import configure_json_logging
+from driverscore.services.api.logs import configure_json_logging, flush_logs
 from driverscore.settings import Settings
 
 __all__ = ["run_service"]
+
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers
+
+
+def _flush_logs_on(signals: tuple[signal.Signals, ...]) -> None:
+    """Write out batched log lines before a stop signal ends the process.
+
+    uvicorn shuts down gracefully on SIGTERM/SIGINT, then restores the handlers it found and
+    raises the signal again, which ends the process without ``atexit`` (so without
+    ``logging.shutdown``). The handler found is this one: it flushes the JSON log handler,
+    then lets the signal act as it would have.
+    """
+    for sig in signals:
+        found = signal.getsignal(sig)
+        previous = signal.SIG_DFL if found is None else found
+
+        def flush_then_resume(
+            signum: int, frame: FrameType | None, previous: _Handler = previous
+        ) -> None:
+            flush_logs()
+            signal.signal(signum, previous)
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                signal.raise_signal(signum)
+
+        signal.signal(sig, flush_then_resume)
 
 
 def run_service(settings: Settings) -> None:
@@ -17,13 +49,17 @@ def run_service(settings: Settings) -> None:
     from driverscore.pipelines.training_run import open_registry
 
     configure_json_logging()
+    _flush_logs_on((signal.SIGTERM, signal.SIGINT))
     app = create_app(settings, lambda: open_registry(settings))
-    uvicorn.run(
-        app,
-        host=settings.service.host,
-        port=settings.service.port,
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,
-        server_header=False,
-    )
+    try:
+        uvicorn.run(
+            app,
+            host=settings.service.host,
+            port=settings.service.port,
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+        )
+    finally:
+        flush_logs()
