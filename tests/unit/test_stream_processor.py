@@ -1,0 +1,577 @@
+"""The Kafka-free stream processor: dead letters, late pings, trip outputs and batching."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import polars as pl
+import pytest
+
+from driverscore.adapters.kafka.messages import (
+    CLOCK_KEY,
+    REJECT_REASONS,
+    decode_message,
+    encode_batch,
+    encode_clock,
+    encode_ping,
+)
+from driverscore.adapters.onnx_model import OnnxRiskModel
+from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
+from driverscore.domain.prepare import prepare_trips
+from driverscore.domain.rollout import RolloutPolicy
+from driverscore.domain.schema import conform_pings
+from driverscore.domain.scoring import TripScorer, feature_matrix
+from driverscore.domain.sessions import MemoryScope, SessionRules, TripAssembler
+from driverscore.services.stream import (
+    CLOSE_TRIGGER_HEADER,
+    OutMessage,
+    PingProcessor,
+    StreamMetrics,
+    StreamModels,
+    TripScoringStep,
+)
+from driverscore.settings import KafkaTopics, TrainingConfig
+from driverscore.training.dataset import label_trips, time_split
+from driverscore.training.model import train_model
+from driverscore.training.onnx_export import export_onnx
+from driverscore.training.synthetic import synthetic_trips
+
+NOW = datetime(2026, 3, 1, tzinfo=UTC)
+START = datetime(2026, 2, 27, 8, 0, tzinfo=UTC)
+GAP_S = 300.0
+GRACE_S = 30.0
+TOPICS = KafkaTopics(
+    pings="pings",
+    dlq="pings-dlq",
+    trip_features="features",
+    scores="scores",
+    alerts="alerts",
+    shadow_scores="shadow",
+)
+REASON = "driverscore.dlq.reason"
+SOURCE = "driverscore.dlq.source"
+HEADERS = [("traceparent", b"00-abc-def-01"), ("origin", b"device")]
+
+
+@pytest.fixture(scope="module")
+def scorer() -> TripScorer:
+    """A real ONNX-backed scorer trained on synthetic trips, as register_synthetic_model
+    builds it, without the MLflow registry round trip."""
+    features, incidents = synthetic_trips(1500, seed=11)
+    labelled = label_trips(features, incidents, datetime(2026, 5, 20, tzinfo=UTC), 7.0)
+    train, holdout = time_split(labelled, 0.25)
+    trained = train_model(train, TrainingConfig(max_iter=20, min_samples_leaf=50))
+    x = feature_matrix(holdout, trained.feature_names)
+    card = trained.model_card(
+        cleaning_config=CleaningConfig(),
+        trip_config=TripConfig(gap_s=GAP_S),
+        feature_config=FeatureConfig(),
+        created_at=NOW,
+    )
+    model = OnnxRiskModel(export_onnx(trained, x))
+    return TripScorer(model.predict_proba, card, "driverscore", "1", "champion")
+
+
+class FakeClock:
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Rig:
+    processor: PingProcessor
+    scope: MemoryScope
+    metrics: StreamMetrics
+    clock: FakeClock
+    offset: int = 0
+    sent: list[OutMessage] = field(default_factory=list)
+
+    def send(
+        self,
+        value: bytes | None,
+        key: str | None,
+        timestamp_ms: int,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> list[OutMessage]:
+        self.offset += 1
+        out = self.processor.process(
+            value,
+            key,
+            timestamp_ms,
+            list(HEADERS if headers is None else headers),
+            self.scope,
+            f"pings/0/{self.offset}",
+        )
+        self.sent.extend(out)
+        return out
+
+    def drive(
+        self, vehicle: str, rows: list[dict[str, Any]], per_message: int = 30
+    ) -> list[OutMessage]:
+        """A trip as batch messages; everything they published."""
+        out: list[OutMessage] = []
+        for i in range(0, len(rows), per_message):
+            chunk = rows[i : i + per_message]
+            out.extend(self.send(encode_batch(vehicle, chunk), vehicle, ms(chunk[-1]["ts"])))
+        return out
+
+    def clock_message(self, ts: datetime) -> list[OutMessage]:
+        return self.send(encode_clock(ts), CLOCK_KEY, ms(ts))
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def make_rig(
+    scorer: TripScorer,
+    *,
+    batch_trips: int = 1,
+    batch_wait_s: float = 0.0,
+    alert_below_score: float = 0.0,
+    step: TripScoringStep | None = None,
+) -> Rig:
+    metrics = StreamMetrics()
+    clock = FakeClock()
+    step = step or TripScoringStep(scorer, alert_below_score, metrics, now=lambda: NOW)
+    processor = PingProcessor(
+        step,
+        TripAssembler(SessionRules.of(GAP_S, GRACE_S), defer=True),
+        TOPICS,
+        metrics,
+        clock,
+        batch_trips=batch_trips,
+        batch_wait_s=batch_wait_s,
+    )
+    return Rig(processor, MemoryScope(), metrics, clock)
+
+
+def ms(ts: datetime) -> int:
+    return int(ts.timestamp() * 1000)
+
+
+def us(ts: datetime) -> int:
+    return (ts - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+
+
+def drive_rows(
+    vehicle: str,
+    start: datetime,
+    n: int = 300,
+    lat0: float = 52.5,
+    speed_limit_mps: float | None = 8.0,
+) -> list[dict[str, Any]]:
+    """A straight drive east at 10-15 m/s, one ping a second (speeding, unless no limit)."""
+    rows: list[dict[str, Any]] = []
+    lon = 13.4
+    metres_per_deg_lon = 111_320.0 * math.cos(math.radians(lat0))
+    for i in range(n):
+        speed = 12.5 + 2.5 * math.sin(i / 20.0)
+        rows.append(
+            {
+                "ts": start + timedelta(seconds=i, microseconds=250_000),
+                "vehicle_id": vehicle,
+                "driver_id": f"D-{vehicle}",
+                "lat": lat0,
+                "lon": round(lon, 7),
+                "speed_mps": round(speed, 3),
+                "heading_deg": 90.0,
+                "speed_limit_mps": speed_limit_mps,
+            }
+        )
+        lon += speed / metres_per_deg_lon
+    return rows
+
+
+def expected_records(
+    scorer: TripScorer, rows: list[dict[str, Any]]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(features, score records) of batch scoring on the same pings."""
+    card = scorer.card
+    prepared = prepare_trips(
+        conform_pings(pl.DataFrame(rows)),
+        card.cleaning_config,
+        card.trip_config,
+        card.feature_config,
+        reference_time=NOW,
+    )
+    return prepared.features, scorer.score_trips(prepared.features, scored_at=NOW)
+
+
+def lines(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in frame.write_ndjson().splitlines()]
+
+
+def on(messages: list[OutMessage], topic: str) -> list[OutMessage]:
+    return [m for m in messages if m.topic == topic]
+
+
+def after(rows: list[dict[str, Any]], seconds: float) -> datetime:
+    """A moment ``seconds`` after the last of ``rows``."""
+    last: datetime = rows[-1]["ts"]
+    return last + timedelta(seconds=seconds)
+
+
+PAST_DEADLINE_S = GAP_S + GRACE_S + 1
+
+
+# -- dead letters --------------------------------------------------------------------------
+
+
+def _json(body: object) -> bytes:
+    return json.dumps(body).encode()
+
+
+PING = {
+    "schema_version": "1.0",
+    "ts": 1_772_179_200_000,
+    "vehicle_id": "v1",
+    "lat": 1.0,
+    "lon": 2.0,
+}
+REJECTS = [
+    pytest.param(b"\xff{", "v1", "not_json", id="not_json"),
+    pytest.param(None, "v1", "not_json", id="tombstone"),
+    pytest.param(b"[1, 2]", "v1", "not_an_object", id="not_an_object"),
+    pytest.param(
+        _json({**PING, "schema_version": "2.0"}), "v1", "unsupported_schema_version", id="v2"
+    ),
+    pytest.param(
+        _json({k: v for k, v in PING.items() if k != "schema_version"}),
+        "v1",
+        "unsupported_schema_version",
+        id="no_version",
+    ),
+    pytest.param(
+        _json({k: v for k, v in PING.items() if k != "lat"}), "v1", "invalid_ping", id="no_lat"
+    ),
+    pytest.param(
+        _json({"schema_version": "1.0", "vehicle_id": "v1", "pings": []}),
+        "v1",
+        "empty_batch",
+        id="empty_batch",
+    ),
+    pytest.param(
+        _json(
+            {
+                "schema_version": "1.0",
+                "vehicle_id": "v1",
+                "pings": [{"ts": 1_772_179_200_000, "lat": 1, "lon": 2, "vehicle_id": "v2"}],
+            }
+        ),
+        "v1",
+        "vehicle_mismatch",
+        id="vehicle_mismatch",
+    ),
+    pytest.param(_json(PING), "v2", "key_mismatch", id="other_key"),
+    pytest.param(_json(PING), None, "key_mismatch", id="no_key"),
+]
+
+
+def test_every_reject_reason_is_exercised() -> None:
+    assert {p.values[2] for p in REJECTS} == set(REJECT_REASONS)
+
+
+@pytest.mark.parametrize(("value", "key", "code"), REJECTS)
+def test_a_rejected_message_goes_to_the_dlq_unchanged_with_reason_and_source(
+    scorer: TripScorer, value: bytes | None, key: str | None, code: str
+) -> None:
+    rig = make_rig(scorer)
+    (out,) = rig.send(value, key, 1_772_179_200_000)
+    assert out.topic == TOPICS.dlq
+    assert (out.key, out.value) == (key or "", value or b"")
+    assert out.headers[: len(HEADERS)] == HEADERS
+    assert [name for name, _ in out.headers[len(HEADERS) :]] == [REASON, SOURCE]
+    reason = dict(out.headers)[REASON].decode()
+    assert reason.startswith(f"{code}: ") and len(reason) > len(code) + 2
+    assert dict(out.headers)[SOURCE] == b"pings/0/1"
+    assert rig.sample("driverscore_stream_messages_total", outcome=code) == 1
+    assert rig.sample("driverscore_stream_messages_total", outcome="accepted") == 0
+    assert rig.scope.stored_keys() == 0
+    assert rig.scope.shared().get("wm") is None  # event time did not move
+
+
+def test_a_message_without_headers_gets_just_the_dlq_headers(scorer: TripScorer) -> None:
+    rig = make_rig(scorer)
+    (out,) = rig.send(b"nope", "v1", 5, headers=[])
+    assert [name for name, _ in out.headers] == [REASON, SOURCE]
+
+
+# -- late pings ----------------------------------------------------------------------------
+
+
+def test_a_message_of_only_late_pings_goes_to_the_dlq_with_its_original_bytes(
+    scorer: TripScorer,
+) -> None:
+    rig = make_rig(scorer)
+    lead = START + timedelta(hours=2)
+    assert (
+        rig.send(
+            encode_ping({"ts": lead, "vehicle_id": "lead", "lat": 1.0, "lon": 2.0}),
+            "lead",
+            ms(lead),
+        )
+        == []
+    )
+    late_rows = [
+        {"ts": lead - timedelta(seconds=GAP_S + GRACE_S + 1 + i), "lat": 1.0, "lon": 2.0}
+        for i in range(3)
+    ]
+    value = encode_batch("slow", late_rows)
+    (out,) = rig.send(value, "slow", 1234)
+    assert (out.topic, out.key, out.value) == (TOPICS.dlq, "slow", value)
+    headers = dict(out.headers)
+    assert out.headers[: len(HEADERS)] == HEADERS
+    assert headers[REASON].decode().startswith("late_ping: 3 ping(s)")
+    assert headers[SOURCE] == b"pings/0/2"
+    assert rig.sample("driverscore_stream_late_pings_total") == 3
+    assert rig.sample("driverscore_stream_messages_total", outcome="accepted") == 2
+    assert rig.scope.stored_keys() == 3  # lead's meta and chunk, slow's meta: no ping
+
+
+def test_late_pings_behind_a_closed_trip_go_to_the_dlq_as_a_batch_of_just_them(
+    scorer: TripScorer,
+) -> None:
+    rig = make_rig(scorer)
+    rows = drive_rows("v1", START, n=120)
+    rig.drive("v1", rows)
+    rig.clock_message(after(rows, PAST_DEADLINE_S))  # closes (and scores) the trip
+    behind = [
+        {"ts": START + timedelta(seconds=30, microseconds=123_457), "lat": 52.5, "lon": 13.41},
+        {"ts": after(rows, 10) + timedelta(microseconds=999_999), "lat": 52.5, "lon": 13.42},
+    ]
+    fresh = [
+        {"ts": after(rows, PAST_DEADLINE_S + 1), "lat": 52.5, "lon": 13.43},
+    ]
+    value = encode_batch("v1", [behind[0], fresh[0], behind[1]])
+    (out,) = rig.send(value, "v1", 777)
+    assert (out.topic, out.key) == (TOPICS.dlq, "v1")
+    assert out.value != value
+    assert decode_message(out.value, "v1").pings == [
+        {"ts": us(p["ts"]), "vehicle_id": "v1", "lat": p["lat"], "lon": p["lon"]} for p in behind
+    ]
+    assert out.headers[: len(HEADERS)] == HEADERS
+    assert dict(out.headers)[REASON].decode().startswith("late_ping: 2 ping(s)")
+    assert rig.sample("driverscore_stream_late_pings_total") == 2
+    # The fresh ping opened a session of its own: the next close hands it on alone.
+    meta = rig.scope.vehicle("v1").get("meta")
+    assert [(s["start"], s["n"]) for s in meta["open"]] == [(us(fresh[0]["ts"]), 1)]
+
+
+# -- trip outputs --------------------------------------------------------------------------
+
+
+def test_a_closed_trip_publishes_features_score_and_alert_like_batch_scoring(
+    scorer: TripScorer,
+) -> None:
+    rig = make_rig(scorer, alert_below_score=100.0)
+    rows = drive_rows("v1", START)
+    assert rig.drive("v1", rows) == []
+    out = rig.clock_message(after(rows, PAST_DEADLINE_S))
+    features, records = expected_records(scorer, rows)
+    assert records.height == 1
+    (trip_id,) = records["trip_id"].to_list()
+    assert trip_id == f"v1:{ms(rows[0]['ts'])}"
+    assert [m.topic for m in out] == [TOPICS.trip_features, TOPICS.scores, TOPICS.alerts]
+    assert {m.key for m in out} == {"v1"}
+    trigger = str(ms(after(rows, PAST_DEADLINE_S))).encode()
+    assert all(m.headers == [(CLOSE_TRIGGER_HEADER, trigger)] for m in out)
+    feature_msg, score_msg, alert_msg = (json.loads(m.value) for m in out)
+    assert feature_msg == lines(features)[0]
+    assert score_msg == lines(records)[0]
+    assert score_msg["score"] == records["score"][0]
+    assert score_msg["score"] < 100.0
+    assert alert_msg == {**score_msg, "alert": f"score {score_msg['score']:.1f} below 100"}
+    assert rig.sample("driverscore_stream_trips_total", outcome="scored") == 1
+    assert rig.sample("driverscore_stream_alerts_total") == 1
+    assert rig.scope.stored_keys() == 1  # the trip's chunks are gone
+
+
+def test_only_a_score_below_the_threshold_alerts(scorer: TripScorer) -> None:
+    rig = make_rig(scorer, alert_below_score=100.0)
+    rows = drive_rows("v1", START, speed_limit_mps=None)  # a calm trip: the top score
+    rig.drive("v1", rows)
+    out = rig.clock_message(after(rows, PAST_DEADLINE_S))
+    _, records = expected_records(scorer, rows)
+    assert records["score"].to_list() == [100.0]
+    assert [m.topic for m in out] == [TOPICS.trip_features, TOPICS.scores]
+    assert rig.sample("driverscore_stream_alerts_total") == 0
+
+
+def test_a_trip_closed_by_another_vehicle_is_keyed_by_its_own_vehicle(scorer: TripScorer) -> None:
+    rig = make_rig(scorer)  # no alert below a score of 0
+    rows = drive_rows("v1", START)
+    rig.drive("v1", rows)
+    other = after(rows, PAST_DEADLINE_S)
+    value = encode_ping({"ts": other, "vehicle_id": "v2", "lat": 48.1, "lon": 11.6})
+    out = rig.send(value, "v2", 98765)
+    assert [(m.topic, m.key) for m in out] == [(TOPICS.trip_features, "v1"), (TOPICS.scores, "v1")]
+    assert all(m.headers == [(CLOSE_TRIGGER_HEADER, b"98765")] for m in out)
+    _, records = expected_records(scorer, rows)
+    assert json.loads(out[1].value) == lines(records)[0]
+
+
+def test_a_session_too_short_to_score_publishes_nothing(scorer: TripScorer) -> None:
+    rig = make_rig(scorer)
+    rows = drive_rows("v1", START, n=5)
+    rig.drive("v1", rows)
+    assert rig.clock_message(after(rows, PAST_DEADLINE_S)) == []
+    assert rig.sample("driverscore_stream_trips_total", outcome="set_aside") == 1
+    assert rig.scope.stored_keys() == 1
+
+
+def test_shadow_records_go_to_the_shadow_topic(scorer: TripScorer) -> None:
+    shadow = TripScorer(scorer.predict_proba, scorer.card, "driverscore", "2", "shadow")
+
+    class Models:
+        def current(self) -> StreamModels:
+            return StreamModels(scorer, shadow=shadow)
+
+    metrics = StreamMetrics()
+    step = TripScoringStep(
+        Models(), 0.0, metrics, now=lambda: NOW, policy=RolloutPolicy(mode="shadow")
+    )
+    rig = make_rig(scorer, step=step)
+    rows = drive_rows("v1", START)
+    rig.drive("v1", rows)
+    out = rig.clock_message(after(rows, PAST_DEADLINE_S))
+    assert [(m.topic, m.key) for m in out] == [
+        (TOPICS.trip_features, "v1"),
+        (TOPICS.scores, "v1"),
+        (TOPICS.shadow_scores, "v1"),
+    ]
+    champion, shadowed = json.loads(out[1].value), json.loads(out[2].value)
+    assert (champion["model_role"], shadowed["model_role"]) == ("champion", "shadow")
+    assert shadowed["model_version"] == "2"
+    assert shadowed["score"] == champion["score"]
+
+
+# -- batching ------------------------------------------------------------------------------
+
+
+def three_trips() -> dict[str, list[dict[str, Any]]]:
+    """Three vehicles driving one after the other, each start closing the trip before."""
+    trips: dict[str, list[dict[str, Any]]] = {}
+    start = START
+    for i, vehicle in enumerate(("a", "b", "c")):
+        trips[vehicle] = drive_rows(vehicle, start, n=200 + 50 * i, lat0=50.0 + i)
+        start = after(trips[vehicle], PAST_DEADLINE_S + 60)
+    return trips
+
+
+def test_with_batch_trips_three_nothing_is_published_until_the_third_trip_closes(
+    scorer: TripScorer,
+) -> None:
+    rig = make_rig(scorer, batch_trips=3, batch_wait_s=math.inf, alert_below_score=100.0)
+    trips = three_trips()
+    for vehicle, rows in trips.items():
+        assert rig.drive(vehicle, rows) == []
+    assert rig.processor.waiting == {0: 0.0}
+    assert rig.scope.shared().get("pending") is not None
+    closing = after(trips["c"], PAST_DEADLINE_S)
+    out = rig.send(encode_ping({"ts": closing, "vehicle_id": "d", "lat": 1.0, "lon": 2.0}), "d", 55)
+    assert [m.key for m in out] == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    assert [m.topic for m in out] == [TOPICS.trip_features, TOPICS.scores, TOPICS.alerts] * 3
+    assert all(m.headers == [(CLOSE_TRIGGER_HEADER, b"55")] for m in out)
+    for vehicle, rows in trips.items():
+        features, records = expected_records(scorer, rows)
+        (score,) = (json.loads(m.value) for m in on(out, TOPICS.scores) if m.key == vehicle)
+        (feature,) = (
+            json.loads(m.value) for m in on(out, TOPICS.trip_features) if m.key == vehicle
+        )
+        assert score == lines(records)[0]
+        assert feature == lines(features)[0]
+    assert rig.processor.waiting == {}
+    assert rig.scope.stored_keys() == 5  # four vehicles' metas and d's one chunk
+    assert rig.sample("driverscore_stream_trips_total", outcome="scored") == 3
+
+
+def test_scores_equal_batch_scoring_of_the_same_pings(scorer: TripScorer) -> None:
+    rig = make_rig(scorer, batch_trips=3, batch_wait_s=math.inf)
+    trips = three_trips()
+    for vehicle, rows in trips.items():
+        rig.drive(vehicle, rows, per_message=7)
+    rig.clock_message(after(trips["c"], PAST_DEADLINE_S))
+    got = {
+        json.loads(m.value)["trip_id"]: json.loads(m.value)["score"]
+        for m in on(rig.sent, TOPICS.scores)
+    }
+    every = [r for rows in trips.values() for r in rows]
+    _, records = expected_records(scorer, every)
+    assert records.height == 3
+    assert got == dict(zip(records["trip_id"].to_list(), records["score"].to_list(), strict=True))
+
+
+def test_a_clock_message_flushes_pending_trips_even_from_1970(scorer: TripScorer) -> None:
+    rig = make_rig(scorer, batch_trips=3, batch_wait_s=math.inf)
+    trips = three_trips()
+    rig.drive("a", trips["a"])
+    assert rig.drive("b", trips["b"][:30]) == []  # closes a: pending, not published
+    out = rig.send(encode_clock(datetime(1970, 1, 1, tzinfo=UTC)), CLOCK_KEY, 31)
+    assert [(m.topic, m.key) for m in out] == [(TOPICS.trip_features, "a"), (TOPICS.scores, "a")]
+    assert all(m.headers == [(CLOSE_TRIGGER_HEADER, b"31")] for m in out)
+    assert rig.processor.waiting == {}
+    # The flush tick moved no event time: b's trip goes on.
+    assert rig.drive("b", trips["b"][30:]) == []
+    meta = rig.scope.vehicle("b").get("meta")
+    assert [s["n"] for s in meta["open"]] == [len(trips["b"])]
+
+
+def test_batch_wait_flushes_on_the_next_message_once_the_first_trip_waited_long_enough(
+    scorer: TripScorer,
+) -> None:
+    rig = make_rig(scorer, batch_trips=10, batch_wait_s=5.0)
+    trips = three_trips()
+    rig.clock.now = 100.0
+    rig.drive("a", trips["a"])
+    assert rig.drive("b", trips["b"][:30]) == []  # a closes and waits from 100
+    assert rig.processor.waiting == {0: 100.0}
+    rig.clock.now = 104.9
+    assert rig.processor.overdue() == []
+    assert rig.drive("b", trips["b"][30:60]) == []
+    rig.clock.now = 105.0
+    assert rig.processor.overdue() == [0]
+    out = rig.drive("b", trips["b"][60:90])
+    assert [(m.topic, m.key) for m in out] == [(TOPICS.trip_features, "a"), (TOPICS.scores, "a")]
+    trigger = str(ms(trips["b"][89]["ts"])).encode()
+    assert all(m.headers == [(CLOSE_TRIGGER_HEADER, trigger)] for m in out)
+    assert rig.processor.waiting == {}
+    assert rig.processor.overdue() == []
+
+
+def test_overdue_lists_each_waiting_partition_past_the_wait(scorer: TripScorer) -> None:
+    rig = make_rig(scorer, batch_trips=10, batch_wait_s=2.0)
+    trips = three_trips()
+    first, second = rig.scope, MemoryScope(("pings", 1))
+
+    def close_a_trip(vehicle: str) -> None:
+        rows = trips[vehicle][:90]
+        rig.drive(vehicle, rows)
+        quiet = after(rows, PAST_DEADLINE_S)
+        ping = {"ts": quiet, "vehicle_id": "z", "lat": 1.0, "lon": 2.0}
+        assert rig.send(encode_ping(ping), "z", ms(quiet)) == []
+
+    assert rig.processor.overdue() == []
+    rig.clock.now = 10.0
+    close_a_trip("a")
+    rig.clock.now = 11.0
+    rig.scope = second
+    close_a_trip("b")
+    assert rig.processor.waiting == {0: 10.0, ("pings", 1): 11.0}
+    rig.clock.now = 11.9
+    assert rig.processor.overdue() == []
+    rig.clock.now = 12.5
+    assert rig.processor.overdue() == [0]
+    rig.clock.now = 13.0
+    assert set(rig.processor.overdue()) == {0, ("pings", 1)}
+    # The flush tick of the first partition scores its trip; the second still waits.
+    rig.scope = first
+    out = rig.send(encode_clock(datetime(1970, 1, 1, tzinfo=UTC)), CLOCK_KEY, 0)
+    assert {m.key for m in out} == {"a"}
+    assert rig.processor.overdue() == [("pings", 1)]
