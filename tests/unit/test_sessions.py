@@ -508,3 +508,15 @@ def test_random_interleavings_cut_like_the_batch_rule(seed: int, grace_s: float)
         got.setdefault(s.vehicle_id, []).append(stamps(s))
     assert got == {v: batch_cut(sorted(st), rules.gap_us) for v, st in vehicles.items()}
     assert scope.stored_keys() == len(vehicles)
+
+
+def test_a_merging_batch_keeps_its_pings_in_arrival_order() -> None:
+    assembler, scope = TripAssembler(SessionRules.of(300, 30)), MemoryScope()
+    assembler.add(scope, "v1", [ping(T0, "v1")])  # session A
+    assembler.add(scope, "v1", [ping(T0 + 320 * S, "v1")])  # session B, 320 s later: apart
+    # One message: a ping of B, a ping of A, then one bridging both.
+    batch = [ping(T0 + 315 * S, "v1"), ping(T0 + 5 * S, "v1"), ping(T0 + 160 * S, "v1")]
+    assembler.add(scope, "v1", batch)
+    (session,) = assembler.close_all(scope).closed
+    arrival = [T0, T0 + 320 * S, T0 + 315 * S, T0 + 5 * S, T0 + 160 * S]
+    assert [p["ts"] for p in session.pings] == arrival

@@ -200,7 +200,7 @@ class TripAssembler:
         """Deferred closing: every pending session of the partition, with its pings."""
         shared = scope.shared()
         index = self._index(scope, shared)
-        pending: list[dict[str, Any]] = shared.get(_PENDING) or [] if index.pending else []
+        pending: list[dict[str, Any]] = (shared.get(_PENDING) or []) if index.pending else []
         if not pending:
             return []
         shared.delete(_PENDING)
@@ -224,7 +224,10 @@ class TripAssembler:
         if len(sessions) == 1 and self._extend(sessions[0], pings):
             self._store_chunk(state, meta, sessions[0], pings)
             return
-        pending: dict[int, list[dict[str, Any]]] = {}  # id(session) -> this message's pings
+        # This message's pings with the session each joined; a later ping of the message
+        # may merge two sessions, so chunks are grouped only at the end, in arrival order.
+        assigned: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        merged_into: dict[int, dict[str, Any]] = {}
         for ping in pings:
             ts = int(ping["ts"])
             trip = ping.get("trip_id")
@@ -234,7 +237,8 @@ class TripAssembler:
             if joins:
                 session = joins[0]
                 for other in joins[1:]:  # the ping bridges them: one trip after all
-                    self._merge(session, other, pending)
+                    self._merge(session, other)
+                    merged_into[id(other)] = session
                     sessions.remove(other)
             else:
                 for other in near:  # a new trip id ends the trip it overlaps
@@ -252,9 +256,14 @@ class TripAssembler:
             session["start"] = min(session["start"], ts)
             session["last"] = max(session["last"], ts)
             session["n"] += 1
-            pending.setdefault(id(session), []).append(ping)
+            assigned.append((session, ping))
+        chunks: dict[int, list[dict[str, Any]]] = {}
+        for session, ping in assigned:
+            while id(session) in merged_into:
+                session = merged_into[id(session)]
+            chunks.setdefault(id(session), []).append(ping)
         for session in sessions:
-            chunk = pending.get(id(session))
+            chunk = chunks.get(id(session))
             if chunk:
                 self._store_chunk(state, meta, session, chunk)
         sessions.sort(key=lambda s: s["start"])
@@ -290,15 +299,11 @@ class TripAssembler:
         session["chunks"].append(chunk_id)
 
     @staticmethod
-    def _merge(
-        into: dict[str, Any], other: dict[str, Any], pending: dict[int, list[dict[str, Any]]]
-    ) -> None:
+    def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
         into["start"] = min(into["start"], other["start"])
         into["last"] = max(into["last"], other["last"])
         into["n"] += other["n"]
         into["chunks"] = sorted(into["chunks"] + other["chunks"])
-        moved = pending.pop(id(other), [])
-        pending.setdefault(id(into), []).extend(moved)
 
     def _deadline(self, session: dict[str, Any]) -> int:
         wait = 0 if session["ended"] else self.rules.gap_us
