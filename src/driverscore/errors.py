@@ -25,3 +25,11 @@ class NoModelError(DriverscoreError):
 
 class GateFailedError(DriverscoreError):
     """A candidate model did not pass the validation gate."""
+
+
+class ScoringServiceError(DriverscoreError):
+    """The scoring service cannot score for the stream (down, failing, or refusing its token).
+
+    Nothing of the batch was scored; the stream stops without committing so its trips are
+    processed again once the service answers.
+    """

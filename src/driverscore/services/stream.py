@@ -44,7 +44,7 @@ from driverscore.domain.sessions import (
     SessionRules,
     TripAssembler,
 )
-from driverscore.errors import NoModelError
+from driverscore.errors import NoModelError, ScoringServiceError
 from driverscore.services.api.holder import ModelHolder
 from driverscore.settings import KafkaConfig, KafkaTopics, Settings
 
@@ -354,10 +354,13 @@ class TripScoringStep:
     ) -> ScoredSession | None:
         """:meth:`score_session`, but a session that fails is counted and logged, not raised.
 
-        A trip that cannot be scored must not stop the stream.
+        A trip that cannot be scored must not stop the stream; a scoring service that cannot
+        score (``ScoringServiceError``) must, uncommitted, so no trip is lost.
         """
         try:
             return self.score_session(pings)
+        except ScoringServiceError:
+            raise
         except Exception:
             self.metrics.trips.labels("failed").inc()
             log.exception("trip of %s starting at %s could not be scored", vehicle, start)
@@ -389,6 +392,8 @@ class TripScoringStep:
             else:
                 try:
                     result = self.score_session(pings)
+                except ScoringServiceError:
+                    raise
                 except Exception:
                     scored.extend(self.close_sessions_alone(group))
                     continue
@@ -755,11 +760,16 @@ class StreamApplication:
 
 
 def stream_models(settings: Settings) -> ModelSource:
-    """The stream's models: champion and challenger polled by alias, or one fixed alias."""
+    """The stream's models: champion and challenger polled by alias, or one fixed alias;
+    with ``kafka.scoring_url``, the champion's configs scored through the service."""
     from driverscore.adapters.registry import CHAMPION
     from driverscore.pipelines.training_run import open_registry
 
     config = settings.kafka
+    if config.scoring_url is not None:
+        from driverscore.services.stream_remote import remote_models
+
+        return remote_models(settings)
     if config.model_alias != CHAMPION:
         return FixedModels(open_registry(settings).load_scorer(config.model_alias))
     return PolledModels(ModelHolder(lambda: open_registry(settings)), config.poll_interval_s)
