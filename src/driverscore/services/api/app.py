@@ -504,6 +504,9 @@ def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader
             )
         return models
 
+    # ``Counter.labels`` hashes and locks on every call: keep the children.
+    scored_counters: dict[tuple[str, str], Any] = {}
+
     def score(
         request_state: dict[str, Any], trips: list[TripIn], wheres: list[str]
     ) -> list[TripScore]:
@@ -529,7 +532,11 @@ def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader
         versions = {s.model_version for s in scored.scores}
         request_state["model_version"] = ",".join(sorted(versions))
         for s in scored.scores:
-            metrics.trips_scored.labels(s.model_role, s.model_version).inc()
+            key = (s.model_role, s.model_version)
+            counter = scored_counters.get(key)
+            if counter is None:
+                counter = scored_counters[key] = metrics.trips_scored.labels(*key)
+            counter.inc()
         return scored.scores
 
     @app.post("/v1/score", response_model=TripScore, tags=["scoring"], dependencies=authorized)
