@@ -17,7 +17,9 @@ process each, on 127.0.0.1, one after the other:
   fixed JSON body: the ceiling for any Python service on this machine.
 
 Load comes from ``wrk`` (``apt-get install wrk``) in a separate process, 1 thread, with
-keep-alive connections; each cell runs ``--duration`` seconds after a 1 s warm-up.
+keep-alive connections; each cell runs ``--duration`` seconds after a 1 s warm-up. Each
+cell also reports the CPU time the server's processes spent per request (user + system,
+from psutil): unlike req/s, it hardly depends on what else runs on the machine.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 MODEL_NAME = "bench-trip-risk"
 TOKEN = "bench-token"
@@ -126,10 +129,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Server:
+    base: str
+    pid: int
+
+
 @contextmanager
 def server(
     name: str, argv: list[str], env: dict[str, str], port: int, ready: str, log_dir: Path
-) -> Iterator[str]:
+) -> Iterator[Server]:
     """Start a server in its own process group, wait for ``ready`` to answer 200, stop it."""
     log_path = log_dir / f"{name}.log"
     with log_path.open("wb") as log:
@@ -150,7 +159,7 @@ def server(
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{name} not ready:\n{log_path.read_text()[-3000:]}")
                 time.sleep(0.3)
-            yield base
+            yield Server(base, process.pid)
         finally:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
@@ -208,6 +217,22 @@ class Cell:
     p50_ms: float
     p99_ms: float
     errors: int
+    #: CPU time of the server's processes per request (user + system), ms: what a request
+    #: costs whatever else runs on the machine.
+    cpu_ms: float
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (mlflow serves from a child)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 _UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -221,8 +246,15 @@ def _ms(text: str) -> float:
 
 
 def wrk(
-    url: str, body: bytes, headers: dict[str, str], connections: int, duration: float, tmp: Path
+    srv: Server,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    connections: int,
+    duration: float,
+    tmp: Path,
 ) -> Cell:
+    url = srv.base + path
     body_path = tmp / f"body-{abs(hash(body))}.json"
     body_path.write_bytes(body)
     lines = [
@@ -237,12 +269,15 @@ def wrk(
     script.write_text("\n".join(lines) + "\n")
     base = ["wrk", "-t1", f"-c{connections}", "-s", str(script), "--latency", url]
     subprocess.run([*base[:3], "-d1s", *base[3:]], check=True, capture_output=True)  # warm-up
+    cpu_before = cpu_seconds(srv.pid)
     out = subprocess.run(
         [*base[:3], f"-d{duration:g}s", "--timeout", "10s", *base[3:]],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
+    cpu = cpu_seconds(srv.pid) - cpu_before
+    requests = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out)[1])  # type: ignore[index]
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out)[1])  # type: ignore[index]
@@ -251,7 +286,9 @@ def wrk(
     errors = int(non_2xx[1]) if non_2xx else 0
     if socket_errors:
         errors += sum(int(n) for n in re.findall(r"\d+", socket_errors[0]))
-    cell = Cell(rps=rps, p50_ms=p50, p99_ms=p99, errors=errors)
+    cell = Cell(
+        rps=rps, p50_ms=p50, p99_ms=p99, errors=errors, cpu_ms=cpu * 1000 / max(requests, 1)
+    )
     print(f"  {url} c={connections}: {cell}", flush=True)
     return cell
 
@@ -300,17 +337,15 @@ def main() -> None:
             "DRIVERSCORE_SERVICE__TOKENS": json.dumps([TOKEN]),
         }
         argv = [str(bin_dir / "driverscore"), "serve", "--port", str(port)]
-        with server("driverscore", argv, ds_env, port, "/ping", tmp) as base:
-            check = httpx.post(base + "/v1/score", content=pings, headers=auth, timeout=30)
+        with server("driverscore", argv, ds_env, port, "/ping", tmp) as srv:
+            check = httpx.post(srv.base + "/v1/score", content=pings, headers=auth, timeout=30)
             check.raise_for_status()
             for c in (10, 50):
                 results["driverscore", "features", c] = wrk(
-                    base + "/v1/score", single, auth, c, d, tmp
+                    srv, "/v1/score", single, auth, c, d, tmp
                 )
-                results["driverscore", "pings", c] = wrk(base + "/v1/score", pings, auth, c, d, tmp)
-            results["driverscore", "batch", 2] = wrk(
-                base + "/v1/score:batch", batch, auth, 2, d, tmp
-            )
+                results["driverscore", "pings", c] = wrk(srv, "/v1/score", pings, auth, c, d, tmp)
+            results["driverscore", "batch", 2] = wrk(srv, "/v1/score:batch", batch, auth, 2, d, tmp)
 
         port = free_port()
         argv = [
@@ -318,27 +353,29 @@ def main() -> None:
             *("models", "serve", "-m", f"models:/{MODEL_NAME}/{version}"),
             *("--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"),
         ]
-        with server("mlflow", argv, env, port, "/ping", tmp) as base:
-            check = httpx.post(base + "/invocations", content=vector, headers=json_ct, timeout=30)
+        with server("mlflow", argv, env, port, "/ping", tmp) as srv:
+            url = srv.base + "/invocations"
+            check = httpx.post(url, content=vector, headers=json_ct, timeout=30)
             check.raise_for_status()
             for c in (10, 50):
                 results["mlflow", "features", c] = wrk(
-                    base + "/invocations", vector, json_ct, c, d, tmp
+                    srv, "/invocations", vector, json_ct, c, d, tmp
                 )
 
         port = free_port()
         argv = [sys.executable, str(Path(__file__).resolve()), "--bare-port", str(port)]
-        with server("bare", argv, env, port, "/", tmp) as base:
+        with server("bare", argv, env, port, "/", tmp) as srv:
             for c in (10, 50):
-                results["bare", "features", c] = wrk(base + "/", single, json_ct, c, d, tmp)
+                results["bare", "features", c] = wrk(srv, "/", single, json_ct, c, d, tmp)
 
     report(results, d)
 
 
 def report(results: dict[tuple[str, str, int], Cell], duration: float) -> None:
-    print(f"\nloopback, 1 worker process per server, wrk -t1, {duration:g} s per cell\n")
+    print(f"\nloopback, 1 worker process per server, wrk -t1, {duration:g} s per cell")
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     header = f"{'server':<12} {'request':<28} {'conns':>5} {'req/s':>9} {'trips/s':>9}"
-    print(f"{header} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    print(f"{header} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'CPU ms/req':>10}")
     labels = {
         "features": "1 trip from features",
         "pings": "1 trip from 600 pings",
@@ -352,7 +389,7 @@ def report(results: dict[tuple[str, str, int], Cell], duration: float) -> None:
         trips = cell.rps * (1000 if what == "batch" else 1)
         print(
             f"{who:<12} {labels[what]:<28} {c:>5} {cell.rps:>9,.0f} {trips:>9,.0f} "
-            f"{cell.p50_ms:>8.2f} {cell.p99_ms:>8.2f} {cell.errors:>6}"
+            f"{cell.p50_ms:>8.2f} {cell.p99_ms:>8.2f} {cell.errors:>6} {cell.cpu_ms:>10.3f}"
         )
     ds50 = results["driverscore", "features", 50]
     ds10 = results["driverscore", "features", 10]
@@ -363,6 +400,10 @@ def report(results: dict[tuple[str, str, int], Cell], duration: float) -> None:
     print(f"driverscore / mlflow throughput at 50 conns: {ratio:.1f}x (target >= 20x)")
     print(f"driverscore p99 at 10 conns: {ds10.p99_ms:.2f} ms (target < 10 ms)")
     print(f"driverscore / bare ASGI throughput at 50 conns: {ds50.rps / bare50.rps:.0%}")
+    print(
+        "mlflow / driverscore server CPU per request at 50 conns: "
+        f"{ml50.cpu_ms / ds50.cpu_ms:.1f}x ({ml50.cpu_ms:.2f} ms / {ds50.cpu_ms:.3f} ms)"
+    )
 
 
 if __name__ == "__main__":
