@@ -62,6 +62,7 @@ def test_decisions_published_to_the_topic_are_read_back(kafka_config: KafkaConfi
 
 
 def test_a_missing_topic_is_a_clear_error_at_setup(kafka_config: KafkaConfig) -> None:
-    log = KafkaPredictionLog(kafka_config.bootstrap_servers, "no-such-topic-for-predictions")
+    missing = f"no-such-{kafka_config.topics.predictions}"
+    log = KafkaPredictionLog(kafka_config.bootstrap_servers, missing)
     with pytest.raises(DriverscoreError, match=r"does not exist.*driverscore kafka init"):
         log.setup()

@@ -512,7 +512,9 @@ def _metrics_text(port: int) -> str:
         return str(answer.read().decode())
 
 
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
 def test_metrics_count_messages_outputs_models_latency_and_lag(
+    guarantee: str,
     start_stream: StreamStarter,
     kafka_config: KafkaConfig,
     scorer: TripScorer,
@@ -521,9 +523,9 @@ def test_metrics_count_messages_outputs_models_latency_and_lag(
 ) -> None:
     expected = _batch_scores(scorer, day_of_pings)
     port = _free_port()
-    # The default guarantee: offsets are committed by the consumer, so librdkafka's
-    # statistics know them (the lag gauge relies on that).
-    kafka_config = kafka_config.model_copy(update={"processing_guarantee": "at-least-once"})
+    # Under exactly-once offsets are committed through the producer's transactions, which
+    # librdkafka's own consumer_lag never sees: the gauge must not depend on it.
+    kafka_config = kafka_config.model_copy(update={"processing_guarantee": guarantee})
     stream = start_stream(kafka_config, args=["--metrics-port", str(port)])
     scores = reader(kafka_config, kafka_config.topics.scores)
     producer = make_producer(kafka_config.bootstrap_servers)

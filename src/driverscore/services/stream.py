@@ -666,13 +666,26 @@ class FlushTicker:
 
 
 def record_consumer_lag(metrics: StreamMetrics, stats_json: str) -> None:
-    """librdkafka's statistics → the consumer lag gauge, per topic partition."""
+    """librdkafka's statistics → the consumer lag gauge, per topic partition.
+
+    Lag is the partition's end (last stable offset under read_committed, else the high
+    watermark) minus the next offset handed to the processor: librdkafka's own
+    ``consumer_lag`` counts from the committed offset, which a consumer whose offsets are
+    committed through producer transactions (exactly-once) never learns.
+    """
     stats = json.loads(stats_json)
     for topic, info in (stats.get("topics") or {}).items():
         for partition, numbers in (info.get("partitions") or {}).items():
-            lag = numbers.get("consumer_lag", -1)
-            if partition != "-1" and lag is not None and lag >= 0:
-                metrics.consumer_lag.labels(topic, partition).set(lag)
+            if partition == "-1" or numbers.get("fetch_state") != "active":
+                continue
+            end = numbers.get("ls_offset", -1)
+            if end is None or end < 0:
+                end = numbers.get("hi_offset", -1)
+            position = numbers.get("app_offset", -1)
+            if position is None or position < 0:
+                position = numbers.get("lo_offset", -1)  # nothing consumed yet
+            if end is not None and end >= 0 and position is not None and position >= 0:
+                metrics.consumer_lag.labels(topic, partition).set(max(end - position, 0))
 
 
 def build_stream_application(

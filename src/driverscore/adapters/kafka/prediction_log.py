@@ -59,9 +59,8 @@ class KafkaPredictionLog:
             }
         )
         try:
-            metadata = producer.list_topics(self.topic, timeout=self.timeout_s).topics.get(
-                self.topic
-            )
+            # All topics: asking for one by name lets a broker auto-create it.
+            metadata = producer.list_topics(timeout=self.timeout_s).topics.get(self.topic)
         except KafkaException as exc:
             raise DriverscoreError(
                 f"prediction log: Kafka at {self.bootstrap_servers} is unreachable ({exc})"

@@ -133,7 +133,8 @@ def send_clock(producer: Any, topic: str, ts: datetime) -> None:
 def topic_partitions(client: Any, topic: str, timeout_s: float = 10.0) -> int:
     """How many partitions ``topic`` has, from the broker's metadata."""
     try:
-        metadata = client.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        # All topics: asking for one by name lets a broker auto-create it.
+        metadata = client.list_topics(timeout=timeout_s).topics.get(topic)
     except KafkaException as exc:
         raise DriverscoreError(f"kafka: cannot read metadata of topic {topic!r}: {exc}") from None
     if metadata is None or metadata.error is not None or not metadata.partitions:
