@@ -377,12 +377,23 @@ def _invalid(problems: list[FieldProblem]) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=422)
 
 
+def _prediction_log(settings: Settings) -> PredictionLog:
+    """Parquet parts under the home folder by default; a Kafka topic when configured."""
+    if settings.service.prediction_log == "kafka":
+        from driverscore.adapters.kafka.prediction_log import KafkaPredictionLog
+
+        return KafkaPredictionLog(
+            settings.kafka.bootstrap_servers, settings.kafka.topics.predictions
+        )
+    log_dir = settings.service.prediction_log_dir or settings.home / "prediction_log"
+    return ParquetPredictionLog(Path(log_dir))
+
+
 def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader]) -> FastAPI:
     """Build the service; models load in the background when it starts (lifespan)."""
     config = settings.service
     metrics = ServiceMetrics.create()
     holder = ModelHolder(registry_factory, on_swap=_record_models(metrics))
-    log_dir = config.prediction_log_dir or settings.home / "prediction_log"
     auth = auth_enabled(config)
     tokens = _load_tokens(config)
     if auth and not tokens:
@@ -395,7 +406,7 @@ def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader
         settings=settings,
         holder=holder,
         metrics=metrics,
-        prediction_log=ParquetPredictionLog(Path(log_dir)),
+        prediction_log=_prediction_log(settings),
         policy=RolloutPolicy(
             mode=config.rollout_mode, challenger_percent=config.challenger_percent
         ),
