@@ -10,6 +10,7 @@ sink exists for tests.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -82,6 +83,26 @@ class PredictionLog(Protocol):
     def read(self) -> pl.DataFrame: ...
 
 
+#: Records converted per GIL hold when a log flushes from a background thread.
+_FLUSH_CHUNK: Final = 128
+
+
+def _chunked_frame(records: list[PredictionRecord]) -> pl.DataFrame:
+    """``records_frame`` in small pieces, yielding the GIL between them.
+
+    Converting a second's worth of decisions (thousands) in one piece held the GIL for
+    several milliseconds, once a second: every request in flight waited, which showed in
+    the service's p99. The pieces cost the same in total and each stays well under 1 ms.
+    """
+    if len(records) <= _FLUSH_CHUNK:
+        return records_frame(records)
+    frames = []
+    for start in range(0, len(records), _FLUSH_CHUNK):
+        frames.append(records_frame(records[start : start + _FLUSH_CHUNK]))
+        time.sleep(0)
+    return pl.concat(frames, how="vertical", rechunk=True)
+
+
 class MemoryPredictionLog:
     """Keeps decisions in memory: for tests and for runs that need no log."""
 
@@ -138,7 +159,7 @@ class ParquetPredictionLog:
         name = f"part-{stamp}-{uuid.uuid4().hex[:8]}.parquet"
         with self._write_lock:
             tmp = self.directory / f".{name}.tmp"
-            records_frame(pending).write_parquet(tmp)
+            _chunked_frame(pending).write_parquet(tmp)
             # Readers never see a half-written part file.
             tmp.replace(self.directory / name)
 
