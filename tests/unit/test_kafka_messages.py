@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import polars as pl
 import pytest
 
+from driverscore.adapters.kafka import messages
 from driverscore.adapters.kafka.messages import (
     REJECT_REASONS,
     decode_message,
@@ -119,3 +120,77 @@ def test_bad_messages_come_back_with_their_reason(
 def test_a_clock_message_carries_only_time() -> None:
     decoded = decode_message(encode_clock(TS), None)
     assert decoded.error is None and decoded.pings == [] and decoded.clock_us == TS_US
+
+
+def _valid_messages() -> list[tuple[str, bytes]]:
+    rows = [
+        {
+            "ts": datetime(2026, 1, 5, 8, 30, i, 250_000 + i, tzinfo=UTC),
+            "vehicle_id": "v1",
+            "driver_id": "d1",
+            "trip_id": None if i % 2 else "t1",
+            "lat": 52.5 + i * 1e-4,
+            "lon": 13.4,
+            "speed_mps": float(i),
+            "heading_deg": None,
+            "fleet_id": "f1",
+        }
+        for i in range(20)
+    ]
+    return [
+        *(("v1", encode_ping(row)) for row in rows),
+        ("v1", encode_batch("v1", rows)),
+        (
+            "v1",
+            _json(
+                {
+                    "schema_version": "1.3",
+                    "vehicle_id": "v1",
+                    "ts": 1767601800250,
+                    "lat": 52,
+                    "lon": 13,
+                    "speed_mps": 3,
+                    "unknown": [1],
+                    "heading_deg": None,
+                }
+            ),
+        ),
+        (
+            "v1",
+            _json(
+                {
+                    "schema_version": "1.0",
+                    "vehicle_id": "v1",
+                    "pings": [{"ts": "2026-01-05T08:30:00", "lat": 52.1, "lon": 13}],
+                }
+            ),
+        ),
+    ]
+
+
+def test_the_fast_decoder_gives_exactly_what_the_checking_decoder_gives() -> None:
+    # Valid messages take msgspec's typed path; it must agree with the field-by-field one
+    # value for value and type for type, or batch and stream would see different pings.
+    for key, value in _valid_messages():
+        fast = messages._decode_fast(value, key)
+        assert fast is not None, value
+        checked = messages._decode(value, key)
+        assert fast.pings == checked.pings
+        for got, want in zip(fast.pings, checked.pings, strict=True):
+            assert {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in want.items()}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"schema_version": "1.0", "ts": 1767601800250, "vehicle_id": "v1", "lat": True, "lon": 1},
+        {"schema_version": "1.0", "ts": 1767601800250, "vehicle_id": 7, "lat": 1.0, "lon": 1},
+        {"schema_version": "2.0", "ts": 1767601800250, "vehicle_id": "v1", "lat": 1.0, "lon": 1},
+        {"schema_version": "1.0", "vehicle_id": "v1", "pings": []},
+        {"schema_version": "1.0", "ts": 1767601800250, "vehicle_id": "v1", "lon": 1.0},
+        {"schema_version": "1.0", "ts": "yesterday", "vehicle_id": "v1", "lat": 1.0, "lon": 1},
+    ],
+)
+def test_the_fast_decoder_leaves_every_odd_message_to_the_checking_one(body: object) -> None:
+    assert messages._decode_fast(_json(body), "v1") is None
+    assert decode_message(_json(body), "v1").error is not None
