@@ -21,8 +21,9 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, ClassVar, Protocol, cast
 
+import orjson
 import polars as pl
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -583,6 +584,9 @@ class PingProcessor:
 class _QuixScope:
     """The partition state of the message being processed, as a ``PartitionScope``."""
 
+    #: Vehicle id -> its state prefix, encoded as Quix encodes a string key (JSON).
+    _prefixes: ClassVar[dict[str, bytes]] = {}
+
     def __init__(self, state: Any, partition: tuple[str, int]) -> None:
         # Quix hands a stateful function the state of the message's key only; trips of
         # idle vehicles close on other vehicles' messages, so the transaction behind it
@@ -600,7 +604,10 @@ class _QuixScope:
         return self._transaction
 
     def vehicle(self, vehicle_id: str) -> KeyValue:
-        state: KeyValue = self._transaction.as_state(prefix=vehicle_id)
+        prefix = self._prefixes.get(vehicle_id)
+        if prefix is None:
+            prefix = self._prefixes[vehicle_id] = orjson.dumps(vehicle_id)
+        state: KeyValue = self._transaction.as_state(prefix=prefix)
         return state
 
     def shared(self) -> KeyValue:
