@@ -1,7 +1,7 @@
 .DEFAULT_GOAL := help
 VENV := .venv/bin
 
-.PHONY: help install demo test lint typecheck unit bench
+.PHONY: help install demo test lint typecheck unit bench bench-service bench-stream
 
 help: ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,3 +25,9 @@ test: lint typecheck ## The whole test suite: lint, types, unit, model and integ
 bench: install ## Benchmarks: cleaning + trips + features, then the simulator
 	$(VENV)/python bench/bench_features.py
 	$(VENV)/python bench/bench_simulation.py
+
+bench-service: install ## Scoring service vs mlflow models serve vs bare ASGI (needs wrk)
+	$(VENV)/python bench/bench_service.py
+
+bench-stream: install ## Kafka stream processor vs the Quix Streams ceiling (local broker)
+	$(VENV)/python bench/bench_stream.py --exactly-once
