@@ -7,14 +7,9 @@ environment, the model from the registry); pings are replayed with the producer 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 import pytest
@@ -30,56 +25,10 @@ from driverscore.services.stream import DLQ_REASON_HEADER, StreamMetrics, TripSc
 from driverscore.services.stream_embedded import MemoryScoreSink, run_embedded_stream
 from driverscore.settings import KafkaConfig
 
+if TYPE_CHECKING:
+    from conftest import StreamProcess, StreamStarter
+
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
-
-
-def _env(home: Path, config: KafkaConfig) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIVERSCORE_")}
-    env.update(
-        {
-            "DRIVERSCORE_HOME": str(home),
-            "DRIVERSCORE_KAFKA": config.model_dump_json(),
-        }
-    )
-    return env
-
-
-@dataclass
-class StreamProcess:
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-StreamStarter = Callable[..., StreamProcess]
-
-
-@pytest.fixture
-def start_stream(home: Path, tmp_path: Path) -> Iterator[StreamStarter]:
-    """Starts `driverscore stream` on a config's topics (created first); stops it after."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(config: KafkaConfig, state: str = "state") -> StreamProcess:
-        create_topics(config)
-        config = config.model_copy(update={"state_dir": tmp_path / state})
-        log = tmp_path / f"stream-{len(started)}.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "driverscore", "stream"],
-                env=_env(home, config),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        started.append(process)
-        return StreamProcess(process, log)
-
-    yield start
-    for process in started:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _consume(
