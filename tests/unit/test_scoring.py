@@ -188,7 +188,7 @@ def test_one_row_path_is_bit_identical_to_the_general_path(
     # A model answering NaN falls back to the general path (which does not sort NaN).
     nan_scorer = TripScorer(lambda m: np.full(m.shape[0], np.nan), card, "m", "1", "champion")
     assert nan_scorer._score_one(x[:1]) is None
-    assert nan_scorer.score_matrix(x[:1]).bands == ["low"]
+    assert nan_scorer.score_matrix(x[:1]).bands == [None]
 
 
 def test_empty_frame_and_missing_columns(card: ModelCard) -> None:

@@ -5,9 +5,11 @@ rules, so a driver lands on the same model whichever path scores their trips.
 
 - ``champion``: only the champion scores.
 - ``canary``: a fixed share of drivers, chosen by a hash of the driver id, is answered by
-  the challenger; the rest by the champion. The choice is sticky: a driver stays on the
-  same side for as long as the percentage and salt stay the same, and raising the
-  percentage only moves drivers from champion to challenger, never back.
+  the challenger; the rest by the champion. The model that does not answer scores the
+  trip too (role ``shadow``, prediction log only), so both are compared on the same
+  trips. The choice is sticky: a driver stays on the same side for as long as the
+  percentage and salt stay the same, and raising the percentage only moves drivers from
+  champion to challenger, never back.
 - ``shadow``: both score every trip; the champion answers, the challenger's score is only
   logged (role ``shadow``).
 """
@@ -68,7 +70,8 @@ class RolloutDecision:
     """Who answers a trip and whether the other model scores it as well."""
 
     answered_by: Literal["champion", "challenger"]
-    #: True when the model that does not answer also scores the trip (shadow mode).
+    #: True when the model that does not answer also scores the trip (role ``shadow``, its
+    #: score kept in the prediction log): canary and shadow mode.
     shadow: bool
     #: Role written into the answering score record.
     role: Role
@@ -91,5 +94,5 @@ def decide(policy: RolloutPolicy, driver_id: str, has_challenger: bool) -> Rollo
         return RolloutDecision("champion", shadow=True, role="champion")
     threshold = round(policy.challenger_percent / 100.0 * BUCKETS)
     if canary_bucket(driver_id, policy.salt) < threshold:
-        return RolloutDecision("challenger", shadow=False, role="challenger")
-    return RolloutDecision("champion", shadow=False, role="champion")
+        return RolloutDecision("challenger", shadow=True, role="challenger")
+    return RolloutDecision("champion", shadow=True, role="champion")

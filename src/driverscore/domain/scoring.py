@@ -315,7 +315,8 @@ class MatrixScores:
 
     probabilities: npt.NDArray[np.float64]
     scores: npt.NDArray[np.float64]
-    bands: list[RiskBand]
+    #: ``None`` where the model gave no finite probability: such a trip has no score.
+    bands: list[RiskBand | None]
     reasons: list[list[str]]
 
 
@@ -413,11 +414,16 @@ class TripScorer:
         scores_all = self.card.score_mapping.score(probs_all)
         scores = scores_all[:n]
         # Floors ascending; a score on a floor belongs to the band above it.
-        bands = _BANDS_ASCENDING[np.searchsorted(_FLOORS_ASCENDING, scores, side="right")]
+        bands: list[RiskBand | None] = _BANDS_ASCENDING[
+            np.searchsorted(_FLOORS_ASCENDING, scores, side="right")
+        ].tolist()
+        # A score that is not a number has no band (searchsorted would put it in the safest).
+        for i in np.flatnonzero(~np.isfinite(scores)).tolist():
+            bands[i] = None
         return MatrixScores(
             probabilities=probs,
             scores=scores,
-            bands=bands.tolist(),
+            bands=bands,
             reasons=self._reasons(x, scores, scores_all[n:], cf_index),
         )
 
@@ -458,10 +464,11 @@ class TripScorer:
                     break
                 j, name, median = self._reason_cols[k]
                 reasons.append(REASON_TEMPLATES[name].render(row[j], median))
+        one_band: RiskBand = _BANDS_LIST[bisect.bisect_right(_FLOORS_LIST, score)]
         return MatrixScores(
             probabilities=probs_all[:1],
             scores=scores_all[:1],
-            bands=[_BANDS_LIST[bisect.bisect_right(_FLOORS_LIST, score)]],
+            bands=[one_band],
             reasons=[reasons],
         )
 
