@@ -61,3 +61,20 @@ def test_policy_rejects_out_of_range_share() -> None:
         RolloutPolicy(mode="canary", challenger_percent=101)
     with pytest.raises(ValidationError):
         RolloutPolicy(mode="canary", challenger_percent=float("nan"))
+
+
+def test_canary_buckets_are_pinned_across_processes_and_releases() -> None:
+    # Known values: SHA-256 of salt NUL driver, first 8 bytes big-endian, mod 10,000. A
+    # change here would move drivers between champion and challenger mid-rollout.
+    assert canary_bucket("D1", "driverscore") == 6265
+    assert canary_bucket("driver-42", "driverscore") == 119
+    assert canary_bucket("", "driverscore") == 4295
+    assert canary_bucket("D1", "s2") == 4928
+
+
+def test_canary_scores_every_trip_with_both_models() -> None:
+    policy = RolloutPolicy(mode="canary", challenger_percent=50)
+    decisions = [decide(policy, f"d{i}", has_challenger=True) for i in range(200)]
+    assert all(d.shadow for d in decisions)
+    assert {d.role for d in decisions} == {"champion", "challenger"}
+    assert all(d.role == d.answered_by for d in decisions)

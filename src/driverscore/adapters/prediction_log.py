@@ -12,12 +12,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Protocol
 
 import polars as pl
+
+from driverscore.domain.trip_scoring import PredictionRecord
 
 __all__ = [
     "PREDICTION_LOG_SCHEMA",
@@ -44,26 +45,6 @@ PREDICTION_LOG_SCHEMA: Final[dict[str, pl.DataType]] = {
     "challenger_score": pl.Float64(),
     "challenger_probability": pl.Float64(),
 }
-
-
-@dataclass(frozen=True, slots=True)
-class PredictionRecord:
-    """One rollout decision; challenger fields are ``None`` when it did not score."""
-
-    decision_id: str
-    logged_at: datetime
-    trip_id: str | None
-    driver_id: str | None
-    vehicle_id: str | None
-    rollout_mode: str
-    answered_by: str
-    model_name: str
-    champion_version: str | None
-    champion_score: float | None
-    champion_probability: float | None
-    challenger_version: str | None
-    challenger_score: float | None
-    challenger_probability: float | None
 
 
 def records_frame(records: list[PredictionRecord]) -> pl.DataFrame:

@@ -44,11 +44,13 @@ __all__ = [
     "TRIP_RECORD_SCHEMA",
     "PingScoring",
     "PredictionRecord",
+    "PreparedPings",
     "ScoredTrips",
     "ScoringModels",
     "SetAsideTrip",
     "alert_text",
     "new_decision_id",
+    "prepare_for_models",
     "score_trip_features",
     "score_trip_pings",
 ]
@@ -85,7 +87,8 @@ SET_ASIDE_SCHEMA: Final[dict[str, pl.DataType]] = {
     "model_role": pl.String(),
 }
 
-_IDENTITY: Final = ("trip_id", "vehicle_id", "driver_id", "fleet_id", "client_id")
+#: Up to this many rows, validation runs in plain Python.
+_SMALL: Final = 8
 _FEATURE_NAMES: Final = tuple(FEATURE_SCHEMA)
 
 Columns = dict[str, list[Any]]
@@ -236,6 +239,15 @@ def _invalid_rows(
     for i, vehicle in enumerate(columns["vehicle_id"]):
         if vehicle is None or vehicle == "":
             problems[i] = "vehicle_id: missing"
+    if x.shape[0] <= _SMALL:
+        # A few rows (one REST trip): plain Python costs less than numpy's per-call overhead.
+        for i, row in enumerate(x.tolist()):
+            for name, value in zip(names, row, strict=True):
+                spec = FEATURE_CONTRACT.get(name)
+                message = feature_problem(spec, value) if spec is not None else None
+                if message is not None and i not in problems:
+                    problems[i] = f"{name}: {message}"
+        return problems
     for j, name in enumerate(names):
         spec = FEATURE_CONTRACT.get(name)
         if spec is None:
@@ -449,22 +461,24 @@ def _append_record(
 
 
 @dataclass(frozen=True)
-class PingScoring:
-    """Pings scored: the trips' results plus what preparation set aside."""
+class PreparedPings:
+    """Pings made into trips for scoring: what :func:`prepare_for_models` returns."""
 
-    scored: ScoredTrips
     #: Trip feature rows as the champion's configuration computes them (every kept trip).
     features: pl.DataFrame
+    #: The same trips, row for row, with the challenger's feature configuration, when it
+    #: differs from the champion's and the challenger may score; else ``None``.
+    challenger_features: pl.DataFrame | None
     #: Pings set aside by cleaning and trip cutting, with ``reason`` and ``stage``.
     quarantine: pl.DataFrame
     #: Preparation counts (``rows_in``, ``kept``, ``quarantined``, one per reason, ``trips``).
     counts: dict[str, int]
 
 
-def score_trip_pings(
+def prepare_for_models(
     pings: pl.DataFrame, models: ScoringModels, policy: RolloutPolicy, now: datetime
-) -> PingScoring:
-    """Clean, cut and featurise canonical pings, then :func:`score_trip_features`.
+) -> PreparedPings:
+    """Clean, cut and featurise canonical pings for the models of a rollout.
 
     Trips are cut once, with the champion card's cleaning and trip configurations, so both
     models of a rollout score the same trips and the prediction log pairs them; each model
@@ -482,12 +496,38 @@ def score_trip_pings(
         and challenger.card.feature_config != card.feature_config
         and prepared.features.height
     ):
-        # The same trips, row for row, with the challenger's thresholds.
         other = trip_features(prepared.pings, challenger.card.feature_config)
         challenger_features = prepared.features.select("vehicle_id", "trip_id").join(
             other, on=["vehicle_id", "trip_id"], how="left", maintain_order="left"
         )
+    return PreparedPings(
+        prepared.features, challenger_features, prepared.quarantine, prepared.counts
+    )
+
+
+@dataclass(frozen=True)
+class PingScoring:
+    """Pings scored: the trips' results plus what preparation set aside."""
+
+    scored: ScoredTrips
+    #: Trip feature rows as the champion's configuration computes them (every kept trip).
+    features: pl.DataFrame
+    #: Pings set aside by cleaning and trip cutting, with ``reason`` and ``stage``.
+    quarantine: pl.DataFrame
+    #: Preparation counts (``rows_in``, ``kept``, ``quarantined``, one per reason, ``trips``).
+    counts: dict[str, int]
+
+
+def score_trip_pings(
+    pings: pl.DataFrame, models: ScoringModels, policy: RolloutPolicy, now: datetime
+) -> PingScoring:
+    """:func:`prepare_for_models`, then :func:`score_trip_features` on its trips."""
+    prepared = prepare_for_models(pings, models, policy, now)
     scored = score_trip_features(
-        prepared.features, models, policy, now, challenger_features=challenger_features
+        prepared.features,
+        models,
+        policy,
+        now,
+        challenger_features=prepared.challenger_features,
     )
     return PingScoring(scored, prepared.features, prepared.quarantine, prepared.counts)

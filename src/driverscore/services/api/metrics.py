@@ -22,6 +22,7 @@ class ServiceMetrics:
     errors: Counter
     in_flight: Gauge
     trips_scored: Counter
+    trips_set_aside: Counter
     models: Info
     registry_polls: Counter
 
@@ -50,6 +51,12 @@ class ServiceMetrics:
                 "driverscore_trips_scored",
                 "Trips scored, by answering role and model version.",
                 ["role", "model_version"],
+                registry=registry,
+            ),
+            trips_set_aside=Counter(
+                "driverscore_trips_set_aside",
+                "Trips not scored, by reason (invalid_features, non_finite_output).",
+                ["reason"],
                 registry=registry,
             ),
             models=Info(

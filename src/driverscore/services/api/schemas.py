@@ -7,10 +7,11 @@ gets a 422 naming the field instead of a silently different score.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from driverscore.domain.feature_contract import FEATURE_CONTRACT, MODEL_INPUT_MAX
 from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.schema import PING_FIELD_DOCS
 
@@ -52,7 +53,7 @@ def _utc_in_range(value: datetime) -> datetime:
 #: A time with an offset, 1970 to 2500, returned in UTC.
 _Time = Annotated[AwareDatetime, AfterValidator(_utc_in_range)]
 #: Largest feature value the model takes: its inputs are float32.
-_MODEL_MAX = 3.4e38
+_MODEL_MAX = MODEL_INPUT_MAX
 
 
 class PingIn(BaseModel):
@@ -80,42 +81,44 @@ class PingIn(BaseModel):
     )
 
 
+def _feature_in(name: str) -> Any:
+    """The request field of a model input, from the feature contract: range and meaning."""
+    spec = FEATURE_CONTRACT[name]
+    return Field(
+        ge=spec.minimum, le=spec.maximum, description=f"{spec.description} Unit: {spec.unit}."
+    )
+
+
+def _feature_out(name: str) -> Any:
+    spec = FEATURE_CONTRACT[name]
+    return Field(None, description=f"{spec.description} Unit: {spec.unit}.")
+
+
 class TripFeaturesIn(BaseModel):
-    """Precomputed trip features (the model inputs of docs/design.md), per trip."""
+    """Precomputed trip features (the model inputs of docs/features.md), per trip.
+
+    Ranges, units and meanings come from the feature contract
+    (``domain/feature_contract.py``); a nullable feature must still be present (as null).
+    """
 
     model_config = _STRICT
 
-    distance_km: float = Field(ge=0, le=_MODEL_MAX, description="Distance driven, km.")
-    avg_speed_kmh: float = Field(ge=0, le=_MODEL_MAX, description="Mean speed while moving, km/h.")
-    p95_speed_kmh: float = Field(ge=0, le=_MODEL_MAX, description="95th percentile of speed, km/h.")
-    speed_std_kmh: float = Field(
-        ge=0, le=_MODEL_MAX, description="Standard deviation of speed, km/h."
-    )
-    hard_brake_per_100km: float = Field(
-        ge=0, le=_MODEL_MAX, description="Hard-braking events per 100 km."
-    )
-    harsh_accel_per_100km: float = Field(
-        ge=0, le=_MODEL_MAX, description="Harsh-acceleration events per 100 km."
-    )
-    harsh_corner_per_100km: float = Field(
-        ge=0, le=_MODEL_MAX, description="Harsh-cornering events per 100 km."
-    )
+    distance_km: float = _feature_in("distance_km")
+    avg_speed_kmh: float | None = _feature_in("avg_speed_kmh")
+    p95_speed_kmh: float | None = _feature_in("p95_speed_kmh")
+    speed_std_kmh: float | None = _feature_in("speed_std_kmh")
+    hard_brake_per_100km: float = _feature_in("hard_brake_per_100km")
+    harsh_accel_per_100km: float = _feature_in("harsh_accel_per_100km")
+    harsh_corner_per_100km: float = _feature_in("harsh_corner_per_100km")
     speeding_share: float | None = Field(
         None,
         ge=0,
         le=1,
-        description=(
-            "Share (0-1) of moving time with a known limit spent over limit + tolerance; "
-            "null when no limit is known."
-        ),
+        description=FEATURE_CONTRACT["speeding_share"].description + " Unit: 0-1.",
     )
-    night_share: float = Field(ge=0, le=1, description="Share (0-1) of time in the night window.")
-    idle_share: float = Field(ge=0, le=1, description="Share (0-1) of time below idle speed.")
-    jerk_rms_mps3: float = Field(
-        ge=0,
-        le=_MODEL_MAX,
-        description="RMS change of longitudinal acceleration while moving, m/s³.",
-    )
+    night_share: float | None = _feature_in("night_share")
+    idle_share: float | None = _feature_in("idle_share")
+    jerk_rms_mps3: float | None = _feature_in("jerk_rms_mps3")
     start_ts: _Time | None = Field(None, description="Trip start, UTC.")
     end_ts: _Time | None = Field(None, description="Trip end, UTC.")
 
@@ -163,24 +166,24 @@ class TripFeaturesOut(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    ping_count: int | None = Field(None, description="Kept pings in the trip.")
-    duration_s: float | None = Field(None, description="Trip duration, s.")
-    distance_km: float | None = Field(None, description="Distance driven, km.")
-    avg_speed_kmh: float | None = Field(None, description="Mean speed while moving, km/h.")
-    max_speed_kmh: float | None = Field(None, description="Highest speed, km/h.")
-    p95_speed_kmh: float | None = Field(None, description="95th percentile of speed, km/h.")
-    speed_std_kmh: float | None = Field(None, description="Standard deviation of speed, km/h.")
-    hard_brake_count: int | None = Field(None, description="Hard-braking events.")
-    harsh_accel_count: int | None = Field(None, description="Harsh-acceleration events.")
-    harsh_corner_count: int | None = Field(None, description="Harsh-cornering events.")
-    hard_brake_per_100km: float | None = Field(None, description="Hard-braking per 100 km.")
-    harsh_accel_per_100km: float | None = Field(None, description="Harsh acceleration per 100 km.")
-    harsh_corner_per_100km: float | None = Field(None, description="Harsh cornering per 100 km.")
-    speeding_share: float | None = Field(None, description="Share (0-1) of moving time speeding.")
-    night_share: float | None = Field(None, description="Share (0-1) of time at night.")
-    idle_share: float | None = Field(None, description="Share (0-1) of time idle.")
-    stop_count: int | None = Field(None, description="Moving → stopped transitions.")
-    jerk_rms_mps3: float | None = Field(None, description="RMS longitudinal jerk, m/s³.")
+    ping_count: int | None = _feature_out("ping_count")
+    duration_s: float | None = _feature_out("duration_s")
+    distance_km: float | None = _feature_out("distance_km")
+    avg_speed_kmh: float | None = _feature_out("avg_speed_kmh")
+    max_speed_kmh: float | None = _feature_out("max_speed_kmh")
+    p95_speed_kmh: float | None = _feature_out("p95_speed_kmh")
+    speed_std_kmh: float | None = _feature_out("speed_std_kmh")
+    hard_brake_count: int | None = _feature_out("hard_brake_count")
+    harsh_accel_count: int | None = _feature_out("harsh_accel_count")
+    harsh_corner_count: int | None = _feature_out("harsh_corner_count")
+    hard_brake_per_100km: float | None = _feature_out("hard_brake_per_100km")
+    harsh_accel_per_100km: float | None = _feature_out("harsh_accel_per_100km")
+    harsh_corner_per_100km: float | None = _feature_out("harsh_corner_per_100km")
+    speeding_share: float | None = _feature_out("speeding_share")
+    night_share: float | None = _feature_out("night_share")
+    idle_share: float | None = _feature_out("idle_share")
+    stop_count: int | None = _feature_out("stop_count")
+    jerk_rms_mps3: float | None = _feature_out("jerk_rms_mps3")
     event_source: str | None = Field(
         None, description="imu when accelerometer columns drove events, gps otherwise."
     )
@@ -214,12 +217,22 @@ class TripScore(BaseModel):
     )
     scored_at: datetime = Field(description="Scoring time, UTC.")
     decision_id: str = Field(description="Id of the rollout decision in the prediction log.")
+    pings_set_aside: dict[str, int] = Field(
+        default_factory=dict,
+        description=(
+            "Posted pings set aside by cleaning, per reason (docs/telemetry.md); empty for "
+            "posted features."
+        ),
+    )
 
 
 class BatchScoreResponse(BaseModel):
     """Scores in the order of the posted trips."""
 
     scores: list[TripScore]
+    pings_set_aside: dict[str, int] = Field(
+        default_factory=dict, description="Posted pings set aside by cleaning, per reason."
+    )
 
 
 class FieldProblem(BaseModel):

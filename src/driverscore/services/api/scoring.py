@@ -1,26 +1,34 @@
-"""From posted trips to trip score records: the same prepare and score code as batch.
+"""From posted trips to trip score records: the one scoring path of every route.
 
-Posted pings become canonical pings and go through ``prepare_trips`` with the cleaning,
-trip and feature settings stored in the scoring model's card, then ``TripScorer``; posted
-features go straight to the scorer. The rollout rules decide which model answers.
+Posted pings become canonical pings and are prepared with the configurations stored in
+the models' cards (``domain.trip_scoring.prepare_for_models``); posted features are
+the model's numbers already. Either way the trips go through
+``domain.trip_scoring.score_trip_features``, as in batch and in the stream: the same
+validation, rollout, records, decisions and set-aside reasons. This module only turns
+requests into feature columns and the domain's records into response bodies.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-import numpy as np
 import polars as pl
 
-from driverscore.adapters.prediction_log import PredictionRecord
 from driverscore.domain.features import FEATURE_SCHEMA
-from driverscore.domain.prepare import prepare_trips
-from driverscore.domain.rollout import RolloutDecision, RolloutPolicy, decide
+from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.schema import conform_pings
-from driverscore.domain.scoring import ModelCard, TripScorer
+from driverscore.domain.scoring import ModelCard
+from driverscore.domain.trip_scoring import (
+    SET_ASIDE_NON_FINITE,
+    PredictionRecord,
+    ScoredTrips,
+    ScoringModels,
+    prepare_for_models,
+    score_trip_features,
+    score_trip_pings,
+)
 from driverscore.services.api.holder import LoadedModels
 from driverscore.services.api.schemas import FieldProblem, TripFeaturesOut, TripIn, TripScore
 
@@ -28,6 +36,7 @@ __all__ = [
     "InvalidTripsError",
     "RequestLimits",
     "ScoredBatch",
+    "score_posted_pings",
     "score_posted_trips",
     "trip_problems",
 ]
@@ -41,9 +50,13 @@ _FEATURE_OUT: Final = tuple(TripFeaturesOut.model_fields)
 class InvalidTripsError(Exception):
     """Posted trips that cannot be scored, with the fields to blame (a 422)."""
 
-    def __init__(self, problems: list[FieldProblem]) -> None:
+    def __init__(
+        self, problems: list[FieldProblem], set_aside_reasons: list[str] | None = None
+    ) -> None:
         super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
         self.problems = problems
+        #: Reasons of trips the scoring path set aside (counted in a metric by the caller).
+        self.set_aside_reasons = set_aside_reasons or []
 
 
 @dataclass(frozen=True)
@@ -54,8 +67,12 @@ class RequestLimits:
 
 @dataclass(frozen=True)
 class ScoredBatch:
+    """Answers in posted order, the prediction-log decisions, and what was set aside."""
+
     scores: list[TripScore]
     records: list[PredictionRecord]
+    #: Pings set aside by cleaning and trip cutting, per reason (posted pings only).
+    pings_set_aside: dict[str, int]
 
 
 def _ts(value: datetime | int) -> datetime:
@@ -126,70 +143,91 @@ def _pings_frame(trip: TripIn) -> pl.DataFrame:
     return conform_pings(frame)
 
 
-def _prepared_row(trip: TripIn, where: str, card: ModelCard, now: datetime) -> pl.DataFrame:
-    prepared = prepare_trips(
-        _pings_frame(trip), card.cleaning_config, card.trip_config, card.feature_config, now
+_NOT_SET_ASIDE: Final = frozenset(("rows_in", "kept", "quarantined", "trips", "reordered"))
+
+
+def _set_aside_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Quarantine reasons with their ping counts, from ``prepare_trips`` counts."""
+    return {
+        k: v for k, v in sorted(counts.items()) if "." not in k and v and k not in _NOT_SET_ASIDE
+    }
+
+
+def _no_trip_message(counts: dict[str, int], card: ModelCard) -> str:
+    set_aside = ", ".join(f"{k}: {v}" for k, v in _set_aside_counts(counts).items()) or "none"
+    tc = card.trip_config
+    return (
+        f"no trip left to score: {counts['rows_in']} pings posted, set aside by cleaning "
+        f"or as too short ({set_aside}); a trip needs at least {tc.min_pings} valid pings, "
+        f"{tc.min_duration_s:g} s and {tc.min_distance_km:g} km"
     )
-    rows = prepared.features
-    if rows.height == 1:
-        return rows
-    counts = prepared.counts
-    if rows.height == 0:
-        reasons = {
-            k: v
-            for k, v in counts.items()
-            if "." not in k
-            and v
-            and k not in ("rows_in", "kept", "quarantined", "trips", "reordered")
-        }
-        set_aside = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "none"
-        tc = card.trip_config
-        message = (
-            f"no trip left to score: {counts['rows_in']} pings posted, set aside by cleaning "
-            f"or as too short ({set_aside}); a trip needs at least {tc.min_pings} valid pings, "
-            f"{tc.min_duration_s:g} s and {tc.min_distance_km:g} km"
-        )
-    else:
-        message = (
-            f"the pings form {rows.height} trips (a silence longer than "
-            f"{card.trip_config.gap_s:g} s ends a trip); post each trip on its own"
-        )
-    raise InvalidTripsError([FieldProblem(field=f"{where}pings", message=message)])
 
 
-def _features_row(trip: TripIn) -> pl.DataFrame:
-    assert trip.features is not None
-    values: dict[str, Any] = {name: [getattr(trip, name)] for name in _IDENTITY}
-    values.update({k: [v] for k, v in trip.features.model_dump().items()})
-    schema = {k: FEATURE_SCHEMA[k] for k in values}
-    return pl.DataFrame(values, schema=schema)
+@dataclass
+class _Prepared:
+    """Feature columns of the posted trips, one row per trip, in posted order."""
+
+    features: dict[str, list[Any]]
+    challenger: dict[str, list[Any]] | None
+    pings_set_aside: list[dict[str, int]]
 
 
-def _feature_rows(
-    trips: list[TripIn], wheres: list[str], card: ModelCard, now: datetime
-) -> pl.DataFrame:
-    rows: list[pl.DataFrame] = []
+def _append_row(out: dict[str, list[Any]], row: dict[str, Any]) -> None:
+    for name in FEATURE_SCHEMA:
+        out[name].append(row.get(name))
+
+
+def _prepare(
+    trips: list[TripIn],
+    wheres: list[str],
+    models: ScoringModels,
+    policy: RolloutPolicy,
+    now: datetime,
+) -> _Prepared:
+    features: dict[str, list[Any]] = {name: [] for name in FEATURE_SCHEMA}
+    challenger: dict[str, list[Any]] | None = None
+    set_aside: list[dict[str, int]] = []
     problems: list[FieldProblem] = []
     for trip, where in zip(trips, wheres, strict=True):
-        try:
-            row = (
-                _prepared_row(trip, where, card, now)
-                if trip.pings is not None
-                else (_features_row(trip))
-            )
-        except InvalidTripsError as exc:
-            problems.extend(exc.problems)
+        if trip.features is not None:
+            row = _feature_identity(trip)
+            _append_row(features, row)
+            if challenger is not None:
+                _append_row(challenger, row)
+            set_aside.append({})
             continue
-        rows.append(row)
+        prepared = prepare_for_models(_pings_frame(trip), models, policy, now)
+        height = prepared.features.height
+        if height != 1:
+            message = (
+                _no_trip_message(prepared.counts, models.champion.card)
+                if height == 0
+                else (
+                    f"the pings form {height} trips (a silence longer than "
+                    f"{models.champion.card.trip_config.gap_s:g} s ends a trip); post each "
+                    "trip on its own"
+                )
+            )
+            problems.append(FieldProblem(field=f"{where}pings", message=message))
+            continue
+        (row,) = prepared.features.to_dicts()
+        _append_row(features, row)
+        if prepared.challenger_features is not None:
+            if challenger is None:
+                # Rows so far are posted features or the same trips: the same numbers.
+                challenger = {k: v[:-1] for k, v in features.items()}
+            (other,) = prepared.challenger_features.to_dicts()
+            _append_row(challenger, other)
+        elif challenger is not None:
+            _append_row(challenger, row)
+        set_aside.append(_set_aside_counts(prepared.counts))
     if problems:
         raise InvalidTripsError(problems)
-    frame = pl.concat(rows, how="diagonal_relaxed")
-    missing = [pl.lit(None, dtype=t).alias(c) for c, t in FEATURE_SCHEMA.items() if c not in frame]
-    return frame.with_columns(missing) if missing else frame
+    return _Prepared(features, challenger, set_aside)
 
 
 def _feature_identity(trip: TripIn) -> dict[str, Any]:
-    """A posted feature trip as the row ``_features_row`` would make of it."""
+    """A posted feature trip as a feature row (counts and other outputs null)."""
     assert trip.features is not None
     row: dict[str, Any] = {name: getattr(trip, name) for name in _IDENTITY}
     row.update(trip.features.model_dump())
@@ -199,71 +237,52 @@ def _feature_identity(trip: TripIn) -> dict[str, Any]:
     return row
 
 
-def _score_identities(
-    scorer: TripScorer, rows: list[dict[str, Any]], now: datetime
-) -> list[dict[str, Any]]:
-    names = scorer.card.feature_names
-    nan = float("nan")
-    x = np.array(
-        [[nan if (v := row.get(n)) is None else v for n in names] for row in rows],
-        dtype=np.float32,
-    ).reshape(len(rows), len(names))
-    scored = scorer.score_matrix(x)
-    constant = {
-        "model_name": scorer.model_name,
-        "model_version": scorer.model_version,
-        "model_role": scorer.model_role,
-        "scored_at": now,
-    }
-    return [
-        {
-            **row,
-            "risk_probability": float(scored.probabilities[i]),
-            "score": float(scored.scores[i]),
-            "risk_band": scored.bands[i],
-            "reasons": scored.reasons[i],
-            **constant,
-        }
-        for i, row in enumerate(rows)
+def _refused(scored: ScoredTrips, wheres: list[str]) -> None:
+    """A trip the answering model could not score is a clear error, never a made-up score."""
+    refused = [s for s in scored.set_aside if s.model_role != "shadow"]
+    problems = [
+        FieldProblem(
+            field=f"{wheres[s.row]}features",
+            message=(
+                f"not scored ({s.reason}): {s.detail}"
+                if s.reason != SET_ASIDE_NON_FINITE
+                else f"not scored: model {s.model_version} gave no finite risk for this trip "
+                f"({s.detail})"
+            ),
+        )
+        for s in refused
     ]
+    if problems:
+        raise InvalidTripsError(problems, [s.reason for s in refused])
 
 
-def _decision_id() -> str:
-    """``uuid.uuid4().hex`` without the ``UUID`` object: 16 random bytes, version 4 bits."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    return raw.hex()
-
-
-def _same_preparation(a: ModelCard, b: ModelCard) -> bool:
-    return (a.cleaning_config, a.trip_config, a.feature_config) == (
-        b.cleaning_config,
-        b.trip_config,
-        b.feature_config,
-    )
-
-
-def _to_record(row: dict[str, Any], decision_id: str) -> TripScore:
-    return TripScore(
-        trip_id=row["trip_id"],
-        vehicle_id=row["vehicle_id"],
-        driver_id=row["driver_id"],
-        fleet_id=row["fleet_id"],
-        client_id=row["client_id"],
-        start_ts=row["start_ts"],
-        end_ts=row["end_ts"],
-        features=TripFeaturesOut(**{k: row.get(k) for k in _FEATURE_OUT}),
-        risk_probability=row["risk_probability"],
-        score=row["score"],
-        risk_band=row["risk_band"],
-        reasons=list(row["reasons"] or []),
-        model_name=row["model_name"],
-        model_version=row["model_version"],
-        model_role=row["model_role"],
-        scored_at=row["scored_at"],
-        decision_id=decision_id,
-    )
+def _to_scores(scored: ScoredTrips, pings_set_aside: list[dict[str, int]]) -> list[TripScore]:
+    out: list[TripScore] = []
+    for k, row in enumerate(scored.record_rows()):
+        decision = scored.decisions[k]
+        out.append(
+            TripScore(
+                trip_id=row["trip_id"],
+                vehicle_id=row["vehicle_id"],
+                driver_id=row["driver_id"],
+                fleet_id=row["fleet_id"],
+                client_id=row["client_id"],
+                start_ts=row["start_ts"],
+                end_ts=row["end_ts"],
+                features=TripFeaturesOut(**{f: row[f] for f in _FEATURE_OUT}),
+                risk_probability=row["risk_probability"],
+                score=row["score"],
+                risk_band=row["risk_band"],
+                reasons=row["reasons"],
+                model_name=row["model_name"],
+                model_version=row["model_version"],
+                model_role=row["model_role"],
+                scored_at=row["scored_at"],
+                decision_id=decision.decision_id,
+                pings_set_aside=pings_set_aside[scored.rows[k]],
+            )
+        )
+    return out
 
 
 def score_posted_trips(
@@ -273,64 +292,63 @@ def score_posted_trips(
     policy: RolloutPolicy,
     now: datetime,
 ) -> ScoredBatch:
-    """Score trips with the rollout applied; one prediction-log record per trip.
+    """Score posted trips on the one scoring path; one prediction-log record per trip.
 
-    When a challenger is loaded and the mode is ``canary`` or ``shadow``, both models score
-    every trip, so the log pairs both scores whichever model answered.
+    Every trip is answered (in posted order) or the request is refused with the fields to
+    blame: a trip the model cannot score is never answered with a made-up score.
     """
-    champion = models.champion
-    decisions: list[RolloutDecision] = [
-        decide(policy, t.driver_id or t.vehicle_id, models.challenger is not None) for t in trips
-    ]
-    other: TripScorer | None = None
-    if models.challenger is not None and policy.mode == "canary":
-        other = models.challenger
-    elif models.shadow is not None and policy.mode == "shadow":
-        other = models.shadow
-    champion_scores: list[dict[str, Any]]
-    other_scores: list[dict[str, Any]] | None = None
-    if all(t.features is not None for t in trips):
-        # Posted features are already the model's numbers: no frame to build. The scorer is
-        # the same (``score_matrix`` is what ``score_trips`` runs); only the wrapping differs.
-        identities = [_feature_identity(t) for t in trips]
-        champion_scores = _score_identities(champion, identities, now)
-        if other is not None:
-            other_scores = _score_identities(other, identities, now)
-    else:
-        champion_rows = _feature_rows(trips, wheres, champion.card, now)
-        champion_scores = champion.score_trips(champion_rows, now).to_dicts()
-        if other is not None:
-            other_rows = (
-                champion_rows
-                if _same_preparation(champion.card, other.card)
-                else _feature_rows(trips, wheres, other.card, now)
-            )
-            other_scores = other.score_trips(other_rows, now).to_dicts()
+    scoring = ScoringModels(models.champion, models.challenger)
+    prepared = _prepare(trips, wheres, scoring, policy, now)
+    scored = score_trip_features(
+        prepared.features, scoring, policy, now, challenger_features=prepared.challenger
+    )
+    _refused(scored, wheres)
+    return ScoredBatch(
+        scores=_to_scores(scored, prepared.pings_set_aside),
+        records=scored.decisions,
+        pings_set_aside=_merged(prepared.pings_set_aside),
+    )
 
-    scores: list[TripScore] = []
-    records: list[PredictionRecord] = []
-    for i, decision in enumerate(decisions):
-        decision_id = _decision_id()
-        mine = champion_scores[i]
-        theirs = other_scores[i] if other_scores is not None else None
-        answer = theirs if decision.answered_by == "challenger" and theirs is not None else mine
-        scores.append(_to_record(answer, decision_id))
-        records.append(
-            PredictionRecord(
-                decision_id=decision_id,
-                logged_at=now,
-                trip_id=answer["trip_id"],
-                driver_id=answer["driver_id"],
-                vehicle_id=answer["vehicle_id"],
-                rollout_mode=policy.mode,
-                answered_by=decision.answered_by,
-                model_name=champion.model_name,
-                champion_version=champion.model_version,
-                champion_score=mine["score"],
-                champion_probability=mine["risk_probability"],
-                challenger_version=theirs["model_version"] if theirs else None,
-                challenger_score=theirs["score"] if theirs else None,
-                challenger_probability=theirs["risk_probability"] if theirs else None,
-            )
+
+def score_posted_pings(
+    pings: pl.DataFrame, models: LoadedModels, policy: RolloutPolicy, now: datetime
+) -> ScoredBatch:
+    """Score canonical pings of any number of trips (``/invocations`` CSV of pings).
+
+    Trips are cut as in batch; a request whose pings all end up set aside is refused with
+    the counts per reason, as a JSON trip of pings is.
+    """
+    scoring = ScoringModels(models.champion, models.challenger)
+    result = score_trip_pings(pings, scoring, policy, now)
+    counts = _set_aside_counts(result.counts)
+    if result.features.height == 0:
+        raise InvalidTripsError(
+            [
+                FieldProblem(
+                    field="(body)", message=_no_trip_message(result.counts, models.champion.card)
+                )
+            ]
         )
-    return ScoredBatch(scores=scores, records=records)
+    wheres = [
+        f"rows of trip {v}/{t}: "
+        for v, t in zip(
+            result.features["vehicle_id"].to_list(),
+            result.features["trip_id"].to_list(),
+            strict=True,
+        )
+    ]
+    _refused(result.scored, wheres)
+    per_trip: list[dict[str, int]] = [{} for _ in range(result.features.height)]
+    return ScoredBatch(
+        scores=_to_scores(result.scored, per_trip),
+        records=result.scored.decisions,
+        pings_set_aside=counts,
+    )
+
+
+def _merged(per_trip: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counts in per_trip:
+        for reason, n in counts.items():
+            total[reason] = total.get(reason, 0) + n
+    return dict(sorted(total.items()))
