@@ -5,13 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import polars as pl
 
 from driverscore.adapters.files import write_table
+from driverscore.adapters.prediction_log import open_prediction_log
+from driverscore.adapters.registry import open_registry
 from driverscore.adapters.storage import DatasetRef
+from driverscore.domain.features import trip_features
 from driverscore.domain.mapping import ColumnMapping
-from driverscore.domain.scoring import TripScorer
+from driverscore.domain.rollout import RolloutPolicy
+from driverscore.domain.trip_scoring import ScoredTrips, ScoringModels, score_trip_features
+from driverscore.errors import ConfigError
 from driverscore.pipelines.steps import (
     DomainConfigs,
     IngestedTelemetry,
@@ -20,7 +26,6 @@ from driverscore.pipelines.steps import (
     ingest,
     prepare,
 )
-from driverscore.pipelines.training_run import open_registry
 from driverscore.settings import Settings
 
 
@@ -35,13 +40,61 @@ class ScoringRunResult:
     prepared: PreparedDataset
     ingested: IngestedTelemetry
     manifest_uri: str
+    #: Trips not scored, with the reason (``invalid_features``, ``non_finite_output``).
+    set_aside: pl.DataFrame
+    set_aside_uri: str | None
+    decisions: int
 
 
-def score_prepared(ctx: RunContext, scorer: TripScorer, prepared: PreparedDataset) -> pl.DataFrame:
-    """Score the prepared trips (features computed with the model's own configs)."""
+def score_prepared(
+    ctx: RunContext,
+    models: ScoringModels,
+    policy: RolloutPolicy,
+    prepared: PreparedDataset,
+) -> ScoredTrips:
+    """Score the prepared trips on the one scoring path (``domain/trip_scoring.py``).
+
+    Features were computed with the champion card's configurations; when a challenger
+    scores too and learned other feature thresholds, its features are computed from the
+    same cleaned trips with its own configuration, so both score the same trips.
+    """
     features = ctx.store.read_dataset(prepared.features)
+    challenger_features: pl.DataFrame | None = None
+    challenger = models.challenger
+    if (
+        challenger is not None
+        and policy.mode != "champion"
+        and challenger.card.feature_config != models.champion.card.feature_config
+        and features.height
+    ):
+        cleaned = ctx.store.read_dataset(prepared.cleaned)
+        other = trip_features(cleaned, challenger.card.feature_config)
+        challenger_features = features.select("vehicle_id", "trip_id").join(
+            other, on=["vehicle_id", "trip_id"], how="left", maintain_order="left"
+        )
     ctx.progress(f"score {features.height:,} trips")
-    return scorer.score_trips(features, scored_at=ctx.reference_time)
+    return score_trip_features(
+        features, models, policy, ctx.reference_time, challenger_features=challenger_features
+    )
+
+
+def rollout_policy(settings: Settings, path: Path | None) -> RolloutPolicy:
+    """The rollout policy of a batch run: ``path`` (JSON), else the service's rollout file
+    when it exists, else the service's rollout settings."""
+    if path is not None and not path.exists():
+        raise ConfigError(f"rollout policy {path} does not exist; give an existing JSON file")
+    source = path if path is not None else settings.service.rollout_file
+    if source is not None and source.exists():
+        try:
+            return RolloutPolicy.model_validate_json(source.read_bytes())
+        except (OSError, ValueError) as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(
+                f"rollout policy {source} is not readable JSON of mode, challenger_percent, "
+                f"salt ({first}); fix the file"
+            ) from None
+    config = settings.service
+    return RolloutPolicy(mode=config.rollout_mode, challenger_percent=config.challenger_percent)
 
 
 def run_scoring(
@@ -52,13 +105,29 @@ def run_scoring(
     reference_time: datetime,
     mapping: ColumnMapping | None = None,
     alias: str = "champion",
+    policy: RolloutPolicy | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ScoringRunResult:
-    """Ingest, prepare with the model's cleaning/trip/feature configs, score and write."""
+    """Ingest, prepare with the model's cleaning/trip/feature configs, score and write.
+
+    With the champion and a rollout ``policy`` other than ``champion``, the challenger
+    scores too, exactly as the service and the stream would: the driver's model answers,
+    the other one's score goes to the prediction log. Every decision is logged.
+    """
+    policy = policy or RolloutPolicy()
     ctx = RunContext.start(settings, reference_time, progress)
     store, run_id = ctx.store, ctx.run_id
-    scorer = open_registry(settings).load_scorer(alias)
-    card = scorer.card
+    registry = open_registry(settings)
+    champion = registry.load_scorer(alias)
+    challenger = None
+    if (
+        alias == "champion"
+        and policy.mode != "champion"
+        and registry.alias_version("challenger") is not None
+    ):
+        challenger = registry.load_scorer("challenger")
+    models = ScoringModels(champion, challenger)
+    card = champion.card
     # What training learned travels with the model: features are rebuilt with the exact
     # thresholds the model was trained on, whatever the local settings say.
     configs = DomainConfigs(
@@ -66,8 +135,20 @@ def run_scoring(
     )
     ingested = ingest(ctx, pings_uri, mapping)
     prepared = prepare(ctx, ingested, configs)
-    scores = score_prepared(ctx, scorer, prepared)
+    scored = score_prepared(ctx, models, policy, prepared)
+    scores = scored.records_frame()
+    set_aside = scored.set_aside_frame()
     scores_ref = store.write_dataset("scores", scores, name="scores")
+    set_aside_uri = (
+        store.write_dataset("scoring_set_aside", set_aside, name="set_aside").uri
+        if set_aside.height
+        else None
+    )
+    if scored.decisions:
+        log = open_prediction_log(settings)
+        log.setup()
+        log.add(scored.decisions)
+        log.flush()
     write_table(scores, out_uri, settings.storage_options())
     manifest_uri = store.write_run_manifest(
         run_id,
@@ -79,8 +160,13 @@ def run_scoring(
             "quarantine": prepared.quarantine.uri,
             "quality_report": prepared.quality_uri,
             "scores": scores_ref.uri,
+            "set_aside": set_aside_uri,
+            "trips_set_aside": set_aside.height,
+            "decisions_logged": len(scored.decisions),
+            "rollout": policy.model_dump(),
             "output": out_uri,
-            "model": f"{scorer.model_name} v{scorer.model_version} ({scorer.model_role})",
+            "model": f"{champion.model_name} v{champion.model_version} ({alias})",
+            "challenger": challenger.model_version if challenger is not None else None,
         },
     )
     return ScoringRunResult(
@@ -91,4 +177,7 @@ def run_scoring(
         prepared=prepared,
         ingested=ingested,
         manifest_uri=manifest_uri,
+        set_aside=set_aside,
+        set_aside_uri=set_aside_uri,
+        decisions=len(scored.decisions),
     )
