@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -25,10 +25,14 @@ import uvicorn
 from driverscore.adapters.registry import CHALLENGER, CHAMPION, ModelRegistry
 from driverscore.domain.prepare import prepare_trips
 from driverscore.domain.schema import conform_pings
+from driverscore.domain.scoring import TripScorer
 from driverscore.services.api import create_app
 from driverscore.services.api.holder import RegistryReader
 from driverscore.settings import ServiceConfig, Settings
 from driverscore.training.synthetic import register_synthetic_model
+
+if TYPE_CHECKING:
+    from conftest import ServeProcess
 
 pytestmark = [pytest.mark.integration]
 
@@ -131,9 +135,13 @@ def _free_port() -> int:
 
 @contextmanager
 def serving(
-    settings: Settings, registry_factory: Callable[[], RegistryReader]
+    settings: Settings, registry_factory: Callable[[], RegistryReader], ready: bool = True
 ) -> Iterator[httpx.Client]:
-    """The app behind a real uvicorn server on a free localhost port, in a thread."""
+    """The app behind a real uvicorn server on a free localhost port, in a thread.
+
+    The service listens before its first registry poll ends: with ``ready``, wait for
+    ``/readyz`` to say the models are loaded.
+    """
     app = create_app(settings, registry_factory)
     port = _free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
@@ -147,6 +155,9 @@ def serving(
         time.sleep(0.05)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            while ready and client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, client.get("/readyz").text
+                time.sleep(0.05)
             yield client
     finally:
         server.should_exit = True
@@ -366,8 +377,9 @@ def test_feature_trip_answers_like_the_route_and_is_logged(
         assert invalid.status_code == 422
         assert invalid.json()["problems"][0]["field"] == "features.night_share"
         broken = client.post("/v1/score", content=raw[:-1], headers={**AUTH, **JSON})
-        assert broken.status_code == 422
-        assert broken.json()["problems"][0]["message"] == "body is not valid JSON"
+        assert broken.status_code == 400
+        assert broken.json()["error"] == "invalid_json"
+        assert broken.json()["message"].startswith("body is not valid JSON: Expecting")
 
         # The challenger answers through the fast path too when the split says so.
         policy = {"mode": "canary", "challenger_percent": 100.0}
@@ -448,7 +460,9 @@ def test_sagemaker_ping_and_invocations(client: httpx.Client, backend: Backend) 
     assert response.json()["scores"][0]["score"] == pytest.approx(direct["score"], abs=1e-9)
 
     bad = client.post("/invocations", content="trip_id\nx\n", headers=csv_headers)
-    assert bad.status_code == 422 and bad.json()["problems"][0]["field"] == "distance_km"
+    assert bad.status_code == 422
+    fields = {p["field"] for p in bad.json()["problems"]}
+    assert {"rows.0.vehicle_id", "rows.0.features.distance_km"} <= fields
 
 
 def test_metrics_expose_latency_errors_and_versions(client: httpx.Client, backend: Backend) -> None:
@@ -551,10 +565,13 @@ def test_registry_down_at_start_is_not_ready_with_a_clear_error(tmp_path: Path) 
     def unreachable() -> ModelRegistry:
         raise ConnectionError("cannot reach http://10.0.0.1:5000 from /etc/secret")
 
-    with serving(_settings(tmp_path, poll_interval_s=30), unreachable) as client:
+    with serving(_settings(tmp_path, poll_interval_s=30), unreachable, ready=False) as client:
+        _wait_for(lambda: client.get("/readyz").json()["reason"] != "loading the models")
         ready = client.get("/readyz")
         assert ready.status_code == 503
-        assert ready.json()["reason"] == "model registry unavailable"
+        assert ready.json()["reason"] == (
+            "model registry unreachable (ConnectionError); the service log has its address"
+        )
         assert client.get("/ping").status_code == 503
         assert client.get("/healthz").status_code == 200
         response = client.post("/v1/score", json=trip_body(1))
@@ -772,3 +789,177 @@ def test_canary_split_holds_over_ten_thousand_drivers_and_sticks(
         assert set(first_pass) == {champion, challenger}
         # Sticky: every driver gets the same model again.
         assert answered(drivers) == first_pass
+
+
+# -- hostile bodies, unhandled errors, probes under load, registry down at start ------------
+
+
+def _local_port(response: httpx.Response) -> int:
+    """The client-side port of the connection that carried ``response``."""
+    return int(response.extensions["network_stream"].get_extra_info("client_addr")[1])
+
+
+_BAD_BODIES = {
+    "1,000 nested lists": (b"[" * 1000 + b"]" * 1000, "body_too_deep"),
+    "65 nested objects": (b'{"a":' * 65 + b"1" + b"}" * 65, "body_too_deep"),
+    "truncated": (b'{"vehicle_id": "v", "features": {', "invalid_json"),
+    "not UTF-8": (b'{"vehicle_id": "\xff"}', "invalid_json"),
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/score"),
+        ("POST", "/v1/score:batch"),
+        ("POST", "/invocations"),
+        ("PUT", "/v1/rollout"),
+    ],
+)
+def test_deep_or_broken_json_is_a_400_and_keeps_the_connection(
+    client: httpx.Client, method: str, path: str
+) -> None:
+    feature_trip = {"vehicle_id": "v-ok", "features": FEATURES}
+    for name, (body, kind) in _BAD_BODIES.items():
+        for content_type in ("application/json", "application/vnd.driverscore+json"):
+            bad = client.request(
+                method, path, content=body, headers={**AUTH, "content-type": content_type}
+            )
+            assert bad.status_code == 400, (name, bad.text)
+            assert bad.json()["error"] == kind, (name, bad.text)
+            assert bad.json()["request_id"] == bad.headers["x-request-id"]
+            # The same connection carries the next request (a reset would open a new one).
+            good = client.post("/v1/score", json=feature_trip, headers=AUTH)
+            assert good.status_code == 200, good.text
+            assert _local_port(good) == _local_port(bad), name
+    metrics = client.get("/metrics").text
+    assert 'driverscore_errors_total{kind="body_too_deep"}' in metrics
+
+
+class BrokenModelRegistry(SwitchableRegistry):
+    """The real registry, but the models it loads fail on every prediction."""
+
+    def load_scorer(self, alias: str, role: str | None = None) -> Any:
+        real = self.registry.load_scorer(alias, role)
+
+        def fail(x: Any) -> Any:
+            raise RuntimeError("model runtime crashed")
+
+        return TripScorer(fail, real.card, real.model_name, real.model_version, real.model_role)
+
+
+def test_an_unhandled_error_is_a_500_that_keeps_the_connection(
+    backend: Backend, tmp_path: Path
+) -> None:
+    broken = BrokenModelRegistry(backend.registry())
+    with serving(_settings(tmp_path), lambda: broken) as client:
+        failed = client.post("/v1/score", json=trip_body(61))
+        assert failed.status_code == 500, failed.text
+        assert failed.json()["error"] == "internal"
+        after = client.get("/v1/rollout")
+        assert after.status_code == 200
+        assert _local_port(after) == _local_port(failed)
+
+
+def test_serve_listens_at_once_and_says_why_when_the_registry_is_unreachable(
+    start_serve: Callable[..., ServeProcess],
+) -> None:
+    nothing_there = f"http://127.0.0.1:{_free_port()}"
+    serve = start_serve(MLFLOW_TRACKING_URI=nothing_there, SERVICE__POLL_INTERVAL_S="30")
+    with httpx.Client(base_url=serve.url, timeout=5) as client:
+        while True:
+            assert serve.process.poll() is None, serve.log_text()
+            try:
+                if client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() - serve.spawned_at < 5.0, serve.log_text()
+            time.sleep(0.05)
+
+        def reason() -> str:
+            ready = client.get("/readyz")
+            assert ready.status_code == 503
+            return str(ready.json()["reason"])
+
+        _wait_for(lambda: reason() != "loading the models")
+        assert reason() == (
+            "model registry unreachable (connection refused); the service log has its address"
+        )
+        assert client.get("/ping").status_code == 503
+        assert 'driverscore_registry_polls_total{outcome="failed"}' in client.get("/metrics").text
+        refused = client.post("/v1/score", json=trip_body(1))
+        assert refused.status_code == 503 and "registry unreachable" in refused.json()["message"]
+    log = serve.log_text()
+    assert "cannot load models from the registry" in log and nothing_there in log
+
+
+def _long_trip_body(seed: int, n: int) -> bytes:
+    """One trip of ``n`` 1 Hz pings (epoch-millisecond times), as JSON bytes."""
+    rng = np.random.default_rng(seed)
+    speed = np.clip(12.0 + np.cumsum(rng.normal(0.0, 0.6, n)), 0.0, 30.0)
+    heading = (40.0 + np.cumsum(rng.normal(0.0, 1.5, n))) % 360.0
+    step = speed / 111_000.0
+    lat = 52.5 + np.cumsum(step * np.cos(np.radians(heading)))
+    lon = 13.4 + np.cumsum(step * np.sin(np.radians(heading)) / np.cos(np.radians(52.5)))
+    start_ms = int(START.timestamp() * 1000)
+    pings = [
+        {
+            "ts": start_ms + i * 1000,
+            "lat": round(float(lat[i]), 6),
+            "lon": round(float(lon[i]), 6),
+            "speed_mps": round(float(speed[i]), 2),
+            "heading_deg": round(float(heading[i]), 1),
+            "speed_limit_mps": 13.9,
+        }
+        for i in range(n)
+    ]
+    body = {"trip_id": f"long-{seed}", "vehicle_id": f"v-{seed}", "pings": pings}
+    return json.dumps(body).encode()
+
+
+@pytest.mark.slow
+def test_healthz_answers_fast_while_six_large_trips_score(
+    backend: Backend, start_serve: Callable[..., ServeProcess]
+) -> None:
+    serve = start_serve(
+        MLFLOW_TRACKING_URI=f"sqlite:///{backend.root / 'mlflow.db'}",
+        MODEL_NAME=backend.model_name,
+        SERVICE__MAX_BODY_BYTES="20000000",
+    )
+    bodies = [_long_trip_body(seed, 50_000) for seed in range(6)]
+    statuses: list[int] = []
+    running = threading.Event()
+    with httpx.Client(base_url=serve.url, timeout=5) as probe:
+        deadline = time.monotonic() + 90
+        while True:
+            assert serve.process.poll() is None, serve.log_text()
+            try:
+                if probe.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, serve.log_text()
+            time.sleep(0.2)
+
+        def post(body: bytes) -> None:
+            with httpx.Client(base_url=serve.url, timeout=300) as own:
+                running.set()
+                statuses.append(own.post("/v1/score", content=body, headers=JSON).status_code)
+
+        workers = [threading.Thread(target=post, args=(b,)) for b in bodies]
+        for w in workers:
+            w.start()
+        running.wait()
+        latencies: list[float] = []
+        while any(w.is_alive() for w in workers):
+            sent = time.perf_counter()
+            assert probe.get("/healthz").status_code == 200
+            latencies.append(time.perf_counter() - sent)
+            time.sleep(0.02)
+        for w in workers:
+            w.join()
+    assert statuses == [200] * 6, serve.log_text()[-3000:]
+    assert len(latencies) >= 20
+    p99 = float(np.quantile(latencies, 0.99))
+    assert p99 < 0.5, (p99, max(latencies), len(latencies))
