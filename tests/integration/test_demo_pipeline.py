@@ -18,10 +18,10 @@ import polars as pl
 import pytest
 from rich.console import Console
 
+from driverscore.adapters.registry import open_registry
 from driverscore.adapters.storage import DataStore
 from driverscore.cli import DEMO_HISTORY_DAYS, DEMO_SEED, DEMO_VEHICLES
 from driverscore.pipelines.demo import DemoResult, run_demo
-from driverscore.pipelines.training_run import open_registry
 from driverscore.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

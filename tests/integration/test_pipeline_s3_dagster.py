@@ -16,11 +16,12 @@ import pytest
 from pydantic import SecretStr
 
 from driverscore.adapters.readers import list_sources
+from driverscore.adapters.registry import open_registry
 from driverscore.adapters.storage import DataStore
 from driverscore.pipelines.dagster_defs import JOB_NAME, TelemetrySource, build_definitions
 from driverscore.pipelines.simulation_run import SimulationOutput, write_simulation
 from driverscore.pipelines.steps import RunContext, ingest, prepare
-from driverscore.pipelines.training_run import open_registry, run_training
+from driverscore.pipelines.training_run import run_training
 from driverscore.settings import Settings
 from driverscore.simulation import SimulationConfig
 

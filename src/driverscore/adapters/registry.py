@@ -18,11 +18,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import mlflow
 import mlflow.sklearn
 import numpy as np
+import numpy.typing as npt
 import onnx
 import polars as pl
 import skl2onnx
@@ -36,16 +37,18 @@ import driverscore
 from driverscore.adapters.onnx_model import OnnxRiskModel
 from driverscore.domain.scoring import ModelCard, TripScorer, feature_matrix
 from driverscore.errors import NoModelError
-from driverscore.training.gate import GateReport
-from driverscore.training.model import TrainedModel
+from driverscore.settings import Settings
 
 __all__ = [
     "CARD_ARTIFACT",
     "CHALLENGER",
     "CHAMPION",
     "ONNX_ARTIFACT",
+    "FittedModel",
+    "GateOutcome",
     "ModelRegistry",
     "RegisteredVersion",
+    "open_registry",
 ]
 
 CHAMPION: Final = "champion"
@@ -62,6 +65,45 @@ _MAX_PARAM_VALUE: Final = 6000
 
 def _key(name: str) -> str:
     return _UNSAFE_KEY.sub("_", name)
+
+
+# What registration reads of training's results, stated here so that this adapter does not
+# import the training layer above it (training.model.TrainedModel and
+# training.gate.GateReport are what callers pass).
+
+
+class FittedModel(Protocol):
+    """A fitted sklearn estimator with its feature order and a P(incident) function."""
+
+    @property
+    def estimator(self) -> Any: ...
+
+    @property
+    def feature_names(self) -> tuple[str, ...]: ...
+
+    def predict_proba(self, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]: ...
+
+
+class HoldoutMetrics(Protocol):
+    def flat(self) -> dict[str, float]: ...
+
+
+class GateOutcome(Protocol):
+    """The validation gate's verdict, its failed rules in words, and the metrics behind it."""
+
+    @property
+    def passed(self) -> bool: ...
+
+    @property
+    def failures(self) -> list[str]: ...
+
+    @property
+    def candidate(self) -> HoldoutMetrics: ...
+
+    @property
+    def champion(self) -> HoldoutMetrics | None: ...
+
+    def model_dump_json(self, *, indent: int | None = None) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -149,10 +191,10 @@ class ModelRegistry:
 
     def register(
         self,
-        trained: TrainedModel,
+        trained: FittedModel,
         onnx_bytes: bytes,
         card: ModelCard,
-        gate_report: GateReport,
+        gate_report: GateOutcome,
         params: dict[str, Any],
         data_versions: dict[str, str],
         code_version: str,
@@ -209,10 +251,10 @@ class ModelRegistry:
     def _log_run(
         self,
         run_id: str,
-        trained: TrainedModel,
+        trained: FittedModel,
         onnx_bytes: bytes,
         card: ModelCard,
-        gate_report: GateReport,
+        gate_report: GateOutcome,
         params: dict[str, Any],
         sample: pl.DataFrame,
     ) -> None:
@@ -350,6 +392,21 @@ class ModelRegistry:
     def version_tags(self, version: str) -> dict[str, str]:
         """Tags of a registered version (gate status, code and data versions, role)."""
         return dict(self.client.get_model_version(self.model_name, version).tags)
+
+
+def open_registry(settings: Settings) -> ModelRegistry:
+    """The registry the settings name: their tracking and registry URIs, model, experiment.
+
+    The artifact root applies only to the embedded default (no tracking server): a server
+    keeps its own artifact location.
+    """
+    return ModelRegistry(
+        tracking_uri=settings.resolved_tracking_uri,
+        registry_uri=settings.mlflow_registry_uri,
+        model_name=settings.model_name,
+        experiment_name=settings.experiment_name,
+        artifact_location=None if settings.mlflow_tracking_uri else settings.mlflow_artifact_root,
+    )
 
 
 def _onnx_opset(onnx_bytes: bytes) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 from dagster import AssetExecutionContext
 
-from driverscore.adapters.registry import RegisteredVersion
+from driverscore.adapters.registry import RegisteredVersion, open_registry
 from driverscore.adapters.storage import DataStore
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.pipelines.steps import (
@@ -31,7 +31,6 @@ from driverscore.pipelines.training_run import (
     TrainingData,
     ValidatedCandidate,
     label_and_split,
-    open_registry,
     register_candidate,
     train_candidate,
     validate_candidate,

@@ -14,6 +14,10 @@ import polars as pl
 
 from driverscore.adapters.readers import read_table
 from driverscore.adapters.registry import ModelRegistry, RegisteredVersion
+
+# Re-exported only for services/stream.py and services/stream_remote.py, whose rewrite
+# imports it from driverscore.adapters.registry like everything else; then this goes.
+from driverscore.adapters.registry import open_registry as open_registry
 from driverscore.adapters.storage import DatasetRef
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.domain.scoring import ModelCard, feature_matrix
@@ -65,16 +69,6 @@ class TrainingRunResult:
     candidate: ValidatedCandidate
     registered: RegisteredVersion
     manifest_uri: str
-
-
-def open_registry(settings: Settings) -> ModelRegistry:
-    return ModelRegistry(
-        tracking_uri=settings.resolved_tracking_uri,
-        registry_uri=settings.mlflow_registry_uri,
-        model_name=settings.model_name,
-        experiment_name=settings.experiment_name,
-        artifact_location=None if settings.mlflow_tracking_uri else settings.mlflow_artifact_root,
-    )
 
 
 def read_incidents(ctx: RunContext, incidents_uri: str) -> pl.DataFrame:

@@ -46,7 +46,7 @@ def _flush_logs_on(signals: tuple[signal.Signals, ...]) -> None:
 def run_service(settings: Settings) -> None:
     """Serve until interrupted; the registry is opened lazily so a down registry only delays
     readiness."""
-    from driverscore.pipelines.training_run import open_registry
+    from driverscore.adapters.registry import open_registry
 
     configure_json_logging()
     _flush_logs_on((signal.SIGTERM, signal.SIGINT))

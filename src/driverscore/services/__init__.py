@@ -1,0 +1,1 @@
+"""Long-running services: the REST scoring API and the stream processors."""
