@@ -4,13 +4,19 @@
 # `serve` is `driverscore serve` (GET /ping, POST /invocations on port 8080).
 
 FROM python:3.11-slim AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# The versions come from the committed uv.lock, as for `make install`: runtime dependencies
+# only (no dev extra), the package itself installed (not editable) into /opt/venv.
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_PROJECT_ENVIRONMENT=/opt/venv UV_PYTHON_DOWNLOADS=never UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy UV_NO_CACHE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml uv.lock README.md ./
+# uv at the version the lock pins; dependencies in their own layer, reused while only the
+# source changes.
+RUN pip install "uv==$(awk '$0 == "name = \"uv\"" { getline; gsub(/[^0-9.]/, ""); print; exit }' uv.lock)" \
+    && uv sync --frozen --no-install-project
 COPY src ./src
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --upgrade pip \
-    && /opt/venv/bin/pip install .
+RUN uv sync --frozen --no-editable
 
 FROM python:3.11-slim AS runtime
 # libgomp: OpenMP runtime used by onnxruntime and scikit-learn.

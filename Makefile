@@ -1,20 +1,27 @@
 .DEFAULT_GOAL := help
 VENV := .venv/bin
 
-.PHONY: help install demo test lint typecheck unit bench bench-service bench-stream
+.PHONY: help install lock lock-upgrade demo test lint typecheck unit bench bench-service bench-stream
 
 help: ## Show this help
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-install: ## Create or update the virtual environment (.venv)
+install: ## Create or update the virtual environment (.venv) from uv.lock
 	@bash scripts/bootstrap.sh
+
+lock: ## Re-resolve uv.lock after editing dependencies in pyproject.toml, then sync .venv
+	@bash scripts/bootstrap.sh lock
+
+lock-upgrade: ## Refresh uv.lock to the newest versions pyproject.toml allows, then sync .venv
+	@bash scripts/bootstrap.sh lock --upgrade
 
 demo: install ## Simulate a fleet, train, register and score on embedded defaults
 	$(VENV)/driverscore demo
 
-lint: install ## ruff check and format check
+lint: install ## ruff check, format check and the import-linter layer contracts
 	$(VENV)/ruff check src tests bench
 	$(VENV)/ruff format --check src tests bench
+	$(VENV)/lint-imports
 
 typecheck: install ## mypy --strict on the package
 	$(VENV)/mypy
