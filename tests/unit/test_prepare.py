@@ -124,19 +124,21 @@ def test_event_sources_and_derived_speed(fleet: pl.DataFrame) -> None:
     assert prepared.features["distance_km"].min() > 0.2  # type: ignore[operator]
 
 
-def test_given_trip_ids_that_come_back_are_one_trip() -> None:
-    """A given id that recurs later for the vehicle is still one feature row."""
+def test_a_given_trip_id_that_comes_back_is_its_second_part() -> None:
+    """A given id that recurs after another trip is part 2 (``id~2``): no id twice."""
     rng = np.random.default_rng(3)
     a = burst(rng, 1, 0).with_columns(trip_id=pl.lit("t-1"))
     b = burst(rng, 1, 1).with_columns(trip_id=pl.lit("t-2"))
     c = burst(rng, 1, 2).with_columns(trip_id=pl.lit("t-1"))
     prepared = prepare(pl.concat([a, b, c]))
-    assert prepared.features["trip_id"].to_list() == ["t-1", "t-2"]
+    assert prepared.features["trip_id"].to_list() == ["t-1", "t-1~2", "t-2"]
     assert prepared.counts["rows_in"] == prepared.counts["kept"] + prepared.counts["quarantined"]
-    alone = prepare(b)
-    assert_frame_equal(
-        prepared.features.filter(pl.col("trip_id") == "t-2"), alone.features, check_exact=True
-    )
+    for trip_id, alone in (("t-2", prepare(b)), ("t-1~2", prepare(c))):
+        assert_frame_equal(
+            prepared.features.filter(pl.col("trip_id") == trip_id),
+            alone.features.with_columns(trip_id=pl.lit(trip_id)),
+            check_exact=True,
+        )
 
 
 def test_sorted_and_shuffled_input_give_the_same_result(fleet: pl.DataFrame) -> None:
@@ -146,3 +148,27 @@ def test_sorted_and_shuffled_input_give_the_same_result(fleet: pl.DataFrame) -> 
     assert_frame_equal(
         ordered.pings.drop("source"), shuffled.pings.drop("source"), check_exact=True
     )
+
+
+def test_trip_ids_repeated_across_vehicles_are_trips_of_each_vehicle() -> None:
+    """Devices that number trips 1, 2, 3 give every vehicle the same ids: a trip is
+    (vehicle, trip id), so each vehicle keeps its own trips, rows and distances."""
+    rng = np.random.default_rng(11)
+    bursts = {
+        (f"veh-{vehicle:03d}", str(trip + 1)): burst(rng, vehicle, trip).with_columns(
+            trip_id=pl.lit(str(trip + 1))
+        )
+        for vehicle in range(3)
+        for trip in range(3)
+    }
+    prepared = prepare(pl.concat(list(bursts.values())))
+    features = prepared.features
+    assert features.height == 9
+    assert set(features.select("vehicle_id", "trip_id").iter_rows()) == set(bursts)
+    assert features.group_by("vehicle_id").len().sort("vehicle_id")["len"].to_list() == [3, 3, 3]
+    for (vehicle, trip), pings in bursts.items():
+        alone = prepare(pings).features
+        assert alone.height == 1
+        mine = features.filter((pl.col("vehicle_id") == vehicle) & (pl.col("trip_id") == trip))
+        assert_frame_equal(mine, alone, check_exact=True)
+        assert 0.2 < mine["distance_km"].item() < 50.0  # a few hundred pings at 1 Hz

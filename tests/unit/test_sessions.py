@@ -5,15 +5,19 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import polars as pl
 import pytest
 
+from driverscore.domain.config import TripConfig
 from driverscore.domain.sessions import (
+    PART_MEMORY,
     Assembled,
     ClosedSession,
     MemoryScope,
     SessionRules,
     TripAssembler,
 )
+from driverscore.domain.trips import assign_trips
 
 S = 1_000_000  # µs per second
 GAP = 300 * S
@@ -269,6 +273,81 @@ def test_max_trip_pings_force_closes_and_the_next_ping_starts_a_new_session() ->
     assert (rest.reason, stamps(rest)) == ("end", [T0 + 5 * S])
 
 
+def test_a_given_trip_id_that_pauses_longer_than_the_gap_continues_as_part_two() -> None:
+    assembler, scope = TripAssembler(RULES), MemoryScope()
+    later = T0 + 10 * S + GAP + 1
+    feed(assembler, scope, [ping(T0, trip="7"), ping(T0 + 10 * S, trip="7"), ping(later, trip="7")])
+    first, second = assembler.close_all(scope).closed
+    assert (first.trip_id, stamps(first)) == ("7", [T0, T0 + 10 * S])
+    assert (second.trip_id, stamps(second)) == ("7~2", [later])
+    # The part's pings carry its name: prepare_trips keeps it as a given id.
+    assert [p["trip_id"] for p in first.pings + second.pings] == ["7", "7", "7~2"]
+
+
+def test_trips_without_a_given_id_are_named_by_vehicle_and_start() -> None:
+    assembler, scope = TripAssembler(RULES), MemoryScope()
+    feed(assembler, scope, [ping(T0 + 1234), ping(T0 + 10 * S)])
+    (session,) = assembler.close_all(scope).closed
+    assert session.trip_id == f"v1:{(T0 + 1234) // 1000}"
+    assert all("trip_id" not in p for p in session.pings)
+
+
+def test_forced_parts_are_numbered_across_a_restart() -> None:
+    scope = MemoryScope()
+    rules = SessionRules(GAP, GRACE, max_trip_pings=3)
+    closed, _ = feed(TripAssembler(rules), scope, [ping(T0 + i * S, trip="t") for i in range(4)])
+    assert [(s.trip_id, s.reason) for s in closed] == [("t", "max_pings")]
+    restarted = TripAssembler(rules)  # the parts closed so far live in the vehicle's state
+    closed, _ = feed(restarted, scope, [ping(T0 + i * S, trip="t") for i in range(4, 6)])
+    closed += restarted.close_all(scope).closed
+    assert [(s.trip_id, stamps(s)) for s in closed] == [
+        ("t~2", [T0 + 3 * S, T0 + 4 * S, T0 + 5 * S])
+    ]
+
+
+def test_a_message_past_max_trip_pings_closes_the_first_pings_in_time() -> None:
+    assembler, scope = TripAssembler(SessionRules(GAP, GRACE, max_trip_pings=3)), MemoryScope()
+    order = [T0 + 4 * S, T0 + 2 * S, T0, T0 + 3 * S, T0 + S]
+    out = assembler.add(scope, "v1", [ping(ts) for ts in order])
+    (part,) = out.closed
+    assert (part.reason, stamps(part)) == ("max_pings", [T0 + 2 * S, T0, T0 + S])
+    (rest,) = assembler.close_all(scope).closed
+    assert stamps(rest) == [T0 + 4 * S, T0 + 3 * S]
+
+
+def test_the_vehicle_remembers_the_parts_of_its_last_given_ids_only() -> None:
+    assembler, scope = TripAssembler(RULES), MemoryScope()
+    for i in range(PART_MEMORY + 1):
+        feed(assembler, scope, [ping(T0 + i * S, trip=f"id{i}")])
+    feed(assembler, scope, [ping(T0 + 100 * S, trip="id1"), ping(T0 + 101 * S, trip="id0")])
+    names = [s.trip_id for s in assembler.close_all(scope).closed]
+    assert names[-2:] == ["id1~2", "id0"]  # id0 was forgotten: bounded state
+    assert len(scope._vehicles["v1"]["parts"]) == PART_MEMORY
+
+
+def test_a_ping_of_another_trip_id_inside_a_trip_cuts_it_in_two() -> None:
+    assembler, scope = TripAssembler(RULES), MemoryScope()
+    feed(assembler, scope, [ping(T0 + i * 20 * S, trip="a") for i in range(3)])
+    feed(assembler, scope, [ping(T0 + 30 * S, trip="b")])
+    sessions = assembler.close_all(scope).closed
+    assert [(s.trip_id, stamps(s)) for s in sessions] == [
+        ("a", [T0, T0 + 20 * S]),
+        ("b", [T0 + 30 * S]),
+        ("a~2", [T0 + 40 * S]),
+    ]
+    assert scope.stored_keys() == 2  # meta and parts: every chunk was read once
+
+
+def test_after_an_ended_trip_closes_its_later_pings_before_the_next_trip_are_late() -> None:
+    assembler, scope = TripAssembler(RULES), MemoryScope()
+    feed(assembler, scope, [ping(T0, trip="t1"), ping(T0 + 20 * S, trip="t2")])
+    (ended,) = assembler.advance(scope, T0 + GRACE + 1).closed
+    assert ended.reason == "trip_id"
+    # Batch would have put it into t1: it can only be late now, not a new trip t1~2.
+    out = assembler.add(scope, "v1", [ping(T0 + 10 * S, trip="t1")])
+    assert len(out.late) == 1
+
+
 # -- what a closed session holds, and the state it leaves ----------------------------------
 
 
@@ -329,7 +408,8 @@ def test_close_all_closes_every_session_of_every_vehicle() -> None:
         ("a", [T0 + GAP + 1]),
     ]
     assert {s.reason for s in out.closed} == {"end"}
-    assert scope.stored_keys() == 3
+    # One meta record per vehicle, and b's memory of the parts of its given trip ids.
+    assert scope.stored_keys() == 4
     assert assembler.close_all(scope).closed == []
     assert assembler.advance(scope, T0 + 100 * GAP).closed == []
 
@@ -447,67 +527,142 @@ def test_work_is_linear_one_chunk_per_message_and_one_session() -> None:
     assert scope.stored_keys() == 1
 
 
-def batch_cut(stamps_sorted: list[int], gap: int) -> list[list[int]]:
-    """The batch rule: a silence longer than the gap starts a new trip."""
-    trips: list[list[int]] = []
-    for ts in stamps_sorted:
-        if trips and ts - trips[-1][-1] <= gap:
-            trips[-1].append(ts)
-        else:
-            trips.append([ts])
-    return trips
+# A trip as both paths name it: (vehicle, trip id, its pings' timestamps in order).
+Trip = tuple[str, str, tuple[int, ...]]
 
 
-def drive(rng: random.Random, start: int, n: int) -> list[int]:
-    out = [start]
-    for _ in range(n - 1):
-        step = rng.choice(
-            [
-                rng.randint(1, 60 * S),
-                rng.randint(1, GAP),
-                GAP,
-                GAP + 1,
-                rng.randint(GAP + 1, 4 * GAP),
-                0,  # the same ts twice
-            ]
-        )
-        out.append(out[-1] + step)
-    return out
+def dirty_pings(rng: random.Random, max_trip_pings: int) -> list[dict[str, Any]]:
+    """Pings of a few vehicles in time order, each with a unique ``seq``.
+
+    Vehicles without trip ids, with per-vehicle counters 1, 2, 3 (the same ids on every
+    vehicle), with a few ids that come back, and with two ids taking turns; pauses
+    shorter than, exactly, just over and far beyond the gap inside one trip id; exact
+    duplicates; trips longer than ``max_trip_pings``. No two pings of one vehicle share a
+    ``ts`` with different trip ids (cleaning keeps only the first ping of a vehicle and
+    ``ts``, so which one a path keeps is no rule of trip cutting).
+    """
+    pings: list[dict[str, Any]] = []
+    for vehicle in (f"v{i}" for i in range(rng.randint(1, 4))):
+        style = rng.choice(["none", "counter", "recurring", "mixed", "interleaved"])
+        ts = T0 + rng.randint(0, 1800) * S
+        for segment in range(rng.randint(1, 5)):
+            trip = {
+                "none": None,
+                "counter": str(segment + 1),
+                "recurring": rng.choice(["a", "b"]),
+                "mixed": rng.choice([None, "x", str(segment + 1)]),
+                "interleaved": None,
+            }[style]
+            for _ in range(rng.randint(1, 3 * max_trip_pings)):
+                if style == "interleaved":  # two trip ids taking turns
+                    trip = rng.choice(["p", "q"])
+                p = ping(ts, vehicle, trip)
+                p["seq"] = len(pings)
+                pings.append(p)
+                if rng.random() < 0.08:  # the device sent it twice
+                    pings.append({**p, "seq": len(pings)})
+                ts += rng.choice(
+                    [
+                        rng.randint(1, 999),  # within the millisecond: names by start ms
+                        rng.randint(1, 20 * S),
+                        rng.randint(1, 20 * S),
+                        rng.randint(1, 60 * S),
+                        rng.randint(1, GAP),
+                        GAP,
+                        GAP + 1,
+                        rng.randint(GAP + 1, 4 * GAP),
+                    ]
+                )
+    return pings
 
 
-@pytest.mark.parametrize("seed", range(12))
-@pytest.mark.parametrize("grace_s", [0.0, 30.0])
-def test_random_interleavings_cut_like_the_batch_rule(seed: int, grace_s: float) -> None:
-    rng = random.Random(seed)
-    rules = SessionRules.of(300, grace_s)
-    vehicles = {
-        f"v{i}": drive(rng, T0 + rng.randint(0, 3600 * S), rng.randint(1, 120)) for i in range(6)
-    }
-    stream = sorted(
-        ((ts, rng.random(), v) for v, stamps_ in vehicles.items() for ts in stamps_),
+def arrivals(
+    rng: random.Random, pings: list[dict[str, Any]], grace: int
+) -> list[tuple[int, list[dict[str, Any]]]]:
+    """The pings as messages ``(arrival, pings)``: delayed by up to the grace (out of
+    order), a few far beyond it (late), some consecutive ones of a vehicle batched."""
+    keyed = []
+    for p in pings:
+        delay = rng.randint(0, grace) if rng.random() < 0.5 else 0
+        if rng.random() < 0.03:
+            delay = rng.randint(GAP + grace + 1, 3 * GAP)
+        keyed.append((int(p["ts"]) + delay, rng.random(), p))
+    keyed.sort(key=lambda k: (k[0], k[1]))
+    messages: list[tuple[int, list[dict[str, Any]]]] = []
+    for arrival, _, p in keyed:
+        last = messages[-1][1] if messages else None
+        same_vehicle = last and last[0]["vehicle_id"] == p["vehicle_id"] and len(last) < 5
+        if last and same_vehicle and rng.random() < 0.3:
+            last.append(p)
+            continue
+        messages.append((arrival, [p]))
+    return messages
+
+
+def batch_trips(pings: list[dict[str, Any]], rules: SessionRules) -> list[Trip]:
+    """The real batch cut (``assign_trips``) of ``pings``, short trips included."""
+    frame = pl.DataFrame(
+        {
+            "ts": [int(p["ts"]) for p in pings],
+            "vehicle_id": [p["vehicle_id"] for p in pings],
+            "trip_id": [p.get("trip_id") for p in pings],
+            "lat": [p["lat"] for p in pings],
+            "lon": [p["lon"] for p in pings],
+        },
+        schema_overrides={"trip_id": pl.String},
+    ).with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+    config = TripConfig(
+        gap_s=rules.gap_us / S,
+        min_duration_s=0,
+        min_distance_km=0,
+        min_pings=2,
+        max_trip_pings=rules.max_trip_pings,
     )
-    assembler, scope = TripAssembler(rules), MemoryScope()
+    result = assign_trips(frame, config)
+    cut = pl.concat([result.pings, result.quarantine.select(result.pings.columns)])
+    trips = cut.group_by("vehicle_id", "trip_id").agg(pl.col("ts").dt.epoch("us").sort())
+    return sorted((v, t, tuple(stamps_)) for v, t, stamps_ in trips.iter_rows())
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_the_assembler_cuts_and_names_trips_as_batch_does(seed: int) -> None:
+    """The stream's trips are batch's trips, on random dirty streams.
+
+    Compared: the trips (vehicle, trip id, sorted ``ts`` of their pings) that the real
+    ``TripAssembler`` closes when fed message by message (with clock messages, deferred
+    or not), against the trips the real ``assign_trips`` cuts from every ping the
+    assembler did not return as late, fed in arrival order. Both see the raw pings,
+    duplicates included: cleaning, which drops the later copy of a (vehicle, ts), runs
+    before the cut in batch and on each closed trip in the stream, where an exact copy
+    always lands in its original's trip. No trip id is closed twice for one vehicle.
+    """
+    rng = random.Random(seed)
+    max_trip_pings = rng.choice([3, 5, 8, 50_000])
+    rules = SessionRules.of(300, rng.choice([0.0, 30.0, 120.0]), max_trip_pings)
+    pings = dirty_pings(rng, min(max_trip_pings, 8))
+    assembler = TripAssembler(rules, defer=rng.random() < 0.5)
+    scope = MemoryScope()
     closed: list[ClosedSession] = []
-    late: list[dict[str, Any]] = []
-    i = 0
-    while i < len(stream):
-        # Consecutive pings of one vehicle sometimes travel as one batch message.
-        j = i + 1
-        if rng.random() < 0.3:
-            while j < len(stream) and j - i < 5 and stream[j][2] == stream[i][2]:
-                j += 1
-        vehicle = stream[i][2]
-        out = assembler.add(scope, vehicle, [ping(ts, vehicle) for ts, _, _ in stream[i:j]])
+    late: set[int] = set()
+    sent: list[dict[str, Any]] = []
+    for arrival, message in arrivals(rng, pings, rules.grace_us):
+        sent.extend(message)
+        out = assembler.add(scope, message[0]["vehicle_id"], message)
+        if rng.random() < 0.1:
+            out.closed.extend(assembler.advance(scope, arrival).closed)
         closed.extend(out.closed)
-        late.extend(out.late)
-        i = j
+        late.update(p["seq"] for p in out.late)
+        if rng.random() < 0.3:
+            closed.extend(assembler.flush(scope))
     closed.extend(assembler.close_all(scope).closed)
-    assert late == []
-    got: dict[str, list[list[int]]] = {}
-    for s in sorted(closed, key=lambda s: s.start_us):
-        got.setdefault(s.vehicle_id, []).append(stamps(s))
-    assert got == {v: batch_cut(sorted(st), rules.gap_us) for v, st in vehicles.items()}
-    assert scope.stored_keys() == len(vehicles)
+    closed.extend(assembler.flush(scope))
+
+    streamed = sorted((s.vehicle_id, s.trip_id, tuple(sorted(stamps(s)))) for s in closed)
+    assert len({(v, t) for v, t, _ in streamed}) == len(streamed)  # no id twice
+    assert streamed == batch_trips([p for p in sent if p["seq"] not in late], rules)
+    given = [s for s in closed if s.pings[0].get("trip_id") is not None]
+    assert all(p["trip_id"] == s.trip_id for s in given for p in s.pings)
+    assert scope.stored_keys() <= 2 * len({p["vehicle_id"] for p in pings})
 
 
 def test_a_merging_batch_keeps_its_pings_in_arrival_order() -> None:

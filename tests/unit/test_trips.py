@@ -110,3 +110,54 @@ def test_empty_input() -> None:
     result = assign_trips(frame([]), TripConfig())
     assert result.pings.height == 0
     assert result.counts["trips"] == 0
+
+
+def test_a_given_trip_id_is_cut_by_the_gap_and_its_parts_are_named_by_start() -> None:
+    # A pause longer than the gap, then the id again after another trip: parts 2 and 3.
+    later = T0 + timedelta(seconds=29 + 301)
+    rows = burst(T0, 30, trip_id="7") + burst(later, 30, trip_id="7")
+    rows += burst(T0 + timedelta(hours=1), 30, trip_id="8")
+    rows += burst(T0 + timedelta(hours=2), 30, trip_id="7")
+    config = TripConfig(min_distance_km=0.1, min_duration_s=10)
+    pings = assign_trips(frame(rows[::-1]), config).pings
+    assert pings["trip_id"].unique(maintain_order=True).to_list() == ["7", "7~2", "8", "7~3"]
+
+
+def test_trip_ids_repeated_across_vehicles_stay_with_their_vehicle() -> None:
+    rows = [
+        row
+        for vehicle in ("a", "b", "c")
+        for trip in range(3)
+        for row in burst(T0 + timedelta(hours=trip), 30, vehicle=vehicle, trip_id=str(trip + 1))
+    ]
+    result = assign_trips(frame(rows), TripConfig(min_distance_km=0.1, min_duration_s=10))
+    trips = result.pings.group_by("vehicle_id", "trip_id").len()
+    assert trips.height == 9 and set(trips["len"]) == {30}
+    assert result.counts["trips"] == 9
+
+
+def test_a_trip_is_cut_after_max_trip_pings_like_the_stream() -> None:
+    rows = burst(T0, 25, trip_id="t") + burst(T0 + timedelta(hours=1), 25)
+    config = TripConfig(min_distance_km=0, min_duration_s=0, min_pings=2, max_trip_pings=10)
+    pings = assign_trips(frame(rows), config).pings
+    sizes = pings.group_by("trip_id", maintain_order=True).len()
+    starts = [T0 + timedelta(hours=1, seconds=s) for s in (0, 10, 20)]
+    assert sizes.rows() == [
+        ("t", 10),
+        ("t~2", 10),
+        ("t~3", 5),
+        *((f"v1:{epoch_ms(start)}", n) for start, n in zip(starts, (10, 10, 5), strict=True)),
+    ]
+
+
+def test_a_forced_cut_never_splits_a_millisecond() -> None:
+    """Parts without a given id are named by their start ms: they must not share one."""
+    ms = [0, 1, 2, 2, 2, 3, 4]  # one fix per millisecond, but three within ms 2
+    rows = [
+        dict(row, ts=T0 + timedelta(milliseconds=m, microseconds=i))
+        for i, (m, row) in enumerate(zip(ms, burst(T0, len(ms)), strict=True))
+    ]
+    config = TripConfig(min_distance_km=0, min_duration_s=0, min_pings=2, max_trip_pings=3)
+    pings = assign_trips(frame(rows), config).pings
+    sizes = pings.group_by("trip_id", maintain_order=True).len()["len"].to_list()
+    assert sizes == [5, 2]  # 3 pings, and the rest of ms 2; then ms 3 and 4

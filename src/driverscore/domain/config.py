@@ -35,7 +35,7 @@ class CleaningConfig(BaseModel):
 
 
 class TripConfig(BaseModel):
-    """How pings are cut into trips when no ``trip_id`` is given."""
+    """How pings are cut into trips (the rule is in ``domain/trips.py``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -43,6 +43,14 @@ class TripConfig(BaseModel):
     min_duration_s: float = Field(60.0, ge=0, description="Shorter trips are set aside (s).")
     min_distance_km: float = Field(0.2, ge=0, description="Shorter trips are set aside (km).")
     min_pings: int = Field(10, ge=2, description="Trips with fewer pings are set aside.")
+    max_trip_pings: int = Field(
+        50_000,
+        ge=2,
+        description=(
+            "A trip is cut after this many pings (about 14 h at 1 Hz); the next ping starts "
+            "its next part. Batch and stream cut at the same count, which bounds stream state."
+        ),
+    )
 
 
 class FeatureConfig(BaseModel):

@@ -103,21 +103,30 @@ def empty_features() -> pl.DataFrame:
     return pl.DataFrame(schema=FEATURE_SCHEMA)
 
 
+def _trip_starts() -> pl.Expr:
+    """True on the first row of each run of one trip: a trip is (``vehicle_id``, ``trip_id``),
+    as devices that number their trips 1, 2, 3... give the same ids to many vehicles."""
+    vehicle, trip = pl.col("vehicle_id"), pl.col("trip_id")
+    return vehicle.ne_missing(vehicle.shift(1)) | trip.ne_missing(trip.shift(1))
+
+
 def _in_trip_order(frame: pl.DataFrame) -> pl.DataFrame:
     """Rows grouped by trip (each trip contiguous) and in time order within each trip.
 
     Batch input arrives sorted by vehicle, ts, where trips are already contiguous; checking
     that costs two linear passes, a sort costs far more.
     """
-    trip, ts = pl.col("trip_id"), pl.col("ts")
-    first = trip.ne_missing(trip.shift(1))
+    ts = pl.col("ts")
+    first = _trip_starts()
     check = frame.select(
         (first | (ts >= ts.shift(1))).all().alias("ordered"),
-        (trip.filter(first).n_unique() == first.sum()).alias("contiguous"),
+        (pl.struct("vehicle_id", "trip_id").filter(first).n_unique() == first.sum()).alias(
+            "contiguous"
+        ),
     )
     if check["ordered"].item() and check["contiguous"].item():
         return frame
-    return frame.sort(["trip_id", "ts"], maintain_order=True)
+    return frame.sort(["vehicle_id", "trip_id", "ts"], maintain_order=True)
 
 
 def _local_hour(config: FeatureConfig) -> pl.Expr:
@@ -404,7 +413,8 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
 
 
 def trip_features(pings: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
-    """One feature row per trip (the table in ``docs/design.md``), sorted by ``trip_id``.
+    """One feature row per trip (the table in ``docs/design.md``), sorted by ``trip_id``
+    then ``vehicle_id``. A trip is a (``vehicle_id``, ``trip_id``) pair.
 
     ``pings``: cleaned canonical pings with a non-null ``trip_id`` and ``speed_mps`` (see
     :func:`~driverscore.domain.cleaning.clean_pings`), one or many trips, any order.
@@ -421,8 +431,7 @@ def trip_features(pings: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
     frame = _in_trip_order(
         pings.with_columns(pl.lit(None, dtype=PING_SCHEMA[name]).alias(name) for name in missing)
     )
-    trip = frame["trip_id"]
-    first = trip.ne_missing(trip.shift(1)).fill_null(True).to_numpy()
+    first = frame.select(_trip_starts().fill_null(True)).to_series().to_numpy()
     return features_in_trip_order(frame, first, config)
 
 
@@ -484,5 +493,5 @@ def features_in_trip_order(
             .alias("event_source"),
         )
         .cast(FEATURE_SCHEMA)  # type: ignore[arg-type]
-        .sort("trip_id")
+        .sort("trip_id", "vehicle_id")
     )

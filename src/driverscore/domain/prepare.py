@@ -58,8 +58,10 @@ def prepare_trips(
     cleaned, keys = clean_with_keys(pings, cleaning, reference_time, trips.gap_s)
     # The kept pings come sorted with their integer keys: trip cutting reuses them.
     cut, starts = assign_trips_sorted(cleaned.kept, keys, trips)
-    # Each trip is a run of rows in time order, unless a given trip id comes back later.
-    if cut.pings["trip_id"].gather(pl.Series(starts, dtype=pl.Int64)).is_unique().all():
+    # Each trip is a run of rows in time order: trip cutting names every run of a given id
+    # apart (id~k), so a (vehicle, trip id) pair heads one run only; checked on the heads.
+    heads = cut.pings.select("vehicle_id", "trip_id").gather(pl.Series(starts, dtype=pl.Int64))
+    if not heads.is_duplicated().any():
         first = np.zeros(cut.pings.height, dtype=bool)
         first[starts] = True
         rows = features_in_trip_order(cut.pings, first, features)

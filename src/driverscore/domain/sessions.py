@@ -4,19 +4,25 @@ Pure logic shared by every stream runner: the Kafka processor keeps the state in
 Streams' RocksDB stores (changelogged, so it survives restarts and moves with its
 partition), the embedded runner in dicts. The rules, in event time (the pings' ``ts``):
 
-* A ping joins its vehicle's open session when it is at most one gap (``TripConfig.gap_s``,
-  the batch rule) before the session's first or after its last ping and carries the same
-  ``trip_id`` (both absent counts as the same); a ping bridging two sessions merges them.
-  Otherwise it opens a new session. A ping of a new ``trip_id`` ends the overlapping
-  session of the old one: that trip is over, whatever the gap.
+* Sessions are cut by the batch rule (``domain/trips.py``): in time order, a ping continues
+  its vehicle's trip when it has the same ``trip_id`` (both absent counts as the same) and
+  is at most one gap (``TripConfig.gap_s``) after the ping before it
+  (:func:`~driverscore.domain.trips.continues_trip`). Out-of-order pings take the place in
+  time that batch gives them: one may join a session before its start, bridge two
+  sessions (merging them) or, with another trip id, cut one in two.
 * The partition's **watermark** is the latest ``ts`` seen on it (pings and clock messages).
-  A session closes once the watermark is past its last ping + gap + grace (an ended
-  session: last ping + grace), and at ``max_trip_pings`` pings at once, so no trip's state
-  grows without bound.
-* A ping is **late** when a closed session would have had to take it (at most one gap
-  after the vehicle's last closed trip) or when it is more than gap + grace behind the
-  watermark. Late pings are handed back to the caller (the dead-letter topic), never
-  silently dropped.
+  A session closes once the watermark is past its last ping + gap + grace, or last ping +
+  grace when the next ping, within a gap, is of another trip (it cannot grow any more).
+  At ``max_trip_pings`` pings its first ``max_trip_pings`` pings in time close at once,
+  as batch cuts them, so no trip's state grows without bound; the vehicle's earlier
+  sessions close with it.
+* A closed session is named as batch names it: a given id's part k >= 2 is ``id~k``; the
+  vehicle's state remembers the parts closed of its last :data:`PART_MEMORY` given ids.
+* A ping is **late** when it falls in the time a closed session covered (up to one gap
+  after its last ping, or up to the next trip's first), or when it is more than gap +
+  grace behind the watermark. Late pings are handed back to the caller (the dead-letter
+  topic), never silently dropped. The pings that are not late are cut exactly as batch
+  cuts them (``tests/unit/test_sessions.py`` checks it on random dirty streams).
 
 Work per ping is constant: each message's pings are stored as one new chunk of the
 session, and a closing session reads each chunk once. Sessions due to close are found
@@ -32,7 +38,11 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
+from driverscore.domain.config import TripConfig
+from driverscore.domain.trips import continues_trip, forced_cuts, part_name
+
 __all__ = [
+    "PART_MEMORY",
     "Assembled",
     "ClosedSession",
     "KeyValue",
@@ -48,6 +58,9 @@ _META: Final = "meta"
 _WATERMARK: Final = "wm"
 _OPEN: Final = "open"
 _PENDING: Final = "pending"
+_PARTS: Final = "parts"
+#: How many given trip ids per vehicle the assembler remembers the closed parts of.
+PART_MEMORY: Final = 64
 _PERSIST_EVERY_US: Final = 1_000_000
 
 
@@ -80,22 +93,39 @@ class SessionRules:
 
     gap_us: int
     grace_us: int
-    max_trip_pings: int = 50_000
+    max_trip_pings: int = TripConfig.model_fields["max_trip_pings"].default
 
     @classmethod
-    def of(cls, gap_s: float, grace_s: float, max_trip_pings: int = 50_000) -> SessionRules:
+    def of(
+        cls,
+        gap_s: float,
+        grace_s: float,
+        max_trip_pings: int = TripConfig.model_fields["max_trip_pings"].default,
+    ) -> SessionRules:
         return cls(round(gap_s * 1e6), round(grace_s * 1e6), max_trip_pings)
+
+    @classmethod
+    def of_trips(cls, trips: TripConfig, grace_s: float) -> SessionRules:
+        """The rules of a model's trip config: the same cuts as its batch features."""
+        return cls.of(trips.gap_s, grace_s, trips.max_trip_pings)
 
 
 @dataclass(frozen=True)
 class ClosedSession:
-    """One vehicle's pings of a closed session, in arrival order."""
+    """One vehicle's pings of a closed session (one trip), in arrival order.
+
+    ``trip_id`` is the trip's name by the batch rule (``domain/trips.py``): the given id,
+    ``id~k`` for its part k >= 2 (the pings then carry that name too, so ``prepare_trips``
+    keeps it), or ``vehicle:start ms`` without a given id (``prepare_trips`` names such a
+    trip from its first ping that cleaning keeps, as batch does).
+    """
 
     vehicle_id: str
     start_us: int
     last_us: int
     pings: list[dict[str, Any]]
     reason: CloseReason
+    trip_id: str = ""
 
 
 @dataclass
@@ -198,7 +228,10 @@ class TripAssembler:
             sessions = list(meta["open"])
             meta["open"] = []
             for session in sessions:
-                closed.extend(self._close(shared, index, state, meta, vehicle_id, session, "end"))
+                until = self._until(session, None, "end")
+                closed.extend(
+                    self._close(shared, index, state, meta, vehicle_id, session, "end", until)
+                )
             state.set(_META, meta)
             self._track(shared, index, vehicle_id, meta, had_open=True)
         closed.sort(key=lambda s: (s.last_us, s.vehicle_id))
@@ -225,72 +258,138 @@ class TripAssembler:
         return out
 
     # -- sessions of one vehicle -------------------------------------------------------
+    #
+    # A vehicle's open sessions are disjoint runs of its pings in time order, kept sorted
+    # by start: each is what batch cutting (``domain/trips.py``) makes of the pings seen so
+    # far, and ``closed_until`` keeps every later ping out of the part of time that closed
+    # sessions cover, so a closed session is a batch trip for good.
 
     def _assign(self, state: KeyValue, meta: dict[str, Any], pings: list[dict[str, Any]]) -> None:
-        gap = self.rules.gap_us
         sessions: list[dict[str, Any]] = meta["open"]
         if len(sessions) == 1 and self._extend(sessions[0], pings):
             self._store_chunk(state, meta, sessions[0], pings)
             return
-        # This message's pings with the session each joined; a later ping of the message
-        # may merge two sessions, so chunks are grouped only at the end, in arrival order.
-        assigned: list[tuple[dict[str, Any], dict[str, Any]]] = []
-        merged_into: dict[int, dict[str, Any]] = {}
+        # This message's pings with the session each joined, in arrival order: a later
+        # ping may merge or split sessions, so chunks are grouped only at the end.
+        assigned: list[list[Any]] = []
         for ping in pings:
-            ts = int(ping["ts"])
-            trip = ping.get("trip_id")
-            near = [s for s in sessions if s["start"] - gap <= ts <= s["last"] + gap]
-            # An ended trip still takes its own late pings; pings without an id start anew.
-            joins = [s for s in near if s["trip"] == trip and (not s["ended"] or trip is not None)]
-            if joins:
-                session = joins[0]
-                for other in joins[1:]:  # the ping bridges them: one trip after all
-                    self._merge(session, other)
-                    merged_into[id(other)] = session
-                    sessions.remove(other)
-            else:
-                for other in near:  # a new trip id ends the trip it overlaps
-                    if other["trip"] != trip and other["last"] <= ts:
-                        other["ended"] = True
-                session = {
-                    "start": ts,
-                    "last": ts,
-                    "n": 0,
-                    "trip": trip,
-                    "ended": False,
-                    "chunks": [],
-                }
-                sessions.append(session)
-            session["start"] = min(session["start"], ts)
-            session["last"] = max(session["last"], ts)
-            session["n"] += 1
-            assigned.append((session, ping))
+            self._place(state, meta, sessions, assigned, ping)
         chunks: dict[int, list[dict[str, Any]]] = {}
         for session, ping in assigned:
-            while id(session) in merged_into:
-                session = merged_into[id(session)]
             chunks.setdefault(id(session), []).append(ping)
         for session in sessions:
             chunk = chunks.get(id(session))
             if chunk:
                 self._store_chunk(state, meta, session, chunk)
+
+    def _place(
+        self,
+        state: KeyValue,
+        meta: dict[str, Any],
+        sessions: list[dict[str, Any]],
+        assigned: list[list[Any]],
+        ping: dict[str, Any],
+    ) -> None:
+        """Put one ping where the batch rule puts it among the vehicle's open sessions.
+
+        A ping sorts after the pings of the same ``ts`` already there (batch sorts stably).
+        """
+        ts = int(ping["ts"])
+        trip = ping.get("trip_id")
+        gap = self.rules.gap_us
+        inside = next((s for s in sessions if s["start"] <= ts < s["last"]), None)
+        if inside is not None:
+            if inside["trip"] == trip:
+                self._take(inside, ts)
+                assigned.append([inside, ping])
+                return
+            # Another trip id between two pings of a trip cuts it in two.
+            self._split(state, meta, sessions, assigned, inside, ts)
+        before = after = None
+        for session in sessions:
+            if session["last"] <= ts:
+                before = session
+            elif after is None:
+                after = session
+        joins_before = before is not None and continues_trip(
+            before["trip"], int(before["last"]), trip, ts, gap
+        )
+        joins_after = after is not None and continues_trip(
+            trip, ts, after["trip"], int(after["start"]), gap
+        )
+        if before is not None and joins_before:
+            session = before
+            if after is not None and joins_after:  # the ping bridges them: one trip after all
+                self._merge(before, after)
+                sessions.remove(after)
+                for entry in assigned:
+                    if entry[0] is after:
+                        entry[0] = before
+        elif after is not None and joins_after:
+            session = after
+        else:
+            session = {"start": ts, "last": ts, "n": 0, "trip": trip, "chunks": []}
+            sessions.append(session)
+            sessions.sort(key=lambda s: s["start"])
+        self._take(session, ts)
+        assigned.append([session, ping])
+
+    @staticmethod
+    def _take(session: dict[str, Any], ts: int) -> None:
+        session["start"] = min(session["start"], ts)
+        session["last"] = max(session["last"], ts)
+        session["n"] += 1
+
+    def _split(
+        self,
+        state: KeyValue,
+        meta: dict[str, Any],
+        sessions: list[dict[str, Any]],
+        assigned: list[list[Any]],
+        session: dict[str, Any],
+        ts: int,
+    ) -> None:
+        """Cut ``session`` into its pings up to ``ts`` and those after (rare: trip ids that
+        interleave in time)."""
+        stored = self._read_chunks(state, session)
+        parts: list[dict[str, Any]] = []
+        for later in (False, True):
+            pings = [p for p in stored if (int(p["ts"]) > ts) is later]
+            mine = [e for e in assigned if e[0] is session and (int(e[1]["ts"]) > ts) is later]
+            stamps = [int(p["ts"]) for p in pings] + [int(e[1]["ts"]) for e in mine]
+            part = {
+                "start": min(stamps),
+                "last": max(stamps),
+                "n": len(stamps),
+                "trip": session["trip"],
+                "chunks": [],
+            }
+            if pings:
+                self._store_chunk(state, meta, part, pings)
+            for entry in mine:
+                entry[0] = part
+            parts.append(part)
+        sessions.remove(session)
+        sessions.extend(parts)
         sessions.sort(key=lambda s: s["start"])
 
     def _extend(self, session: dict[str, Any], pings: list[dict[str, Any]]) -> bool:
-        """The common case, fast: every ping continues the one open session, in order."""
-        if session["ended"]:
-            return False
+        """The common case, fast: every ping continues the one open session."""
         gap = self.rules.gap_us
         trip = session["trip"]
         start = session["start"]
         last = session["last"]
         for ping in pings:
             ts = ping["ts"]
-            if ts > last + gap or ts < start - gap or ping.get("trip_id") != trip:
+            if ping.get("trip_id") != trip:
                 return False
             if ts > last:
+                if not continues_trip(trip, last, trip, ts, gap):
+                    return False
                 last = ts
             elif ts < start:
+                if not continues_trip(trip, ts, trip, start, gap):
+                    return False
                 start = ts
         session["start"] = start
         session["last"] = last
@@ -307,15 +406,47 @@ class TripAssembler:
         session["chunks"].append(chunk_id)
 
     @staticmethod
+    def _read_chunks(state: KeyValue, session: dict[str, Any]) -> list[dict[str, Any]]:
+        """The session's stored pings in arrival order; their chunks are deleted."""
+        pings: list[dict[str, Any]] = []
+        for chunk_id in session["chunks"]:
+            pings.extend(state.get(f"c{chunk_id}") or [])
+            state.delete(f"c{chunk_id}")
+        session["chunks"] = []
+        return pings
+
+    @staticmethod
     def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
         into["start"] = min(into["start"], other["start"])
         into["last"] = max(into["last"], other["last"])
         into["n"] += other["n"]
         into["chunks"] = sorted(into["chunks"] + other["chunks"])
 
-    def _deadline(self, session: dict[str, Any]) -> int:
-        wait = 0 if session["ended"] else self.rules.gap_us
-        return int(session["last"]) + wait + self.rules.grace_us
+    def _ended(self, session: dict[str, Any], following: dict[str, Any] | None) -> bool:
+        """Whether the next ping after the session, within a gap, is of another trip: then
+        no later ping can extend it, and it closes one grace after its last ping."""
+        return following is not None and following["start"] - session["last"] <= self.rules.gap_us
+
+    def _deadlines(self, sessions: list[dict[str, Any]]) -> list[int]:
+        """When each open session (sorted by start) closes; they grow with the start."""
+        gap, grace = self.rules.gap_us, self.rules.grace_us
+        deadlines: list[int] = []
+        for i, session in enumerate(sessions):
+            following = sessions[i + 1] if i + 1 < len(sessions) else None
+            wait = 0 if self._ended(session, following) else gap
+            deadlines.append(int(session["last"]) + wait + grace)
+        return deadlines
+
+    def _until(
+        self, session: dict[str, Any], following: dict[str, Any] | None, reason: CloseReason
+    ) -> int:
+        """The latest ``ts`` that would have changed the session: later pings are late."""
+        last = int(session["last"])
+        if reason == "max_pings":  # the rest of the millisecond too (forced_cuts)
+            return last - last % 1000 + 999
+        if reason == "trip_id" and following is not None:
+            return max(last, int(following["start"]) - 1)
+        return last + self.rules.gap_us
 
     def _close_due(
         self,
@@ -326,14 +457,21 @@ class TripAssembler:
         vehicle_id: str,
         watermark: int,
     ) -> list[ClosedSession]:
-        due = [s for s in meta["open"] if self._deadline(s) < watermark]
-        if not due:
+        sessions: list[dict[str, Any]] = meta["open"]
+        deadlines = self._deadlines(sessions)
+        if all(d >= watermark for d in deadlines):
             return []
-        meta["open"] = [s for s in meta["open"] if self._deadline(s) >= watermark]
+        meta["open"] = [s for s, d in zip(sessions, deadlines, strict=True) if d >= watermark]
         closed: list[ClosedSession] = []
-        for session in due:
-            reason: CloseReason = "trip_id" if session["ended"] else "gap"
-            closed.extend(self._close(shared, index, state, meta, vehicle_id, session, reason))
+        for i, session in enumerate(sessions):  # in start order: parts are named in it
+            if deadlines[i] >= watermark:
+                continue
+            following = sessions[i + 1] if i + 1 < len(sessions) else None
+            reason: CloseReason = "trip_id" if self._ended(session, following) else "gap"
+            until = self._until(session, following, reason)
+            closed.extend(
+                self._close(shared, index, state, meta, vehicle_id, session, reason, until)
+            )
         return closed
 
     def _close_full(
@@ -344,14 +482,57 @@ class TripAssembler:
         meta: dict[str, Any],
         vehicle_id: str,
     ) -> list[ClosedSession]:
-        full = [s for s in meta["open"] if s["n"] >= self.rules.max_trip_pings]
-        if not full:
-            return []
-        meta["open"] = [s for s in meta["open"] if s["n"] < self.rules.max_trip_pings]
+        limit = self.rules.max_trip_pings
         closed: list[ClosedSession] = []
-        for session in full:
-            closed.extend(self._close(shared, index, state, meta, vehicle_id, session, "max_pings"))
-        return closed
+        while True:
+            sessions: list[dict[str, Any]] = meta["open"]
+            at = next((i for i, s in enumerate(sessions) if s["n"] >= limit), None)
+            if at is None:
+                return closed
+            part, rest = self._first_pings(state, meta, sessions[at], limit)
+            # Pings up to the part's last are late from now on: the sessions before it can
+            # no longer change and close first, so parts keep their start order.
+            until = self._until(part, None, "max_pings")
+            meta["open"] = sessions[at + 1 :]
+            if rest is not None:
+                meta["open"].insert(0, rest)
+            for i, session in enumerate(sessions[:at]):
+                following = sessions[i + 1]
+                reason: CloseReason = "trip_id" if self._ended(session, following) else "gap"
+                closed.extend(
+                    self._close(shared, index, state, meta, vehicle_id, session, reason, until)
+                )
+            closed.extend(
+                self._close(shared, index, state, meta, vehicle_id, part, "max_pings", until)
+            )
+
+    def _first_pings(
+        self, state: KeyValue, meta: dict[str, Any], session: dict[str, Any], limit: int
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """A full session's first part as batch cuts it (:func:`forced_cuts`) and the rest,
+        if any (the next part, still open), each keeping arrival order."""
+        if session["n"] == limit:
+            return session, None
+        pings = self._read_chunks(state, session)
+        order = sorted(range(len(pings)), key=lambda i: int(pings[i]["ts"]))  # stable
+        cuts = forced_cuts([int(pings[i]["ts"]) // 1000 for i in order], limit)
+        first = set(order[: cuts[0]] if cuts else order)
+        halves: list[dict[str, Any]] = []
+        for side in (True, False):
+            chunk = [p for i, p in enumerate(pings) if (i in first) is side]
+            if not chunk:
+                break
+            stamps = [int(p["ts"]) for p in chunk]
+            half = {
+                "start": min(stamps),
+                "last": max(stamps),
+                "n": len(chunk),
+                "trip": session["trip"],
+                "chunks": [],
+            }
+            self._store_chunk(state, meta, half, chunk)
+            halves.append(half)
+        return halves[0], halves[1] if len(halves) > 1 else None
 
     def _close(
         self,
@@ -362,12 +543,12 @@ class TripAssembler:
         vehicle_id: str,
         session: dict[str, Any],
         reason: CloseReason,
+        until: int,
     ) -> list[ClosedSession]:
-        # Later pings a gap after a trip that ended by the gap rule would have joined it:
-        # they are late. After a forced or explicit end the next ping starts a new trip.
-        until = int(session["last"]) + (self.rules.gap_us if reason in ("gap", "end") else 0)
         previous = meta["closed_until"]
         meta["closed_until"] = until if previous is None else max(previous, until)
+        if session["trip"] is not None:
+            session["name"] = self._part_name(state, session["trip"])
         if self.defer:
             pending: list[dict[str, Any]] = shared.get(_PENDING) or []
             pending.append({"vehicle": vehicle_id, "session": session, "reason": reason})
@@ -377,6 +558,26 @@ class TripAssembler:
         return [self._collect(state, vehicle_id, session, reason)]
 
     @staticmethod
+    def _part_name(state: KeyValue, trip: Any) -> str:
+        """The name of the next part of a given trip id of this vehicle (k-th: ``id~k``).
+
+        The vehicle's state remembers how many parts of its last ``PART_MEMORY`` given ids
+        have closed; an id that comes back after more than that many others starts at
+        part 1 again.
+        """
+        parts: list[list[Any]] = state.get(_PARTS) or []
+        part = 1
+        for i, (known, count) in enumerate(parts):
+            if known == trip:
+                part = int(count) + 1
+                del parts[i]
+                break
+        parts.append([trip, part])
+        del parts[:-PART_MEMORY]
+        state.set(_PARTS, parts)
+        return part_name(str(trip), part)
+
+    @staticmethod
     def _collect(
         state: KeyValue, vehicle_id: str, session: dict[str, Any], reason: CloseReason
     ) -> ClosedSession:
@@ -384,7 +585,15 @@ class TripAssembler:
         for chunk_id in session["chunks"]:
             pings.extend(state.get(f"c{chunk_id}") or [])
             state.delete(f"c{chunk_id}")
-        return ClosedSession(vehicle_id, int(session["start"]), int(session["last"]), pings, reason)
+        start = int(session["start"])
+        trip = session["trip"]
+        name = session.get("name") or (str(trip) if trip is not None else None)
+        if name is None:
+            name = f"{vehicle_id}:{start // 1000}"
+        elif name != trip:
+            # Part k >= 2: the pings carry the part's name, so ``prepare_trips`` keeps it.
+            pings = [{**p, "trip_id": name} for p in pings]
+        return ClosedSession(vehicle_id, start, int(session["last"]), pings, reason, name)
 
     # -- the partition's index of deadlines ----------------------------------------------
 
@@ -399,7 +608,7 @@ class TripAssembler:
             for vehicle_id in persisted["vehicles"]:
                 meta = scope.vehicle(vehicle_id).get(_META)
                 if meta and meta["open"]:
-                    deadlines[vehicle_id] = min(self._deadline(s) for s in meta["open"])
+                    deadlines[vehicle_id] = min(self._deadlines(meta["open"]))
             timers = [(d, v) for v, d in deadlines.items()]
             heapq.heapify(timers)
             index = _Index(int(persisted["version"]), deadlines, timers)
@@ -419,11 +628,7 @@ class TripAssembler:
     ) -> None:
         sessions = meta["open"]
         if sessions:
-            deadline = (
-                self._deadline(sessions[0])
-                if len(sessions) == 1
-                else min(self._deadline(s) for s in sessions)
-            )
+            deadline = min(self._deadlines(sessions))
             before = index.deadlines.get(vehicle_id)
             index.deadlines[vehicle_id] = deadline
             if before is None or deadline < before:
