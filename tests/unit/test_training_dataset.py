@@ -88,6 +88,16 @@ def test_no_incidents_means_all_negative() -> None:
     assert out["incident"].sum() == 0 and out.height == 4
 
 
+def test_a_trip_id_of_two_vehicles_is_labelled_for_the_vehicle_of_the_incident() -> None:
+    # Devices number trips 1, 2, 3: a trip is (vehicle, trip id).
+    counters = {"t1": "1", "t2": "2", "t3": "1", "t4": "2", "t5": "3"}
+    trips = _trips().with_columns(pl.col("trip_id").replace_strict(counters))
+    out = label_trips(trips, _incidents([("v2", 0.5, 1)]), REF, maturity_days=7)
+    labelled = out.filter(pl.col("incident") == 1)
+    assert labelled.select("vehicle_id", "trip_id").rows() == [("v2", "1")]
+    assert out.height == 4
+
+
 def test_naive_reference_time_is_refused() -> None:
     with pytest.raises(ValueError, match="timezone"):
         label_trips(_trips(), _incidents([]), datetime(2026, 2, 1), 7)

@@ -87,11 +87,13 @@ def label_trips(
             check_sortedness=False,
         )
         .filter(pl.col("trip_id").is_not_null() & (pl.col("incident_ts") <= pl.col("_trip_end")))
-        .select("trip_id")
+        # A trip is (vehicle, trip id): devices number trips 1, 2, 3... on every vehicle.
+        .select("vehicle_id", "trip_id")
         .unique()
         .with_columns(pl.lit(1, dtype=pl.Int8).alias(LABEL_COLUMN))
     )
-    return trips.join(matched, on="trip_id", how="left").with_columns(
+    trips = trips.with_columns(pl.col("vehicle_id").cast(pl.String))
+    return trips.join(matched, on=["vehicle_id", "trip_id"], how="left").with_columns(
         pl.col(LABEL_COLUMN).fill_null(0).cast(pl.Int8)
     )
 
