@@ -376,11 +376,13 @@ def stream(
     ] = 0,
 ) -> None:
     """Score trips as they close, from the pings topic or a replayed ping file."""
+    from driverscore.adapters.registry import open_registry
     from driverscore.services.stream import (
         StreamMetrics,
         TripScoringStep,
         build_stream_application,
         stream_models,
+        stream_scoring,
     )
 
     if source not in ("kafka", "file"):
@@ -388,29 +390,34 @@ def stream(
     if (source == "file") != (pings is not None):
         raise ConfigError("PINGS is required with --source file and not allowed otherwise")
     settings = _settings()
-    models = stream_models(settings)
+    scoring = stream_scoring(settings)
+    models = stream_models(settings, lambda: open_registry(settings))
     scorer = models.current().champion
     metrics = StreamMetrics()
+    step = TripScoringStep(models, metrics, policy=settings.kafka.rollout, scoring=scoring)
     if metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port, registry=metrics.registry)
     if pings is not None:
         from driverscore.adapters.ping_files import load_canonical_pings
+        from driverscore.adapters.prediction_log import ParquetPredictionLog
         from driverscore.services.stream_embedded import ParquetScoreSink, run_embedded_stream
 
         frame, rejected = load_canonical_pings(
             pings, _load_mapping(mapping), settings.storage_options()
         )
         folder = (out or settings.home / "stream").resolve()
-        step = TripScoringStep(
-            models, settings.kafka.alert_below_score, metrics, policy=settings.kafka.rollout
-        )
+        # Decisions go where the service logs its own.
+        log_dir = settings.service.prediction_log_dir or settings.home / "prediction_log"
+        prediction_log = ParquetPredictionLog(log_dir.resolve())
+        prediction_log.setup()
         result = run_embedded_stream(
             frame,
             step,
             ParquetScoreSink(folder),
             grace_s=settings.kafka.grace_s,
+            prediction_log=prediction_log,
             max_trip_pings=settings.kafka.max_trip_pings,
             speed=speed,
         )
@@ -418,13 +425,15 @@ def stream(
             f"replayed {result.pings:,} pings: {result.trips:,} trips scored, "
             f"{result.alerts:,} alerts, in {result.wall_s:.1f}s → {folder}"
         )
+        if result.set_aside:
+            typer.echo(f"{result.set_aside:,} trips set aside, with the reason: {folder}/set_aside")
         if result.late_pings:
             typer.echo(f"{result.late_pings:,} pings behind a closed trip (not scored)")
         if rejected:
             typer.echo(f"{rejected:,} rows rejected by the column mapping (not replayed)")
         return
     state_dir = settings.kafka.state_dir or (settings.home / "stream-state")
-    app_ = build_stream_application(settings.kafka, models, state_dir.resolve(), metrics)
+    app_ = build_stream_application(settings.kafka, step, state_dir.resolve(), metrics)
     err_console.print(
         f"streaming with {scorer.model_name} v{scorer.model_version} from "
         f"{settings.kafka.topics.pings} at {settings.kafka.bootstrap_servers}",

@@ -21,25 +21,26 @@ import polars as pl
 import pytest
 from test_service import AUTH, JSON, TOKEN, Backend, _free_port, _register_two
 
-from driverscore.adapters.registry import CHALLENGER, CHAMPION
+from driverscore.adapters.registry import CHALLENGER, CHAMPION, open_registry
 from driverscore.domain.features import FEATURE_COLUMNS
 from driverscore.domain.rollout import BUCKETS, RolloutPolicy, canary_bucket, decide
 from driverscore.errors import ConfigError, InputDataError, ScoringServiceError
 from driverscore.services.stream import (
+    ModelSource,
     PolledModels,
     StreamMetrics,
     TripScoringStep,
     stream_models,
+    stream_scoring,
 )
+from driverscore.services.stream.remote import RemoteScoring, ScoringClient
 from driverscore.services.stream_embedded import MemoryScoreSink, run_embedded_stream
-from driverscore.services.stream_remote import RemoteModels, ScoringClient
 from driverscore.settings import KafkaConfig, Settings
 from driverscore.simulation import DirtConfig, SimulationConfig, simulate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 GRACE_S = 60.0
-ALERT_BELOW = 80.0
 
 
 @pytest.fixture(scope="module")
@@ -117,16 +118,20 @@ def _settings(backend: Backend, home: Path, **kafka: object) -> Settings:
     )
 
 
+def _models(settings: Settings) -> ModelSource:
+    return stream_models(settings, lambda: open_registry(settings))
+
+
 def _replay(settings: Settings, pings: pl.DataFrame) -> tuple[MemoryScoreSink, StreamMetrics]:
     metrics = StreamMetrics()
-    models = stream_models(settings)
+    scoring = stream_scoring(settings)
     sink = MemoryScoreSink()
     try:
-        step = TripScoringStep(models, ALERT_BELOW, metrics)
+        step = TripScoringStep(_models(settings), metrics, scoring=scoring)
         run_embedded_stream(pings, step, sink, grace_s=GRACE_S)
     finally:
-        if isinstance(models, RemoteModels):
-            models.close()
+        if isinstance(scoring, RemoteScoring):
+            scoring.close()
     return sink, metrics
 
 
@@ -144,7 +149,9 @@ def test_rest_scoring_equals_in_process_trip_for_trip(
     remote_settings = _settings(
         backend, tmp_path / "rest", scoring_url=service.url, scoring_token=TOKEN
     )
-    assert isinstance(stream_models(remote_settings), RemoteModels)
+    scoring = stream_scoring(remote_settings)
+    assert isinstance(scoring, RemoteScoring)
+    scoring.close()
     remote, metrics = _replay(remote_settings, day)
 
     # Within a batch of trips the order may differ (the in-process split sorts by start).
@@ -170,6 +177,9 @@ def test_rest_scoring_equals_in_process_trip_for_trip(
     assert remote_alerts["trip_id"].to_list() == local_alerts["trip_id"].to_list()
     assert remote_alerts["alert"].to_list() == local_alerts["alert"].to_list()
     assert remote.alerts.height > 0
+    # The service logs the decisions of what it scores; in process, the stream does.
+    assert remote.decisions == []
+    assert len(local.decisions) == local.scores.height
     assert _trips(metrics, "scored") == got.height
     assert _trips(metrics, "failed") == 0
 
@@ -227,13 +237,14 @@ def test_a_service_that_is_down_raises_instead_of_dropping_trips(
     (tmp_path / "serve").mkdir()
     served = _start_serve(backend, tmp_path / "serve")
     settings = _settings(backend, tmp_path / "stream", scoring_url=served.url, scoring_token=TOKEN)
-    models = stream_models(settings)  # the registry is up, the service too
-    assert isinstance(models, RemoteModels)
+    scoring = stream_scoring(settings)
+    assert isinstance(scoring, RemoteScoring)
+    models = _models(settings)  # the registry is up, the service too
     _stop(served)  # ...and then the service goes down
     metrics = StreamMetrics()
-    step = TripScoringStep(models, ALERT_BELOW, metrics)
+    step = TripScoringStep(models, metrics, scoring=scoring)
     sink = MemoryScoreSink()
-    with models, pytest.raises(ScoringServiceError, match=r"did not score .* after 3 tries"):
+    with scoring, pytest.raises(ScoringServiceError, match=r"did not score .* after 3 tries"):
         run_embedded_stream(day, step, sink, grace_s=GRACE_S)
     # Nothing was published, and nothing was counted as failed and passed over: the run
     # stops, and a processor would not commit (its trips are scored again after restart).
@@ -266,8 +277,8 @@ def test_5xx_and_connection_errors_are_retried_then_answered(
         )
         metrics = StreamMetrics()
         sink = MemoryScoreSink()
-        with RemoteModels(stream_models(_settings(backend, tmp_path)), client) as models:
-            step = TripScoringStep(models, ALERT_BELOW, metrics)
+        with RemoteScoring(client) as scoring:
+            step = TripScoringStep(_models(_settings(backend, tmp_path)), metrics, scoring=scoring)
             run_embedded_stream(day, step, sink, grace_s=GRACE_S)
     assert _trips(metrics, "failed") == 0
     # The first request was tried three times (backoff 0.2 s, 0.4 s), the others once.
@@ -282,7 +293,7 @@ def test_refused_features_fail_those_trips_only(
 ) -> None:
     """A 422 is the trips' problem: each session is retried alone, the refused one fails."""
     settings = _settings(backend, tmp_path)
-    cards = stream_models(settings)
+    cards = _models(settings)
     assert isinstance(cards, PolledModels)
     local, _ = _replay(settings, day)
     refused = str(local.scores["trip_id"][0])
@@ -294,8 +305,15 @@ def test_refused_features_fail_those_trips_only(
         if any(t["trip_id"] == refused for t in trips):
             return httpx.Response(422, json={"error": "invalid_request", "message": "no"})
         scorer = cards.current().champion
-        posted = pl.DataFrame({"trip_id": [t["trip_id"] for t in trips]})
-        rows = posted.join(local.features, on="trip_id", how="left", maintain_order="left")
+        posted = pl.DataFrame(
+            {
+                "vehicle_id": [t["vehicle_id"] for t in trips],
+                "trip_id": [t["trip_id"] for t in trips],
+            }
+        )
+        rows = posted.join(
+            local.features, on=["vehicle_id", "trip_id"], how="left", maintain_order="left"
+        )
         scored = scorer.score_trips(rows, local.scores["scored_at"][0])
         body = [
             {**r, "scored_at": r["scored_at"].isoformat()} for r in scored.iter_rows(named=True)
@@ -305,8 +323,8 @@ def test_refused_features_fail_those_trips_only(
     client = ScoringClient("http://scoring.test", None, transport=httpx.MockTransport(answer))
     metrics = StreamMetrics()
     sink = MemoryScoreSink()
-    with RemoteModels(cards, client) as models:
-        step = TripScoringStep(models, ALERT_BELOW, metrics)
+    with RemoteScoring(client) as scoring:
+        step = TripScoringStep(cards, metrics, scoring=scoring)
         run_embedded_stream(day, step, sink, grace_s=GRACE_S)
         with pytest.raises(InputDataError, match="HTTP 422"):
             client.score_features(local.features.filter(pl.col("trip_id") == refused))
@@ -321,4 +339,4 @@ def test_rest_scoring_refuses_a_stream_side_split(tmp_path: Path) -> None:
         kafka=KafkaConfig(scoring_url="http://127.0.0.1:9", rollout=RolloutPolicy(mode="shadow")),
     )
     with pytest.raises(ConfigError, match="service applies its own rollout"):
-        stream_models(settings)
+        stream_scoring(settings)

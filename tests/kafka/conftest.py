@@ -63,7 +63,6 @@ def kafka_config(kafka_bootstrap: str) -> KafkaConfig:
         partitions=2,
         consumer_group=f"stream-{run}",
         grace_s=30.0,
-        alert_below_score=70.0,
         processing_guarantee="exactly-once",
     )
 

@@ -93,9 +93,6 @@ def test_stream_scores_every_trip_exactly_as_batch_does(
     )
     expected = scorer.score_trips(batch.features, scored_at=now).sort("trip_id")
     assert expected.height >= 8
-    # Alerts for the riskier half of the trips: both sides of the threshold are exercised.
-    threshold = float(expected["score"].median())  # type: ignore[arg-type]
-    kafka_config = kafka_config.model_copy(update={"alert_below_score": threshold})
     stream_process = start_stream(kafka_config)
 
     producer = make_producer(kafka_config.bootstrap_servers)
@@ -128,16 +125,29 @@ def test_stream_scores_every_trip_exactly_as_batch_does(
     assert scores["reasons"].to_list() == expected["reasons"].to_list()
     assert set(scores["model_version"]) == {scorer.model_version}
 
-    low = expected.filter(pl.col("score") < threshold)
-    assert 0 < low.height < expected.height
-    alert_messages = _consume(kafka_config, kafka_config.topics.alerts, low.height, stream_process)
+    # Alerts: the trips whose risk reaches the champion card's decision threshold.
+    risky = expected.filter(pl.col("risk_probability") >= card.decision_threshold)
+    assert risky.height > 0
+    alert_messages = _consume(
+        kafka_config, kafka_config.topics.alerts, risky.height, stream_process
+    )
     alerts = _frame(alert_messages)
-    assert alerts["trip_id"].to_list() == low["trip_id"].to_list()
-    assert all(text.startswith("score ") for text in alerts["alert"])
+    assert alerts["trip_id"].to_list() == risky["trip_id"].to_list()
+    assert all(text.startswith("risk ") for text in alerts["alert"])
+    # Every trip's decision on the predictions topic, keyed by driver.
+    decision_messages = _consume(
+        kafka_config, kafka_config.topics.predictions, expected.height, stream_process
+    )
+    decisions = _frame(decision_messages)
+    assert decisions["trip_id"].to_list() == expected["trip_id"].to_list()
+    assert decisions["champion_score"].to_list() == pytest.approx(expected["score"].to_list())
+    for message in decision_messages:
+        decision = json.loads(message.value())
+        assert message.key() == (decision["driver_id"] or decision["vehicle_id"]).encode()
 
     # The embedded runner (no Kafka) publishes the very same records, field for field.
     sink = MemoryScoreSink()
-    step = TripScoringStep(scorer, threshold, StreamMetrics())
+    step = TripScoringStep(scorer, StreamMetrics())
     run_embedded_stream(day_of_pings, step, sink, grace_s=kafka_config.grace_s)
     for embedded, published in (
         (sink.scores, score_messages),

@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 
 from driverscore.adapters.ping_files import load_canonical_pings
+from driverscore.adapters.prediction_log import ParquetPredictionLog
 from driverscore.adapters.registry import CHALLENGER, CHAMPION, ModelRegistry
 from driverscore.domain.features import FEATURE_COLUMNS
 from driverscore.domain.mapping import ColumnMapping
@@ -72,22 +73,39 @@ def _assert_same_scores(got: pl.DataFrame, expected: pl.DataFrame) -> None:
     assert got["model_version"].to_list() == expected["model_version"].to_list()
 
 
+def _with_threshold(scorer: TripScorer, threshold: float) -> TripScorer:
+    card = scorer.card.model_copy(update={"decision_threshold": threshold})
+    return TripScorer(
+        scorer.predict_proba, card, scorer.model_name, scorer.model_version, scorer.model_role
+    )
+
+
 def test_embedded_runner_scores_every_trip_exactly_as_batch_does(
-    scorer: TripScorer, day_of_pings: pl.DataFrame
+    scorer: TripScorer, day_of_pings: pl.DataFrame, tmp_path: Path
 ) -> None:
     expected = _batch_scores(scorer, day_of_pings)
+    # Alerts for the riskier half of the trips: both sides of the card's threshold.
+    scorer = _with_threshold(scorer, float(expected["risk_probability"].median()))  # type: ignore[arg-type]
     sink = MemoryScoreSink()
-    threshold = float(expected["score"].median())  # type: ignore[arg-type]
-    step = TripScoringStep(scorer, threshold, StreamMetrics())
+    step = TripScoringStep(scorer, StreamMetrics())
+    log = ParquetPredictionLog(tmp_path / "prediction_log")
+    log.setup()
     # Shuffled input: the runner replays in timestamp order whatever the file order.
-    result = run_embedded_stream(day_of_pings.sample(fraction=1.0, seed=3), step, sink, grace_s=30)
+    result = run_embedded_stream(
+        day_of_pings.sample(fraction=1.0, seed=3), step, sink, grace_s=30, prediction_log=log
+    )
     assert result.pings == day_of_pings.height
     assert result.trips == expected.height
     _assert_same_scores(sink.scores, expected)
     assert sink.features["trip_id"].sort().to_list() == expected["trip_id"].to_list()
-    low = expected.filter(pl.col("score") < threshold)
-    assert 0 < low.height < expected.height
-    assert sink.alerts["trip_id"].sort().to_list() == low["trip_id"].to_list()
+    risky = expected.filter(pl.col("risk_probability") >= scorer.card.decision_threshold)
+    assert 0 < risky.height < expected.height
+    assert sink.alerts["trip_id"].sort().to_list() == risky["trip_id"].to_list()
+    # One decision per trip, in the prediction log as the service writes it.
+    decisions = log.read().sort("trip_id")
+    assert decisions["trip_id"].to_list() == expected["trip_id"].to_list()
+    assert decisions["champion_score"].to_list() == pytest.approx(expected["score"].to_list())
+    assert set(decisions["answered_by"]) == {"champion"}
     # Trips close while the replay runs, not only at the end of the file.
     assert result.sessions > len(set(day_of_pings["vehicle_id"]))
 
@@ -103,7 +121,7 @@ def test_speed_paces_the_replay_in_event_time(
     def sleep(seconds: float) -> None:
         now[0] += seconds
 
-    step = TripScoringStep(scorer, 0.0, StreamMetrics())
+    step = TripScoringStep(scorer, StreamMetrics())
     run_embedded_stream(
         pings, step, MemoryScoreSink(), grace_s=30, speed=10.0, sleep=sleep, clock=lambda: now[0]
     )
@@ -192,7 +210,7 @@ def test_a_champion_moved_mid_stream_scores_the_trips_closed_after_the_next_poll
     settings, registry = _home_with_a_second_version(home, tmp_path)
     models = PolledModels(ModelHolder(lambda: registry), poll_interval_s=1e-9)
     sink = _MoveAliasAfter(registry, CHAMPION, 3, MemoryScoreSink())
-    step = TripScoringStep(models, 0.0, StreamMetrics())
+    step = TripScoringStep(models, StreamMetrics())
     run_embedded_stream(day_of_pings, step, sink, grace_s=30, score_batch_trips=1)
     versions = [s.records["model_version"].unique().to_list() for s in sink.inner.sessions]
     assert versions[:3] == [["1"]] * 3
@@ -209,7 +227,7 @@ def test_canary_split_answers_each_driver_with_the_model_rollout_decides(
     policy = RolloutPolicy(mode="canary", challenger_percent=50.0)
     models = PolledModels(ModelHolder(lambda: registry), poll_interval_s=3600)
     sink = MemoryScoreSink()
-    step = TripScoringStep(models, 0.0, StreamMetrics(), policy=policy)
+    step = TripScoringStep(models, StreamMetrics(), policy=policy)
     result = run_embedded_stream(day_of_pings, step, sink, grace_s=30)
     scores = sink.scores
     assert scores.height == result.trips
@@ -221,10 +239,27 @@ def test_canary_split_answers_each_driver_with_the_model_rollout_decides(
         assert version == ("2" if wanted.answered_by == "challenger" else "1")
     assert set(scores["model_role"]) == {"champion", "challenger"}
     assert sink.features["trip_id"].to_list() == scores["trip_id"].to_list()
+    # The other model scored every trip too: its records as shadow, both in each decision.
+    shadow = sink.shadow
+    assert set(shadow["model_role"]) == {"shadow"}
+    assert shadow.select("vehicle_id", "trip_id").equals(scores.select("vehicle_id", "trip_id"))
+    assert [{"1": "2", "2": "1"}[v] for v in scores["model_version"]] == shadow[
+        "model_version"
+    ].to_list()
+    decisions = sink.decisions
+    assert [d.trip_id for d in decisions] == scores["trip_id"].to_list()
+    assert all(
+        d.rollout_mode == "canary"
+        and d.champion_version == "1"
+        and d.challenger_version == "2"
+        and d.champion_score is not None
+        and d.challenger_score is not None
+        for d in decisions
+    )
 
     shadow_policy = RolloutPolicy(mode="shadow")
     shadow_sink = MemoryScoreSink()
-    step = TripScoringStep(models, 0.0, StreamMetrics(), policy=shadow_policy)
+    step = TripScoringStep(models, StreamMetrics(), policy=shadow_policy)
     run_embedded_stream(day_of_pings, step, shadow_sink, grace_s=30)
     assert set(shadow_sink.scores["model_version"]) == {"1"}
     assert set(shadow_sink.shadow["model_role"]) == {"shadow"}

@@ -1,4 +1,5 @@
-"""The Kafka-free stream processor: dead letters, late pings, trip outputs and batching."""
+"""The Kafka-free stream processor: dead letters, late pings, trip outputs, rollout and
+batching."""
 
 from __future__ import annotations
 
@@ -26,12 +27,12 @@ from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.schema import conform_pings
 from driverscore.domain.scoring import TripScorer, feature_matrix
 from driverscore.domain.sessions import MemoryScope, SessionRules, TripAssembler
+from driverscore.domain.trip_scoring import ScoringModels, alert_text
 from driverscore.services.stream import (
     CLOSE_TRIGGER_HEADER,
     OutMessage,
     PingProcessor,
     StreamMetrics,
-    StreamModels,
     TripScoringStep,
 )
 from driverscore.settings import KafkaTopics, TrainingConfig
@@ -51,6 +52,7 @@ TOPICS = KafkaTopics(
     scores="scores",
     alerts="alerts",
     shadow_scores="shadow",
+    predictions="predictions",
 )
 REASON = "driverscore.dlq.reason"
 SOURCE = "driverscore.dlq.source"
@@ -134,12 +136,11 @@ def make_rig(
     *,
     batch_trips: int = 1,
     batch_wait_s: float = 0.0,
-    alert_below_score: float = 0.0,
     step: TripScoringStep | None = None,
 ) -> Rig:
-    metrics = StreamMetrics()
+    metrics = step.metrics if step is not None else StreamMetrics()
     clock = FakeClock()
-    step = step or TripScoringStep(scorer, alert_below_score, metrics, now=lambda: NOW)
+    step = step or TripScoringStep(scorer, metrics, now=lambda: NOW)
     processor = PingProcessor(
         step,
         TripAssembler(SessionRules.of(GAP_S, GRACE_S), defer=True),
@@ -367,54 +368,130 @@ def test_late_pings_behind_a_closed_trip_go_to_the_dlq_as_a_batch_of_just_them(
 # -- trip outputs --------------------------------------------------------------------------
 
 
-def test_a_closed_trip_publishes_features_score_and_alert_like_batch_scoring(
+def model(
+    scorer: TripScorer,
+    *,
+    threshold: float | None = None,
+    version: str = "1",
+    predict_proba: Any = None,
+) -> TripScorer:
+    """``scorer`` with another decision threshold, version or probability function."""
+    card = scorer.card
+    if threshold is not None:
+        card = card.model_copy(update={"decision_threshold": threshold})
+    return TripScorer(
+        predict_proba or scorer.predict_proba, card, "driverscore", version, "champion"
+    )
+
+
+def probability(scorer: TripScorer, rows: list[dict[str, Any]]) -> float:
+    _, records = expected_records(scorer, rows)
+    (p,) = records["risk_probability"].to_list()
+    return float(p)
+
+
+def test_a_closed_trip_publishes_features_score_alert_and_decision_like_batch_scoring(
     scorer: TripScorer,
 ) -> None:
-    rig = make_rig(scorer, alert_below_score=100.0)
+    alerting = model(scorer, threshold=0.0)  # every trip reaches it
+    rig = make_rig(alerting)
     rows = drive_rows("v1", START)
     assert rig.drive("v1", rows) == []
     out = rig.clock_message(after(rows, PAST_DEADLINE_S))
-    features, records = expected_records(scorer, rows)
+    features, records = expected_records(alerting, rows)
     assert records.height == 1
     (trip_id,) = records["trip_id"].to_list()
     assert trip_id == f"v1:{ms(rows[0]['ts'])}"
-    assert [m.topic for m in out] == [TOPICS.trip_features, TOPICS.scores, TOPICS.alerts]
-    assert {m.key for m in out} == {"v1"}
+    assert [m.topic for m in out] == [
+        TOPICS.trip_features,
+        TOPICS.scores,
+        TOPICS.alerts,
+        TOPICS.predictions,
+    ]
+    assert [m.key for m in out] == ["v1", "v1", "v1", "D-v1"]  # decisions: key = driver
     trigger = str(ms(after(rows, PAST_DEADLINE_S))).encode()
     assert all(m.headers == [(CLOSE_TRIGGER_HEADER, trigger)] for m in out)
-    feature_msg, score_msg, alert_msg = (json.loads(m.value) for m in out)
+    feature_msg, score_msg, alert_msg, decision = (json.loads(m.value) for m in out)
     assert feature_msg == lines(features)[0]
     assert score_msg == lines(records)[0]
-    assert score_msg["score"] == records["score"][0]
-    assert score_msg["score"] < 100.0
-    assert alert_msg == {**score_msg, "alert": f"score {score_msg['score']:.1f} below 100"}
+    assert alert_msg == {
+        **score_msg,
+        "alert": alert_text(score_msg["risk_probability"], alerting.card),
+    }
+    assert decision["trip_id"] == trip_id and decision["vehicle_id"] == "v1"
+    assert (decision["answered_by"], decision["rollout_mode"]) == ("champion", "champion")
+    assert decision["champion_score"] == score_msg["score"]
+    assert decision["challenger_version"] is None
     assert rig.sample("driverscore_stream_trips_total", outcome="scored") == 1
     assert rig.sample("driverscore_stream_alerts_total") == 1
+    assert rig.sample("driverscore_stream_published_total", topic=TOPICS.predictions) == 1
     assert rig.scope.stored_keys() == 1  # the trip's chunks are gone
 
 
-def test_only_a_score_below_the_threshold_alerts(scorer: TripScorer) -> None:
-    rig = make_rig(scorer, alert_below_score=100.0)
-    rows = drive_rows("v1", START, speed_limit_mps=None)  # a calm trip: the top score
+def test_a_trip_alerts_when_its_risk_reaches_the_cards_threshold_and_not_below(
+    scorer: TripScorer,
+) -> None:
+    rows = drive_rows("v1", START)
+    p = probability(scorer, rows)
+    # At the threshold: an alert naming the threshold and the score it maps to.
+    at = model(scorer, threshold=p)
+    rig = make_rig(at)
     rig.drive("v1", rows)
     out = rig.clock_message(after(rows, PAST_DEADLINE_S))
-    _, records = expected_records(scorer, rows)
-    assert records["score"].to_list() == [100.0]
-    assert [m.topic for m in out] == [TOPICS.trip_features, TOPICS.scores]
+    (alert,) = (json.loads(m.value) for m in on(out, TOPICS.alerts))
+    cutoff = float(at.card.score_mapping.score([p])[0])
+    assert alert["alert"] == (
+        f"risk {p:.3f} at or above the model's alert threshold {p:.3f} "
+        f"(score {cutoff:.1f} or below)"
+    )
+    assert rig.sample("driverscore_stream_alerts_total") == 1
+    # Just above the trip's risk: no alert, whatever its score.
+    above = model(scorer, threshold=math.nextafter(p, 1.0))
+    rig = make_rig(above)
+    rig.drive("v1", rows)
+    out = rig.clock_message(after(rows, PAST_DEADLINE_S))
+    assert [m.topic for m in out] == [TOPICS.trip_features, TOPICS.scores, TOPICS.predictions]
     assert rig.sample("driverscore_stream_alerts_total") == 0
 
 
 def test_a_trip_closed_by_another_vehicle_is_keyed_by_its_own_vehicle(scorer: TripScorer) -> None:
-    rig = make_rig(scorer)  # no alert below a score of 0
+    rig = make_rig(model(scorer, threshold=1.0))  # no alert below a risk of 1
     rows = drive_rows("v1", START)
     rig.drive("v1", rows)
     other = after(rows, PAST_DEADLINE_S)
     value = encode_ping({"ts": other, "vehicle_id": "v2", "lat": 48.1, "lon": 11.6})
     out = rig.send(value, "v2", 98765)
-    assert [(m.topic, m.key) for m in out] == [(TOPICS.trip_features, "v1"), (TOPICS.scores, "v1")]
+    assert [(m.topic, m.key) for m in out] == [
+        (TOPICS.trip_features, "v1"),
+        (TOPICS.scores, "v1"),
+        (TOPICS.predictions, "D-v1"),
+    ]
     assert all(m.headers == [(CLOSE_TRIGGER_HEADER, b"98765")] for m in out)
     _, records = expected_records(scorer, rows)
     assert json.loads(out[1].value) == lines(records)[0]
+
+
+def test_trips_of_two_vehicles_with_the_same_given_trip_id_keep_their_own_alerts(
+    scorer: TripScorer,
+) -> None:
+    risky = [{**r, "trip_id": "T1"} for r in drive_rows("v1", START)]
+    calm = [
+        {**r, "trip_id": "T1"} for r in drive_rows("v2", START, lat0=48.0, speed_limit_mps=None)
+    ]
+    p_risky, p_calm = probability(scorer, risky), probability(scorer, calm)
+    assert p_calm < p_risky
+    rig = make_rig(model(scorer, threshold=p_risky), batch_trips=2, batch_wait_s=math.inf)
+    rig.drive("v1", risky)
+    rig.drive("v2", calm)
+    out = rig.clock_message(after(risky, PAST_DEADLINE_S))
+    scores = {m.key: json.loads(m.value) for m in on(out, TOPICS.scores)}
+    assert {k: (r["trip_id"], r["risk_probability"]) for k, r in scores.items()} == {
+        "v1": ("T1", p_risky),
+        "v2": ("T1", p_calm),
+    }
+    (alert,) = on(out, TOPICS.alerts)
+    assert alert.key == "v1"
+    assert json.loads(alert.value)["risk_probability"] == p_risky
 
 
 def test_a_session_too_short_to_score_publishes_nothing(scorer: TripScorer) -> None:
@@ -423,21 +500,63 @@ def test_a_session_too_short_to_score_publishes_nothing(scorer: TripScorer) -> N
     rig.drive("v1", rows)
     assert rig.clock_message(after(rows, PAST_DEADLINE_S)) == []
     assert rig.sample("driverscore_stream_trips_total", outcome="set_aside") == 1
+    assert rig.sample("driverscore_stream_quarantined_pings_total", reason="short_trip") == 5
     assert rig.scope.stored_keys() == 1
 
 
-def test_shadow_records_go_to_the_shadow_topic(scorer: TripScorer) -> None:
-    shadow = TripScorer(scorer.predict_proba, scorer.card, "driverscore", "2", "shadow")
+def test_a_non_finite_model_output_is_set_aside_on_the_dlq_never_published_as_a_score(
+    scorer: TripScorer,
+) -> None:
+    def broken(x: Any) -> Any:
+        return scorer.predict_proba(x) * math.nan
+
+    rig = make_rig(model(scorer, threshold=0.0, predict_proba=broken))
+    rows = drive_rows("v1", START)
+    rig.drive("v1", rows)
+    out = rig.clock_message(after(rows, PAST_DEADLINE_S))
+    (dead,) = out
+    assert (dead.topic, dead.key) == (TOPICS.dlq, "v1")
+    headers = dict(dead.headers)
+    assert headers[REASON].decode().startswith("non_finite_output: ")
+    assert headers[SOURCE] == f"pings/0/{rig.offset}".encode()
+    assert headers[CLOSE_TRIGGER_HEADER] == str(ms(after(rows, PAST_DEADLINE_S))).encode()
+    body = json.loads(dead.value)
+    assert (body["trip_id"], body["reason"]) == (f"v1:{ms(rows[0]['ts'])}", "non_finite_output")
+    assert body["ping_count"] == len(rows)  # the trip's feature row comes along
+    assert rig.sample("driverscore_stream_trips_total", outcome="set_aside") == 1
+    assert rig.sample("driverscore_stream_trips_total", outcome="scored") == 0
+    assert (
+        rig.sample("driverscore_stream_set_aside_total", reason="non_finite_output", role="answer")
+        == 1
+    )
+
+
+def rollout_rig(scorer: TripScorer, policy: RolloutPolicy) -> tuple[Rig, TripScorer, TripScorer]:
+    """A champion (version 1) and a challenger (version 2) that scores a little riskier."""
+    champion = model(scorer, threshold=1.0)
+
+    def riskier(x: Any) -> Any:
+        return scorer.predict_proba(x) ** 0.9
+
+    challenger = model(scorer, threshold=1.0, version="2", predict_proba=riskier)
 
     class Models:
-        def current(self) -> StreamModels:
-            return StreamModels(scorer, shadow=shadow)
+        def current(self) -> ScoringModels:
+            return ScoringModels(champion, challenger)
 
-    metrics = StreamMetrics()
-    step = TripScoringStep(
-        Models(), 0.0, metrics, now=lambda: NOW, policy=RolloutPolicy(mode="shadow")
-    )
-    rig = make_rig(scorer, step=step)
+    step = TripScoringStep(Models(), StreamMetrics(), now=lambda: NOW, policy=policy)
+    return make_rig(scorer, step=step), champion, challenger
+
+
+@pytest.mark.parametrize(
+    ("percent", "answering", "shadowing"),
+    [(100.0, "challenger", "champion"), (0.0, "champion", "challenger")],
+)
+def test_canary_the_drivers_model_answers_and_the_other_scores_the_trip_as_shadow(
+    scorer: TripScorer, percent: float, answering: str, shadowing: str
+) -> None:
+    policy = RolloutPolicy(mode="canary", challenger_percent=percent)
+    rig, champion, challenger = rollout_rig(scorer, policy)
     rows = drive_rows("v1", START)
     rig.drive("v1", rows)
     out = rig.clock_message(after(rows, PAST_DEADLINE_S))
@@ -445,11 +564,58 @@ def test_shadow_records_go_to_the_shadow_topic(scorer: TripScorer) -> None:
         (TOPICS.trip_features, "v1"),
         (TOPICS.scores, "v1"),
         (TOPICS.shadow_scores, "v1"),
+        (TOPICS.predictions, "D-v1"),
     ]
-    champion, shadowed = json.loads(out[1].value), json.loads(out[2].value)
-    assert (champion["model_role"], shadowed["model_role"]) == ("champion", "shadow")
-    assert shadowed["model_version"] == "2"
-    assert shadowed["score"] == champion["score"]
+    answer, shadowed, decision = (json.loads(m.value) for m in out[1:])
+    versions = {"champion": "1", "challenger": "2"}
+    assert (answer["model_role"], answer["model_version"]) == (answering, versions[answering])
+    assert (shadowed["model_role"], shadowed["model_version"]) == ("shadow", versions[shadowing])
+    assert answer["trip_id"] == shadowed["trip_id"] == decision["trip_id"]
+    _, expected_champion = expected_records(champion, rows)
+    _, expected_challenger = expected_records(challenger, rows)
+    scores = {"champion": answer, "challenger": shadowed}
+    if answering == "challenger":
+        scores = {"champion": shadowed, "challenger": answer}
+    assert scores["champion"]["score"] == expected_champion["score"][0]
+    assert scores["challenger"]["score"] == expected_challenger["score"][0]
+    assert scores["champion"]["score"] != scores["challenger"]["score"]
+    assert decision["rollout_mode"] == "canary" and decision["answered_by"] == answering
+    assert (decision["champion_version"], decision["challenger_version"]) == ("1", "2")
+    assert decision["champion_score"] == scores["champion"]["score"]
+    assert decision["challenger_score"] == scores["challenger"]["score"]
+    assert decision["challenger_probability"] == scores["challenger"]["risk_probability"]
+    assert rig.sample("driverscore_stream_model", role="champion", version="1") == 1
+    assert rig.sample("driverscore_stream_model", role="challenger", version="2") == 1
+
+
+def test_shadow_mode_the_champion_answers_and_the_challengers_record_goes_to_the_shadow_topic(
+    scorer: TripScorer,
+) -> None:
+    rig, _, _ = rollout_rig(scorer, RolloutPolicy(mode="shadow"))
+    rows = drive_rows("v1", START)
+    rig.drive("v1", rows)
+    out = rig.clock_message(after(rows, PAST_DEADLINE_S))
+    assert [m.topic for m in out] == [
+        TOPICS.trip_features,
+        TOPICS.scores,
+        TOPICS.shadow_scores,
+        TOPICS.predictions,
+    ]
+    champion, shadowed, decision = (json.loads(m.value) for m in out[1:])
+    assert (champion["model_role"], champion["model_version"]) == ("champion", "1")
+    assert (shadowed["model_role"], shadowed["model_version"]) == ("shadow", "2")
+    assert decision["answered_by"] == "champion"
+    assert decision["challenger_score"] == shadowed["score"]
+
+
+def test_champion_mode_scores_with_the_champion_only(scorer: TripScorer) -> None:
+    rig, _, _ = rollout_rig(scorer, RolloutPolicy(mode="champion"))
+    rows = drive_rows("v1", START)
+    rig.drive("v1", rows)
+    out = rig.clock_message(after(rows, PAST_DEADLINE_S))
+    assert [m.topic for m in out] == [TOPICS.trip_features, TOPICS.scores, TOPICS.predictions]
+    decision = json.loads(out[2].value)
+    assert decision["challenger_version"] is None and decision["challenger_score"] is None
 
 
 # -- batching ------------------------------------------------------------------------------
@@ -468,7 +634,7 @@ def three_trips() -> dict[str, list[dict[str, Any]]]:
 def test_with_batch_trips_three_nothing_is_published_until_the_third_trip_closes(
     scorer: TripScorer,
 ) -> None:
-    rig = make_rig(scorer, batch_trips=3, batch_wait_s=math.inf, alert_below_score=100.0)
+    rig = make_rig(model(scorer, threshold=0.0), batch_trips=3, batch_wait_s=math.inf)
     trips = three_trips()
     for vehicle, rows in trips.items():
         assert rig.drive(vehicle, rows) == []
@@ -476,8 +642,13 @@ def test_with_batch_trips_three_nothing_is_published_until_the_third_trip_closes
     assert rig.scope.shared().get("pending") is not None
     closing = after(trips["c"], PAST_DEADLINE_S)
     out = rig.send(encode_ping({"ts": closing, "vehicle_id": "d", "lat": 1.0, "lon": 2.0}), "d", 55)
-    assert [m.key for m in out] == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
-    assert [m.topic for m in out] == [TOPICS.trip_features, TOPICS.scores, TOPICS.alerts] * 3
+    assert [m.key for m in out] == [k for v in "abc" for k in (v, v, v, f"D-{v}")]
+    assert [m.topic for m in out] == [
+        TOPICS.trip_features,
+        TOPICS.scores,
+        TOPICS.alerts,
+        TOPICS.predictions,
+    ] * 3
     assert all(m.headers == [(CLOSE_TRIGGER_HEADER, b"55")] for m in out)
     for vehicle, rows in trips.items():
         features, records = expected_records(scorer, rows)
@@ -509,12 +680,16 @@ def test_scores_equal_batch_scoring_of_the_same_pings(scorer: TripScorer) -> Non
 
 
 def test_a_clock_message_flushes_pending_trips_even_from_1970(scorer: TripScorer) -> None:
-    rig = make_rig(scorer, batch_trips=3, batch_wait_s=math.inf)
+    rig = make_rig(model(scorer, threshold=1.0), batch_trips=3, batch_wait_s=math.inf)
     trips = three_trips()
     rig.drive("a", trips["a"])
     assert rig.drive("b", trips["b"][:30]) == []  # closes a: pending, not published
     out = rig.send(encode_clock(datetime(1970, 1, 1, tzinfo=UTC)), CLOCK_KEY, 31)
-    assert [(m.topic, m.key) for m in out] == [(TOPICS.trip_features, "a"), (TOPICS.scores, "a")]
+    assert [(m.topic, m.key) for m in out] == [
+        (TOPICS.trip_features, "a"),
+        (TOPICS.scores, "a"),
+        (TOPICS.predictions, "D-a"),
+    ]
     assert all(m.headers == [(CLOSE_TRIGGER_HEADER, b"31")] for m in out)
     assert rig.processor.waiting == {}
     # The flush tick moved no event time: b's trip goes on.
@@ -526,7 +701,7 @@ def test_a_clock_message_flushes_pending_trips_even_from_1970(scorer: TripScorer
 def test_batch_wait_flushes_on_the_next_message_once_the_first_trip_waited_long_enough(
     scorer: TripScorer,
 ) -> None:
-    rig = make_rig(scorer, batch_trips=10, batch_wait_s=5.0)
+    rig = make_rig(model(scorer, threshold=1.0), batch_trips=10, batch_wait_s=5.0)
     trips = three_trips()
     rig.clock.now = 100.0
     rig.drive("a", trips["a"])
@@ -538,7 +713,11 @@ def test_batch_wait_flushes_on_the_next_message_once_the_first_trip_waited_long_
     rig.clock.now = 105.0
     assert rig.processor.overdue() == [0]
     out = rig.drive("b", trips["b"][60:90])
-    assert [(m.topic, m.key) for m in out] == [(TOPICS.trip_features, "a"), (TOPICS.scores, "a")]
+    assert [(m.topic, m.key) for m in out] == [
+        (TOPICS.trip_features, "a"),
+        (TOPICS.scores, "a"),
+        (TOPICS.predictions, "D-a"),
+    ]
     trigger = str(ms(trips["b"][89]["ts"])).encode()
     assert all(m.headers == [(CLOSE_TRIGGER_HEADER, trigger)] for m in out)
     assert rig.processor.waiting == {}
@@ -546,7 +725,7 @@ def test_batch_wait_flushes_on_the_next_message_once_the_first_trip_waited_long_
 
 
 def test_overdue_lists_each_waiting_partition_past_the_wait(scorer: TripScorer) -> None:
-    rig = make_rig(scorer, batch_trips=10, batch_wait_s=2.0)
+    rig = make_rig(model(scorer, threshold=1.0), batch_trips=10, batch_wait_s=2.0)
     trips = three_trips()
     first, second = rig.scope, MemoryScope(("pings", 1))
 
@@ -573,5 +752,5 @@ def test_overdue_lists_each_waiting_partition_past_the_wait(scorer: TripScorer) 
     # The flush tick of the first partition scores its trip; the second still waits.
     rig.scope = first
     out = rig.send(encode_clock(datetime(1970, 1, 1, tzinfo=UTC)), CLOCK_KEY, 0)
-    assert {m.key for m in out} == {"a"}
+    assert {m.key for m in out} == {"a", "D-a"}
     assert rig.processor.overdue() == [("pings", 1)]

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from driverscore.adapters.ping_files import load_canonical_pings
+from driverscore.adapters.registry import open_registry
 from driverscore.domain.scoring import aggregate_scores
 from driverscore.pipelines.reporting import print_aggregates, print_scores, print_training
 from driverscore.pipelines.scoring_run import ScoringRunResult, run_scoring
@@ -51,8 +52,7 @@ def replay_live(settings: Settings, pings_uri: str, batch_scores: pl.DataFrame) 
     """
     pings, _rejected = load_canonical_pings(pings_uri, None, settings.storage_options())
     step = TripScoringStep(
-        stream_models(settings),
-        settings.kafka.alert_below_score,
+        stream_models(settings, lambda: open_registry(settings)),
         StreamMetrics(),
         policy=settings.kafka.rollout,
     )

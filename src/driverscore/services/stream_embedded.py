@@ -4,10 +4,11 @@
 at ``speed`` × real time), cuts them into trips with the same
 :class:`~driverscore.domain.sessions.TripAssembler` as the Kafka processor (the whole file
 is one partition, its state in memory), and hands the closed sessions to the same
-:class:`~driverscore.services.stream.TripScoringStep`. The feature rows, score records and
-alerts go to a sink: Parquet files under the home folder, or memory (tests, the demo). At
-the end of the file every open session closes (what the Kafka replay's closing clock
-does).
+:class:`~driverscore.services.stream.TripScoringStep`. The feature rows, score records,
+alerts, shadow records and set-aside trips go to a sink: Parquet files under the home
+folder, or memory (tests, the demo); the rollout decisions go to a prediction log, as the
+service's do. At the end of the file every open session closes (what the Kafka replay's
+closing clock does).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from typing import Any, Protocol
 
 import polars as pl
 
+from driverscore.adapters.prediction_log import PredictionLog
 from driverscore.domain.schema import PING_SCHEMA
 from driverscore.domain.sessions import ClosedSession, MemoryScope, SessionRules, TripAssembler
+from driverscore.domain.trip_scoring import PredictionRecord
 from driverscore.services.stream import ScoredSession, TripScoringStep
 
 __all__ = [
@@ -70,6 +73,14 @@ class MemoryScoreSink:
     def shadow(self) -> pl.DataFrame:
         return _concat(s.shadow for s in self.sessions)
 
+    @property
+    def set_aside(self) -> pl.DataFrame:
+        return _concat(s.set_aside for s in self.sessions)
+
+    @property
+    def decisions(self) -> list[PredictionRecord]:
+        return [d for s in self.sessions for d in s.decisions]
+
 
 def _concat(frames: Iterable[pl.DataFrame]) -> pl.DataFrame:
     parts = [f for f in frames if f.height]
@@ -77,8 +88,9 @@ def _concat(frames: Iterable[pl.DataFrame]) -> pl.DataFrame:
 
 
 class ParquetScoreSink:
-    """Parquet part files under ``folder``: ``scores/``, ``trip_features/``, ``alerts/``, and
-    ``shadow/`` (the challenger's records in shadow mode).
+    """Parquet part files under ``folder``: ``scores/``, ``trip_features/``, ``alerts/``,
+    ``shadow/`` (the other model's records in canary and shadow mode) and ``set_aside/``
+    (trips not scored, with the reason).
 
     Parts are written every ``flush_every`` sessions and on :meth:`flush`; each name carries
     the run's start time, so later runs add files next to earlier ones
@@ -108,6 +120,7 @@ class ParquetScoreSink:
             ("trip_features", _concat(s.features for s in pending)),
             ("alerts", _concat(s.alerts for s in pending)),
             ("shadow", _concat(s.shadow for s in pending)),
+            ("set_aside", _concat(s.set_aside for s in pending)),
         ):
             if frame.height == 0:
                 continue
@@ -125,6 +138,8 @@ class EmbeddedRunResult:
     sessions: int
     trips: int
     alerts: int
+    #: Trips (or shadow scores) set aside by scoring, each with its reason in the sink.
+    set_aside: int
     #: Pings behind a closed trip (only in a file not in time order per vehicle).
     late_pings: int
     wall_s: float
@@ -150,6 +165,7 @@ def run_embedded_stream(
     sink: ScoreSink,
     *,
     grace_s: float,
+    prediction_log: PredictionLog | None = None,
     max_trip_pings: int = 50_000,
     score_batch_trips: int = 200,
     speed: float = 0.0,
@@ -160,13 +176,15 @@ def run_embedded_stream(
 
     ``speed`` paces the replay: 1.0 is real time, 60.0 a minute of driving per second,
     0 as fast as possible. The session gap is the scoring model card's ``TripConfig.gap_s``.
+    ``prediction_log`` receives the rollout decisions (set up by the caller; flushed at the
+    end).
     """
     card = step.scorer.card
     assembler = TripAssembler(SessionRules.of(card.trip_config.gap_s, grace_s, max_trip_pings))
     scope = MemoryScope()
     started = clock()
     first_us: int | None = None
-    count = sessions = trips = alerts = late = 0
+    count = sessions = trips = alerts = set_aside = late = 0
 
     # Paced ("live") replays score each trip as it closes; a replay at full speed scores
     # closed trips in batches, which costs a fraction per trip and gives the same rows.
@@ -174,7 +192,7 @@ def run_embedded_stream(
     waiting: list[ClosedSession] = []
 
     def close(closed: list[ClosedSession], *, final: bool = False) -> None:
-        nonlocal sessions, trips, alerts
+        nonlocal sessions, trips, alerts, set_aside
         waiting.extend(closed)
         if not waiting or (len(waiting) < batch and not final):
             return
@@ -182,7 +200,10 @@ def run_embedded_stream(
         for scored in step.close_sessions(waiting):
             trips += scored.records.height
             alerts += scored.alerts.height
+            set_aside += scored.set_aside.height
             sink.add(scored)
+            if prediction_log is not None and scored.decisions:
+                prediction_log.add(scored.decisions)
         waiting.clear()
 
     for ping in _ping_dicts(pings):
@@ -198,4 +219,6 @@ def run_embedded_stream(
             close(assembled.closed)
     close(assembler.close_all(scope).closed, final=True)
     sink.flush()
-    return EmbeddedRunResult(count, sessions, trips, alerts, late, clock() - started)
+    if prediction_log is not None:
+        prediction_log.flush()
+    return EmbeddedRunResult(count, sessions, trips, alerts, set_aside, late, clock() - started)

@@ -29,13 +29,20 @@ from driverscore.adapters.prediction_log import (
 )
 from driverscore.errors import DriverscoreError
 
-__all__ = ["KafkaPredictionLog"]
+__all__ = ["KafkaPredictionLog", "encode_prediction", "prediction_key"]
 
 _FIELDS = tuple(f.name for f in fields(PredictionRecord))
 
 
-def _message(record: PredictionRecord) -> bytes:
+def encode_prediction(record: PredictionRecord) -> bytes:
+    """One decision as the JSON message of the predictions topic (the stream writes the same)."""
     return orjson.dumps({name: getattr(record, name) for name in _FIELDS})
+
+
+def prediction_key(record: PredictionRecord) -> str:
+    """The message key: the driver (the vehicle when none), so a driver's decisions stay in
+    order on one partition."""
+    return record.driver_id or record.vehicle_id or ""
 
 
 class KafkaPredictionLog:
@@ -75,11 +82,14 @@ class KafkaPredictionLog:
     def add(self, records: list[PredictionRecord]) -> None:
         producer = self._started()
         for record in records:
-            key = (record.driver_id or record.vehicle_id or "").encode()
+            key = prediction_key(record).encode()
             while True:
                 try:
                     producer.produce(
-                        self.topic, value=_message(record), key=key, on_delivery=self._delivered
+                        self.topic,
+                        value=encode_prediction(record),
+                        key=key,
+                        on_delivery=self._delivered,
                     )
                     break
                 except BufferError:

@@ -4,11 +4,13 @@ Features stay local: a closed session's pings go through the same ``prepare_trip
 the champion card's cleaning, trip and feature configs as in-process scoring (and batch).
 Only the scoring moves: the feature rows of one batch of closed trips are posted, in the
 features form of ``TripIn``, in one ``POST /v1/score:batch`` request (split at
-``scoring_max_trips``), and the answers become the same score-record frame
-:meth:`TripScorer.score_trips` returns, so trip outputs, alerts, Kafka messages and the
-embedded sinks do not change. The model name, version and role of each record are the
-service's: its champion/challenger split is the one applied (the stream's own ``rollout``
-setting must stay at ``champion``).
+``scoring_max_trips``), and the answers become the same trip score records (columns of
+:data:`~driverscore.domain.trip_scoring.TRIP_RECORD_SCHEMA`) as in-process scoring, so
+trip outputs, alerts, Kafka messages and the embedded sinks do not change. The model name,
+version and role of each record are the service's: its rollout is the one applied (the
+stream's own ``rollout`` setting must stay at ``champion``), and the service logs its
+decisions itself, so this path hands no decisions to the stream. A trip alerts when its
+probability reaches the decision threshold of the card of the version that answered.
 
 Failures are never swallowed. Connection errors, timeouts and 5xx answers are retried
 (``tries``, backoff doubling from ``backoff_s``); when the service still does not answer,
@@ -29,18 +31,27 @@ from datetime import datetime
 from typing import Any, Final
 
 import httpx
-import numpy as np
-import numpy.typing as npt
 import orjson
 import polars as pl
 
-from driverscore.domain.scoring import SCORE_RECORD_COLUMNS, TripScorer
+from driverscore.adapters.registry import CHAMPION
+from driverscore.domain.features import FEATURE_SCHEMA
+from driverscore.domain.prepare import prepare_trips
+from driverscore.domain.rollout import RolloutPolicy
+from driverscore.domain.scoring import SCORE_RECORD_COLUMNS, ModelCard
+from driverscore.domain.trip_scoring import (
+    ALERT_COLUMN,
+    TRIP_RECORD_SCHEMA,
+    PingScoring,
+    ScoredTrips,
+    ScoringModels,
+    alert_text,
+)
 from driverscore.errors import ConfigError, InputDataError, ScoringServiceError
 from driverscore.services.api.schemas import TripFeaturesIn
-from driverscore.services.stream import ModelSource, StreamModels
-from driverscore.settings import KafkaConfig, Settings
+from driverscore.settings import KafkaConfig
 
-__all__ = ["RemoteModels", "RemoteScorer", "ScoringClient", "remote_models"]
+__all__ = ["RemoteScoring", "ScoringClient", "remote_scoring", "scoring_client"]
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +113,16 @@ class ScoringClient:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def score_features(self, features: pl.DataFrame) -> pl.DataFrame:
-        """Trip feature rows → trip score records, as :meth:`TripScorer.score_trips` builds them.
-
-        The features are the rows ``prepare_trips`` made; the records are those rows plus the
-        service's probability, score, band, reasons, model name/version/role and scoring
-        time, in the same order and with the same columns and types.
-        """
+    def score_features(self, features: pl.DataFrame) -> list[dict[str, Any]]:
+        """Trip feature rows (as ``prepare_trips`` made them) → the service's ``TripScore``
+        answers, one per row, in the same order."""
         base = features.drop([c for c in SCORE_RECORD_COLUMNS if c in features.columns])
         trips = _trip_bodies(base)
         answers: list[dict[str, Any]] = []
         for start in range(0, len(trips), self.max_trips):
             chunk = trips[start : start + self.max_trips]
             answers.extend(self._post(chunk))
-        return _records(base, answers)
+        return answers
 
     def _post(self, trips: list[dict[str, Any]]) -> list[dict[str, Any]]:
         body = orjson.dumps({"trips": trips})
@@ -179,8 +186,12 @@ class ScoringClient:
                 f"the scoring service {self.url} answered 200 without a scores list: "
                 f"{_excerpt(response)}"
             ) from exc
-        sent = [t["trip_id"] for t in trips]
-        got = [s.get("trip_id") if isinstance(s, dict) else None for s in scores]
+        # A trip is its vehicle's trip: ids given by devices repeat across vehicles.
+        sent = [(t["vehicle_id"], t["trip_id"]) for t in trips]
+        got = [
+            (s.get("vehicle_id"), s.get("trip_id")) if isinstance(s, dict) else None
+            for s in scores
+        ]
         if got != sent:
             raise ScoringServiceError(
                 f"the scoring service {self.url} answered {len(scores)} score(s) for "
@@ -215,78 +226,89 @@ def _trip_bodies(features: pl.DataFrame) -> list[dict[str, Any]]:
     return trips
 
 
-def _records(base: pl.DataFrame, answers: list[dict[str, Any]]) -> pl.DataFrame:
-    """The feature rows plus the answered score columns, typed as ``score_trips`` types them."""
-    probabilities: npt.NDArray[np.float64] = np.array(
-        [a["risk_probability"] for a in answers], dtype=np.float64
-    )
-    scores: npt.NDArray[np.float64] = np.array([a["score"] for a in answers], dtype=np.float64)
-    return base.with_columns(
-        pl.Series("risk_probability", probabilities, dtype=pl.Float64),
-        pl.Series("score", scores, dtype=pl.Float64),
-        pl.Series("risk_band", [a["risk_band"] for a in answers], dtype=pl.String),
-        pl.Series("reasons", [list(a["reasons"]) for a in answers], dtype=pl.List(pl.String)),
-        pl.Series("model_name", [a["model_name"] for a in answers], dtype=pl.String),
-        pl.Series("model_version", [a["model_version"] for a in answers], dtype=pl.String),
-        pl.Series("model_role", [a["model_role"] for a in answers], dtype=pl.String),
-        pl.Series(
-            "scored_at",
-            [datetime.fromisoformat(a["scored_at"]) for a in answers],
-            dtype=pl.Datetime("us", "UTC"),
-        ),
-    ).select(*base.columns, *SCORE_RECORD_COLUMNS)
+def _scored_trips(
+    features: pl.DataFrame, answers: list[dict[str, Any]], models: ScoringModels
+) -> ScoredTrips:
+    """The local feature rows plus the service's answers, as the domain's scored trips."""
+    records: dict[str, list[Any]] = {
+        name: features[name].to_list() if name in features.columns else [None] * features.height
+        for name in FEATURE_SCHEMA
+    }
+    records["risk_probability"] = [float(a["risk_probability"]) for a in answers]
+    records["score"] = [float(a["score"]) for a in answers]
+    records["risk_band"] = [a["risk_band"] for a in answers]
+    records["reasons"] = [list(a["reasons"]) for a in answers]
+    for name in ("model_name", "model_version", "model_role"):
+        records[name] = [a[name] for a in answers]
+    records["scored_at"] = [datetime.fromisoformat(a["scored_at"]) for a in answers]
+    assert list(records) == list(TRIP_RECORD_SCHEMA)
+
+    cards = {
+        scorer.model_version: scorer.card
+        for scorer in (models.champion, models.challenger)
+        if scorer is not None
+    }
+    alerts: dict[str, list[Any]] = {name: [] for name in (*TRIP_RECORD_SCHEMA, ALERT_COLUMN)}
+    for i, answer in enumerate(answers):
+        card = _answering_card(cards, str(answer["model_version"]), models.champion.card)
+        probability = records["risk_probability"][i]
+        if probability >= card.decision_threshold:
+            for name in TRIP_RECORD_SCHEMA:
+                alerts[name].append(records[name][i])
+            alerts[ALERT_COLUMN].append(alert_text(probability, card))
+    shadow: dict[str, list[Any]] = {name: [] for name in TRIP_RECORD_SCHEMA}
+    # The service logs its rollout decisions itself: none are handed on from here.
+    return ScoredTrips(records, shadow, alerts, [], list(range(len(answers))))
 
 
-def _not_in_process(_x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-    raise RuntimeError("this scorer scores through the scoring service, not in-process")
-
-
-class RemoteScorer(TripScorer):
-    """The champion's card (configs, name, version) with its scoring done by the service.
-
-    A :class:`TripScorer` to the stream: ``TripScoringStep`` prepares features with
-    ``card``'s configs and calls :meth:`score_trips`, which posts them. The local ONNX
-    model is never called.
-    """
-
-    def __init__(self, client: ScoringClient, local: TripScorer) -> None:
-        super().__init__(
-            _not_in_process, local.card, local.model_name, local.model_version, local.model_role
+def _answering_card(cards: dict[str, ModelCard], version: str, champion: ModelCard) -> ModelCard:
+    card = cards.get(version)
+    if card is None:
+        # The service's aliases moved before this stream's next registry poll: the
+        # champion's threshold stands in until then.
+        log.warning(
+            "the scoring service answered with model version %s, not loaded here yet; "
+            "alerting at the champion card's threshold until the next registry poll",
+            version,
         )
-        self.client = client
-        self.local = local
-
-    def score_trips(self, features: pl.DataFrame, scored_at: datetime) -> pl.DataFrame:
-        """Posted to the service; ``scored_at`` is the service's, like the model that answers."""
-        if scored_at.tzinfo is None:
-            raise ValueError("scored_at must be timezone-aware (UTC)")
-        return self.client.score_features(features)
+        return champion
+    return card
 
 
-class RemoteModels:
-    """A :class:`ModelSource` whose champion scores through the service.
+class RemoteScoring:
+    """A :class:`~driverscore.services.stream.models.Scoring` through the service.
 
-    ``cards`` (the registry's champion, polled like in-process scoring) gives the configs
-    the features are computed with; no challenger or shadow is handed to the stream: the
-    service applies its own split and names the answering model in every record.
+    Prepares the pings with the champion card's configs (the registry's champion, polled
+    like in-process scoring, so the features are the batch ones), posts the feature rows
+    and builds the records from the answers. The stream's rollout ``policy`` is not
+    applied: the service's is (``remote_scoring`` refuses a stream-side split).
     """
 
-    def __init__(self, cards: ModelSource, client: ScoringClient) -> None:
-        self.cards = cards
+    def __init__(self, client: ScoringClient) -> None:
         self.client = client
-        self._remote: RemoteScorer | None = None
 
-    def current(self) -> StreamModels:
-        champion = self.cards.current().champion
-        if self._remote is None or self._remote.local is not champion:
-            self._remote = RemoteScorer(self.client, champion)
-        return StreamModels(self._remote)
+    def __call__(
+        self,
+        pings: pl.DataFrame,
+        models: ScoringModels,
+        policy: RolloutPolicy,
+        now: datetime,
+        /,
+    ) -> PingScoring:
+        card = models.champion.card
+        prepared = prepare_trips(
+            pings, card.cleaning_config, card.trip_config, card.feature_config, now
+        )
+        features = prepared.features
+        answers = self.client.score_features(features) if features.height else []
+        scored = _scored_trips(features, answers, models)
+        return PingScoring(scored, features, prepared.quarantine, prepared.counts)
 
     def close(self) -> None:
-        """Closes the service connections (the registry source needs no closing)."""
+        """Closes the service connections."""
         self.client.close()
 
-    def __enter__(self) -> RemoteModels:
+    def __enter__(self) -> RemoteScoring:
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -309,14 +331,8 @@ def scoring_client(config: KafkaConfig) -> ScoringClient:
     )
 
 
-def remote_models(settings: Settings) -> RemoteModels:
-    """The stream's models when ``kafka.scoring_url`` is set: registry cards, service scores."""
-    from driverscore.adapters.registry import CHAMPION
-    from driverscore.pipelines.training_run import open_registry
-    from driverscore.services.api.holder import ModelHolder
-    from driverscore.services.stream import PolledModels
-
-    config = settings.kafka
+def remote_scoring(config: KafkaConfig) -> RemoteScoring:
+    """The stream's scoring when ``kafka.scoring_url`` is set; refuses a stream-side split."""
     if config.model_alias != CHAMPION:
         raise ConfigError(
             f"kafka.model_alias is '{config.model_alias}', but with kafka.scoring_url the "
@@ -328,6 +344,4 @@ def remote_models(settings: Settings) -> RemoteModels:
             "service applies its own rollout (DRIVERSCORE_SERVICE__ROLLOUT_MODE, PUT "
             "/v1/rollout); leave the stream's at champion"
         )
-    client = scoring_client(config)
-    cards = PolledModels(ModelHolder(lambda: open_registry(settings)), config.poll_interval_s)
-    return RemoteModels(cards, client)
+    return RemoteScoring(scoring_client(config))

@@ -1,0 +1,80 @@
+"""The processor's partition state in Quix Streams: the one module that knows Quix internals.
+
+Quix hands a stateful function the state of the message's key only. Trips of idle
+vehicles close on other vehicles' messages, so :class:`QuixScope` reaches the
+transaction behind that state (``state._transaction``: the same store, changelog and
+commit) for other keys, with the key prefix Quix itself uses for a ``str`` message key
+(its JSON encoding). ``tests/unit/test_quix_state.py`` holds this to a real Quix state:
+when a Quix upgrade changes either, that test fails, not the stream.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+from quixstreams import message_context
+
+from driverscore.domain.sessions import KeyValue
+
+if TYPE_CHECKING:
+    from driverscore.services.stream.processor import OutMessage, PingProcessor
+
+__all__ = ["PARTITION_PREFIX", "QuixScope", "quix_step", "vehicle_prefix"]
+
+#: Prefix of the state shared by a partition's vehicles (watermark, pending trips). Quix
+#: encodes ``str`` keys as JSON, which always starts with a quote: no vehicle has it.
+PARTITION_PREFIX: Final = b"__partition__"
+
+#: Vehicles whose encoded prefix is kept; a partition's active vehicles fit many times
+#: over, and an evicted one costs one ``orjson.dumps`` when it is back.
+PREFIX_CACHE_SIZE: Final = 65_536
+
+
+@functools.lru_cache(maxsize=PREFIX_CACHE_SIZE)
+def vehicle_prefix(vehicle_id: str) -> bytes:
+    """The state prefix of a vehicle: how Quix encodes the ``str`` message key (JSON)."""
+    return orjson.dumps(vehicle_id)
+
+
+class QuixScope:
+    """The partition state of the message being processed, as a ``PartitionScope``."""
+
+    __slots__ = ("_partition", "_transaction")
+
+    def __init__(self, state: Any, partition: tuple[str, int]) -> None:
+        self._transaction = state._transaction
+        self._partition = partition
+
+    @property
+    def partition(self) -> tuple[str, int]:
+        return self._partition
+
+    @property
+    def token(self) -> object:
+        # One transaction per checkpoint; a rebalance always starts a new one.
+        return self._transaction
+
+    def vehicle(self, vehicle_id: str) -> KeyValue:
+        state: KeyValue = self._transaction.as_state(prefix=vehicle_prefix(vehicle_id))
+        return state
+
+    def shared(self) -> KeyValue:
+        state: KeyValue = self._transaction.as_state(prefix=PARTITION_PREFIX)
+        return state
+
+
+def quix_step(processor: PingProcessor) -> Callable[..., list[OutMessage]]:
+    """The stateful function of the Quix dataframe: one message through ``processor``."""
+
+    def process(
+        value: Any, key: Any, timestamp_ms: int, headers: Any, state: Any
+    ) -> list[OutMessage]:
+        ctx = message_context()
+        scope = QuixScope(state, (ctx.topic, ctx.partition))
+        source = f"{ctx.topic}/{ctx.partition}/{ctx.offset}"
+        return processor.process(value, key, timestamp_ms, list(headers or []), scope, source)
+
+    return process

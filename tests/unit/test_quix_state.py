@@ -1,0 +1,118 @@
+"""The stream's state module against a real Quix Streams state (RocksDB, no broker).
+
+``services/stream/quix_state.py`` reaches past the state Quix hands the processor to the
+transaction behind it, with the key prefix Quix uses for a message key. These tests hold
+it to what Quix does, so that a Quix upgrade that changes either fails here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from quixstreams.state.rocksdb import RocksDBStorePartition
+
+from driverscore.domain.sessions import SessionRules, TripAssembler
+from driverscore.services.stream.quix_state import (
+    PARTITION_PREFIX,
+    PREFIX_CACHE_SIZE,
+    QuixScope,
+    vehicle_prefix,
+)
+
+PARTITION = ("pings", 0)
+GAP_S = 300.0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[RocksDBStorePartition]:
+    partition = RocksDBStorePartition(str(tmp_path / "state"))
+    try:
+        yield partition
+    finally:
+        partition.close()
+
+
+def message_state(transaction: Any, key: str) -> Any:
+    """The state Quix hands a stateful function for a message with ``key`` (a ``str``
+    key, as the processor's pings topic deserialises it)."""
+    return transaction.as_state(prefix=key)
+
+
+def commit(transaction: Any) -> None:
+    transaction.prepare()
+    transaction.flush()
+
+
+def test_a_vehicles_state_is_the_state_quix_gives_that_vehicles_messages(
+    store: RocksDBStorePartition,
+) -> None:
+    transaction = store.begin()
+    scope = QuixScope(message_state(transaction, "v1"), PARTITION)
+    scope.vehicle("v1").set("meta", {"open": [1, 2]})
+    scope.vehicle("v2").set("meta", {"open": [3]})
+    assert message_state(transaction, "v1").get("meta") == {"open": [1, 2]}
+    # Another vehicle's state, reached from v1's message: what v2's messages will see.
+    assert message_state(transaction, "v2").get("meta") == {"open": [3]}
+    assert vehicle_prefix("v1") == transaction.as_state(prefix="v1")._prefix
+
+
+def test_the_shared_state_is_apart_from_every_vehicle_even_one_named_like_it(
+    store: RocksDBStorePartition,
+) -> None:
+    transaction = store.begin()
+    scope = QuixScope(message_state(transaction, "v1"), PARTITION)
+    scope.shared().set("wm", 123)
+    name = PARTITION_PREFIX.decode()
+    assert scope.vehicle(name).get("wm") is None
+    assert message_state(transaction, name).get("wm") is None
+    scope.vehicle(name).set("wm", 456)
+    assert scope.shared().get("wm") == 123
+
+
+def test_the_token_is_one_per_transaction(store: RocksDBStorePartition) -> None:
+    first = store.begin()
+    a, b = (QuixScope(message_state(first, key), PARTITION) for key in ("v1", "v2"))
+    assert a.token is b.token
+    assert a.partition == PARTITION
+    commit(first)
+    later = QuixScope(message_state(store.begin(), "v1"), PARTITION)
+    assert later.token is not a.token
+
+
+def ping(vehicle: str, second: int) -> dict[str, Any]:
+    return {
+        "ts": (1_772_179_200 + second) * 1_000_000,
+        "vehicle_id": vehicle,
+        "lat": 1.0,
+        "lon": 2.0,
+    }
+
+
+def test_open_trips_written_through_the_scope_survive_a_commit_and_close_later(
+    store: RocksDBStorePartition,
+) -> None:
+    rules = SessionRules.of(GAP_S, 30.0)
+    transaction = store.begin()
+    scope = QuixScope(message_state(transaction, "v1"), PARTITION)
+    assembler = TripAssembler(rules)
+    pings = [ping("v1", s) for s in range(0, 120, 10)]
+    assembler.add(scope, "v1", pings[:6])
+    assembler.add(scope, "v1", pings[6:])
+    commit(transaction)
+
+    # A new processor (fresh assembler) on the committed state: another vehicle's message
+    # far later in event time closes v1's trip with every ping.
+    again = QuixScope(message_state(store.begin(), "v2"), PARTITION)
+    closed = TripAssembler(rules).add(again, "v2", [ping("v2", 10_000)]).closed
+    assert [(s.vehicle_id, s.pings) for s in closed] == [("v1", pings)]
+
+
+def test_the_prefix_cache_is_bounded() -> None:
+    info = vehicle_prefix.cache_info()
+    assert info.maxsize == PREFIX_CACHE_SIZE
+    for i in range(PREFIX_CACHE_SIZE + 10):
+        vehicle_prefix(f"vehicle-{i}")
+    assert vehicle_prefix.cache_info().currsize <= PREFIX_CACHE_SIZE
