@@ -105,10 +105,9 @@ from driverscore.adapters.kafka.producer import (
     replay_pings,
     send_clock,
 )
-from driverscore.adapters.registry import CHAMPION
+from driverscore.adapters.registry import CHAMPION, open_registry
 from driverscore.domain.prepare import prepare_trips
 from driverscore.domain.scoring import TripScorer
-from driverscore.pipelines.training_run import open_registry
 from driverscore.settings import KafkaConfig, KafkaTopics, Settings
 from driverscore.simulation import DirtConfig, SimulationConfig, simulate
 from driverscore.training.synthetic import register_synthetic_model

@@ -22,9 +22,8 @@ import pytest
 
 from driverscore.adapters.kafka.admin import create_topics
 from driverscore.adapters.kafka.broker import LocalKafkaBroker, wait_until_ready
-from driverscore.adapters.registry import CHAMPION, ModelRegistry
+from driverscore.adapters.registry import CHAMPION, ModelRegistry, open_registry
 from driverscore.domain.scoring import TripScorer
-from driverscore.pipelines.training_run import open_registry
 from driverscore.settings import KafkaConfig, KafkaTopics, Settings
 from driverscore.simulation import DirtConfig, SimulationConfig, simulate
 from driverscore.training.synthetic import register_synthetic_model

@@ -19,13 +19,12 @@ import pytest
 
 from driverscore.adapters.ping_files import load_canonical_pings
 from driverscore.adapters.prediction_log import ParquetPredictionLog
-from driverscore.adapters.registry import CHALLENGER, CHAMPION, ModelRegistry
+from driverscore.adapters.registry import CHALLENGER, CHAMPION, ModelRegistry, open_registry
 from driverscore.domain.features import FEATURE_COLUMNS
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.domain.prepare import prepare_trips
 from driverscore.domain.rollout import RolloutPolicy, decide
 from driverscore.domain.scoring import TripScorer
-from driverscore.pipelines.training_run import open_registry
 from driverscore.services.api.holder import ModelHolder
 from driverscore.services.stream import (
     PolledModels,
