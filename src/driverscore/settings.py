@@ -54,6 +54,15 @@ class TrainingConfig(BaseModel):
             "Trips younger than this are left out of training: their claims may be pending."
         ),
     )
+    max_rejected_label_share: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description=(
+            "Training refuses when a larger share of claim rows is rejected (times that do "
+            "not parse or are missing, no vehicle, reported before the incident)."
+        ),
+    )
     max_iter: int = Field(200, ge=10)
     learning_rate: float = Field(0.05, gt=0, le=1)
     max_leaf_nodes: int = Field(15, ge=2)

@@ -1,13 +1,15 @@
-"""Labels join and time split."""
+"""Claims check, labels join and time split."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
 import pytest
 
-from driverscore.training.dataset import label_trips, time_split
+from driverscore.errors import InputDataError
+from driverscore.training.dataset import check_labels, label_trips, time_split
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 REF = T0 + timedelta(days=30)
@@ -125,3 +127,151 @@ def test_time_split_keeps_both_sides_non_empty() -> None:
     frame = pl.DataFrame({"trip_id": ["a", "b"], "end_ts": pl.Series([T0, T0], dtype=UTC_US)})
     train, holdout = time_split(frame, 0.01)
     assert (train.height, holdout.height) == (1, 1)
+
+
+# -- claims check -----------------------------------------------------------------------
+
+#: ISO-8601 spellings, each read on its own by the parse claims had before they were
+#: checked (polars' inferred format); these must keep giving the very same instants.
+ISO_SPELLINGS = [
+    "2026-01-05T10:00:00Z",
+    "2026-01-05T10:00:00z",
+    "2026-01-05T10:00:00.123Z",
+    "2026-01-05T10:00:00.5",
+    "2026-01-05T10:00:00+02:00",
+    "2026-01-05T10:00:00+0200",
+    "2026-01-05T10:00:00.123456789-05:30",
+    "2026-01-05 10:00:00",
+    "2026-01-05 10:00",
+    "2026-01-05T10:00",
+    "2026-01-05T10:00+02:00",
+    "2026-01-05",
+]
+
+
+def _claims_text(rows: list[tuple[str | None, str | None, str | None]]) -> pl.DataFrame:
+    """A claims table as a CSV reads: every column text."""
+    return pl.DataFrame(
+        {
+            "vehicle_id": [r[0] for r in rows],
+            "incident_ts": [r[1] for r in rows],
+            "reported_at": [r[2] for r in rows],
+            "severity": ["minor"] * len(rows),
+        },
+        schema={
+            name: pl.String for name in ("vehicle_id", "incident_ts", "reported_at", "severity")
+        },
+    )
+
+
+@pytest.mark.parametrize("text", ISO_SPELLINGS)
+def test_iso_claim_times_parse_as_they_did_before_the_check(text: str) -> None:
+    before = pl.Series([text]).str.to_datetime(time_zone="UTC", strict=False, time_unit="us")[0]
+    checked = check_labels(_claims_text([("v1", text, "2026-02-01T00:00:00Z")]), "claims.csv")
+    assert before is not None
+    assert checked.rejected.height == 0
+    assert checked.incidents["incident_ts"][0] == before
+    assert checked.incidents.schema["incident_ts"] == UTC_US
+
+
+def test_typed_claim_times_are_read_as_utc() -> None:
+    naive = datetime(2026, 1, 5, 10)
+    berlin = pl.Series([datetime(2026, 1, 5, 11)]).dt.replace_time_zone("Europe/Berlin")
+    claims = pl.DataFrame(
+        {
+            "vehicle_id": ["v1"],
+            "incident_ts": pl.Series([naive], dtype=pl.Datetime("ns")),
+            "reported_at": berlin,
+        }
+    )
+    checked = check_labels(claims, "claims.parquet")
+    assert checked.rejected.height == 0
+    assert checked.incidents["incident_ts"][0] == naive.replace(tzinfo=UTC)
+    assert checked.incidents["reported_at"][0] == naive.replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("row", "reason", "value"),
+    [
+        ((None, "2026-01-05T10:00:00Z", "2026-01-06T00:00:00Z"), "missing_vehicle_id", None),
+        (("  ", "2026-01-05T10:00:00Z", "2026-01-06T00:00:00Z"), "missing_vehicle_id", "  "),
+        (
+            ("v1", "08/01/2026 15:41", "2026-01-09T00:00:00Z"),
+            "unparseable_incident_ts",
+            "08/01/2026 15:41",
+        ),
+        (
+            ("v1", "1767607200000", "2026-01-09T00:00:00Z"),
+            "unparseable_incident_ts",
+            "1767607200000",
+        ),
+        (("v1", "", "2026-01-06T00:00:00Z"), "missing_incident_ts", ""),
+        (("v1", "2026-01-05T10:00:00Z", "next week"), "unparseable_reported_at", "next week"),
+        (("v1", "2026-01-05T10:00:00Z", None), "missing_reported_at", None),
+        (
+            ("v1", "2026-01-05T10:00:00Z", "2026-01-05T09:59:59Z"),
+            "reported_before_incident",
+            "2026-01-05T09:59:59Z",
+        ),
+    ],
+)
+def test_a_bad_claim_row_is_kept_aside_with_its_reason_and_text(
+    row: tuple[str | None, str | None, str | None], reason: str, value: str | None
+) -> None:
+    good = ("v9", "2026-01-05T10:00:00Z", "2026-01-06T00:00:00Z")
+    checked = check_labels(_claims_text([good, row]), "claims.csv")
+    assert checked.incidents["vehicle_id"].to_list() == ["v9"]
+    rejected = checked.rejected.row(0, named=True)
+    assert checked.rejected.height == 1
+    assert (rejected["row"], rejected["reason"], rejected["value"]) == (2, reason, value)
+    assert rejected["source"] == "claims.csv" and rejected["stage"] == "labels"
+    assert json.loads(rejected["raw"]) == {
+        "vehicle_id": row[0],
+        "incident_ts": row[1],
+        "reported_at": row[2],
+        "severity": "minor",
+    }
+    assert checked.rejected_share == 0.5
+    assert checked.report()["labels_rejected"] == {reason: 1}
+
+
+def test_a_repeated_claim_keeps_its_first_report_and_loses_nothing() -> None:
+    checked = check_labels(
+        _claims_text(
+            [
+                ("v1", "2026-01-05T10:00:00Z", "2026-01-09T00:00:00Z"),
+                ("v1", "2026-01-05 10:00:00", "2026-01-07T00:00:00Z"),  # same instant
+                ("v1", "2026-01-05T10:00:01Z", "2026-01-08T00:00:00Z"),  # another incident
+            ]
+        ),
+        "claims.csv",
+    )
+    assert checked.incidents["reported_at"].dt.day().to_list() == [7, 8]
+    assert checked.rejected["row"].to_list() == [1]
+    assert checked.rejected["reason"].to_list() == ["duplicate"]
+    assert checked.rejected_share == 0.0
+    report = checked.report()
+    assert (report["labels_in"], report["labels_kept"], report["labels_duplicate"]) == (3, 2, 1)
+    assert report["labels_rejected"] == {}
+
+
+def test_claim_vehicle_ids_are_trimmed_like_ping_vehicle_ids() -> None:
+    checked = check_labels(
+        _claims_text([(" v1 ", "2026-01-05T10:00:00Z", "2026-01-06T00:00:00Z")]), "claims.csv"
+    )
+    assert checked.incidents["vehicle_id"].to_list() == ["v1"]
+
+
+def test_claims_after_the_reference_time_are_not_rejected() -> None:
+    # A backtest's reference time is in the past: later claims are unknown, not wrong.
+    later = (REF + timedelta(days=3)).isoformat()
+    checked = check_labels(_claims_text([("v1", later, later)]), "claims.csv")
+    assert checked.rejected.height == 0 and checked.incidents.height == 1
+
+
+def test_claims_without_a_time_column_or_with_numbers_are_refused() -> None:
+    with pytest.raises(InputDataError, match=r"claims\.csv: labels lack column"):
+        check_labels(pl.DataFrame({"vehicle_id": ["v1"], "incident_ts": ["x"]}), "claims.csv")
+    numbers = pl.DataFrame({"vehicle_id": ["v1"], "incident_ts": [1], "reported_at": [2]})
+    with pytest.raises(InputDataError, match="'incident_ts' has type Int64"):
+        check_labels(numbers, "claims.jsonl")

@@ -30,6 +30,7 @@ __all__ = [
     "ColumnMapping",
     "MappedPings",
     "apply_mapping",
+    "parse_iso_timestamps",
 ]
 
 REASON_UNPARSEABLE_TIMESTAMP: Final = "unparseable_timestamp"
@@ -309,6 +310,16 @@ def _parse_iso(text: pl.Series, zone: str) -> pl.Series:
             break
         result = result.scatter(pending, _parse_iso_as(text.gather(pending), fmt, zone))
     return result
+
+
+def parse_iso_timestamps(text: pl.Series, zone: str = "UTC") -> pl.Series:
+    """ISO-8601 text as UTC timestamps, read exactly as ping ``ts`` text is read.
+
+    Values are trimmed; a value with an offset or ``Z`` keeps it, a naive one is in
+    ``zone``. Empty cells and values that do not parse come back null: callers that need
+    to tell the two apart compare with the input.
+    """
+    return _parse_iso(_as_text(text.cast(pl.String)), zone)
 
 
 def _parse_timestamp(series: pl.Series, unit: str, zone: str, label: str) -> _Parsed:

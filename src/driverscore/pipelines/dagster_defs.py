@@ -28,8 +28,10 @@ from driverscore.pipelines.steps import (
     prepare,
 )
 from driverscore.pipelines.training_run import (
+    ClaimLabels,
     TrainingData,
     ValidatedCandidate,
+    check_claims,
     label_and_split,
     register_candidate,
     train_candidate,
@@ -119,16 +121,36 @@ def build_definitions(settings: Settings, source: TelemetrySource) -> dg.Definit
         return prepared
 
     @dg.asset(
+        group_name="driverscore",
+        description="Claims checked: usable ones, and the rejected rows with their reasons.",
+    )
+    def claim_labels(
+        context: AssetExecutionContext, raw_telemetry: IngestedRun, telemetry: TelemetrySource
+    ) -> ClaimLabels:
+        claims = check_claims(
+            _run_context(settings, raw_telemetry, context.log), telemetry.incidents_uri
+        )
+        context.add_output_metadata(
+            {
+                "labels_in": int(claims.report["labels_in"]),
+                "labels_kept": int(claims.report["labels_kept"]),
+                "labels_rejected_share": float(claims.report["labels_rejected_share"]),
+                "label_quarantine": claims.quarantine.uri,
+            }
+        )
+        return claims
+
+    @dg.asset(
         group_name="driverscore", description="Mature trips labelled by claims, split in time."
     )
     def training_data(
         context: AssetExecutionContext,
         raw_telemetry: IngestedRun,
         prepared_trips: PreparedDataset,
-        telemetry: TelemetrySource,
+        claim_labels: ClaimLabels,
     ) -> TrainingData:
         ctx = _run_context(settings, raw_telemetry, context.log)
-        data = label_and_split(ctx, prepared_trips, telemetry.incidents_uri)
+        data = label_and_split(ctx, prepared_trips, claim_labels)
         context.add_output_metadata(
             {"train_trips": data.train.height, "holdout_trips": data.holdout.height}
         )
@@ -191,6 +213,7 @@ def build_definitions(settings: Settings, source: TelemetrySource) -> dg.Definit
     assets = [
         raw_telemetry,
         prepared_trips,
+        claim_labels,
         training_data,
         candidate_model,
         validated_candidate,

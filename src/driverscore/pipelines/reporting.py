@@ -44,6 +44,13 @@ def print_training(console: Console, result: TrainingRunResult) -> None:
         f"{quality['trips']:,} trips"
     )
     data = result.data
+    labels = data.label_quality
+    rejected = ", ".join(f"{k} {v:,}" for k, v in labels["labels_rejected"].items())
+    console.print(
+        f"[bold]labels[/]: {labels['labels_in']:,} claims in, {labels['labels_kept']:,} kept, "
+        f"{labels['labels_duplicate']:,} duplicates, rejected: {rejected or 'none'}; "
+        f"incident rate {labels['incident_rate']:.2%} of {labels['mature_trips']:,} mature trips"
+    )
     console.print(
         f"[bold]training[/]: {data.train.height:,} older trips, "
         f"validated on {data.holdout.height:,} newer trips"

@@ -1,4 +1,4 @@
-"""`driverscore train`: ingest → prepare → train → validate → register, in process.
+"""`driverscore train`: check claims → ingest → prepare → label → train → validate → register.
 
 Each step is a function with typed inputs and outputs; the Dagster assets in
 :mod:`driverscore.pipelines.dagster_defs` call the same functions.
@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import polars as pl
 
@@ -31,12 +32,38 @@ from driverscore.pipelines.steps import (
     prepare,
 )
 from driverscore.settings import Settings
-from driverscore.training.dataset import LABEL_COLUMN, label_trips, time_split
+from driverscore.training.dataset import (
+    LABEL_COLUMN,
+    REASON_DUPLICATE,
+    CheckedLabels,
+    check_labels,
+    label_trips,
+    time_split,
+)
 from driverscore.training.gate import GateReport, Metrics, evaluate, run_gate
 from driverscore.training.model import TrainedModel, train_model
 from driverscore.training.onnx_export import export_onnx
 
-INCIDENT_TIME_COLUMNS = ("incident_ts", "reported_at")
+#: What to do about the most frequent reason when training refuses the claims.
+_LABEL_FIXES = {
+    "missing_vehicle_id": "fill vehicle_id",
+    "unparseable_incident_ts": "write times as ISO-8601, e.g. 2026-01-31T15:41:00Z",
+    "missing_incident_ts": "fill incident_ts",
+    "unparseable_reported_at": "write times as ISO-8601, e.g. 2026-01-31T15:41:00Z",
+    "missing_reported_at": "fill reported_at",
+    "reported_before_incident": "check that incident_ts and reported_at are not swapped",
+}
+
+
+@dataclass(frozen=True)
+class ClaimLabels:
+    """The claims a run may learn from, and the claim rows set aside with their reasons."""
+
+    labels: DatasetRef
+    quarantine: DatasetRef
+    incidents: pl.DataFrame
+    #: ``labels_in``, ``labels_kept``, ``labels_duplicate``, ``labels_rejected`` per reason…
+    report: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -44,6 +71,9 @@ class TrainingData:
     """Labelled trips split in time: train on the older, validate on the newer."""
 
     labels: DatasetRef
+    label_quarantine: DatasetRef
+    #: The claims' counts plus the mature trips and their incident rate.
+    label_quality: dict[str, Any]
     train: pl.DataFrame
     holdout: pl.DataFrame
 
@@ -71,47 +101,81 @@ class TrainingRunResult:
     manifest_uri: str
 
 
-def read_incidents(ctx: RunContext, incidents_uri: str) -> pl.DataFrame:
-    """The claims file, with its times parsed to UTC."""
-    frame = read_table(incidents_uri, None, ctx.settings.storage_options())
-    missing = [c for c in ("vehicle_id", *INCIDENT_TIME_COLUMNS) if c not in frame.columns]
-    if missing:
-        raise InputDataError(
-            f"{incidents_uri}: labels lack column(s) {', '.join(missing)}; expected "
-            "vehicle_id, incident_ts, reported_at (UTC)"
-        )
-    for name in INCIDENT_TIME_COLUMNS:
-        dtype = frame.schema[name]
-        if dtype == pl.String:
-            frame = frame.with_columns(
-                pl.col(name).str.to_datetime(time_zone="UTC", strict=False, time_unit="us")
-            )
-        elif isinstance(dtype, pl.Datetime):
-            frame = frame.with_columns(
-                pl.col(name).dt.replace_time_zone("UTC")
-                if dtype.time_zone is None
-                else pl.col(name).dt.convert_time_zone("UTC")
-            )
-        else:
-            raise InputDataError(
-                f"{incidents_uri}: column '{name}' has type {dtype}; expected a UTC timestamp"
-            )
-    return frame
+def check_claims(ctx: RunContext, incidents_uri: str) -> ClaimLabels:
+    """Read the claims, set aside the rows that cannot be used, and refuse when too many are.
+
+    Runs before the pings are touched, so a broken claims file stops a run in seconds. The
+    rejected rows are written (``label_quarantine``) before refusing: the error names them.
+    """
+    ctx.progress("check claims")
+    checked = check_labels(
+        read_table(incidents_uri, None, ctx.settings.storage_options()), incidents_uri
+    )
+    quarantine = ctx.store.write_dataset(
+        "label_quarantine", checked.rejected, name="label_quarantine"
+    )
+    limit = ctx.settings.training.max_rejected_label_share
+    if checked.rejected_share > limit:
+        raise InputDataError(_too_many_rejected_labels(checked, limit, quarantine.uri))
+    labels = ctx.store.write_dataset("labels", checked.incidents, name="labels")
+    not_yet_reported = checked.incidents.filter(pl.col("reported_at") > ctx.reference_time)
+    return ClaimLabels(
+        labels=labels,
+        quarantine=quarantine,
+        incidents=checked.incidents,
+        report={
+            **checked.report(),
+            "labels_reported_after_reference_time": not_yet_reported.height,
+            "label_quarantine": quarantine.uri,
+        },
+    )
 
 
-def label_and_split(ctx: RunContext, prepared: PreparedDataset, incidents_uri: str) -> TrainingData:
-    """Join the claims to the trips (mature trips only) and split them in time."""
-    incidents = read_incidents(ctx, incidents_uri)
-    labels = ctx.store.write_dataset("labels", incidents, name="labels")
+def _too_many_rejected_labels(checked: CheckedLabels, limit: float, quarantine_uri: str) -> str:
+    rejected = {k: v for k, v in checked.counts().items() if k != REASON_DUPLICATE}
+    top = max(rejected, key=rejected.__getitem__)
+    example = checked.rejected.filter(pl.col("reason") == top).row(0, named=True)
+    return (
+        f"{checked.source}: {sum(rejected.values()):,} of {checked.labels_in:,} claim rows "
+        f"rejected ({checked.rejected_share:.1%}, limit {limit:.1%}); most often {top} "
+        f"({rejected[top]:,}), e.g. row {example['row']} {example['column']}="
+        f"{example['value']!r} — {_LABEL_FIXES[top]}, or raise "
+        "training.max_rejected_label_share (DRIVERSCORE_TRAINING__MAX_REJECTED_LABEL_SHARE); "
+        f"rejected rows: {quarantine_uri}"
+    )
+
+
+def label_and_split(
+    ctx: RunContext, prepared: PreparedDataset, claims: ClaimLabels
+) -> TrainingData:
+    """Join the claims to the trips (mature trips only) and split them in time.
+
+    The claims' counts join the run's quality report, next to the pings' counts.
+    """
     features = ctx.store.read_dataset(prepared.features)
     labelled = label_trips(
         features,
-        incidents,
+        claims.incidents,
         reference_time=ctx.reference_time,
         maturity_days=ctx.settings.training.label_maturity_days,
     )
+    incident_rate = labelled.select(pl.col(LABEL_COLUMN).cast(pl.Float64).mean()).item()
+    label_quality = {
+        **claims.report,
+        "mature_trips": labelled.height,
+        "incident_rate": float(incident_rate) if incident_rate is not None else 0.0,
+    }
+    ctx.store.write_json(
+        "reports", ctx.run_id, "quality.json", {**prepared.quality, "labels": label_quality}
+    )
     train, holdout = time_split(labelled, ctx.settings.training.validation_fraction)
-    return TrainingData(labels=labels, train=train, holdout=holdout)
+    return TrainingData(
+        labels=claims.labels,
+        label_quarantine=claims.quarantine,
+        label_quality=label_quality,
+        train=train,
+        holdout=holdout,
+    )
 
 
 def train_candidate(ctx: RunContext, data: TrainingData) -> TrainedModel:
@@ -207,6 +271,15 @@ def register_candidate(
     )
 
 
+_MANIFEST_LABEL_COUNTS = (
+    "labels_in",
+    "labels_kept",
+    "labels_duplicate",
+    "labels_rejected",
+    "labels_rejected_share",
+)
+
+
 def run_training(
     settings: Settings,
     *,
@@ -220,9 +293,10 @@ def run_training(
     ctx = RunContext.start(settings, reference_time, progress)
     store, run_id = ctx.store, ctx.run_id
     registry = open_registry(settings)
+    claims = check_claims(ctx, incidents_uri)
     ingested = ingest(ctx, pings_uri, mapping)
     prepared = prepare(ctx, ingested)
-    data = label_and_split(ctx, prepared, incidents_uri)
+    data = label_and_split(ctx, prepared, claims)
     trained = train_candidate(ctx, data)
     candidate = validate_candidate(ctx, trained, data, prepared, registry)
     store.write_json("reports", run_id, "gate.json", candidate.gate.model_dump(mode="json"))
@@ -237,6 +311,8 @@ def run_training(
             "features": prepared.features.uri,
             "quarantine": prepared.quarantine.uri,
             "labels": data.labels.uri,
+            "label_quarantine": data.label_quarantine.uri,
+            **{k: data.label_quality[k] for k in _MANIFEST_LABEL_COUNTS},
             "quality_report": prepared.quality_uri,
             "model": f"{registered.model_name} v{registered.version}",
             "model_alias": registered.alias,
