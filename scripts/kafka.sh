@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Local single-node Apache Kafka: scripts/kafka.sh up|down|status (see the script it runs).
+# Local single-node Apache Kafka: scripts/kafka.sh up|down|reset|status (see the script it runs).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHON=${PYTHON:-$root/.venv/bin/python}

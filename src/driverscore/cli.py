@@ -288,30 +288,66 @@ app.add_typer(kafka_app, name="kafka")
 
 @kafka_app.command("up")
 def kafka_up() -> None:
-    """Start a single-node Kafka under <home>/kafka (jars from Maven Central on first use)."""
-    from driverscore.adapters.kafka.broker import LocalKafkaBroker
+    """Start a single-node Kafka under <home>/kafka; a restart keeps its data and address."""
+    from driverscore.adapters.kafka.broker import (
+        BOOTSTRAP_SETTING,
+        LocalKafkaBroker,
+        broker_state_dir,
+        resolve_bootstrap,
+    )
 
-    broker = LocalKafkaBroker((_settings().home / "kafka").resolve())
-    bootstrap = broker.up()
+    settings = _settings()
+    state_dir = broker_state_dir(settings.home)
+    bootstrap = LocalKafkaBroker(state_dir).up()
     typer.echo(bootstrap)
-    err_console.print(f"export DRIVERSCORE_KAFKA__BOOTSTRAP_SERVERS={bootstrap}", highlight=False)
+    address = resolve_bootstrap(settings)
+    if address.origin == "setting" and address.bootstrap_servers != bootstrap:
+        err_console.print(
+            f"note: {BOOTSTRAP_SETTING}={address.bootstrap_servers} is set and wins over this "
+            f"broker: unset it to use {bootstrap}",
+            highlight=False,
+        )
+    else:
+        err_console.print(
+            f"commands with home {settings.home} find it (recorded in {state_dir}); "
+            f"elsewhere: export {BOOTSTRAP_SETTING}={bootstrap}",
+            highlight=False,
+        )
 
 
 @kafka_app.command("down")
 def kafka_down() -> None:
-    """Stop the local Kafka started by `driverscore kafka up`."""
-    from driverscore.adapters.kafka.broker import LocalKafkaBroker
+    """Stop the local Kafka started by `driverscore kafka up` (its data and address are kept)."""
+    from driverscore.adapters.kafka.broker import LocalKafkaBroker, broker_state_dir
 
-    broker = LocalKafkaBroker((_settings().home / "kafka").resolve())
-    broker.down()
+    LocalKafkaBroker(broker_state_dir(_settings().home)).down()
+
+
+@kafka_app.command("reset")
+def kafka_reset() -> None:
+    """Stop the local Kafka and delete its data: every topic, message and offset."""
+    from driverscore.adapters.kafka.broker import LocalKafkaBroker, broker_state_dir
+
+    settings = _settings()
+    state_dir = broker_state_dir(settings.home)
+    LocalKafkaBroker(state_dir).reset()
+    typer.echo(f"deleted the broker data in {state_dir}; `driverscore kafka up` starts anew")
+    stream_state = settings.kafka.state_dir or settings.home / "stream-state"
+    if stream_state.exists():
+        # The processors' local state restores from changelog topics that are now gone.
+        typer.echo(
+            f"the stream state in {stream_state.resolve()} belonged to the deleted topics: "
+            "delete it before the next `driverscore stream`"
+        )
 
 
 @kafka_app.command("init")
 def kafka_init() -> None:
     """Create the contract topics (names, partitions, retention from DRIVERSCORE_KAFKA__*)."""
     from driverscore.adapters.kafka.admin import create_topics
+    from driverscore.adapters.kafka.broker import require_broker
 
-    setup = create_topics(_settings().kafka)
+    setup = create_topics(require_broker(_settings()).kafka)
     for name in setup.created:
         typer.echo(f"created  {name}")
     for name in setup.existing:
@@ -331,6 +367,10 @@ def kafka_produce(
     ] = False,
 ) -> None:
     """Replay a ping file into the pings topic in timestamp order, keyed by vehicle."""
+    from driverscore.adapters.kafka.broker import require_broker
+
+    # Before the heavy imports: an absent broker is said at once.
+    settings = require_broker(_settings())
     from driverscore.adapters.kafka.producer import (
         clock_after,
         load_canonical_pings,
@@ -339,7 +379,8 @@ def kafka_produce(
         send_clock,
     )
 
-    settings = _settings()
+    # Looked up before sending: a registry problem must not leave a replay without its end.
+    gap_s = _stream_trip_gap_s(settings) if close_trips else None
     frame, rejected = load_canonical_pings(
         pings, _load_mapping(mapping), settings.storage_options()
     )
@@ -348,12 +389,30 @@ def kafka_produce(
     result = replay_pings(
         producer, topic, frame, batch_span_s=batch_span, rate=rate, rejected_rows=rejected
     )
-    if close_trips and result.last_ts is not None:
-        clock = clock_after(result.last_ts, settings.trips.gap_s, settings.kafka.grace_s)
+    if gap_s is not None and result.last_ts is not None:
+        clock = clock_after(result.last_ts, gap_s, settings.kafka.grace_s)
         send_clock(producer, topic, clock)
     typer.echo(f"sent {result.pings:,} pings in {result.messages:,} messages to {topic}")
     if rejected:
         typer.echo(f"{rejected:,} rows rejected by the column mapping (not sent)")
+
+
+def _stream_trip_gap_s(settings: Settings) -> float:
+    """The trip gap the stream cuts with: the card of the model it scores with (what the
+    model learned travels with it); the setting, with a note, when no model is registered."""
+    from driverscore.adapters.registry import open_registry
+
+    registry = open_registry(settings)
+    alias = settings.kafka.model_alias
+    version = registry.alias_version(alias)
+    if version is None:
+        err_console.print(
+            f"note: no model with alias {alias!r} in the registry: --close-trips uses the trip "
+            f"gap of the settings (DRIVERSCORE_TRIPS__GAP_S={settings.trips.gap_s:g} s)",
+            highlight=False,
+        )
+        return settings.trips.gap_s
+    return registry.load_card(version).trip_config.gap_s
 
 
 @app.command()
@@ -376,6 +435,16 @@ def stream(
     ] = 0,
 ) -> None:
     """Score trips as they close, from the pings topic or a replayed ping file."""
+    if source not in ("kafka", "file"):
+        raise ConfigError(f"--source: '{source}' is neither kafka nor file")
+    if (source == "file") != (pings is not None):
+        raise ConfigError("PINGS is required with --source file and not allowed otherwise")
+    settings = _settings()
+    if source == "kafka":
+        from driverscore.adapters.kafka.broker import require_broker
+
+        # Before the stream's heavy imports and the registry: an absent broker is said at once.
+        settings = require_broker(settings)
     from driverscore.adapters.registry import open_registry
     from driverscore.services.stream import (
         StreamMetrics,
@@ -385,11 +454,6 @@ def stream(
         stream_scoring,
     )
 
-    if source not in ("kafka", "file"):
-        raise ConfigError(f"--source: '{source}' is neither kafka nor file")
-    if (source == "file") != (pings is not None):
-        raise ConfigError("PINGS is required with --source file and not allowed otherwise")
-    settings = _settings()
     scoring = stream_scoring(settings)
     models = stream_models(settings, lambda: open_registry(settings))
     scorer = models.current().champion

@@ -1,7 +1,9 @@
-"""Control of a local single-node Kafka broker (``broker.sh``) and a readiness check.
+"""Control of a local single-node Kafka broker (``broker.sh``), where commands find a broker,
+and readiness checks.
 
 The broker is fetched from Maven Central on first use (``mvn``, Java 17+) and runs as a
-background JVM; its state folder holds config, data, log, pid and bootstrap address.
+background JVM; its state folder (``<home>/kafka`` for ``driverscore kafka up``) holds
+config, data, log, pid, ports and the bootstrap address, which outlive ``down``.
 """
 
 from __future__ import annotations
@@ -12,16 +14,33 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from confluent_kafka import KafkaException  # type: ignore[import-untyped]
 from confluent_kafka.admin import AdminClient  # type: ignore[import-untyped]
 
 from driverscore.errors import DriverscoreError
+from driverscore.settings import Settings
 
-__all__ = ["BROKER_SCRIPT", "LocalKafkaBroker", "wait_until_ready"]
+__all__ = [
+    "BOOTSTRAP_SETTING",
+    "BROKER_SCRIPT",
+    "REACHABLE_TIMEOUT_S",
+    "BrokerAddress",
+    "BrokerError",
+    "LocalKafkaBroker",
+    "broker_state_dir",
+    "require_broker",
+    "resolve_bootstrap",
+    "wait_until_ready",
+]
 
 BROKER_SCRIPT: Final = Path(__file__).with_name("broker.sh")
+BOOTSTRAP_SETTING: Final = "DRIVERSCORE_KAFKA__BOOTSTRAP_SERVERS"
+#: How long a command waits for the broker to answer before it says so: a live broker
+#: answers a metadata request in milliseconds, and with interpreter start-up on a busy
+#: machine the command still reports within 5 s.
+REACHABLE_TIMEOUT_S: Final = 2.5
 
 
 class BrokerError(DriverscoreError):
@@ -66,6 +85,12 @@ class LocalKafkaBroker:
         if done.returncode != 0:
             raise BrokerError(f"kafka did not stop: {done.stderr.strip()[-2000:]}")
 
+    def reset(self) -> None:
+        """Stop the broker and delete its data, cluster id and ports (every topic and offset)."""
+        done = self._run("reset")
+        if done.returncode != 0:
+            raise BrokerError(f"kafka was not reset: {done.stderr.strip()[-2000:]}")
+
     def status(self) -> str | None:
         """Bootstrap address when running, else ``None``."""
         done = self._run("status")
@@ -85,3 +110,77 @@ def wait_until_ready(bootstrap_servers: str, timeout_s: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise BrokerError(f"kafka at {bootstrap_servers} not reachable after {timeout_s:.0f}s")
         time.sleep(0.5)
+
+
+def broker_state_dir(home: Path) -> Path:
+    """Where ``driverscore kafka up`` keeps the broker of a home."""
+    return (home / "kafka").resolve()
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """The bootstrap address a command uses and where it came from."""
+
+    bootstrap_servers: str
+    origin: Literal["setting", "recorded", "default"]
+    state_dir: Path
+
+    def unreachable_message(self, timeout_s: float) -> str:
+        """One line: which address, where it came from, what to do."""
+        head = f"kafka at {self.bootstrap_servers}"
+        waited = f"did not answer within {timeout_s:g} s"
+        if self.origin == "setting":
+            return (
+                f"{head} (from {BOOTSTRAP_SETTING}) {waited}: start that broker, or correct "
+                f"or unset {BOOTSTRAP_SETTING}"
+            )
+        if self.origin == "recorded":
+            return (
+                f"{head} (recorded by `driverscore kafka up` in {self.state_dir}) {waited}: "
+                "start it with `driverscore kafka up` (same home), or set "
+                f"{BOOTSTRAP_SETTING} to another broker"
+            )
+        return (
+            f"{head} (the default: no broker started by `driverscore kafka up` in "
+            f"{self.state_dir}) {waited}: run `driverscore kafka up`, or set "
+            f"{BOOTSTRAP_SETTING} to your cluster"
+        )
+
+
+def resolve_bootstrap(settings: Settings) -> BrokerAddress:
+    """The broker every command of a home uses.
+
+    In order: ``kafka.bootstrap_servers`` when set explicitly (``DRIVERSCORE_KAFKA__``
+    ``BOOTSTRAP_SERVERS``, the ``DRIVERSCORE_KAFKA`` JSON, or in code); else the address
+    ``driverscore kafka up`` recorded in ``<home>/kafka``; else the setting's default.
+    """
+    kafka = settings.kafka
+    state_dir = broker_state_dir(settings.home)
+    if "bootstrap_servers" in kafka.model_fields_set:
+        return BrokerAddress(kafka.bootstrap_servers, "setting", state_dir)
+    try:
+        recorded = (state_dir / "bootstrap").read_text(encoding="utf-8").strip()
+    except OSError:
+        recorded = ""
+    if recorded:
+        return BrokerAddress(recorded, "recorded", state_dir)
+    return BrokerAddress(kafka.bootstrap_servers, "default", state_dir)
+
+
+def require_broker(settings: Settings, timeout_s: float = REACHABLE_TIMEOUT_S) -> Settings:
+    """``settings`` with the resolved broker address, once that broker has answered.
+
+    Raises :class:`BrokerError` with one line (address, its origin, what to do) when it
+    does not answer within ``timeout_s``: the Kafka clients would otherwise retry for
+    minutes without a word.
+    """
+    address = resolve_bootstrap(settings)
+    admin = AdminClient({"bootstrap.servers": address.bootstrap_servers, "log_level": 0})
+    try:
+        answered = bool(admin.list_topics(timeout=timeout_s).brokers)
+    except KafkaException:
+        answered = False
+    if not answered:
+        raise BrokerError(address.unreachable_message(timeout_s))
+    kafka = settings.kafka.model_copy(update={"bootstrap_servers": address.bootstrap_servers})
+    return settings.model_copy(update={"kafka": kafka})

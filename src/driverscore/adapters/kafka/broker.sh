@@ -2,9 +2,14 @@
 # A single-node Apache Kafka (KRaft, combined broker + controller) on 127.0.0.1 for tests
 # and local use: no Docker, no download of a Kafka distribution, only Maven Central.
 #
-#   broker.sh up      fetch the jars once, format storage, start, wait until it answers
-#   broker.sh down    stop the broker started from the same state folder
+#   broker.sh up      fetch the jars once, format storage on the first start, start, wait
+#                     until it answers; later starts keep the data, cluster id and ports
+#   broker.sh down    stop the broker started from the same state folder (data kept)
+#   broker.sh reset   stop it and delete its data, cluster id and ports: the next up is new
 #   broker.sh status  print the bootstrap address and exit 0 when it is running
+#
+# The state folder records the address in `bootstrap` (kept while the broker is down:
+# `driverscore` commands in the same home connect to it without any setting).
 #
 # Environment:
 #   DRIVERSCORE_KAFKA_DIR      state folder (config, data, log, pid)   default .driverscore/kafka
@@ -48,6 +53,20 @@ free_port() {
   "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# SO_REUSEADDR like the broker's own listener: a port whose last connections are still in
+# TIME_WAIT after a stop counts as free; only a socket bound to it now counts as taken.
+port_free() {
+  "$py" -c '
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)
+' "$1"
+}
+
 wait_ready() {
   local pid=$1 bootstrap=$2
   "$py" - "$pid" "$bootstrap" "$timeout" <<'EOF'
@@ -83,11 +102,24 @@ up() {
   fi
   fetch_jars
   mkdir -p "$state"
-  local broker_port controller_port
-  broker_port=$(free_port)
-  controller_port=$(free_port)
-  while [ "$controller_port" = "$broker_port" ]; do controller_port=$(free_port); done
-  rm -rf "$state/data"
+  local broker_port controller_port port
+  if [ -f "$state/ports" ]; then
+    # A restart: the same address, so clients and the recorded bootstrap stay valid.
+    read -r broker_port controller_port < "$state/ports"
+    for port in "$broker_port" "$controller_port"; do
+      if ! port_free "$port"; then
+        echo "kafka: port 127.0.0.1:$port of the broker in $state is taken by another process:" \
+          "stop that process, or run \`driverscore kafka reset\` to delete this broker's data" \
+          "and start it on new ports" >&2
+        exit 1
+      fi
+    done
+  else
+    broker_port=$(free_port)
+    controller_port=$(free_port)
+    while [ "$controller_port" = "$broker_port" ]; do controller_port=$(free_port); done
+    echo "$broker_port $controller_port" > "$state/ports"
+  fi
   cat > "$state/server.properties" <<EOF
 process.roles=broker,controller
 node.id=1
@@ -113,11 +145,18 @@ log.cleaner.threads=1
 num.network.threads=2
 num.io.threads=2
 EOF
-  local cluster_id
-  cluster_id=$("$py" -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode())')
-  java -cp "$libs/*" kafka.tools.StorageTool format -t "$cluster_id" \
-    -c "$state/server.properties" > "$state/format.log" 2>&1 \
-    || { cat "$state/format.log" >&2; exit 1; }
+  # Format once: meta.properties is written last, so without it the folder holds nothing
+  # of value (a first start that failed half-way).
+  if [ ! -f "$state/data/meta.properties" ]; then
+    rm -rf "$state/data"
+    local cluster_id
+    # -I: no script folder on sys.path (its modules must not shadow the standard library).
+    cluster_id=$("$py" -I "$here/cluster_id.py")
+    echo "$cluster_id" > "$state/cluster.id"
+    java -cp "$libs/*" kafka.tools.StorageTool format -t "$cluster_id" \
+      -c "$state/server.properties" > "$state/format.log" 2>&1 \
+      || { cat "$state/format.log" >&2; exit 1; }
+  fi
   # setsid: the broker outlives this script and a Ctrl-C in the calling terminal.
   setsid java -Xms128m -Xmx"$heap" -XX:+UseG1GC -Djava.awt.headless=true \
     -Dorg.slf4j.simpleLogger.defaultLogLevel=warn \
@@ -148,6 +187,14 @@ down() {
   rm -f "$state/broker.pid"
 }
 
+reset() {
+  down
+  # Only the files this script writes: the folder itself may hold other things.
+  rm -rf "$state/data"
+  rm -f "$state/ports" "$state/bootstrap" "$state/cluster.id" "$state/server.properties" \
+    "$state/format.log" "$state/broker.log"
+}
+
 status() {
   if running_pid >/dev/null; then
     cat "$state/bootstrap"
@@ -160,6 +207,7 @@ status() {
 case "${1:-}" in
   up) up ;;
   down) down ;;
+  reset) reset ;;
   status) status ;;
-  *) echo "usage: $(basename "$0") up|down|status" >&2; exit 2 ;;
+  *) echo "usage: $(basename "$0") up|down|reset|status" >&2; exit 2 ;;
 esac

@@ -380,10 +380,12 @@ def _invalid(problems: list[FieldProblem]) -> JSONResponse:
 def _prediction_log(settings: Settings) -> PredictionLog:
     """Parquet parts under the home folder by default; a Kafka topic when configured."""
     if settings.service.prediction_log == "kafka":
+        from driverscore.adapters.kafka.broker import resolve_bootstrap
         from driverscore.adapters.kafka.prediction_log import KafkaPredictionLog
 
+        # The same broker as every command of this home (a `driverscore kafka up` one too).
         return KafkaPredictionLog(
-            settings.kafka.bootstrap_servers, settings.kafka.topics.predictions
+            resolve_bootstrap(settings).bootstrap_servers, settings.kafka.topics.predictions
         )
     log_dir = settings.service.prediction_log_dir or settings.home / "prediction_log"
     return ParquetPredictionLog(Path(log_dir))
