@@ -173,5 +173,3 @@ class StreamApplication:
             self.app.run()
         finally:
             self.ticker.stop()
-
-

@@ -189,8 +189,7 @@ class ScoringClient:
         # A trip is its vehicle's trip: ids given by devices repeat across vehicles.
         sent = [(t["vehicle_id"], t["trip_id"]) for t in trips]
         got = [
-            (s.get("vehicle_id"), s.get("trip_id")) if isinstance(s, dict) else None
-            for s in scores
+            (s.get("vehicle_id"), s.get("trip_id")) if isinstance(s, dict) else None for s in scores
         ]
         if got != sent:
             raise ScoringServiceError(
