@@ -30,11 +30,21 @@ import pytest
 from httpx import Client
 from test_service import serving
 
-from driverscore.adapters.prediction_log import ParquetPredictionLog
+from driverscore.adapters.kafka.messages import CLOCK_KEY, encode_batch, encode_clock
+from driverscore.adapters.prediction_log import (
+    MemoryPredictionLog,
+    ParquetPredictionLog,
+)
 from driverscore.adapters.registry import CHALLENGER, CHAMPION, ModelRegistry
 from driverscore.domain.rollout import RolloutPolicy
+from driverscore.domain.sessions import MemoryScope, SessionRules, TripAssembler
+from driverscore.domain.trip_scoring import TRIP_RECORD_SCHEMA
 from driverscore.pipelines.scoring_run import run_scoring
-from driverscore.settings import ServiceConfig, Settings
+from driverscore.services.api.holder import ModelHolder
+from driverscore.services.stream import PingProcessor, PolledModels, StreamMetrics, TripScoringStep
+from driverscore.services.stream.remote import RemoteScoring, ScoringClient
+from driverscore.services.stream_embedded import MemoryScoreSink, run_embedded_stream
+from driverscore.settings import KafkaTopics, ServiceConfig, Settings
 from driverscore.training.synthetic import register_synthetic_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -365,6 +375,73 @@ def _rest_paths(
     return results
 
 
+GRACE_S = 30.0
+
+
+def _stream_step(backend: Backend, policy: RolloutPolicy, **scoring: Any) -> TripScoringStep:
+    models = PolledModels(ModelHolder(backend.registry), poll_interval_s=3600.0)
+    return TripScoringStep(models, StreamMetrics(), policy=policy, **scoring)
+
+
+def _in_time_order(data: Input) -> pl.DataFrame:
+    return data.pings.sort("ts", "vehicle_id", maintain_order=True)
+
+
+def _embedded(backend: Backend, data: Input, policy: RolloutPolicy) -> PathResult:
+    """The embedded runner: the file replayed through the stream's trip closing."""
+    sink, log = MemoryScoreSink(), MemoryPredictionLog()
+    step = _stream_step(backend, policy)
+    run_embedded_stream(_in_time_order(data), step, sink, grace_s=GRACE_S, prediction_log=log)
+    return PathResult(sink.scores, log.read())
+
+
+def _processor(backend: Backend, data: Input, policy: RolloutPolicy) -> PathResult:
+    """The Kafka processor in process: ping messages in, score and decision messages out."""
+    topics = KafkaTopics()
+    step = _stream_step(backend, policy)
+    card = step.scorer.card
+    processor = PingProcessor(
+        step,
+        TripAssembler(SessionRules.of(card.trip_config.gap_s, GRACE_S), defer=True),
+        topics,
+        step.metrics,
+    )
+    scope = MemoryScope()
+    out = []
+    ordered = _in_time_order(data)
+    for offset, start in enumerate(range(0, ordered.height, 25)):
+        chunk = ordered.slice(start, 25)
+        for (vehicle,), rows in chunk.group_by(["vehicle_id"], maintain_order=True):
+            ts_ms = int(rows["ts"].max().timestamp() * 1000)  # type: ignore[union-attr]
+            message = encode_batch(str(vehicle), rows.to_dicts())
+            out += processor.process(message, str(vehicle), ts_ms, [], scope, f"p/0/{offset}")
+    end = ordered["ts"].max() + timedelta(days=1)  # type: ignore[operator]
+    out += processor.process(encode_clock(end), CLOCK_KEY, 0, [], scope, "p/0/end")
+    out += processor.process(
+        encode_clock(end + timedelta(seconds=1)), CLOCK_KEY, 0, [], scope, "p/0/end2"
+    )
+    scores = [m.value for m in out if m.topic == topics.scores]
+    decisions = [m.value for m in out if m.topic == topics.predictions]
+    records = pl.read_ndjson(io.BytesIO(b"\n".join(scores)), schema=TRIP_RECORD_SCHEMA)
+    logged = pl.read_ndjson(io.BytesIO(b"\n".join(decisions)))
+    return PathResult(records, logged)
+
+
+def _through_service(
+    backend: Backend, data: Input, policy: RolloutPolicy, client: Client, log_dir: Path
+) -> PathResult:
+    """The stream scoring through the running service (its rollout, its prediction log)."""
+    before = ParquetPredictionLog(log_dir).read().height if log_dir.exists() else 0
+    sink = MemoryScoreSink()
+    remote = RemoteScoring(ScoringClient(str(client.base_url)))
+    try:
+        step = _stream_step(backend, policy, scoring=remote)
+        run_embedded_stream(_in_time_order(data), step, sink, grace_s=GRACE_S)
+    finally:
+        remote.close()
+    return PathResult(sink.scores, _logged_since(log_dir, client, before))
+
+
 @pytest.mark.parametrize("mode", list(POLICIES))
 def test_every_path_scores_and_logs_the_same(
     mode: str,
@@ -377,6 +454,9 @@ def test_every_path_scores_and_logs_the_same(
     batch = _batch(backend, data, tmp_path, policy)
     client, log_dir = service
     paths = {"batch": batch, **_rest_paths(client, log_dir, data, batch.records, policy)}
+    paths["embedded_runner"] = _embedded(backend, data, policy)
+    paths["stream_processor"] = _processor(backend, data, policy)
+    paths["stream_through_service"] = _through_service(backend, data, policy, client, log_dir)
 
     # Independent expectations, on the batch result.
     trips = {(r["vehicle_id"], r["trip_id"]): r for r in batch.records.iter_rows(named=True)}
