@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
 from driverscore.domain.mapping import ColumnMapping
-from driverscore.errors import ConfigError, DriverscoreError
-from driverscore.settings import Settings
+from driverscore.errors import ConfigError, DriverscoreError, GateFailedError
+from driverscore.settings import Settings, load_settings
 
 #: Demo fleet size: large enough for a stable holdout (hundreds of trips, dozens of claims),
 #: small enough to run in a few minutes on a laptop.
@@ -33,15 +32,14 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
+#: Exit codes (docs/operations.md): 2 is also what Typer uses for a wrong option.
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_GATE_FAILED = 3
+
+
 def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(
-            f"setting DRIVERSCORE_{where.upper().replace('.', '__')}: {first['msg']}"
-        ) from None
+    return load_settings()
 
 
 def _parse_time(value: str | None, option: str) -> datetime | None:
@@ -63,6 +61,11 @@ def _load_mapping(path: Path | None) -> ColumnMapping | None:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the mapping file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: the mapping file is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+            f"offset {exc.start}) — save it as UTF-8"
+        ) from None
     return ColumnMapping.from_yaml_text(text, where=str(path))
 
 
@@ -179,6 +182,14 @@ def train(
             progress=lambda m: status.update(m),
         )
     print_training(console, result)
+    if not result.candidate.gate.passed:
+        # A scheduler or script sees this exit code (3), distinct from an error (1).
+        registered = result.registered
+        raise GateFailedError(
+            f"{registered.model_name} v{registered.version} failed the validation gate "
+            f"({len(result.candidate.gate.failures)} rule(s) above); it is recorded without "
+            "an alias and does not serve"
+        )
 
 
 @app.command()
@@ -517,11 +528,37 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _exit_code(exc: DriverscoreError) -> int:
+    if isinstance(exc, GateFailedError):
+        return EXIT_GATE_FAILED
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    return EXIT_ERROR
+
+
+def _s3_uris(argv: list[str]) -> str:
+    """The command's s3:// arguments: where an object-store failure happened."""
+    uris = [a.split("=", 1)[-1] for a in argv if a.split("=", 1)[-1].startswith("s3://")]
+    return ", ".join(uris) or "S3 (DRIVERSCORE_DATA_URI)"
+
+
 def main() -> None:
-    """Console entry point: user errors print one line and exit 2, without a traceback."""
+    """Console entry point: a user error prints one line, without a traceback, and exits
+    1 (error), 2 (wrong option, setting or mapping file) or 3 (a trained model failed its
+    validation gate); see docs/operations.md."""
     _quiet_libraries()
     try:
         app()
     except DriverscoreError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(_exit_code(exc))
+    except Exception as exc:
+        # botocore's failures reach here from any s3:// read or write, untranslated by
+        # fsspec; anything else is a bug and keeps its traceback.
+        from driverscore.adapters.storage import storage_failure
+
+        failure = storage_failure(exc, where=_s3_uris(sys.argv[1:]))
+        if failure is None:
+            raise
+        err_console.print(f"[bold red]error:[/] {failure}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_ERROR)

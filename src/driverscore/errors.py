@@ -1,7 +1,8 @@
 """Errors a user can act on.
 
 Entry points catch :class:`DriverscoreError` and print its message as one line, then exit
-non-zero; anything else is a bug and keeps its traceback.
+non-zero (the command line's exit codes are in ``docs/operations.md``); anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ class NoModelError(DriverscoreError):
 
 
 class GateFailedError(DriverscoreError):
-    """A candidate model did not pass the validation gate."""
+    """A candidate model did not pass the validation gate (it is recorded, without an alias)."""
+
+
+class StorageError(DriverscoreError):
+    """An object store (S3 API) cannot be reached, or finds no credentials to sign with."""
+
+
+class RegistryError(DriverscoreError):
+    """The model registry's database cannot be opened (corrupt, or not an MLflow database)."""
 
 
 class ScoringServiceError(DriverscoreError):

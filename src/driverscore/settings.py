@@ -6,14 +6,24 @@ fields use ``__`` (for example ``DRIVERSCORE_FEATURES__HARD_BRAKE_MPS2=3.5``).
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import types
 from pathlib import Path
-from typing import Literal
+from typing import Any, Final, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
 from driverscore.domain.rollout import RolloutPolicy
+from driverscore.errors import ConfigError
+
+ENV_PREFIX: Final = "DRIVERSCORE_"
+_NESTED: Final = "__"
+_FIELD_IN_MESSAGE: Final = re.compile(r'field "([^"]+)"')
+_CONTAINERS: Final = (list, dict, set, frozenset, tuple)
 
 
 class GateConfig(BaseModel):
@@ -242,6 +252,20 @@ class Settings(BaseSettings):
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None
     aws_region: str = "us-east-1"
+    s3_connect_timeout_s: float = Field(
+        5.0, gt=0, description="Connecting to the S3 endpoint gives up after this (s)."
+    )
+    s3_read_timeout_s: float = Field(
+        60.0, gt=0, description="An S3 endpoint silent this long fails the request (s)."
+    )
+    s3_max_attempts: int = Field(
+        3,
+        ge=1,
+        description=(
+            "Attempts per S3 request, retries included: with the timeouts, a dead endpoint "
+            "fails a command in seconds instead of minutes."
+        ),
+    )
     schedule: Literal["daily", "weekly"] = "daily"
     schedule_cron: str | None = Field(
         None, description="Overrides the daily/weekly cron expression."
@@ -271,7 +295,15 @@ class Settings(BaseSettings):
 
     def storage_options(self) -> dict[str, object]:
         """fsspec options for S3 URIs; empty values fall back to the AWS environment."""
-        options: dict[str, object] = {}
+        options: dict[str, object] = {
+            # botocore's defaults (60 s to connect, up to 5 attempts with back-off) make a
+            # dead endpoint hang a command for minutes.
+            "config_kwargs": {
+                "connect_timeout": self.s3_connect_timeout_s,
+                "read_timeout": self.s3_read_timeout_s,
+                "retries": {"total_max_attempts": self.s3_max_attempts, "mode": "standard"},
+            }
+        }
         if self.s3_endpoint_url:
             options["client_kwargs"] = {
                 "endpoint_url": self.s3_endpoint_url,
@@ -281,3 +313,90 @@ class Settings(BaseSettings):
             options["key"] = self.aws_access_key_id.get_secret_value()
             options["secret"] = self.aws_secret_access_key.get_secret_value()
         return options
+
+
+def load_settings() -> Settings:
+    """The settings from the environment, once per entry point.
+
+    A wrong value is one :class:`ConfigError` naming the variable that holds it, never a
+    pydantic traceback: values that do not validate, and lists or objects that are not
+    JSON (``DRIVERSCORE_SERVICE__TOKENS=plaintext``, ``DRIVERSCORE_FEATURES={bad``).
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        path: list[str] = []
+        for part in first["loc"]:
+            if not isinstance(part, str):
+                break  # a list index: the variable holds the whole list
+            path.append(part)
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(
+            f"setting {_variable_for(path)}: {first['msg']}{more} — fix or unset it"
+        ) from None
+    except SettingsError as exc:
+        raise ConfigError(_unparseable_setting(exc)) from None
+
+
+def _environment() -> dict[str, str]:
+    # Settings read variable names case-insensitively; so do the error messages.
+    return {name.upper(): name for name in os.environ}
+
+
+def _variable_for(path: list[str]) -> str:
+    """The variable that set the value at ``path``: the nested one (``GATE__MIN_ROC_AUC``) or
+    the JSON object around it (``GATE``), whichever is set."""
+    present = _environment()
+    for end in range(len(path), 0, -1):
+        name = ENV_PREFIX + _NESTED.join(path[:end]).upper()
+        if name in present:
+            inner = ".".join(path[end:])
+            return f"{present[name]} ({inner})" if inner else present[name]
+    return ENV_PREFIX + _NESTED.join(path).upper()
+
+
+def _unparseable_setting(exc: SettingsError) -> str:
+    """A line naming the variable whose list or object value is not JSON."""
+    cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+    hint = """lists and objects are written as JSON, e.g. '["a", "b"]' or '{"key": 1}'"""
+    match = _FIELD_IN_MESSAGE.search(str(exc))
+    if match is None:
+        return f"settings: {exc}{cause} — {hint}"
+    family = ENV_PREFIX + match.group(1).upper()
+    for upper, name in sorted(_environment().items()):
+        if upper != family and not upper.startswith(family + _NESTED):
+            continue
+        path = upper.removeprefix(ENV_PREFIX).lower().split(_NESTED)
+        if _expects_json(path) and not _is_json(os.environ[name]):
+            return f"setting {name}: not valid JSON{cause} — {hint}"
+    return f"setting {family} (or one nested under it): not valid JSON{cause} — {hint}"
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
+
+
+def _expects_json(path: list[str]) -> bool:
+    """Whether the field at ``path`` is a list or an object (its variable holds JSON)."""
+    model: type[BaseModel] | None = Settings
+    annotation: Any = None
+    for name in path:
+        if model is None or name not in model.model_fields:
+            return False
+        annotation = _unwrap_optional(model.model_fields[name].annotation)
+        is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        model = annotation if is_model else None
+    return model is not None or get_origin(annotation) in _CONTAINERS or annotation in _CONTAINERS

@@ -18,11 +18,16 @@ from pydantic import SecretStr
 from driverscore.adapters.readers import list_sources
 from driverscore.adapters.registry import open_registry
 from driverscore.adapters.storage import DataStore
-from driverscore.pipelines.dagster_defs import JOB_NAME, TelemetrySource, build_definitions
+from driverscore.pipelines.dagster_defs import (
+    GATE_CHECK,
+    JOB_NAME,
+    TelemetrySource,
+    build_definitions,
+)
 from driverscore.pipelines.simulation_run import SimulationOutput, write_simulation
 from driverscore.pipelines.steps import RunContext, ingest, prepare
 from driverscore.pipelines.training_run import run_training
-from driverscore.settings import Settings
+from driverscore.settings import GateConfig, Settings
 from driverscore.simulation import SimulationConfig
 
 if TYPE_CHECKING:
@@ -106,7 +111,9 @@ def test_dagster_assets_materialise_the_pipeline(
     with dg.DagsterInstance.ephemeral() as instance:
         outcome = job.execute_in_process(instance=instance)
     assert outcome.success
+    [check] = outcome.get_asset_check_evaluations()
     registered = outcome.output_for_node("registered_model")
+    assert check.check_name == GATE_CHECK and check.passed == (registered.gate_status == "passed")
     assert registered.gate_status in {"passed", "failed"}
     registry = open_registry(settings)
     assert registry.version_tags(registered.version)["gate_status"] == registered.gate_status
@@ -118,6 +125,34 @@ def test_dagster_assets_materialise_the_pipeline(
     features = DataStore(settings.resolved_data_uri, {}).read_dataset(prepared.features)
     assert isinstance(features, pl.DataFrame)
     assert features.height == prepared.features.rows > 0
+
+
+def test_a_failed_gate_fails_the_dagster_run_and_its_asset_check(
+    local_fleet: SimulationOutput, tmp_path: Path
+) -> None:
+    # No model has a Brier score of 0: the candidate fails the gate whatever it learns.
+    settings = Settings(home=tmp_path / "home", gate=GateConfig(max_brier=0.0))
+    source = TelemetrySource(
+        pings_uri=local_fleet.pings_uri,
+        incidents_uri=local_fleet.incidents_uri,
+        reference_time=REFERENCE_TIME.isoformat(),
+    )
+    job = build_definitions(settings, source).resolve_job_def(JOB_NAME)
+    with dg.DagsterInstance.ephemeral() as instance:
+        outcome = job.execute_in_process(instance=instance, raise_on_error=False)
+
+    assert not outcome.success, "a scheduler must see the run fail"
+    [check] = outcome.get_asset_check_evaluations()
+    assert check.check_name == GATE_CHECK
+    assert check.asset_key == dg.AssetKey("registered_model")
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+    assert "Brier" in str(check.metadata["failures"].value)
+    # The attempt is still recorded, without an alias, for traceability.
+    registered = outcome.output_for_node("registered_model")
+    assert registered.gate_status == "failed" and registered.alias is None
+    registry = open_registry(settings)
+    assert registry.version_tags(registered.version)["gate_status"] == "failed"
+    assert registry.alias_version("champion") is None
 
 
 def test_daily_schedule_is_the_default(local_fleet: SimulationOutput, tmp_path: Path) -> None:

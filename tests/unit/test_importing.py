@@ -70,3 +70,32 @@ def test_structural_error_stops_the_import(tmp_path: Path) -> None:
 
     with pytest.raises(InputDataError, match="required field ts not found"):
         import_telemetry(str(src), None, str(tmp_path / "out.parquet"), {})
+
+
+def test_header_only_file_is_an_error_not_an_empty_import(tmp_path: Path) -> None:
+    src = tmp_path / "export.csv"
+    src.write_text("ts,vehicle_id,lat,lon\n")
+    dest = tmp_path / "pings.parquet"
+    with pytest.raises(
+        InputDataError, match=r"^no pings in .*export\.csv: the file has a header and no rows$"
+    ):
+        import_telemetry(str(src), None, str(dest), {})
+    assert not dest.exists()
+
+
+def test_a_header_only_file_beside_data_is_skipped(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.csv").write_text("ts,vehicle_id,lat,lon\n2024-05-01T08:00:00Z,v1,1,2\n")
+    (src / "b.csv").write_text("ts,vehicle_id,lat,lon\n")
+    result = import_telemetry(str(src), None, str(tmp_path / "pings.parquet"), {})
+    assert (result.rows_in, result.rows_out) == (1, 1)
+
+
+def test_folder_of_header_only_files_is_an_error(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.csv", "b.csv"):
+        (src / name).write_text("ts,vehicle_id,lat,lon\n")
+    with pytest.raises(InputDataError, match=r"its 2 files have no rows"):
+        import_telemetry(str(src), None, str(tmp_path / "pings"), {})

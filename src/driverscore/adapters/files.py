@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import uuid
 from collections.abc import Mapping
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
-import fsspec
 import polars as pl
+from fsspec.implementations.local import LocalFileSystem
 
-from driverscore.errors import ConfigError
+from driverscore.adapters.storage import filesystem, storage_failure
+from driverscore.errors import ConfigError, StorageError
 
 WRITABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -34,7 +36,12 @@ def _flatten_lists(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def write_table(frame: pl.DataFrame, uri: str, storage_options: Mapping[str, object]) -> str:
-    """Write ``frame`` to ``uri`` (parquet, csv or jsonl by extension) and return the URI."""
+    """Write ``frame`` to ``uri`` (parquet, csv or jsonl by extension) and return the URI.
+
+    A reader never sees a half-written file: a local file is written beside the target and
+    renamed over it; an object store makes an object visible only once its upload is
+    complete (one PUT, or the completion of a multipart upload), so it is written directly.
+    """
     fmt = table_format(uri)
     buffer = io.BytesIO()
     if fmt == "parquet":
@@ -43,10 +50,35 @@ def write_table(frame: pl.DataFrame, uri: str, storage_options: Mapping[str, obj
         _flatten_lists(frame).write_csv(buffer)
     else:
         frame.write_ndjson(buffer)
-    fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options))
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as handle:
-        handle.write(buffer.getvalue())
+    fs, path = filesystem(uri, storage_options)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            _replace_local(Path(path), buffer.getvalue())
+        else:
+            parent = path.rsplit("/", 1)[0] if "/" in path else ""
+            if parent:
+                fs.makedirs(parent, exist_ok=True)
+            with fs.open(path, "wb") as handle:
+                handle.write(buffer.getvalue())
+    except Exception as exc:
+        failure = storage_failure(exc, where=uri)
+        if failure is not None:
+            raise failure from None
+        if isinstance(exc, OSError):
+            raise StorageError(
+                f"{uri}: cannot write the output ({exc.strerror or exc}) — check that the "
+                "folder exists or can be created, and is writable"
+            ) from None
+        raise
     return uri
+
+
+def _replace_local(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder, so the rename stays on one filesystem and is atomic.
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        temporary.write_bytes(data)
+        temporary.replace(target)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -18,7 +18,14 @@ import polars as pl
 from driverscore.adapters.storage import filesystem
 from driverscore.errors import InputDataError
 
-__all__ = ["SUPPORTED_FORMATS", "list_sources", "read_table", "read_text", "table_format"]
+__all__ = [
+    "SUPPORTED_FORMATS",
+    "list_sources",
+    "no_rows_error",
+    "read_table",
+    "read_text",
+    "table_format",
+]
 
 #: File extensions and the format they imply (``.gz`` etc. are decompressed first).
 SUPPORTED_FORMATS: Final[dict[str, str]] = {
@@ -134,6 +141,18 @@ def read_table(
     if frame.width == 0:
         raise InputDataError(f"{uri}: no columns found — is it really {table_fmt}?")
     return frame
+
+
+def no_rows_error(uri: str, sources: list[str]) -> InputDataError:
+    """Telemetry at ``uri`` with column names and no rows: nothing to import, train or score.
+
+    Said as an error rather than an empty result, so that an export that came out empty
+    does not pass for a quiet day (and a scheduler sees it).
+    """
+    if len(sources) == 1:
+        has = "a header" if table_format(sources[0]) == "csv" else "columns"
+        return InputDataError(f"no pings in {uri}: the file has {has} and no rows")
+    return InputDataError(f"no pings in {uri}: its {len(sources)} files have no rows")
 
 
 def _is_data_file(path: str, root: str) -> bool:

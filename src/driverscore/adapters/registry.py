@@ -12,10 +12,13 @@ the pickle-free serving export ``onnx/model.onnx``, ``model_card.json`` and
 
 from __future__ import annotations
 
+import fcntl
 import re
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -28,6 +31,7 @@ import onnx
 import polars as pl
 import skl2onnx
 import sklearn
+import sqlalchemy.exc
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -36,7 +40,7 @@ from mlflow.tracking import MlflowClient
 import driverscore
 from driverscore.adapters.onnx_model import OnnxRiskModel
 from driverscore.domain.scoring import ModelCard, TripScorer, feature_matrix
-from driverscore.errors import NoModelError
+from driverscore.errors import ConfigError, NoModelError, RegistryError
 from driverscore.settings import Settings
 
 __all__ = [
@@ -155,9 +159,68 @@ class ModelRegistry:
         self.model_name = model_name
         self.experiment_name = experiment_name
         self.artifact_location = artifact_location
-        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+        self.client = self._open_client()
         # Promotion reads then writes the champion alias; serialise it within this process.
         self._lock = threading.Lock()
+
+    def _open_client(self) -> MlflowClient:
+        """The client, with the embedded SQLite database checked and its schema in place.
+
+        MLflow creates (or migrates) a SQLite database's tables when a process first uses
+        it, with no guard against a second process doing the same at the same moment: two
+        ``driverscore train`` on a fresh home failed with ``table registered_models already
+        exists``. Creation is serialised by a lock file beside the database; later opens
+        find the tables and only wait for the lock briefly.
+        """
+        databases = self._databases()
+        for database in databases:
+            _check_sqlite_file(database)
+        with self._database_locks():
+            try:
+                # Building the client opens the tracking store; the registry store opens on
+                # first use, so it is touched here, under the same lock.
+                client = MlflowClient(
+                    tracking_uri=self.tracking_uri, registry_uri=self.registry_uri
+                )
+                if databases:
+                    client.search_registered_models(max_results=1)
+            except sqlalchemy.exc.DBAPIError as exc:
+                raise _unreadable_database(databases, str(exc.orig)) from None
+            except MlflowException as exc:
+                if databases and "unsupported URI" not in str(exc):
+                    # e.g. a schema MLflow cannot migrate
+                    raise _unreadable_database(databases, str(exc).split(". ")[0]) from None
+                raise ConfigError(self._unsupported_uri(exc)) from None
+        return client
+
+    def _databases(self) -> list[Path]:
+        """The embedded SQLite database files behind the two URIs (none for a server)."""
+        return sorted(
+            {db for db in map(_sqlite_file, (self.tracking_uri, self.registry_uri)) if db}
+        )
+
+    @contextmanager
+    def _database_locks(self) -> Iterator[None]:
+        """Exclusive use of the embedded databases across processes (a no-op for a server).
+
+        Held to create the schema, and to promote: two processes registering at once would
+        otherwise both find no champion and both take the alias.
+        """
+        with ExitStack() as locks:
+            for database in self._databases():
+                locks.enter_context(_exclusive(database.with_name(database.name + ".lock")))
+            yield
+
+    def _unsupported_uri(self, exc: MlflowException) -> str:
+        text = str(exc)
+        setting, uri = "DRIVERSCORE_MLFLOW_TRACKING_URI", self.tracking_uri
+        if self.registry_uri != self.tracking_uri and self.registry_uri in text:
+            setting, uri = "DRIVERSCORE_MLFLOW_REGISTRY_URI", self.registry_uri
+        reason = "unsupported scheme" if "unsupported URI" in text else text.split(". ")[0]
+        return (
+            f"{setting}={uri!r}: MLflow cannot use it ({reason.strip()}) — use sqlite:///<file>, "
+            "http(s)://<server> or a database URI (postgresql://, mysql://)"
+        )
 
     # -- registration ---------------------------------------------------------------------
 
@@ -243,7 +306,7 @@ class ModelRegistry:
         version = str(model_version.version)
         alias: str | None = None
         if gate_report.passed:
-            with self._lock:
+            with self._lock, self._database_locks():
                 alias = CHALLENGER if self.alias_version(CHAMPION) is not None else CHAMPION
                 self.set_alias(alias, version)
         return RegisteredVersion(self.model_name, version, run_id, gate_status, alias)
@@ -407,6 +470,60 @@ def open_registry(settings: Settings) -> ModelRegistry:
         experiment_name=settings.experiment_name,
         artifact_location=None if settings.mlflow_tracking_uri else settings.mlflow_artifact_root,
     )
+
+
+#: The first 16 bytes of every SQLite 3 database file.
+_SQLITE_HEADER: Final = b"SQLite format 3\x00"
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for other backends and in-memory ones."""
+    if not uri.startswith("sqlite:"):
+        return None
+    database = sqlalchemy.engine.make_url(uri).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).resolve()
+
+
+def _check_sqlite_file(database: Path) -> None:
+    """A file that is not SQLite would surface as a driver error deep inside MLflow."""
+    try:
+        with database.open("rb") as handle:
+            header = handle.read(len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        return  # a fresh registry: MLflow creates it
+    except OSError as exc:
+        raise RegistryError(
+            f"{database}: cannot read the MLflow registry database ({exc.strerror})"
+        ) from None
+    # An empty file is a valid empty database to SQLite.
+    if header and header != _SQLITE_HEADER:
+        raise RegistryError(
+            f"{database}: not an SQLite database, so not an MLflow registry (corrupt or "
+            "overwritten) — move the file aside (a fresh registry is then created) or restore "
+            "a backup"
+        )
+
+
+def _unreadable_database(databases: list[Path], reason: str) -> RegistryError:
+    return RegistryError(
+        f"{', '.join(map(str, databases))}: cannot open the MLflow registry database "
+        f"({reason.strip()}) — move the file aside (a fresh registry is then created) or "
+        "restore a backup"
+    )
+
+
+@contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``lock_file``; other processes wait for it."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _onnx_opset(onnx_bytes: bytes) -> int:

@@ -39,11 +39,14 @@ from dataclasses import asdict, dataclass, is_dataclass
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import fsspec
 import polars as pl
 
-__all__ = ["DataStore", "DatasetRef", "filesystem", "join_uri"]
+from driverscore.errors import StorageError
+
+__all__ = ["DataStore", "DatasetRef", "filesystem", "join_uri", "storage_failure"]
 
 _VERSION_CHARS: Final = 16
 _COMMIT_MARKER: Final = "_dataset.json"
@@ -71,6 +74,51 @@ def filesystem(uri: str, storage_options: Mapping[str, object]) -> tuple[Any, st
         return local, str(local._strip_protocol(uri))
     fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options))
     return fs, str(path)
+
+
+_CREDENTIALS_HINT: Final = (
+    "set DRIVERSCORE_AWS_ACCESS_KEY_ID and DRIVERSCORE_AWS_SECRET_ACCESS_KEY, or configure "
+    "the AWS credential chain (AWS_PROFILE, ~/.aws/credentials, an instance role)"
+)
+
+
+def _endpoint(url: object) -> str:
+    """``scheme://host:port`` of a request URL: the endpoint, without bucket and query."""
+    parts = urlsplit(str(url))
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else str(url)
+
+
+def storage_failure(exc: BaseException, where: str = "S3") -> StorageError | None:
+    """The object-store failure behind ``exc`` as one actionable line, or None if it is not one.
+
+    botocore raises these below fsspec, which passes them through untranslated: no
+    credentials to sign with, an endpoint that refuses or does not answer. ``where`` names
+    what the command was reading or writing (its s3:// URIs).
+    """
+    try:
+        from botocore import exceptions as boto  # type: ignore[import-untyped]
+    except ImportError:  # no S3 support installed, so no S3 failure
+        return None
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, boto.NoCredentialsError | boto.PartialCredentialsError):
+            return StorageError(f"{where}: no S3 credentials found — {_CREDENTIALS_HINT}")
+        if isinstance(current, boto.ConnectTimeoutError | boto.EndpointConnectionError):
+            endpoint = _endpoint(current.kwargs.get("endpoint_url", "?"))
+            return StorageError(
+                f"{where}: cannot connect to the S3 endpoint {endpoint} — check that it is up "
+                "and DRIVERSCORE_S3_ENDPOINT_URL (unset for AWS)"
+            )
+        if isinstance(current, boto.ReadTimeoutError):
+            endpoint = _endpoint(current.kwargs.get("endpoint_url", "?"))
+            return StorageError(
+                f"{where}: the S3 endpoint {endpoint} accepted the connection but did not "
+                "answer in time — check the server, or raise DRIVERSCORE_S3_READ_TIMEOUT_S"
+            )
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def join_uri(base: str, *parts: str) -> str:

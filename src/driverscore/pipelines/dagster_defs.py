@@ -9,6 +9,7 @@ module does nothing.
 # No `from __future__ import annotations` here: Dagster inspects the asset functions'
 # annotations at definition time and cannot resolve strings inside a closure.
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,8 @@ from driverscore.training.model import TrainedModel
 
 CRON = {"daily": "0 3 * * *", "weekly": "0 3 * * 1"}
 JOB_NAME = "driverscore_training"
+#: Asset check on ``registered_model``: fails (and fails the run) when the gate failed.
+GATE_CHECK = "gate_passed"
 
 
 class TelemetrySource(dg.ConfigurableResource):  # type: ignore[type-arg]
@@ -189,6 +192,17 @@ def build_definitions(settings: Settings, source: TelemetrySource) -> dg.Definit
     @dg.asset(
         group_name="driverscore",
         description="MLflow model version; champion or challenger if it passed.",
+        # Blocking with ERROR severity: a candidate that fails the gate is still recorded
+        # (the materialisation), then the check fails the step and so the run, which is
+        # what a schedule's alerting and a retry policy look at.
+        check_specs=[
+            dg.AssetCheckSpec(
+                GATE_CHECK,
+                asset="registered_model",
+                blocking=True,
+                description="The candidate passed the validation gate and got an alias.",
+            )
+        ],
     )
     def registered_model(
         context: AssetExecutionContext,
@@ -196,19 +210,29 @@ def build_definitions(settings: Settings, source: TelemetrySource) -> dg.Definit
         validated_candidate: ValidatedCandidate,
         training_data: TrainingData,
         prepared_trips: PreparedDataset,
-    ) -> RegisteredVersion:
+    ) -> Iterator[dg.Output[RegisteredVersion] | dg.AssetCheckResult]:
         ctx = _run_context(settings, raw_telemetry, context.log)
         registered = register_candidate(
             ctx, validated_candidate, training_data, prepared_trips, open_registry(settings)
         )
-        context.add_output_metadata(
-            {
+        yield dg.Output(
+            registered,
+            metadata={
                 "version": registered.version,
                 "alias": registered.alias or "none",
                 "gate": registered.gate_status,
-            }
+            },
         )
-        return registered
+        gate = validated_candidate.gate
+        yield dg.AssetCheckResult(
+            check_name=GATE_CHECK,
+            passed=gate.passed,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={
+                "version": registered.version,
+                "failures": "; ".join(gate.failures) or "none",
+            },
+        )
 
     assets = [
         raw_telemetry,

@@ -15,7 +15,7 @@ from typing import Any, Final
 import polars as pl
 import pyarrow.parquet as pq
 
-from driverscore.adapters.readers import list_sources, read_table, read_text
+from driverscore.adapters.readers import list_sources, no_rows_error, read_table, read_text
 from driverscore.adapters.storage import filesystem, join_uri
 from driverscore.domain.mapping import ColumnMapping, apply_mapping
 
@@ -123,6 +123,8 @@ def import_telemetry(
     try:
         for source in sources:
             raw = read_table(source, fmt, storage_options, delimiter=delimiter)
+            if raw.height == 0:
+                continue  # a header-only source: nothing to write (all empty: an error below)
             mapped = apply_mapping(raw, mapping, source)
             sink.add(mapped.pings)
             rows_in += raw.height
@@ -131,6 +133,8 @@ def import_telemetry(
                 rejects.append(mapped.rejected)
     finally:
         sink.close()
+    if rows_in == 0:
+        raise no_rows_error(src, sources)
 
     rejects_uri: str | None = rejects_uri_for(dest)
     fs, rejects_path = filesystem(rejects_uri_for(dest), storage_options)

@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from driverscore.pipelines.scoring_run import ScoringRunResult
+from driverscore.pipelines.steps import PreparedDataset
 from driverscore.pipelines.training_run import TrainingRunResult, open_registry
 from driverscore.settings import Settings
 from driverscore.training.gate import SliceMetrics
@@ -81,8 +82,18 @@ def print_training(console: Console, result: TrainingRunResult) -> None:
         )
         for failure in gate.failures:
             console.print(f"  - {failure}")
+    _print_quarantine(console, result.prepared)
     console.print(f"run manifest: {result.manifest_uri}")
     console.print(f"quality report: {result.prepared.quality_uri}")
+
+
+def _print_quarantine(console: Console, prepared: PreparedDataset) -> None:
+    """Where the set-aside pings went: nothing is dropped, so the summary says where it is."""
+    console.print(
+        f"quarantine: {prepared.quarantine.uri} "
+        f"({prepared.quarantine.rows:,} rows, each with its reason)",
+        soft_wrap=True,
+    )
 
 
 def score_distribution(scores: pl.DataFrame) -> Table:
@@ -145,6 +156,7 @@ def print_scores(console: Console, result: ScoringRunResult) -> None:
         )
         console.print(score_distribution(scores))
         console.print(riskiest_trips(scores))
+    _print_quarantine(console, result.prepared)
     console.print(f"run manifest: {result.manifest_uri}")
 
 

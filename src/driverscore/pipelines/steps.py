@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 
 import driverscore
-from driverscore.adapters.readers import list_sources, read_table
+from driverscore.adapters.readers import list_sources, no_rows_error, read_table
 from driverscore.adapters.storage import DatasetRef, DataStore
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
 from driverscore.domain.mapping import ColumnMapping, apply_mapping
@@ -133,6 +133,7 @@ def ingest(
     ctx.progress(f"snapshot {len(sources)} raw file(s)")
     raw = ctx.store.snapshot_raw(sources)
     rejects: list[pl.DataFrame] = []
+    rows_read: list[int] = []
 
     def parts() -> Iterator[pl.DataFrame]:
         for source in sources:
@@ -143,12 +144,15 @@ def ingest(
                 options,
                 delimiter=mapping.delimiter if mapping else ",",
             )
+            rows_read.append(frame.height)
             mapped = apply_mapping(frame, mapping or ColumnMapping(), source)
             if mapped.rejected.height:
                 rejects.append(mapped.rejected)
             yield mapped.pings
 
     canonical = ctx.store.write_dataset("canonical", parts())
+    if sum(rows_read) == 0:
+        raise no_rows_error(source_uri, sources)
     rejected = pl.concat(rejects, how="diagonal_relaxed") if rejects else pl.DataFrame()
     return IngestedTelemetry(
         raw=raw, canonical=canonical, rejected_rows=rejected.height, rejects=rejected

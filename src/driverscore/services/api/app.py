@@ -85,6 +85,12 @@ def auth_enabled(config: ServiceConfig) -> bool:
 
 
 def _load_tokens(config: ServiceConfig) -> list[bytes]:
+    """The accepted tokens: the setting's, then the token file's, one a line.
+
+    In the file, blank lines and lines starting with ``#`` (comments, such as who a token
+    was issued to) are not tokens: a comment accepted as a token would let anyone who read
+    the file's comments in.
+    """
     tokens = [t.get_secret_value() for t in config.tokens]
     if config.token_file is not None:
         try:
@@ -93,7 +99,12 @@ def _load_tokens(config: ServiceConfig) -> list[bytes]:
             raise ConfigError(
                 f"service.token_file {config.token_file}: cannot read it ({exc.strerror})"
             ) from None
-        tokens.extend(line.strip() for line in text.splitlines() if line.strip())
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"service.token_file {config.token_file}: not UTF-8 text — one token a line"
+            ) from None
+        lines = (line.strip() for line in text.splitlines())
+        tokens.extend(line for line in lines if line and not line.startswith("#"))
     return [t.encode() for t in tokens if t]
 
 
