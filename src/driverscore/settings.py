@@ -106,6 +106,26 @@ class ServiceConfig(BaseModel):
     poll_interval_s: float = Field(
         30.0, gt=0, description="How often the registry is checked for moved aliases (s)."
     )
+    registry_timeout_s: int = Field(
+        5,
+        ge=1,
+        description=(
+            "Timeout of each HTTP call to an MLflow server registry (whole seconds); "
+            "MLFLOW_HTTP_REQUEST_TIMEOUT, when set, wins."
+        ),
+    )
+    registry_retries: int = Field(
+        1,
+        ge=0,
+        le=10,
+        description=(
+            "Retries of a failed registry HTTP call before the poll counts as failed; "
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES, when set, wins."
+        ),
+    )
+    rollout_reload_s: float = Field(
+        1.0, gt=0, description="How often the rollout file is checked for changes (s)."
+    )
     rollout_mode: Literal["champion", "canary", "shadow"] = Field(
         "champion", description="Initial champion/challenger split (see domain/rollout.py)."
     )
@@ -114,7 +134,10 @@ class ServiceConfig(BaseModel):
     )
     rollout_file: Path | None = Field(
         None,
-        description="JSON rollout policy re-read on every poll: the split changes without restart.",
+        description=(
+            "JSON rollout policy re-read every rollout_reload_s: the split changes without "
+            "restart, whatever the registry's state."
+        ),
     )
     prediction_log: Literal["parquet", "kafka"] = Field(
         "parquet",

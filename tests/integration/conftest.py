@@ -1,14 +1,25 @@
-"""A real S3 API server for the suite: moto's server over HTTP on a free localhost port.
+"""Real servers for the suite: moto's S3 API server, ``mlflow server`` and ``driverscore
+serve`` processes, each on a free localhost port.
 
-Clients talk to it exactly as to S3 (signed HTTP requests through botocore / s3fs), so
-the code under test takes the same path it takes against AWS, MinIO or Ceph.
+Clients talk to them exactly as to the real deployments (signed HTTP requests through
+botocore / s3fs to S3; the MLflow REST API; the service's HTTP API), so the code under test
+takes the same path it takes against AWS, MinIO, a tracking server or a container.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +83,155 @@ def s3_server() -> Iterator[S3Server]:
             yield s3
         finally:
             server.stop()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass(frozen=True)
+class ServeProcess:
+    """A ``driverscore serve`` process, where it listens, its log, and when it was spawned."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    spawned_at: float
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """Start ``driverscore serve`` processes on free ports, configured by ``DRIVERSCORE_*``
+    variables (given without the prefix: ``SERVICE__POLL_INTERVAL_S="1"``); all are stopped
+    after the test."""
+    started: list[ServeProcess] = []
+
+    def start(**settings: str) -> ServeProcess:
+        home = tmp_path / f"serve-{len(started)}"
+        home.mkdir()
+        port = free_port()
+        env = {
+            **os.environ,
+            "DRIVERSCORE_HOME": str(home),
+            **{f"DRIVERSCORE_{k}": v for k, v in settings.items()},
+        }
+        log = home / "serve.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "driverscore", "serve", "--port", str(port)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        serve = ServeProcess(process, f"http://127.0.0.1:{port}", log, time.monotonic())
+        started.append(serve)
+        return serve
+
+    try:
+        yield start
+    finally:
+        for serve in started:
+            _stop(serve.process)
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    """A real ``mlflow server`` (SQLite backend, proxied artifacts) that a test may kill."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def freeze(self) -> None:
+        """Stopped (SIGSTOP): connections are accepted by the kernel but never answered, as
+        with a hung server or a network that drops packets."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def kill(self) -> None:
+        """Gone at once, as when its host dies: no graceful shutdown. The whole process
+        group: ``mlflow server`` serves from child processes (uvicorn, job runners)."""
+        _stop_group(self.process, signal.SIGKILL)
+
+
+def _stop_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Signal the process group ``process`` leads (started with ``start_new_session``)."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=20)
+    # Whatever of the group outlived its leader (workers, job consumers) goes too.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.fixture
+def start_mlflow_server(tmp_path: Path) -> Iterator[Callable[[], MlflowServer]]:
+    """Start ``mlflow server`` processes on free localhost ports; all stopped after the test."""
+    started: list[MlflowServer] = []
+
+    def start() -> MlflowServer:
+        root = tmp_path / f"mlflow-server-{len(started)}"
+        root.mkdir()
+        port = free_port()
+        log = root / "server.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "server",
+                    "--backend-store-uri",
+                    f"sqlite:///{root / 'mlflow.db'}",
+                    "--artifacts-destination",
+                    str(root / "artifacts"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--workers",
+                    "1",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        server = MlflowServer(process, f"http://127.0.0.1:{port}", log)
+        started.append(server)
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{server.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return server
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server not up: {log.read_text()}")
+            time.sleep(0.5)
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            _stop_group(server.process, signal.SIGTERM)

@@ -7,11 +7,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import httpx
 import mlflow.artifacts
 import numpy as np
 import polars as pl
@@ -26,13 +28,29 @@ from driverscore.training.dataset import label_trips, time_split
 from driverscore.training.gate import GateReport, evaluate, run_gate
 from driverscore.training.model import TrainedModel, train_model
 from driverscore.training.onnx_export import export_onnx
-from driverscore.training.synthetic import synthetic_trips
+from driverscore.training.synthetic import register_synthetic_model, synthetic_trips
+
+if TYPE_CHECKING:
+    from conftest import MlflowServer, ServeProcess
 
 pytestmark = [
     pytest.mark.integration,
 ]
 
 SCORED_AT = datetime(2026, 6, 1, tzinfo=UTC)
+FEATURES: dict[str, float] = {
+    "distance_km": 12.5,
+    "avg_speed_kmh": 41.0,
+    "p95_speed_kmh": 63.0,
+    "speed_std_kmh": 11.0,
+    "hard_brake_per_100km": 4.0,
+    "harsh_accel_per_100km": 1.0,
+    "harsh_corner_per_100km": 0.5,
+    "speeding_share": 0.08,
+    "night_share": 0.0,
+    "idle_share": 0.1,
+    "jerk_rms_mps3": 0.7,
+}
 
 
 @dataclass(frozen=True)
@@ -263,3 +281,106 @@ def test_sklearn_flavour_is_servable_by_mlflow(
     np.testing.assert_allclose(
         np.asarray(model.predict(x))[:, 1], candidate.trained.predict_proba(x), atol=1e-12
     )
+
+
+def _answer(client: httpx.Client, trip: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/v1/score", json=trip)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def _failed_polls(client: httpx.Client) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('driverscore_registry_polls_total{outcome="failed"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.slow
+def test_service_rides_out_a_registry_server_outage(
+    start_mlflow_server: Callable[[], MlflowServer],
+    start_serve: Callable[..., ServeProcess],
+    tmp_path: Path,
+) -> None:
+    """The registry (a real MLflow server) dies under a serving ``driverscore serve``: the
+    models loaded keep answering, a rollback through the rollout file takes effect within
+    its reload interval, decisions still reach the prediction log on disk, failed polls
+    are counted."""
+    server = start_mlflow_server()
+    registry = ModelRegistry(
+        tracking_uri=server.url,
+        registry_uri=None,
+        model_name="trip-risk-outage",
+        experiment_name="driverscore-outage",
+    )
+    champion, _ = register_synthetic_model(registry, max_iter=30, trips=2000)
+    challenger, _ = register_synthetic_model(registry, max_iter=40, trips=2000)
+    assert (champion.alias, challenger.alias) == (CHAMPION, CHALLENGER)
+
+    rollout = tmp_path / "rollout.json"
+    rollout.write_text('{"mode": "canary", "challenger_percent": 100}')
+    log_dir = tmp_path / "predictions"
+    reload_s = 0.5
+    serve = start_serve(
+        MLFLOW_TRACKING_URI=server.url,
+        MODEL_NAME=registry.model_name,
+        SERVICE__POLL_INTERVAL_S="1",
+        SERVICE__ROLLOUT_FILE=str(rollout),
+        SERVICE__ROLLOUT_RELOAD_S=str(reload_s),
+        SERVICE__PREDICTION_LOG_DIR=str(log_dir),
+    )
+    trip = {"vehicle_id": "v-1", "driver_id": "d-1", "features": FEATURES}
+    with httpx.Client(base_url=serve.url, timeout=10) as client:
+        deadline = time.monotonic() + 120
+        while True:
+            assert serve.process.poll() is None, serve.log_text()
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, serve.log_text()
+            time.sleep(0.2)
+        assert _answer(client, trip)["model_role"] == "challenger"
+
+        # First the registry hangs (every call waits for its timeout), then it is gone.
+        server.freeze()
+        # Requests never wait for the registry: answered by the models already loaded.
+        during = [_answer(client, {**trip, "trip_id": f"during-{i}"}) for i in range(3)]
+        assert {a["model_version"] for a in during} == {challenger.version}
+
+        time.sleep(1.5)  # a poll is now waiting on the hung registry
+        rollout.write_text('{"mode": "champion"}')
+        written = time.monotonic()
+        while _answer(client, trip)["model_role"] != "champion":
+            assert time.monotonic() - written < reload_s + 2.0, serve.log_text()[-3000:]
+            time.sleep(0.05)
+        after = _answer(client, {**trip, "trip_id": "after-rollback"})
+        assert after["model_version"] == champion.version
+
+        # Decisions still reach the disk, flushed every second whatever the registry does.
+        expected = {a["decision_id"] for a in [*during, after]}
+        deadline = time.monotonic() + 5
+        while True:
+            parts = sorted(log_dir.glob("part-*.parquet"))
+            logged = set(pl.read_parquet(parts)["decision_id"].to_list()) if parts else set()
+            if expected <= logged:
+                break
+            assert time.monotonic() < deadline, (expected - logged, serve.log_text()[-3000:])
+            time.sleep(0.2)
+
+        # A hung call ends at its timeout (5 s, one retry), and the failed poll is counted.
+        deadline = time.monotonic() + 30
+        while _failed_polls(client) == 0:
+            assert time.monotonic() < deadline, serve.log_text()[-3000:]
+            time.sleep(0.2)
+        server.kill()
+        failed = _failed_polls(client)
+        deadline = time.monotonic() + 20
+        while _failed_polls(client) <= failed:
+            assert time.monotonic() < deadline, serve.log_text()[-3000:]
+            time.sleep(0.2)
+        assert client.get("/readyz").status_code == 200
+        assert _answer(client, trip)["model_version"] == champion.version
+    log = serve.log_text()
+    assert "cannot load models from the registry; serving the models already loaded" in log

@@ -71,6 +71,11 @@ def _key(name: str) -> str:
     return _UNSAFE_KEY.sub("_", name)
 
 
+#: What an MLflow backend answers for an alias or model that does not exist. Anything else
+#: (a registry that cannot be reached, a server error) is a failure, never "no such alias".
+_NOT_FOUND: Final = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+
+
 # What registration reads of training's results, stated here so that this adapter does not
 # import the training layer above it (training.model.TrainedModel and
 # training.gate.GateReport are what callers pass).
@@ -369,11 +374,18 @@ class ModelRegistry:
     # -- aliases ----------------------------------------------------------------------------
 
     def alias_version(self, alias: str) -> str | None:
-        """Version number the alias points to, or ``None`` when unset (or no model yet)."""
+        """Version number the alias points to, or ``None`` when unset (or no model yet).
+
+        Raises ``MlflowException`` when the registry cannot answer: "unreachable" must not
+        read as "no champion" (a service would report the wrong reason, a registration
+        would crown a new champion).
+        """
         try:
             return str(self.client.get_model_version_by_alias(self.model_name, alias).version)
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:
+                return None
+            raise
 
     def set_alias(self, alias: str, version: str) -> None:
         """Point ``alias`` at ``version`` (moving it if it pointed elsewhere)."""

@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from driverscore.adapters.prediction_log import ParquetPredictionLog, PredictionLog
@@ -39,6 +40,7 @@ from driverscore.domain.prepare import prepare_trips
 from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.scoring import TripScorer
 from driverscore.errors import ConfigError
+from driverscore.services.api.bodies import JSON_DOCUMENT, BodyError, parse_json_body
 from driverscore.services.api.holder import LoadedModels, ModelHolder, RegistryReader
 from driverscore.services.api.logs import flush_logs
 from driverscore.services.api.metrics import ServiceMetrics
@@ -66,8 +68,18 @@ __all__ = ["ServiceState", "create_app"]
 
 _log = logging.getLogger("driverscore.service")
 _LOCAL_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})
-#: How often the background loop wakes to flush the prediction log (s).
+#: How often the prediction log and the batched log lines are written out (s).
 _TICK_S: Final = 1.0
+#: While no model is loaded, the registry is tried again at least this often (s).
+_NOT_READY_RETRY_S: Final = 5.0
+#: A registry call still running at shutdown is waited for this long at most (s).
+_REGISTRY_JOIN_S: Final = 2.0
+#: Requests with bodies above this size are checked and answered in a worker thread, off
+#: the event loop (bytes).
+_INLINE_CHECK_BYTES: Final = 64 * 1024
+#: The fast path only ever takes one trip of features: bigger bodies (pings, batches) skip
+#: it rather than be parsed on the event loop for nothing (bytes).
+_FAST_PATH_MAX_BYTES: Final = 16 * 1024
 #: Largest magnitude of a feature value: the model's inputs are float32.
 _MODEL_MAX: Final = 3.4e38
 
@@ -134,7 +146,13 @@ _TRIP_SCORE_JSON: Final = TypeAdapter(TripScore)
 
 @dataclass
 class ServiceState:
-    """What the routes share: settings, models, rollout policy, log and metrics."""
+    """What the routes share: settings, models, rollout policy, log and metrics.
+
+    Three background threads keep it current, each on its own clock so that none can hold
+    up another: the registry poller (:meth:`poll_registry_forever`; registry calls have
+    HTTP timeouts but may still take seconds), the rollout-file watcher and the log flusher
+    (:meth:`every`). Requests never call the registry.
+    """
 
     settings: Settings
     holder: ModelHolder
@@ -146,6 +164,7 @@ class ServiceState:
     limits: RequestLimits
     rollout_mtime: float | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    models_frozen: bool = False
 
     def reload_rollout_file(self) -> None:
         path = self.settings.service.rollout_file
@@ -167,22 +186,37 @@ class ServiceState:
             self.policy = policy
             _log.info("rollout changed", extra={"rollout": policy.model_dump()})
 
-    def poll_forever(self) -> None:
-        """Background loop: flush the log every tick; check registry and rollout file."""
-        interval = self.settings.service.poll_interval_s
-        next_poll = time.monotonic() + interval
-        while not self.stop.wait(min(_TICK_S, interval)):
-            self._flush_log()
-            flush_logs()  # request lines batched by the JSON log handler
-            if time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + interval
-                self.poll_once()
+    def every(self, interval_s: float, action: Callable[[], None]) -> None:
+        """Run ``action`` every ``interval_s`` seconds until the service stops."""
+        while not self.stop.wait(interval_s):
+            action()
 
-    def poll_once(self) -> None:
-        self.reload_rollout_file()
+    def poll_registry_forever(self) -> None:
+        """Poll the registry at once, then every ``poll_interval_s`` (at least every 5 s
+        while no model is loaded, so the service turns ready soon after the registry
+        answers)."""
+        while True:
+            self.poll_registry()
+            wait = self.settings.service.poll_interval_s
+            if not self.holder.ready:
+                wait = min(wait, _NOT_READY_RETRY_S)
+            if self.stop.wait(wait):
+                return
+
+    def poll_registry(self) -> None:
         changed = self.holder.refresh()
         outcome = "failed" if self.holder.last_error else ("swapped" if changed else "unchanged")
         self.metrics.registry_polls.labels(outcome).inc()
+        if changed and not self.models_frozen:
+            # The first models live as long as the process, like the libraries: out of the
+            # collector's full passes too (see ``lifespan``).
+            gc.freeze()
+            self.models_frozen = True
+
+    def flush_logs(self) -> None:
+        """Write out the prediction log and the request lines batched by the log handler."""
+        self._flush_log()
+        flush_logs()
 
     def _flush_log(self) -> None:
         try:
@@ -209,21 +243,36 @@ def _record_models(metrics: ServiceMetrics) -> Callable[[LoadedModels], None]:
 
 #: Answers a request from its scope and body, or ``None`` to leave it to the app.
 FastPath = Callable[[Scope, bytes], Response | None]
+#: A probe answered by the guard itself: its route (for the metrics) and its answer.
+Probe = tuple[BaseRoute, Callable[[], Response]]
 
 
 class _Guard:
     """Outermost ASGI layer: request id, body size limit, in-flight gauge, latency, access log.
 
     The body is read here, up to the limit, and replayed to the app: a chunked upload
-    without Content-Length is cut off as soon as it passes the limit. ``fast`` may answer
-    a request before the app sees it (see ``_fast_score``); whatever it declines goes to
-    the app, with the body replayed.
+    without Content-Length is cut off as soon as it passes the limit. A JSON body that is
+    not UTF-8 JSON or nests too deep is answered 400 here, before any route parses it
+    (``bodies.parse_json_body``); the parsed document is left in the request's state
+    (``bodies.request_json``) so a route need not parse it again. ``probes`` (``GET
+    /healthz``, ``/readyz``, ``/ping``) are answered here too, on the event loop without
+    routing or a worker thread, so they answer while every worker thread is busy scoring.
+    Requests with large bodies run on an event loop of their own (``_off_the_loop``).
+    ``fast`` may answer a request before the app sees it (see ``_fast_score``); whatever
+    it declines goes to the app, with the body replayed.
     """
 
-    def __init__(self, app: ASGIApp, state: ServiceState, fast: FastPath | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        state: ServiceState,
+        fast: FastPath | None = None,
+        probes: dict[str, Probe] | None = None,
+    ) -> None:
         self.app = app
         self.state = state
         self.fast = fast
+        self.probes = probes or {}
         # ``Histogram.labels`` hashes and locks on every call: keep the children.
         self._latency: dict[tuple[str, str, int, str], Any] = {}
 
@@ -236,15 +285,18 @@ class _Guard:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
+        answered = False
         metrics.in_flight.inc()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = int(message["status"])
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                answered = True
             await send(message)
 
         try:
@@ -262,11 +314,40 @@ class _Guard:
                     ),
                 )
                 return
-            answer = self.fast(scope, body) if self.fast is not None else None
+            probe = self.probes.get(scope["path"]) if scope["method"] == "GET" else None
+            if probe is not None:
+                scope["route"] = probe[0]
+                await probe[1]()(scope, _replay(body), send_with_id)
+                return
+            refused = await _refuse_body(scope, body)
+            if refused is not None:
+                metrics.errors.labels(refused.kind).inc()
+                await _send_json(
+                    send_with_id,
+                    400,
+                    ErrorResponse(
+                        error=refused.kind, message=refused.message, request_id=request_id
+                    ),
+                )
+                return
+            answer = None
+            if self.fast is not None and len(body) <= _FAST_PATH_MAX_BYTES:
+                answer = self.fast(scope, body)
             if answer is not None:
                 await answer(scope, _replay(body), send_with_id)
                 return
-            await self.app(scope, _replay(body), send_with_id)
+            try:
+                if len(body) > _INLINE_CHECK_BYTES:
+                    await _off_the_loop(self.app, scope, body, send_with_id)
+                else:
+                    await self.app(scope, _replay(body), send_with_id)
+            except Exception:
+                # Starlette sends the 500 of an unhandled error (logged with its traceback
+                # by ``internal_error``), then raises the error again, on which uvicorn
+                # drops the connection: the client would lose its keep-alive connection
+                # with the request. Once the answer is out, the error has been dealt with.
+                if not answered:
+                    raise
         finally:
             metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
@@ -325,6 +406,60 @@ class _Guard:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+def _is_json(scope: Scope) -> bool:
+    """Whether a route would parse the body as JSON: no content type, or a JSON one."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            media = bytes(value).split(b";")[0].strip().lower()
+            return media == b"application/json" or media.endswith(b"+json")
+    return True
+
+
+async def _refuse_body(scope: Scope, body: bytes) -> BodyError | None:
+    """Why a JSON body cannot be read by any route, or ``None`` when it can (or is not JSON).
+
+    A readable body's document goes into the request's state for the route.
+    """
+    if not body or not _is_json(scope):
+        return None
+    try:
+        if len(body) <= _INLINE_CHECK_BYTES:
+            document = parse_json_body(body)
+        else:
+            # Parsing megabytes takes tens of milliseconds: not on the event loop.
+            document = await asyncio.to_thread(parse_json_body, body)
+    except BodyError as exc:
+        return exc
+    scope["state"][JSON_DOCUMENT] = document
+    return None
+
+
+async def _off_the_loop(app: ASGIApp, scope: Scope, body: bytes, send: Send) -> None:
+    """Run the app for one request on an event loop of its own, in a worker thread.
+
+    FastAPI parses and validates a body, and serialises the answer, on the event loop: for
+    a trip of 50,000 pings that is most of a second during which no other request, not even
+    ``/healthz``, is answered. On its own loop the request only shares the interpreter with
+    the others; what it sends is written out by the server's loop.
+    """
+    server_loop = asyncio.get_running_loop()
+
+    async def send_on_server_loop(message: Message) -> None:
+        await send(message)
+
+    async def send_from_worker(message: Message) -> None:
+        sent = asyncio.run_coroutine_threadsafe(send_on_server_loop(message), server_loop)
+        await asyncio.wrap_future(sent)
+
+    async def answer() -> None:
+        await app(scope, _replay(body), send_from_worker)
+
+    def run() -> None:
+        asyncio.run(answer())
+
+    await asyncio.to_thread(run)
 
 
 def _replay(body: bytes) -> Receive:
@@ -431,23 +566,40 @@ def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.prediction_log.setup()
-        await asyncio.to_thread(state.poll_once)
-        if state.holder.last_error:
-            _log.error(
-                "service started without a model: not ready until the registry answers",
-                extra={"error": state.holder.last_error},
-            )
-        # Everything loaded so far (libraries, models) lives as long as the process: keep it
-        # out of the garbage collector's full passes, which otherwise stall requests.
+        state.reload_rollout_file()
+        # Everything loaded so far (libraries) lives as long as the process: keep it out of
+        # the garbage collector's full passes, which otherwise stall requests.
         gc.collect()
         gc.freeze()
-        poller = threading.Thread(target=state.poll_forever, name="registry-poller", daemon=True)
-        poller.start()
+        # The registry is not awaited here: a registry that is down or slow delays
+        # readiness (``/readyz`` says why), never listening.
+        poller = threading.Thread(
+            target=state.poll_registry_forever, name="registry-poller", daemon=True
+        )
+        workers = [
+            threading.Thread(
+                target=state.every,
+                args=(config.rollout_reload_s, state.reload_rollout_file),
+                name="rollout-file-watcher",
+                daemon=True,
+            ),
+            threading.Thread(
+                target=state.every,
+                args=(_TICK_S, state.flush_logs),
+                name="log-flusher",
+                daemon=True,
+            ),
+        ]
+        for thread in (poller, *workers):
+            thread.start()
         try:
             yield
         finally:
             state.stop.set()
-            await asyncio.to_thread(poller.join, 10)
+            for thread in workers:
+                await asyncio.to_thread(thread.join, 10)
+            # A daemon thread: a registry call in flight must not hold up the stop.
+            await asyncio.to_thread(poller.join, _REGISTRY_JOIN_S)
             state.prediction_log.flush()
 
     app = FastAPI(
@@ -456,6 +608,10 @@ def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader
         summary="Driver Score for a trip, from raw pings or precomputed features.",
         lifespan=lifespan,
         responses={
+            400: {
+                "model": ErrorResponse,
+                "description": "Body is not UTF-8 JSON, or nests deeper than 64 levels.",
+            },
             401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."},
             413: {"model": ErrorResponse, "description": "Request body too large."},
             422: {"model": ValidationErrorResponse, "description": "Invalid fields, named."},
@@ -472,6 +628,15 @@ def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader
     async def _on_invalid_trips(request: Request, exc: InvalidTripsError) -> JSONResponse:
         metrics.errors.labels("invalid_request").inc()
         return _invalid(exc.problems)
+
+    @app.exception_handler(BodyError)
+    async def _on_unreadable_body(request: Request, exc: BodyError) -> JSONResponse:
+        # Routes that parse a body themselves (``bodies.request_json``) answer as the guard.
+        metrics.errors.labels(exc.kind).inc()
+        body = ErrorResponse(
+            error=exc.kind, message=exc.message, request_id=request.state.request_id
+        )
+        return JSONResponse(body.model_dump(), status_code=400)
 
     @app.exception_handler(_ServiceError)
     async def _on_service_error(request: Request, exc: _ServiceError) -> JSONResponse:
@@ -712,7 +877,15 @@ def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader
             return internal_error(scope["state"]["request_id"])
         return Response(_TRIP_SCORE_JSON.dump_json(answer), media_type="application/json")
 
-    guarded = _Guard(app.router, state, fast_score)
+    def route(path: str) -> BaseRoute:
+        return next(r for r in app.routes if getattr(r, "path", None) == path)
+
+    probes: dict[str, Probe] = {
+        "/healthz": (route("/healthz"), lambda: JSONResponse({"status": "ok"})),
+        "/readyz": (route("/readyz"), lambda: _readiness(state)),
+        "/ping": (route("/ping"), lambda: _readiness(state)),
+    }
+    guarded = _Guard(app.router, state, fast_score, probes)
     _wrap_router(app, guarded)
     return app
 

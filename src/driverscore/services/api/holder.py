@@ -12,10 +12,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-from driverscore.adapters.registry import CHALLENGER, CHAMPION, VersionSummary
 from driverscore.domain.scoring import TripScorer
+
+if TYPE_CHECKING:
+    from driverscore.adapters.registry import VersionSummary
 
 __all__ = ["LoadedModels", "ModelHolder", "RegistryReader"]
 
@@ -92,11 +94,7 @@ class ModelHolder:
                 changed = self._refresh()
             except Exception as exc:
                 self.last_error = _describe(exc)
-                self.public_error = (
-                    "no champion model is registered"
-                    if isinstance(exc, LookupError)
-                    else "model registry unavailable"
-                )
+                self.public_error = _public_reason(exc)
                 _log.error(
                     "cannot load models from the registry; "
                     + ("serving the models already loaded" if self.ready else "not ready"),
@@ -108,6 +106,10 @@ class ModelHolder:
             return changed
 
     def _refresh(self) -> bool:
+        # Imported here, in the poller's thread, not with this module: MLflow (behind the
+        # registry adapter) takes seconds to import, and the service listens before then.
+        from driverscore.adapters.registry import CHALLENGER, CHAMPION
+
         registry = self._reader()
         current = self.models
         champion_version = registry.alias_version(CHAMPION)
@@ -169,6 +171,30 @@ class ModelHolder:
         if self._on_swap is not None:
             self._on_swap(loaded)
         return True
+
+
+#: Words in a failed registry call's error that say why the registry did not answer.
+_UNREACHABLE: Final = (
+    ("connection refused", "connection refused"),
+    ("timed out", "timed out"),
+    ("timeout", "timed out"),
+    ("name or service not known", "host name not found"),
+    ("temporary failure in name resolution", "host name not found"),
+    ("max retries exceeded", "no answer"),
+)
+
+
+def _public_reason(exc: Exception) -> str:
+    """Why no model can be loaded, for /readyz: the kind of failure, no address or path."""
+    if isinstance(exc, LookupError):
+        return "no champion model is registered"
+    text = str(exc).lower()
+    why = next((what for words, what in _UNREACHABLE if words in text), None)
+    if why is None and isinstance(exc, OSError):
+        why = type(exc).__name__
+    if why is not None:
+        return f"model registry unreachable ({why}); the service log has its address"
+    return f"model registry failed ({type(exc).__name__}); the service log has the error"
 
 
 def _describe(exc: Exception) -> str:

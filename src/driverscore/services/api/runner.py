@@ -9,7 +9,9 @@ from typing import Any
 
 import uvicorn
 
+from driverscore.adapters.registry_http import configure_registry_http
 from driverscore.services.api.app import create_app
+from driverscore.services.api.holder import RegistryReader
 from driverscore.services.api.logs import configure_json_logging, flush_logs
 from driverscore.settings import Settings
 
@@ -46,11 +48,18 @@ def _flush_logs_on(signals: tuple[signal.Signals, ...]) -> None:
 def run_service(settings: Settings) -> None:
     """Serve until interrupted; the registry is opened lazily so a down registry only delays
     readiness."""
-    from driverscore.adapters.registry import open_registry
-
     configure_json_logging()
     _flush_logs_on((signal.SIGTERM, signal.SIGINT))
-    app = create_app(settings, lambda: open_registry(settings))
+    configure_registry_http(settings.service.registry_timeout_s, settings.service.registry_retries)
+
+    def open_models() -> RegistryReader:
+        # Imported at the first poll, in the registry thread: MLflow takes seconds to import,
+        # and the service listens (answers /healthz, says why on /readyz) before that.
+        from driverscore.adapters.registry import open_registry
+
+        return open_registry(settings)
+
+    app = create_app(settings, open_models)
     try:
         uvicorn.run(
             app,
