@@ -198,13 +198,23 @@ def score(
     out: Annotated[str, typer.Option(help="Output file: .parquet, .csv or .jsonl.")],
     mapping: Annotated[Path | None, typer.Option(help="YAML mapping for the ping file.")] = None,
     alias: Annotated[str, typer.Option(help="Registry alias of the model to use.")] = "champion",
+    rollout: Annotated[
+        Path | None,
+        typer.Option(
+            help=(
+                "JSON rollout policy (as the service's rollout file); default: the service's "
+                "rollout settings, so batch splits traffic as the service does."
+            )
+        ),
+    ] = None,
 ) -> None:
     """Score every trip in a ping file with the registered model: one row per trip."""
     from driverscore.pipelines.reporting import print_scores
-    from driverscore.pipelines.scoring_run import run_scoring
+    from driverscore.pipelines.scoring_run import rollout_policy, run_scoring
 
     settings = _settings()
     console = Console()
+    policy = rollout_policy(settings, rollout)
     with console.status("scoring…") as status:
         result = run_scoring(
             settings,
@@ -212,6 +222,7 @@ def score(
             out_uri=out,
             mapping=_load_mapping(mapping),
             alias=alias,
+            policy=policy,
             reference_time=datetime.now(UTC),
             progress=lambda m: status.update(m),
         )
@@ -493,7 +504,6 @@ def stream(
             ParquetScoreSink(folder),
             grace_s=settings.kafka.grace_s,
             prediction_log=prediction_log,
-            max_trip_pings=settings.kafka.max_trip_pings,
             speed=speed,
         )
         typer.echo(

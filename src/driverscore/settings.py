@@ -214,9 +214,6 @@ class KafkaConfig(BaseModel):
     score_batch_wait_s: float = Field(
         0.1, ge=0, description="...or once the first of them has waited this long (s)."
     )
-    max_trip_pings: int = Field(
-        50_000, ge=100, description="A trip is closed and scored at this many pings (bounds state)."
-    )
     state_dir: Path | None = Field(
         None, description="Stream state (RocksDB) folder (default: <home>/stream-state)."
     )

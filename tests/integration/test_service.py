@@ -634,6 +634,8 @@ def test_shadow_logs_both_scores_and_split_changes_without_restart(
     assert shadow_row["challenger_version"] == challenger
     assert shadow_row["champion_score"] == pytest.approx(shadowed.json()["score"])
     assert shadow_row["challenger_score"] is not None
+    # Two models that differ: a shadow log that paired one model with itself would not show.
+    assert shadow_row["challenger_score"] != pytest.approx(shadow_row["champion_score"])
     canary = log.filter(pl.col("rollout_mode") == "canary")
     assert canary.height == 400
     assert canary["challenger_score"].null_count() == 0

@@ -14,14 +14,11 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final, Protocol
 
 import polars as pl
 
 from driverscore.domain.trip_scoring import PredictionRecord
-
-if TYPE_CHECKING:
-    from driverscore.settings import Settings
 
 __all__ = [
     "PREDICTION_LOG_SCHEMA",
@@ -29,7 +26,6 @@ __all__ = [
     "ParquetPredictionLog",
     "PredictionLog",
     "PredictionRecord",
-    "open_prediction_log",
     "records_frame",
 ]
 
@@ -154,19 +150,3 @@ class ParquetPredictionLog:
         if not parts:
             return records_frame([])
         return pl.concat([pl.read_parquet(p) for p in parts], how="vertical")
-
-
-def open_prediction_log(settings: Settings) -> PredictionLog:
-    """The prediction log the settings name: Parquet parts under the home folder by default,
-    a Kafka topic when ``service.prediction_log`` is ``kafka``. Every path that scores
-    (the service, batch scoring, the embedded stream runner) logs its decisions here."""
-    if settings.service.prediction_log == "kafka":
-        from driverscore.adapters.kafka.broker import resolve_bootstrap
-        from driverscore.adapters.kafka.prediction_log import KafkaPredictionLog
-
-        # The same broker as every command of this home (a `driverscore kafka up` one too).
-        return KafkaPredictionLog(
-            resolve_bootstrap(settings).bootstrap_servers, settings.kafka.topics.predictions
-        )
-    log_dir = settings.service.prediction_log_dir or settings.home / "prediction_log"
-    return ParquetPredictionLog(Path(log_dir))

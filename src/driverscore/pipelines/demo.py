@@ -63,17 +63,18 @@ def replay_live(settings: Settings, pings_uri: str, batch_scores: pl.DataFrame) 
         step,
         sink,
         grace_s=settings.kafka.grace_s,
-        max_trip_pings=settings.kafka.max_trip_pings,
     )
     written = [path for path in sink.written if path.parent.name == "scores"]
     live = (
         pl.concat([pl.read_parquet(path) for path in written])
         if written
-        else pl.DataFrame(schema={"trip_id": pl.String, "score": pl.Float64})
-    ).select("trip_id", pl.col("score").alias("live_score"))
+        else pl.DataFrame(
+            schema={"vehicle_id": pl.String, "trip_id": pl.String, "score": pl.Float64}
+        )
+    ).select("vehicle_id", "trip_id", pl.col("score").alias("live_score"))
     matching = (
-        batch_scores.select("trip_id", "score")
-        .join(live, on="trip_id", how="inner")
+        batch_scores.select("vehicle_id", "trip_id", "score")
+        .join(live, on=["vehicle_id", "trip_id"], how="inner")
         .filter((pl.col("score") - pl.col("live_score")).abs() <= 1e-9)
         .height
     )

@@ -6,9 +6,10 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
+from driverscore.adapters.registry import open_registry
 from driverscore.pipelines.scoring_run import ScoringRunResult
 from driverscore.pipelines.steps import PreparedDataset
-from driverscore.pipelines.training_run import TrainingRunResult, open_registry
+from driverscore.pipelines.training_run import TrainingRunResult
 from driverscore.settings import Settings
 from driverscore.training.gate import SliceMetrics
 
@@ -156,6 +157,13 @@ def print_scores(console: Console, result: ScoringRunResult) -> None:
         )
         console.print(score_distribution(scores))
         console.print(riskiest_trips(scores))
+    if result.set_aside.height:
+        reasons = result.set_aside["reason"].value_counts(sort=True).iter_rows()
+        console.print(
+            f"[bold yellow]{result.set_aside.height:,} trips not scored[/] "
+            f"({', '.join(f'{r}: {n}' for r, n in reasons)}) → {result.set_aside_uri}"
+        )
+    console.print(f"{result.decisions:,} decisions written to the prediction log")
     _print_quarantine(console, result.prepared)
     console.print(f"run manifest: {result.manifest_uri}")
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import polars as pl
 
 from driverscore.adapters.files import write_table
-from driverscore.adapters.prediction_log import open_prediction_log
 from driverscore.adapters.registry import open_registry
 from driverscore.adapters.storage import DatasetRef
 from driverscore.domain.features import trip_features
@@ -26,6 +25,7 @@ from driverscore.pipelines.steps import (
     ingest,
     prepare,
 )
+from driverscore.services.prediction_log import open_prediction_log
 from driverscore.settings import Settings
 
 

@@ -195,7 +195,9 @@ def prepare(
 
     cleaned = ctx.store.write_dataset("cleaned", cleaned_parts())
     feature_frame = pl.concat(features, how="vertical") if features else pl.DataFrame()
-    feature_frame = feature_frame.sort("trip_id") if feature_frame.height else feature_frame
+    feature_frame = (
+        feature_frame.sort("trip_id", "vehicle_id") if feature_frame.height else feature_frame
+    )
     quarantine_frame = _with_import_rejects(
         pl.concat(quarantine, how="diagonal_relaxed") if quarantine else pl.DataFrame(),
         ingested.rejects,

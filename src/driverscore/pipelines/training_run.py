@@ -14,11 +14,7 @@ from typing import Any
 import polars as pl
 
 from driverscore.adapters.readers import read_table
-from driverscore.adapters.registry import ModelRegistry, RegisteredVersion
-
-# Re-exported only for services/stream.py and services/stream_remote.py, whose rewrite
-# imports it from driverscore.adapters.registry like everything else; then this goes.
-from driverscore.adapters.registry import open_registry as open_registry
+from driverscore.adapters.registry import ModelRegistry, RegisteredVersion, open_registry
 from driverscore.adapters.storage import DatasetRef
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.domain.scoring import ModelCard, feature_matrix

@@ -166,7 +166,6 @@ def run_embedded_stream(
     *,
     grace_s: float,
     prediction_log: PredictionLog | None = None,
-    max_trip_pings: int = 50_000,
     score_batch_trips: int = 200,
     speed: float = 0.0,
     sleep: Callable[[float], None] = time.sleep,
@@ -175,12 +174,13 @@ def run_embedded_stream(
     """Replay canonical ``pings`` through the stream's trip closing and scoring into ``sink``.
 
     ``speed`` paces the replay: 1.0 is real time, 60.0 a minute of driving per second,
-    0 as fast as possible. The session gap is the scoring model card's ``TripConfig.gap_s``.
+    0 as fast as possible. Trips are cut by the scoring model card's trip rules (``TripConfig``:
+    gap, ``max_trip_pings``).
     ``prediction_log`` receives the rollout decisions (set up by the caller; flushed at the
     end).
     """
     card = step.scorer.card
-    assembler = TripAssembler(SessionRules.of(card.trip_config.gap_s, grace_s, max_trip_pings))
+    assembler = TripAssembler(SessionRules.of_trips(card.trip_config, grace_s))
     scope = MemoryScope()
     started = clock()
     first_us: int | None = None

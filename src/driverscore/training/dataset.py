@@ -343,7 +343,7 @@ def time_split(
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError("validation_fraction must be between 0 and 1")
-    ordered = labelled.sort(["end_ts", "trip_id"])
+    ordered = labelled.sort(["end_ts", "trip_id", "vehicle_id"])
     n = ordered.height
     n_holdout = round(n * validation_fraction)
     if n >= 2:

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final, Literal
 
 import polars as pl
@@ -34,11 +33,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from driverscore.adapters.prediction_log import ParquetPredictionLog, PredictionLog
+from driverscore.adapters.prediction_log import PredictionLog
 from driverscore.domain.mapping import apply_mapping
-from driverscore.domain.prepare import prepare_trips
 from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.scoring import TripScorer
+from driverscore.domain.trip_scoring import TRIP_RECORD_SCHEMA
 from driverscore.errors import ConfigError
 from driverscore.services.api.bodies import JSON_DOCUMENT, BodyError, parse_json_body
 from driverscore.services.api.holder import LoadedModels, ModelHolder, RegistryReader
@@ -52,6 +51,7 @@ from driverscore.services.api.schemas import (
     ModelsResponse,
     ModelVersionInfo,
     Readiness,
+    TripFeaturesIn,
     TripIn,
     TripScore,
     ValidationErrorResponse,
@@ -59,9 +59,12 @@ from driverscore.services.api.schemas import (
 from driverscore.services.api.scoring import (
     InvalidTripsError,
     RequestLimits,
+    ScoredBatch,
+    score_posted_pings,
     score_posted_trips,
     trip_problems,
 )
+from driverscore.services.prediction_log import open_prediction_log
 from driverscore.settings import ServiceConfig, Settings
 
 __all__ = ["ServiceState", "create_app"]
@@ -80,8 +83,6 @@ _INLINE_CHECK_BYTES: Final = 64 * 1024
 #: The fast path only ever takes one trip of features: bigger bodies (pings, batches) skip
 #: it rather than be parsed on the event loop for nothing (bytes).
 _FAST_PATH_MAX_BYTES: Final = 16 * 1024
-#: Largest magnitude of a feature value: the model's inputs are float32.
-_MODEL_MAX: Final = 3.4e38
 
 
 class _ServiceError(Exception):
@@ -523,20 +524,6 @@ def _invalid(problems: list[FieldProblem]) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=422)
 
 
-def _prediction_log(settings: Settings) -> PredictionLog:
-    """Parquet parts under the home folder by default; a Kafka topic when configured."""
-    if settings.service.prediction_log == "kafka":
-        from driverscore.adapters.kafka.broker import resolve_bootstrap
-        from driverscore.adapters.kafka.prediction_log import KafkaPredictionLog
-
-        # The same broker as every command of this home (a `driverscore kafka up` one too).
-        return KafkaPredictionLog(
-            resolve_bootstrap(settings).bootstrap_servers, settings.kafka.topics.predictions
-        )
-    log_dir = settings.service.prediction_log_dir or settings.home / "prediction_log"
-    return ParquetPredictionLog(Path(log_dir))
-
-
 def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader]) -> FastAPI:
     """Build the service; models load in the background when it starts (lifespan)."""
     config = settings.service
@@ -554,7 +541,7 @@ def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader
         settings=settings,
         holder=holder,
         metrics=metrics,
-        prediction_log=_prediction_log(settings),
+        prediction_log=open_prediction_log(settings),
         policy=RolloutPolicy(
             mode=config.rollout_mode, challenger_percent=config.challenger_percent
         ),
@@ -716,7 +703,27 @@ def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader
         ]
         if problems:
             raise InvalidTripsError(problems)
-        scored = score_posted_trips(trips, wheres, models, state.policy, now)
+        try:
+            scored = score_posted_trips(trips, wheres, models, state.policy, now)
+        except InvalidTripsError as exc:
+            for reason in exc.set_aside_reasons:
+                metrics.trips_set_aside.labels(reason).inc()
+            raise
+        return _logged(request_state, scored)
+
+    def score_pings_frame(request_state: dict[str, Any], pings: pl.DataFrame) -> ScoredBatch:
+        """CSV pings of any number of trips, on the same path as posted trips."""
+        models = loaded()
+        try:
+            scored = score_posted_pings(pings, models, state.policy, datetime.now(UTC))
+        except InvalidTripsError as exc:
+            for reason in exc.set_aside_reasons:
+                metrics.trips_set_aside.labels(reason).inc()
+            raise
+        _logged(request_state, scored)
+        return scored
+
+    def _logged(request_state: dict[str, Any], scored: ScoredBatch) -> list[TripScore]:
         state.prediction_log.add(scored.records)
         versions = {s.model_version for s in scored.scores}
         request_state["model_version"] = ",".join(sorted(versions))
@@ -746,7 +753,7 @@ def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader
     def score_batch(batch: BatchScoreRequest, request: Request) -> BatchScoreResponse:
         """Score many trips; scores come back in the order of the posted trips."""
         wheres = [f"trips.{i}." for i in range(len(batch.trips))]
-        return BatchScoreResponse(scores=score(request.scope["state"], batch.trips, wheres))
+        return _batch_response(score(request.scope["state"], batch.trips, wheres))
 
     @app.get("/v1/models", response_model=ModelsResponse, tags=["models"], dependencies=authorized)
     def list_models(request: Request) -> ModelsResponse:
@@ -820,16 +827,16 @@ def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader
         body = await request.body()
         content_type = request.headers.get("content-type", "application/json").split(";")[0]
         if content_type.strip() == "text/csv":
-            frame = await asyncio.to_thread(_score_csv, state, request, body)
+            answer = await asyncio.to_thread(
+                _score_csv, state, request, body, score, score_pings_frame
+            )
         elif content_type.strip() in ("application/json", ""):
             return await asyncio.to_thread(_invoke_json, state, request, body, score)
         else:
             raise _ServiceError(415, "unsupported_media_type", "send application/json or text/csv")
         if "text/csv" in request.headers.get("accept", ""):
-            out = frame.with_columns(pl.col("reasons").list.join("; "))
-            return Response(out.write_csv(), media_type="text/csv")
-        records = json.loads(frame.write_json())
-        return JSONResponse({"scores": records})
+            return Response(_scores_csv(answer), media_type="text/csv")
+        return JSONResponse(answer.model_dump(mode="json"))
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     def prometheus_metrics() -> Response:
@@ -950,16 +957,40 @@ def _invoke_json(
             batch = BatchScoreRequest.model_validate(document)
             wheres = [f"trips.{i}." for i in range(len(batch.trips))]
             scores = score(request.scope["state"], batch.trips, wheres)
-            return JSONResponse(BatchScoreResponse(scores=scores).model_dump(mode="json"))
+            return JSONResponse(_batch_response(scores).model_dump(mode="json"))
         trip = TripIn.model_validate(document)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
     return JSONResponse(score(request.scope["state"], [trip], [""])[0].model_dump(mode="json"))
 
 
-def _score_csv(state: ServiceState, request: Request, body: bytes) -> pl.DataFrame:
-    models = state.holder.models
-    if models is None:
+def _batch_response(scores: list[TripScore]) -> BatchScoreResponse:
+    total: dict[str, int] = {}
+    for trip in scores:
+        for reason, n in trip.pings_set_aside.items():
+            total[reason] = total.get(reason, 0) + n
+    return BatchScoreResponse(scores=scores, pings_set_aside=dict(sorted(total.items())))
+
+
+#: Columns of a CSV feature row that are outputs of scoring or feature computation: a CSV
+#: written by ``driverscore score`` may be posted back; they are not inputs.
+_CSV_OUTPUTS: Final = frozenset(TRIP_RECORD_SCHEMA) | {"decision_id", "alert"}
+
+
+def _score_csv(
+    state: ServiceState,
+    request: Request,
+    body: bytes,
+    score: Callable[[dict[str, Any], list[TripIn], list[str]], list[TripScore]],
+    score_pings: Callable[[dict[str, Any], pl.DataFrame], ScoredBatch],
+) -> BatchScoreResponse:
+    """CSV rows through the same validation and scoring as JSON.
+
+    Rows of pings (a ``lat`` column) are read with the canonical mapping, then cut into
+    trips and scored as batch does; rows of features become the same ``TripIn`` bodies a
+    JSON caller posts, so they meet the same checks and the same answers.
+    """
+    if state.holder.models is None:
         raise _ServiceError(503, "not_ready", "no model loaded yet")
     try:
         raw = pl.read_csv(io.BytesIO(body), infer_schema=False)
@@ -969,44 +1000,56 @@ def _score_csv(state: ServiceState, request: Request, body: bytes) -> pl.DataFra
         ) from None
     if raw.height == 0:
         raise InvalidTripsError([FieldProblem(field="(body)", message="CSV has no rows")])
-    scorer = models.champion
-    now = datetime.now(UTC)
-    card = scorer.card
     if "lat" in raw.columns:
         try:
             pings = apply_mapping(raw, None, "invocations").pings.drop("source")
         except Exception as exc:
             raise InvalidTripsError([FieldProblem(field="(body)", message=str(exc))]) from None
-        features = prepare_trips(
-            pings, card.cleaning_config, card.trip_config, card.feature_config, now
-        ).features
-    else:
-        missing = [n for n in card.feature_names if n not in raw.columns]
-        if missing:
-            raise InvalidTripsError(
-                [
-                    FieldProblem(field=m, message="feature column missing from the CSV header")
-                    for m in missing
-                ]
+        scored = score_pings(request.scope["state"], pings)
+        return BatchScoreResponse(scores=scored.scores, pings_set_aside=scored.pings_set_aside)
+    identity = set(TripIn.model_fields) - {"pings", "features"}
+    inputs = set(TripFeaturesIn.model_fields)
+    unknown = [c for c in raw.columns if c not in identity | inputs | _CSV_OUTPUTS]
+    if unknown:
+        raise InvalidTripsError(
+            [FieldProblem(field=c, message="unknown CSV column") for c in unknown]
+        )
+    trips: list[TripIn] = []
+    problems: list[FieldProblem] = []
+    for i, row in enumerate(raw.iter_rows(named=True)):
+        document = {
+            "features": {k: _csv_value(v) for k, v in row.items() if k in inputs},
+            **{k: v for k, v in row.items() if k in identity and v not in (None, "")},
+        }
+        try:
+            trips.append(TripIn.model_validate(document))
+        except ValidationError as exc:
+            problems.extend(
+                FieldProblem(field=f"rows.{i}.{_field_name(e['loc'])}", message=e["msg"])
+                for e in exc.errors()
             )
-        features = raw.with_columns(pl.col(card.feature_names).cast(pl.Float64, strict=False))
-        bad = [
-            n
-            for n in card.feature_names
-            if features[n].null_count() > raw[n].null_count()
-            # NaN, infinity and values beyond float32 (the model's input type) too.
-            or not features[n].drop_nulls().abs().le(_MODEL_MAX).all()
-        ]
-        if bad:
-            raise InvalidTripsError(
-                [
-                    FieldProblem(
-                        field=b, message=f"values that are not numbers up to {_MODEL_MAX:g}"
-                    )
-                    for b in bad
-                ]
-            )
-    scored = scorer.score_trips(features, now)
-    request.scope["state"]["model_version"] = scorer.model_version
-    state.metrics.trips_scored.labels("champion", scorer.model_version).inc(scored.height)
-    return scored.with_columns(pl.col(pl.Datetime).dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ"))
+    if problems:
+        raise InvalidTripsError(problems)
+    wheres = [f"rows.{i}." for i in range(len(trips))]
+    return _batch_response(score(request.scope["state"], trips, wheres))
+
+
+def _csv_value(text: str | None) -> float | str | None:
+    """A CSV cell as JSON would carry it: empty is null, numbers are numbers."""
+    if text is None or text.strip() == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text  # the model's validation names it
+
+
+def _scores_csv(answer: BatchScoreResponse) -> str:
+    """Score records as CSV, one row per trip: identity, features, score columns."""
+    rows = []
+    for trip in answer.scores:
+        row = trip.model_dump(mode="json", exclude={"features", "pings_set_aside"})
+        row.update(trip.features.model_dump(mode="json"))
+        row["reasons"] = "; ".join(trip.reasons)
+        rows.append(row)
+    return pl.DataFrame(rows, infer_schema_length=None).write_csv()

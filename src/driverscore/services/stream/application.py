@@ -135,11 +135,10 @@ def build_stream_application(
             topics.predictions,
         )
     }
-    # Trips are cut with the gap of the champion at start; a later champion scores with
-    # its own configs, but the cutting keeps this gap until the processor restarts.
-    rules = SessionRules.of(
-        step.scorer.card.trip_config.gap_s, config.grace_s, config.max_trip_pings
-    )
+    # Trips are cut with the trip rules (gap, max_trip_pings) of the champion at start; a
+    # later champion scores with its own configs, but the cutting keeps these rules until
+    # the processor restarts.
+    rules = SessionRules.of_trips(step.scorer.card.trip_config, config.grace_s)
     processor = PingProcessor(
         step,
         TripAssembler(rules, defer=True),
