@@ -477,6 +477,11 @@ def stream(
     )
 
     scoring = stream_scoring(settings)
+    from driverscore.adapters.registry_http import configure_registry_http
+
+    # The processor polls the registry between messages: a registry that is down must fail
+    # a poll within seconds (the loaded models keep scoring), not stall the stream for minutes.
+    configure_registry_http(settings.service.registry_timeout_s, settings.service.registry_retries)
     models = stream_models(settings, lambda: open_registry(settings))
     scorer = models.current().champion
     metrics = StreamMetrics()

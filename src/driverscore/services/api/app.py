@@ -12,7 +12,6 @@ import asyncio
 import gc
 import hmac
 import io
-import json
 import logging
 import os
 import threading
@@ -39,7 +38,12 @@ from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.scoring import TripScorer
 from driverscore.domain.trip_scoring import TRIP_RECORD_SCHEMA
 from driverscore.errors import ConfigError
-from driverscore.services.api.bodies import JSON_DOCUMENT, BodyError, parse_json_body
+from driverscore.services.api.bodies import (
+    JSON_DOCUMENT,
+    BodyError,
+    parse_json_body,
+    request_json,
+)
 from driverscore.services.api.holder import LoadedModels, ModelHolder, RegistryReader
 from driverscore.services.api.logs import flush_logs
 from driverscore.services.api.metrics import ServiceMetrics
@@ -871,8 +875,8 @@ def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader
         if state.holder.models is None:
             return None
         try:
-            # What FastAPI does for a JSON body: ``json.loads``, then the model.
-            trip = TripIn.model_validate(json.loads(body))
+            # The document the guard parsed (depth-checked), then the route's model.
+            trip = TripIn.model_validate(request_json(scope["state"], body))
         except Exception:  # invalid JSON or fields: the app answers with the 4xx
             return None
         if trip.features is None:
@@ -946,12 +950,8 @@ def _invoke_json(
     body: bytes,
     score: Callable[[dict[str, Any], list[TripIn], list[str]], list[TripScore]],
 ) -> Response:
-    try:
-        document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidTripsError(
-            [FieldProblem(field="(body)", message="body is not valid JSON")]
-        ) from None
+    # Parsed once by the guard (depth-checked); unreadable JSON is a 400 (``BodyError``).
+    document = request_json(request.scope["state"], body)
     try:
         if isinstance(document, dict) and "trips" in document:
             batch = BatchScoreRequest.model_validate(document)
