@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -245,14 +246,19 @@ def service(
         yield client, home / "prediction_log"
 
 
-def _logged_since(log_dir: Path, client: Client, before: int) -> pl.DataFrame:
-    """Decisions the service logged after ``before`` rows (flushed by a rollout round trip)."""
-    deadline = datetime.now(UTC) + timedelta(seconds=10)
+def _logged_since(log_dir: Path, before: int, expected: int) -> pl.DataFrame:
+    """The ``expected`` decisions the service logged after ``before`` rows.
+
+    The service flushes its log once a second on its own thread, so a request's decisions
+    may reach the files in more than one part: wait for all of them (or time out, and let
+    the comparison show what is missing).
+    """
+    deadline = time.monotonic() + 15
     while True:
         frame = ParquetPredictionLog(log_dir).read() if log_dir.exists() else pl.DataFrame()
-        if frame.height > before or datetime.now(UTC) > deadline:
+        if frame.height >= before + expected or time.monotonic() > deadline:
             return frame.slice(before) if frame.height else frame
-        client.get("/healthz")
+        time.sleep(0.1)
 
 
 def _ping_bodies(data: Input) -> list[dict[str, Any]]:
@@ -318,7 +324,7 @@ def _rest_paths(
         before = ParquetPredictionLog(log_dir).read().height if log_dir.exists() else 0
         scores = post()
         results[name] = PathResult(
-            _records_from_json(scores), _logged_since(log_dir, client, before)
+            _records_from_json(scores), _logged_since(log_dir, before, len(scores))
         )
 
     def rest_json() -> list[dict[str, Any]]:
@@ -439,7 +445,7 @@ def _through_service(
         run_embedded_stream(_in_time_order(data), step, sink, grace_s=GRACE_S)
     finally:
         remote.close()
-    return PathResult(sink.scores, _logged_since(log_dir, client, before))
+    return PathResult(sink.scores, _logged_since(log_dir, before, sink.scores.height))
 
 
 @pytest.mark.parametrize("mode", list(POLICIES))

@@ -68,6 +68,10 @@ def _serving(settings: Settings, root: Path) -> Iterator[httpx.Client]:
         time.sleep(0.05)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            # The service listens before its models load: wait until it says it is ready.
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, client.get("/readyz").text
+                time.sleep(0.05)
             yield client
     finally:
         server.should_exit = True

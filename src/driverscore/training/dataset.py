@@ -343,7 +343,9 @@ def time_split(
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError("validation_fraction must be between 0 and 1")
-    ordered = labelled.sort(["end_ts", "trip_id", "vehicle_id"])
+    # A trip is (vehicle, trip id): the vehicle breaks ties of trip ids shared by vehicles.
+    keys = ["end_ts", "trip_id", *(["vehicle_id"] if "vehicle_id" in labelled.columns else [])]
+    ordered = labelled.sort(keys)
     n = ordered.height
     n_holdout = round(n * validation_fraction)
     if n >= 2:
