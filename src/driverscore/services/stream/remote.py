@@ -33,6 +33,13 @@ from typing import Any, Final
 import httpx
 import orjson
 import polars as pl
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from driverscore.adapters.registry import CHAMPION
 from driverscore.domain.features import FEATURE_SCHEMA
@@ -69,6 +76,10 @@ _EXCERPT: Final = 300
 def _excerpt(response: httpx.Response) -> str:
     text = response.text.strip().replace("\n", " ")
     return text if len(text) <= _EXCERPT else text[:_EXCERPT] + "…"
+
+
+class _TransientScoringError(Exception):
+    """A try that may succeed when repeated: the service unreachable, a 5xx or a 429."""
 
 
 class ScoringClient:
@@ -125,55 +136,62 @@ class ScoringClient:
         return answers
 
     def _post(self, trips: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One batch, retried on connection errors, 5xx and 429 with exponential back-off
+        (``backoff_s``, then twice that, ...); any other refusal is final at once."""
         body = orjson.dumps({"trips": trips})
-        problem = ""
-        for attempt in range(self.tries):
-            if attempt:
-                self.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                response = self._client.post(BATCH_ROUTE, content=body)
-            except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-                log.warning(
-                    "scoring service %s unreachable (try %d of %d): %s",
-                    self.url,
-                    attempt + 1,
-                    self.tries,
-                    problem,
-                )
-                continue
-            status = response.status_code
-            if status >= 500 or status == 429:
-                problem = f"HTTP {status}: {_excerpt(response)}"
-                log.warning(
-                    "scoring service %s failed (try %d of %d): %s",
-                    self.url,
-                    attempt + 1,
-                    self.tries,
-                    problem,
-                )
-                continue
-            if status == 200:
-                return self._answers(response, trips)
-            if status == 422:
-                raise InputDataError(
-                    f"the scoring service {self.url} refused the features of "
-                    f"{len(trips)} trip(s) (HTTP 422): {_excerpt(response)}"
-                )
-            if status in (401, 403):
-                raise ScoringServiceError(
-                    f"the scoring service {self.url} refused the stream's token (HTTP {status}); "
-                    "set DRIVERSCORE_KAFKA__SCORING_TOKEN to a token it accepts: "
-                    f"{_excerpt(response)}"
-                )
+        retrying = Retrying(
+            stop=stop_after_attempt(self.tries),
+            wait=wait_exponential(multiplier=self.backoff_s, min=0),
+            retry=retry_if_exception_type(_TransientScoringError),
+            after=self._log_failed_try,
+            sleep=self.sleep,
+            reraise=True,
+        )
+        try:
+            answers: list[dict[str, Any]] = retrying(self._post_once, body, trips)
+        except _TransientScoringError as exc:
             raise ScoringServiceError(
-                f"the scoring service {self.url} answered HTTP {status} to {BATCH_ROUTE} "
-                f"(is DRIVERSCORE_KAFKA__SCORING_URL a driverscore service?): {_excerpt(response)}"
+                f"the scoring service {self.url} did not score {len(trips)} trip(s) after "
+                f"{self.tries} tries ({exc}); nothing was committed, the trips are scored "
+                "again once it answers"
+            ) from None
+        return answers
+
+    def _log_failed_try(self, state: RetryCallState) -> None:
+        outcome = state.outcome
+        if outcome is not None and isinstance(outcome.exception(), _TransientScoringError):
+            log.warning(
+                "scoring service %s failed (try %d of %d): %s",
+                self.url,
+                state.attempt_number,
+                self.tries,
+                outcome.exception(),
+            )
+
+    def _post_once(self, body: bytes, trips: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        try:
+            response = self._client.post(BATCH_ROUTE, content=body)
+        except httpx.TransportError as exc:
+            raise _TransientScoringError(f"unreachable: {type(exc).__name__}: {exc}") from exc
+        status = response.status_code
+        if status >= 500 or status == 429:
+            raise _TransientScoringError(f"HTTP {status}: {_excerpt(response)}")
+        if status == 200:
+            return self._answers(response, trips)
+        if status == 422:
+            raise InputDataError(
+                f"the scoring service {self.url} refused the features of "
+                f"{len(trips)} trip(s) (HTTP 422): {_excerpt(response)}"
+            )
+        if status in (401, 403):
+            raise ScoringServiceError(
+                f"the scoring service {self.url} refused the stream's token (HTTP {status}); "
+                "set DRIVERSCORE_KAFKA__SCORING_TOKEN to a token it accepts: "
+                f"{_excerpt(response)}"
             )
         raise ScoringServiceError(
-            f"the scoring service {self.url} did not score {len(trips)} trip(s) after "
-            f"{self.tries} tries ({problem}); nothing was committed, the trips are scored "
-            "again once it answers"
+            f"the scoring service {self.url} answered HTTP {status} to {BATCH_ROUTE} "
+            f"(is DRIVERSCORE_KAFKA__SCORING_URL a driverscore service?): {_excerpt(response)}"
         )
 
     def _answers(
