@@ -492,16 +492,15 @@ def stream(
         start_http_server(metrics_port, registry=metrics.registry)
     if pings is not None:
         from driverscore.adapters.ping_files import load_canonical_pings
-        from driverscore.adapters.prediction_log import ParquetPredictionLog
+        from driverscore.services.prediction_log import open_prediction_log
         from driverscore.services.stream_embedded import ParquetScoreSink, run_embedded_stream
 
         frame, rejected = load_canonical_pings(
             pings, _load_mapping(mapping), settings.storage_options()
         )
         folder = (out or settings.home / "stream").resolve()
-        # Decisions go where the service logs its own.
-        log_dir = settings.service.prediction_log_dir or settings.home / "prediction_log"
-        prediction_log = ParquetPredictionLog(log_dir.resolve())
+        # Decisions go where the service and batch scoring log theirs.
+        prediction_log = open_prediction_log(settings)
         prediction_log.setup()
         result = run_embedded_stream(
             frame,
@@ -522,6 +521,8 @@ def stream(
         if rejected:
             typer.echo(f"{rejected:,} rows rejected by the column mapping (not replayed)")
         return
+    from driverscore.services.api.logs import configure_json_logging, flush_logs
+
     state_dir = settings.kafka.state_dir or (settings.home / "stream-state")
     app_ = build_stream_application(settings.kafka, step, state_dir.resolve(), metrics)
     err_console.print(
@@ -529,7 +530,13 @@ def stream(
         f"{settings.kafka.topics.pings} at {settings.kafka.bootstrap_servers}",
         highlight=False,
     )
-    app_.run()
+    # A long-running processor logs as the service does: JSON lines on stderr, which log
+    # collectors parse (failed trips, registry polls, retries of the scoring service).
+    configure_json_logging()
+    try:
+        app_.run()
+    finally:
+        flush_logs()
 
 
 def _quiet_libraries() -> None:

@@ -103,7 +103,7 @@ def flush_logs() -> None:
 
 
 def configure_json_logging(level: int = logging.INFO) -> None:
-    """Send every log record to stderr as JSON; called by ``driverscore serve`` only."""
+    """Every log record to stderr as JSON (``driverscore serve`` and ``driverscore stream``)."""
     handler = BufferedLineHandler()
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
