@@ -25,7 +25,11 @@ from driverscore.services.api.errors import install_error_handlers
 from driverscore.services.api.fast_path import FastScore
 from driverscore.services.api.guard import Guard, Probe, install_guard
 from driverscore.services.api.holder import RegistryReader
-from driverscore.services.api.routes import ServiceRoutes, readiness_response
+from driverscore.services.api.routes import (
+    ServiceRoutes,
+    document_posted_bodies,
+    readiness_response,
+)
 from driverscore.services.api.sagemaker import SageMakerRoutes
 from driverscore.services.api.schemas import ErrorResponse, ValidationErrorResponse
 from driverscore.services.api.scorer import Scorer
@@ -60,6 +64,7 @@ def create_app(settings: Settings, registry_factory: Callable[[], RegistryReader
     authorized = [Depends(RequireToken(state))]
     ServiceRoutes(state, scorer).add_to(app, authorized)
     SageMakerRoutes(state, scorer).add_to(app, authorized)
+    document_posted_bodies(app)
 
     probes: dict[str, Probe] = {
         "/healthz": (_route(app, "/healthz"), lambda: JSONResponse({"status": "ok"})),
