@@ -89,7 +89,7 @@ def test_features_beyond_the_model_input_range_get_a_422(service: httpx.Client) 
             "/invocations", content=csv_body, headers={**AUTH, "content-type": "text/csv"}
         )
         assert response.status_code == 422, (value, response.text)
-        assert response.json()["problems"][0]["field"] == "jerk_rms_mps3"
+        assert response.json()["problems"][0]["field"] == "rows.0.features.jerk_rms_mps3"
 
 
 def test_times_out_of_range_get_a_422(service: httpx.Client) -> None:
