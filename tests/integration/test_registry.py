@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,64 +99,6 @@ def _register(registry: ModelRegistry, c: Candidate, report: GateReport, tag: st
     return registered.version
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` (SQLite backend, proxied artifacts) on a free localhost port."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = (root / "server.log").open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server not up: {(root / 'server.log').read_text()}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
 @pytest.fixture(scope="module")
 def sqlite_backend(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # One database per module: creating it runs every MLflow schema migration (seconds).
@@ -185,10 +123,13 @@ def test_promotion_and_loading(registry: ModelRegistry, candidate: Candidate) ->
 
 @pytest.mark.slow
 def test_promotion_and_loading_through_an_mlflow_server(
-    mlflow_server: str, candidate: Candidate
+    start_mlflow_server: Callable[[], MlflowServer], candidate: Candidate
 ) -> None:
+    # The conftest's server: stopped with its whole process group (its uvicorn and job
+    # runner children), not the parent alone.
+    server = start_mlflow_server()
     registry = ModelRegistry(
-        tracking_uri=mlflow_server,
+        tracking_uri=server.url,
         registry_uri=None,
         model_name="trip-risk-served",
         experiment_name="driverscore-served",

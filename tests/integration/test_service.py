@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import socket
 import threading
 import time
@@ -305,6 +306,42 @@ def test_bad_input_gets_a_422_naming_the_field(
     assert field in fields, (name, payload)
     assert payload["message"].startswith(fields[0])
     _assert_no_internals(response.text)
+
+
+def test_scoring_routes_validate_the_guards_document_without_parsing_again(
+    client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/v1/score`` and ``/v1/score:batch`` take the document the guard parsed: FastAPI's
+    own parse of the body (``Request.json``, seconds of CPU for a few large trips) never
+    runs. A body FastAPI would not have read as JSON keeps the 422 it had."""
+    from starlette.requests import Request
+
+    async def parse_again(self: Request) -> Any:
+        raise AssertionError("the body was parsed a second time")
+
+    monkeypatch.setattr(Request, "json", parse_again)
+    feature_trip = {"vehicle_id": "v-f", "features": FEATURES}
+    plus_json = {**AUTH, "content-type": "application/vnd.driverscore+json"}
+    for path, body in (
+        ("/v1/score", trip_body(41)),
+        ("/v1/score", feature_trip),
+        ("/v1/score:batch", {"trips": [trip_body(42), feature_trip]}),
+    ):
+        for headers in ({**AUTH, **JSON}, plus_json):
+            response = client.post(path, content=json.dumps(body), headers=headers)
+            assert response.status_code == 200, (path, response.text)
+
+    not_a_dict = "Input should be a valid dictionary or object to extract fields from"
+    for path in ("/v1/score", "/v1/score:batch"):
+        for headers, content, message in (
+            (JSON, b"", "Field required"),
+            ({}, json.dumps(feature_trip).encode(), not_a_dict),
+            ({"content-type": "text/plain"}, json.dumps(feature_trip).encode(), not_a_dict),
+            (JSON, b"[1]", not_a_dict),
+        ):
+            refused = client.post(path, content=content, headers={**AUTH, **headers})
+            assert refused.status_code == 422, (path, headers, refused.text)
+            assert refused.json()["problems"] == [{"field": "(body)", "message": message}]
 
 
 def test_batch_scores_pings_and_features_in_order(client: httpx.Client, backend: Backend) -> None:
@@ -698,6 +735,16 @@ def test_openapi_documents_every_field(client: httpx.Client) -> None:
     paths = schema["paths"]
     for path in ("/v1/score", "/v1/score:batch", "/invocations", "/ping", "/v1/models"):
         assert path in paths
+    # The scoring routes read their bodies themselves; the document still gives their models.
+    for path, model in (("/v1/score", "TripIn"), ("/v1/score:batch", "BatchScoreRequest")):
+        body = paths[path]["post"]["requestBody"]
+        assert body["required"] is True
+        assert body["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{model}"
+        }
+    refs = set(re.findall(r'"\$ref": ?"#/components/schemas/([^"]+)"', json.dumps(schema)))
+    assert refs >= {"TripIn", "BatchScoreRequest", "PingIn", "TripFeaturesIn"}
+    assert refs <= set(components)
 
 
 def test_rollout_file_changes_the_split_without_restart(backend: Backend, tmp_path: Path) -> None:

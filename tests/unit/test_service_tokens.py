@@ -8,7 +8,7 @@ import pytest
 from pydantic import SecretStr
 
 from driverscore.errors import ConfigError
-from driverscore.services.api.app import _load_tokens
+from driverscore.services.api.auth import load_tokens
 from driverscore.settings import ServiceConfig
 
 
@@ -24,11 +24,11 @@ def test_comment_and_blank_lines_are_not_tokens(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     config = ServiceConfig(tokens=[SecretStr("from-setting")], token_file=token_file)
-    assert _load_tokens(config) == [b"from-setting", b"first-token", b"second-token"]
+    assert load_tokens(config) == [b"from-setting", b"first-token", b"second-token"]
 
 
 def test_a_token_file_that_is_not_utf8_is_one_clear_error(tmp_path: Path) -> None:
     token_file = tmp_path / "tokens"
     token_file.write_bytes(b"\xff\xfetoken\n")
     with pytest.raises(ConfigError, match=r"tokens: not UTF-8 text"):
-        _load_tokens(ServiceConfig(token_file=token_file))
+        load_tokens(ServiceConfig(token_file=token_file))

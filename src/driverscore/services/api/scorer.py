@@ -1,0 +1,121 @@
+"""A request's trips scored and recorded: the part every scoring route shares.
+
+:class:`Scorer` checks the request's limits, scores on the one scoring path
+(``scoring.score_posted_trips`` / ``score_posted_pings``), and records what it did: the
+decisions in the prediction log, the trips scored or set aside in the metrics, and the
+answering model version in the request's state (for the latency metric and the access
+log line). ``/v1/score``, ``/v1/score:batch``, the fast path and ``/invocations`` (JSON and
+CSV) all score through it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import polars as pl
+
+from driverscore.services.api.schemas import (
+    BatchScoreRequest,
+    BatchScoreResponse,
+    FieldProblem,
+    TripIn,
+    TripScore,
+)
+from driverscore.services.api.scoring import (
+    InvalidTripsError,
+    ScoredBatch,
+    score_posted_pings,
+    score_posted_trips,
+    trip_problems,
+)
+from driverscore.services.api.state import ServiceState
+
+__all__ = ["Scorer", "batch_response"]
+
+
+class Scorer:
+    """Scores the trips of a request and records them (prediction log, metrics).
+
+    ``request_state`` is the request's ``scope["state"]``: the answering model versions go
+    there as ``model_version``.
+    """
+
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
+        self.metrics = state.metrics
+        self.max_trips = state.settings.service.max_trips
+        # ``Counter.labels`` hashes and locks on every call: keep the children.
+        self._scored_counters: dict[tuple[str, str], Any] = {}
+
+    def score(
+        self, request_state: dict[str, Any], trips: list[TripIn], wheres: list[str]
+    ) -> list[TripScore]:
+        """Answers for posted trips in posted order; ``wheres`` prefix each trip's field
+        names in a 422 (``"trips.3."``)."""
+        models = self.state.loaded_models()
+        now = datetime.now(UTC)
+        if len(trips) > self.max_trips:
+            raise InvalidTripsError(
+                [
+                    FieldProblem(
+                        field="trips", message=f"{len(trips)} trips; at most {self.max_trips}"
+                    )
+                ]
+            )
+        limits = self.state.limits
+        problems = [
+            p for t, w in zip(trips, wheres, strict=True) for p in trip_problems(t, w, limits, now)
+        ]
+        if problems:
+            raise InvalidTripsError(problems)
+        try:
+            scored = score_posted_trips(trips, wheres, models, self.state.policy, now)
+        except InvalidTripsError as exc:
+            self._count_set_aside(exc)
+            raise
+        return self._logged(request_state, scored)
+
+    def score_batch(
+        self, request_state: dict[str, Any], batch: BatchScoreRequest
+    ) -> BatchScoreResponse:
+        """A batch's answers, in posted order, with the pings set aside in all."""
+        wheres = [f"trips.{i}." for i in range(len(batch.trips))]
+        return batch_response(self.score(request_state, batch.trips, wheres))
+
+    def score_pings(self, request_state: dict[str, Any], pings: pl.DataFrame) -> ScoredBatch:
+        """CSV pings of any number of trips, on the same path as posted trips."""
+        models = self.state.loaded_models()
+        try:
+            scored = score_posted_pings(pings, models, self.state.policy, datetime.now(UTC))
+        except InvalidTripsError as exc:
+            self._count_set_aside(exc)
+            raise
+        self._logged(request_state, scored)
+        return scored
+
+    def _count_set_aside(self, exc: InvalidTripsError) -> None:
+        for reason in exc.set_aside_reasons:
+            self.metrics.trips_set_aside.labels(reason).inc()
+
+    def _logged(self, request_state: dict[str, Any], scored: ScoredBatch) -> list[TripScore]:
+        self.state.prediction_log.add(scored.records)
+        versions = {s.model_version for s in scored.scores}
+        request_state["model_version"] = ",".join(sorted(versions))
+        counters = self._scored_counters
+        for s in scored.scores:
+            key = (s.model_role, s.model_version)
+            counter = counters.get(key)
+            if counter is None:
+                counter = counters[key] = self.metrics.trips_scored.labels(*key)
+            counter.inc()
+        return scored.scores
+
+
+def batch_response(scores: list[TripScore]) -> BatchScoreResponse:
+    """Scores of a batch with the pings their trips set aside, summed per reason."""
+    total: dict[str, int] = {}
+    for trip in scores:
+        for reason, n in trip.pings_set_aside.items():
+            total[reason] = total.get(reason, 0) + n
+    return BatchScoreResponse(scores=scores, pings_set_aside=dict(sorted(total.items())))
