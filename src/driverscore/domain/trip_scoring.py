@@ -207,6 +207,9 @@ def _columns(features: pl.DataFrame | Mapping[str, Sequence[Any]]) -> Columns:
         height = features.height
         present = features.select(c for c in _FEATURE_NAMES if c in features.columns)
         data: Columns = present.to_dict(as_series=False)
+    elif type(features) is dict and tuple(features) == _FEATURE_NAMES:
+        # Already whole columns in schema order (what the REST path builds): no copy.
+        return features
     else:
         lengths = {len(v) for v in features.values()}
         if len(lengths) > 1:
@@ -241,12 +244,14 @@ def _invalid_rows(
             problems[i] = "vehicle_id: missing"
     if x.shape[0] <= _SMALL:
         # A few rows (one REST trip): plain Python costs less than numpy's per-call overhead.
+        specs = [FEATURE_CONTRACT.get(name) for name in names]
         for i, row in enumerate(x.tolist()):
-            for name, value in zip(names, row, strict=True):
-                spec = FEATURE_CONTRACT.get(name)
-                message = feature_problem(spec, value) if spec is not None else None
+            for spec, value in zip(specs, row, strict=True):
+                if spec is None or spec.minimum <= value <= spec.maximum:
+                    continue  # valid (NaN and infinity fail the comparison, checked below)
+                message = feature_problem(spec, value)
                 if message is not None and i not in problems:
-                    problems[i] = f"{name}: {message}"
+                    problems[i] = f"{spec.name}: {message}"
         return problems
     for j, name in enumerate(names):
         spec = FEATURE_CONTRACT.get(name)

@@ -184,6 +184,10 @@ def _prepare(
     policy: RolloutPolicy,
     now: datetime,
 ) -> _Prepared:
+    if len(trips) == 1 and trips[0].features is not None:
+        # The service's hot path (one feature trip per request): one row, built at once.
+        row = _feature_identity(trips[0])
+        return _Prepared({name: [row.get(name)] for name in FEATURE_SCHEMA}, None, [{}])
     features: dict[str, list[Any]] = {name: [] for name in FEATURE_SCHEMA}
     challenger: dict[str, list[Any]] | None = None
     set_aside: list[dict[str, int]] = []
@@ -257,27 +261,27 @@ def _refused(scored: ScoredTrips, wheres: list[str]) -> None:
 
 
 def _to_scores(scored: ScoredTrips, pings_set_aside: list[dict[str, int]]) -> list[TripScore]:
+    rec = scored.records
     out: list[TripScore] = []
-    for k, row in enumerate(scored.record_rows()):
-        decision = scored.decisions[k]
+    for k, decision in enumerate(scored.decisions):
         out.append(
             TripScore(
-                trip_id=row["trip_id"],
-                vehicle_id=row["vehicle_id"],
-                driver_id=row["driver_id"],
-                fleet_id=row["fleet_id"],
-                client_id=row["client_id"],
-                start_ts=row["start_ts"],
-                end_ts=row["end_ts"],
-                features=TripFeaturesOut(**{f: row[f] for f in _FEATURE_OUT}),
-                risk_probability=row["risk_probability"],
-                score=row["score"],
-                risk_band=row["risk_band"],
-                reasons=row["reasons"],
-                model_name=row["model_name"],
-                model_version=row["model_version"],
-                model_role=row["model_role"],
-                scored_at=row["scored_at"],
+                trip_id=rec["trip_id"][k],
+                vehicle_id=rec["vehicle_id"][k],
+                driver_id=rec["driver_id"][k],
+                fleet_id=rec["fleet_id"][k],
+                client_id=rec["client_id"][k],
+                start_ts=rec["start_ts"][k],
+                end_ts=rec["end_ts"][k],
+                features=TripFeaturesOut(**{f: rec[f][k] for f in _FEATURE_OUT}),
+                risk_probability=rec["risk_probability"][k],
+                score=rec["score"][k],
+                risk_band=rec["risk_band"][k],
+                reasons=rec["reasons"][k],
+                model_name=rec["model_name"][k],
+                model_version=rec["model_version"][k],
+                model_role=rec["model_role"][k],
+                scored_at=rec["scored_at"][k],
                 decision_id=decision.decision_id,
                 pings_set_aside=pings_set_aside[scored.rows[k]],
             )
