@@ -105,3 +105,12 @@ def test_the_document_parsed_by_the_guard_is_used() -> None:
 
 def test_nan_passes_so_field_validation_can_name_it() -> None:
     assert parse_json_body(b'{"speed_mps": NaN}')["speed_mps"] != 0
+
+
+@pytest.mark.parametrize(
+    "text", ["-9223372036854775809", "18446744073709551616", '{"ts": 123456789012345678901}']
+)
+def test_integers_beyond_64_bits_stay_exact(text: str) -> None:
+    # Found by the property test above: orjson turned -9223372036854775809 into a float.
+    assert parse_json_body(text.encode()) == json.loads(text)
+    assert type(parse_json_body(text.encode())) is type(json.loads(text))
