@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from driverscore.services.api.bodies import (
@@ -37,6 +37,9 @@ _documents = st.recursive(
 )
 
 
+# Derandomized, as the Schemathesis run: CI sees the same examples every time (a random
+# find once blocked a landing; it is now pinned by test_integers_beyond_64_bits_stay_exact).
+@settings(derandomize=True, max_examples=300)
 @given(_documents, st.booleans())
 def test_depth_of_any_document_equals_its_nesting(document: Any, ascii_only: bool) -> None:
     body = json.dumps(document, ensure_ascii=ascii_only).encode()
