@@ -61,12 +61,17 @@ def _per_driver_rates(sim: Simulation) -> pl.DataFrame:
 def test_public_api_is_explicit() -> None:
     assert sorted(simulation.__all__) == sorted(
         [
+            "PHONE",
+            "TRACKER",
             "DirtConfig",
             "DriftConfig",
+            "GpsProfile",
             "Simulation",
             "SimulationConfig",
+            "constant_turn",
             "iter_simulation",
             "simulate",
+            "straight_drive",
             "vehicles_per_chunk_for",
         ]
     )

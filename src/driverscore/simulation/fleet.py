@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from driverscore.simulation.config import SimulationConfig
+from driverscore.simulation.gps import TRACKER
 
 KMH: Final = 1 / 3.6
 MPH: Final = 0.44704
@@ -173,6 +174,6 @@ def build_fleet(config: SimulationConfig) -> Fleet:
         has_speed_limit=has_limit,
         power_per_kg=power,
         speed_report_factor=report,
-        imu_bias_long=rng.normal(0.0, 0.12, n),
-        imu_bias_lat=rng.normal(0.0, 0.12, n),
+        imu_bias_long=rng.normal(0.0, TRACKER.imu_bias_sigma_mps2, n),
+        imu_bias_lat=rng.normal(0.0, TRACKER.imu_bias_sigma_mps2, n),
     )
