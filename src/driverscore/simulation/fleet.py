@@ -67,8 +67,11 @@ class Fleet:
     has_speed_limit: np.ndarray
     #: Vehicle power over mass (W/kg): caps acceleration as speed rises.
     power_per_kg: np.ndarray
-    #: Multiplier on the reported speed (sensor bias times km/h unit change).
-    speed_report_factor: np.ndarray
+    #: Drifts, each from its start day: speed sensor bias (multiplier, 1 when unbiased),
+    #: km/h numbers sent as m/s, tracker replaced by a GPS-only device.
+    speed_bias: np.ndarray
+    reports_kmh: np.ndarray
+    turns_gps_only: np.ndarray
     #: IMU mount bias, longitudinal and lateral (m/s²).
     imu_bias_long: np.ndarray
     imu_bias_lat: np.ndarray
@@ -148,7 +151,6 @@ def build_fleet(config: SimulationConfig) -> Fleet:
     drift = config.drift
     biased = rng.random(n) < drift.speed_sensor_bias_share
     kmh = rng.random(n) < drift.speed_unit_kmh_share
-    report = np.where(biased, drift.speed_sensor_bias, 1.0) * np.where(kmh, 3.6, 1.0)
 
     # One string per vehicle (not per ping): a plain comprehension is clearest.
     vehicle_ids = np.array([f"veh-{i + 1:05d}" for i in index], dtype=object)
@@ -173,7 +175,10 @@ def build_fleet(config: SimulationConfig) -> Fleet:
         has_imu=has_imu,
         has_speed_limit=has_limit,
         power_per_kg=power,
-        speed_report_factor=report,
+        speed_bias=np.where(biased, drift.speed_sensor_bias, 1.0),
+        reports_kmh=kmh,
         imu_bias_long=rng.normal(0.0, TRACKER.imu_bias_sigma_mps2, n),
         imu_bias_lat=rng.normal(0.0, TRACKER.imu_bias_sigma_mps2, n),
+        # Drawn last, so the knob leaves every other draw of the fleet as it was.
+        turns_gps_only=has_imu & (rng.random(n) < drift.gps_only_share),
     )

@@ -78,9 +78,12 @@ def plan_routes(
     rng: np.random.Generator,
     distance_km: np.ndarray,
     drivers: TripDrivers,
-    seasonal_speed_factor: float,
+    speed_factor: np.ndarray,
 ) -> Routes:
-    """Draw the segments of every trip from its planned distance and its driver."""
+    """Draw the segments of every trip from its planned distance and its driver.
+
+    ``speed_factor`` multiplies each trip's target speeds (the seasonal drift).
+    """
     n_trips = len(distance_km)
     total_m = distance_km * 1000.0
     res_start = np.minimum(0.1 * total_m, rng.uniform(200.0, 1000.0, n_trips))
@@ -167,7 +170,7 @@ def plan_routes(
     curve_speed = np.sqrt(lateral_pref / np.maximum(np.abs(curvature), 1e-9))
     target = np.minimum.reduce(
         [
-            limit * (1.0 + offset) * seasonal_speed_factor * congestion,
+            limit * (1.0 + offset) * speed_factor[seg_trip] * congestion,
             curve_speed,
             np.full(n_seg, _TOP_SPEED_MPS),
         ]

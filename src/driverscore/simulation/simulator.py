@@ -151,8 +151,17 @@ def _schedule(
     local_hour = hours[np.arange(n), np.minimum(component, 4)]
     lon = np.array([c.lon for c in CITIES])[fleet.city[vehicle]]
     start_s = day * _DAY_S + local_hour * 3600.0 - lon / 15.0 * 3600.0
+    # The new fleet joins on its start day: none of its trips is planned before it.
+    joined = (vehicle < config.vehicles) | _from_day(start_s, config.drift.new_fleet_start_day)
+    vehicle, start_s, local_hour = vehicle[joined], start_s[joined], local_hour[joined]
     order = np.lexsort((start_s, vehicle))
     return _Schedule(vehicle[order], start_s[order], (local_hour[order]) % 24.0)
+
+
+def _from_day(planned_s: np.ndarray, day: int) -> np.ndarray:
+    """Trips a drift starting on ``day`` applies to; day 0 is every trip (even one planned
+    just before ``start`` in UTC: local midnight is later than UTC midnight east of it)."""
+    return np.asarray(planned_s >= day * _DAY_S if day > 0 else np.ones(len(planned_s), bool))
 
 
 def _resolve_overlaps(
@@ -196,7 +205,11 @@ def _simulate_chunk(
         power_per_kg=fleet.power_per_kg[vehicle],
     )
     planned_km = np.clip(rng.lognormal(np.log(8.0), 0.75, n_trips), 1.0, 120.0)
-    routes = plan_routes(rng, planned_km, drivers, config.drift.seasonal_speed_factor)
+    drift = config.drift
+    seasonal = np.where(
+        _from_day(plan.start_s, drift.seasonal_start_day), drift.seasonal_speed_factor, 1.0
+    )
+    routes = plan_routes(rng, planned_km, drivers, seasonal)
     traj = drive(rng, routes, drivers, rng.uniform(0.0, 2.0 * np.pi, n_trips))
 
     start_s = _resolve_overlaps(vehicle, plan.start_s, traj.samples.astype(float), rng)
@@ -227,7 +240,23 @@ def _simulate_chunk(
     epoch_us = int(config.start.timestamp()) * 1_000_000
     # Multipath jumps happen in the city: every road but the highway.
     urban = traj.speed_limit_mps < drivers.limits_mps[traj.trip, HIGHWAY] - 0.01
-    columns, reported = _observe(rng, traj, urban, fleet, vehicle, city_lat, city_lon, utc_s)
+    devices = _TripDevices(
+        tracker=fleet.has_imu[vehicle]
+        & ~(fleet.turns_gps_only[vehicle] & _from_day(plan.start_s, drift.gps_only_start_day)),
+        speed_factor=np.where(
+            _from_day(plan.start_s, drift.speed_sensor_bias_start_day),
+            fleet.speed_bias[vehicle],
+            1.0,
+        )
+        * np.where(
+            fleet.reports_kmh[vehicle] & _from_day(plan.start_s, drift.speed_unit_kmh_start_day),
+            3.6,
+            1.0,
+        ),
+    )
+    columns, reported = _observe(
+        rng, traj, urban, devices, fleet, vehicle, city_lat, city_lon, utc_s
+    )
     columns["ts_us"] += epoch_us
     kept = np.flatnonzero(reported)
     rows = kept[dirty_order(rng, len(kept), config.dirt)]
@@ -253,10 +282,21 @@ def _simulate_chunk(
     )
 
 
+@dataclass(frozen=True)
+class _TripDevices:
+    """Per trip: the device that records it, after the drifts of its day."""
+
+    #: A tracker with an IMU; otherwise a GPS-only phone.
+    tracker: np.ndarray
+    #: Multiplier on the reported speed (sensor bias times a km/h unit change).
+    speed_factor: np.ndarray
+
+
 def _observe(
     rng: np.random.Generator,
     traj: Trajectories,
     urban: np.ndarray,
+    devices: _TripDevices,
     fleet: Fleet,
     vehicle: np.ndarray,
     city_lat: np.ndarray,
@@ -265,7 +305,8 @@ def _observe(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """What the devices report (every fix), and which fixes they send (not lost in dropouts).
 
-    Vehicles with an IMU carry trackers, the others phones (:mod:`driverscore.simulation.gps`).
+    Trips recorded by a tracker have its IMU columns; the others are phones, GPS only
+    (:mod:`driverscore.simulation.gps`).
     """
     trip = traj.trip
     n_trips = len(vehicle)
@@ -274,7 +315,7 @@ def _observe(
     # Trips start somewhere within ~12 km of the city centre.
     radius = 12_000.0 * np.sqrt(rng.random(n_trips))
     bearing = rng.uniform(0.0, 2.0 * np.pi, n_trips)
-    tracker = fleet.has_imu[vehicle]
+    tracker = devices.tracker
     fixes = report_fixes(
         rng,
         TrueTrack(
@@ -311,7 +352,7 @@ def _observe(
         "trip": trip,
         "lat": lat,
         "lon": lon,
-        "speed_mps": fixes.speed_mps * fleet.speed_report_factor[ping_vehicle],
+        "speed_mps": fixes.speed_mps * devices.speed_factor[trip],
         "heading_deg": fixes.course_deg,
         "accel_long_mps2": np.where(imu, accel_long, np.nan),
         "accel_lat_mps2": np.where(imu, accel_lat, np.nan),
