@@ -104,14 +104,25 @@ class FeatureConfig(BaseModel):
     corner_window_s: float = Field(
         2.0,
         gt=0,
-        description="Span of the centred window the yaw rate is measured over (s; windowed_turn).",
+        description=(
+            "Shortest span of the centred window the yaw rate is measured over (s; windowed_turn)."
+        ),
+    )
+    corner_window_s_per_mps: float = Field(
+        0.16,
+        ge=0,
+        description=(
+            "The window grows with speed: at least this many seconds per m/s (2.7 s at 60 "
+            "km/h, 5.3 s at 120 km/h), so course jitter x speed / window, the noise of the lateral "
+            "estimate, is the same at every speed (s per m/s; windowed_turn)."
+        ),
     )
     min_corner_turn_deg: float = Field(
         15.0,
         ge=0,
         description=(
-            "A cornering event must turn the vehicle by at least this much, measured from one "
-            "window before the event to one window after it (degrees; windowed_turn)."
+            "A cornering event must turn the vehicle by at least this much, measured from two "
+            "windows before the event to two windows after it (degrees; windowed_turn)."
         ),
     )
     speeding_tolerance_mps: float = Field(

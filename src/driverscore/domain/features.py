@@ -326,8 +326,8 @@ def _window_key(t_us: IntArray, trips: _Trips, reach_us: int) -> IntArray:
     return key
 
 
-def _window_edges(key: IntArray, half_us: int) -> tuple[IntArray, IntArray]:
-    """Per row, the first and last row whose key lies within ``half_us`` of its own.
+def _window_edges(key: IntArray, half_us: IntArray) -> tuple[IntArray, IntArray]:
+    """Per row, the first and last row whose key lies within that row's ``half_us``.
 
     Windows hold a few fixes, so they are grown one row at a time over the rows that can
     still grow (cheaper than a binary search per row); the key being increasing, a window
@@ -341,7 +341,7 @@ def _window_edges(key: IntArray, half_us: int) -> tuple[IntArray, IntArray]:
             nxt = edge[rows] + step
             inside = (nxt >= 0) & (nxt < n)
             rows, nxt = rows[inside], nxt[inside]
-            within = np.abs(key[nxt] - key[rows]) <= half_us
+            within = np.abs(key[nxt] - key[rows]) <= half_us[rows]
             rows, nxt = rows[within], nxt[within]
             edge[rows] = nxt
     return lo, hi
@@ -362,6 +362,11 @@ def _unwrapped_heading_udeg(heading: FloatArray, first: BoolArray) -> IntArray:
     return result
 
 
+#: A turn lasts while its lateral estimate stays above this share of the harsh threshold
+#: (hysteresis: noise around the threshold inside one turn does not split it in events).
+_TURN_HOLD_SHARE: Final = 0.5
+
+
 def _gps_turn_events(
     frame: pl.DataFrame,
     speed: FloatArray,
@@ -372,17 +377,22 @@ def _gps_turn_events(
 ) -> BoolArray:
     """Harsh cornering from the GPS course, robust to course jitter (``windowed_turn``).
 
-    The yaw rate of a fix is the course change across a centred window of
-    ``corner_window_s`` divided by the window's span, so 1 Hz jitter is averaged instead of
-    multiplied by speed; lateral acceleration is speed x yaw rate. A run of consecutive
-    fixes at or beyond ``harsh_corner_mps2`` on one side is an event when the vehicle's
-    course changes by at least ``min_corner_turn_deg`` in that direction from one window
-    before the run to one window after it: a course glitch comes back, a turn does not.
-    Returns a mask of the first fix of each event.
+    The yaw rate of a fix is the course change across a centred window over the window's
+    span, and lateral acceleration is speed x yaw rate. The window lasts
+    ``corner_window_s_per_mps`` x speed (at least ``corner_window_s``): the error of the
+    estimate is then course jitter / that factor at every speed, instead of speed x jitter
+    / 1 s. A turn is a run of consecutive fixes turning one way with lateral at or beyond
+    half of ``harsh_corner_mps2``; it is one harsh event when its lateral reaches the
+    threshold and the course changes by at least ``min_corner_turn_deg`` that way from two
+    windows before the turn to two windows after it: a course glitch comes back, a turn
+    does not. Returns a mask of the first fix of each event.
     """
     n = speed.size
-    half_us = round(config.corner_window_s * 0.5e6)
-    key = _window_key(t_us, trips, 4 * half_us)
+    window_s = np.maximum(config.corner_window_s, config.corner_window_s_per_mps * speed)
+    window_s = np.where(np.isnan(window_s), config.corner_window_s, window_s)
+    half_us = np.round(window_s * 0.5e6).astype(np.int64)
+    reach_us = 4 * half_us  # two windows each side of a turn
+    key = _window_key(t_us, trips, 2 * int(reach_us.max()))
     lo, hi = _window_edges(key, half_us)
     course = _unwrapped_heading_udeg(_floats(frame, "heading_deg"), first)
     span_us = t_us[hi] - t_us[lo]
@@ -395,19 +405,29 @@ def _gps_turn_events(
     last = np.append(first[1:], True)
     min_turn_udeg = config.min_corner_turn_deg * _UDEG_PER_DEG
     for side in (1.0, -1.0):
-        with np.errstate(invalid="ignore"):
-            hit = side * lateral >= config.harsh_corner_mps2
-        starts = np.flatnonzero(_run_starts(hit, first))
+        toward = np.where(np.isnan(lateral), -np.inf, side * lateral)
+        turning = toward >= _TURN_HOLD_SHARE * config.harsh_corner_mps2
+        starts = np.flatnonzero(_run_starts(turning, first))
         if starts.size == 0:
             continue
-        next_hit = np.zeros(n, dtype=bool)
-        next_hit[:-1] = hit[1:]
-        ends = np.flatnonzero(hit & (last | ~next_hit))
-        reach = 2 * half_us
-        before = np.searchsorted(key, key[starts] - reach, side="left")
-        after = np.searchsorted(key, key[ends] + reach, side="right") - 1
+        next_turning = np.zeros(n, dtype=bool)
+        next_turning[:-1] = turning[1:]
+        ends = np.flatnonzero(turning & (last | ~next_turning))
+        # Peak lateral of each turn: the maximum over rows starts[k]..ends[k].
+        bounds = np.empty(2 * starts.size, dtype=np.int64)
+        bounds[0::2], bounds[1::2] = starts, ends + 1
+        peak = np.maximum.reduceat(np.append(toward, -np.inf), bounds)[0::2]
+        before = np.searchsorted(key, key[starts] - reach_us[starts], side="left")
+        after = np.searchsorted(key, key[ends] + reach_us[ends], side="right") - 1
         turned = side * (course[after] - course[before]) >= min_turn_udeg
-        events[starts[turned]] = True
+        harsh = np.flatnonzero(turned & (peak >= config.harsh_corner_mps2))
+        if harsh.size == 0:
+            continue
+        # A turn split by a dropout or a glitch is one turn: a harsh turn that starts within
+        # two windows of the previous one's end, on the same side, is part of it.
+        gap_us = key[starts[harsh[1:]]] - key[ends[harsh[:-1]]]
+        joined = np.append(False, gap_us <= reach_us[starts[harsh[1:]]])
+        events[starts[harsh[~joined]]] = True
     return events
 
 
