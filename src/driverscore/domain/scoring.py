@@ -40,6 +40,7 @@ __all__ = [
     "ModelFeature",
     "ReasonTemplate",
     "RiskBand",
+    "ScoreForm",
     "ScoreMapping",
     "TripScorer",
     "aggregate_scores",
