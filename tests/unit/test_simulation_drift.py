@@ -110,15 +110,16 @@ def test_seasonal_speed_change_starts_on_its_day() -> None:
         update={"drift": DriftConfig(seasonal_speed_factor=0.8, seasonal_start_day=3)}
     )
 
-    def p95(pings: pl.DataFrame) -> float:
-        value = pings["speed_mps"].quantile(0.95)
-        assert value is not None
+    def moving_speed(pings: pl.DataFrame) -> float:
+        value = pings.filter(pl.col("speed_mps") > 2.0)["speed_mps"].mean()
+        assert isinstance(value, float)
         return value
 
     base_before, base_after = _split(simulate(base).pings, base, 3)
     before, after = _split(simulate(winter).pings, winter, 3)
-    assert p95(before) == pytest.approx(p95(base_before), rel=0.05)
-    assert p95(after) < 0.9 * p95(base_after)
+    # The same routes before the change (only the throttle noise differs), slower after.
+    assert moving_speed(before) == pytest.approx(moving_speed(base_before), rel=0.03)
+    assert moving_speed(after) < 0.9 * moving_speed(base_after)
 
 
 def test_new_fleet_joins_on_its_day() -> None:

@@ -138,6 +138,28 @@ class SimulationConfig(BaseModel):
         le=1,
         description="Share of vehicles whose pings carry map-matched limits.",
     )
+    habitual_speeder_share: float = Field(
+        default=0.09,
+        ge=0,
+        le=1,
+        description=(
+            "Share of drivers who are habitual speeders: 10-25 km/h over the limit on most "
+            "segments, with a high latent speeding trait."
+        ),
+    )
+    wrong_limit_per_100km: float = Field(
+        default=2.0,
+        ge=0,
+        description=(
+            "Stretches of a few hundred metres where the map's limit is wrong (mostly too "
+            "low), per 100 km of map-matched driving."
+        ),
+    )
+    missing_limit_per_100km: float = Field(
+        default=3.0,
+        ge=0,
+        description="Stretches where the map has no limit, per 100 km of map-matched driving.",
+    )
     include_trip_id: bool = Field(default=False, description="Fill trip_id in the pings.")
     vehicles_per_chunk: int = Field(
         default=200, ge=1, description="Vehicles simulated together; bounds memory."

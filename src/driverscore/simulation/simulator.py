@@ -26,6 +26,7 @@ from driverscore.simulation.fleet import CITIES, HIGHWAY, Fleet, build_fleet
 from driverscore.simulation.gps import PHONE, TRACKER, TrueTrack, report_fixes, report_imu, to_wgs84
 from driverscore.simulation.kinematics import Trajectories, drive
 from driverscore.simulation.labels import Incidents, draw_incidents, hazard_per_km
+from driverscore.simulation.maps import map_limits
 from driverscore.simulation.routes import TripDrivers, plan_routes
 
 _DAY_S: Final = 86_400
@@ -203,6 +204,7 @@ def _simulate_chunk(
         limits_mps=limits[fleet.city[vehicle]],
         rush=(((hour >= 7.0) & (hour < 9.5)) | ((hour >= 16.5) & (hour < 19.0))).astype(float),
         power_per_kg=fleet.power_per_kg[vehicle],
+        speeding_margin_mps=fleet.speeding_margin_mps[vehicle],
     )
     planned_km = np.clip(rng.lognormal(np.log(8.0), 0.75, n_trips), 1.0, 120.0)
     drift = config.drift
@@ -255,7 +257,7 @@ def _simulate_chunk(
         ),
     )
     columns, reported = _observe(
-        rng, traj, urban, devices, fleet, vehicle, city_lat, city_lon, utc_s
+        rng, config, traj, urban, devices, fleet, vehicle, city_lat, city_lon, utc_s
     )
     columns["ts_us"] += epoch_us
     kept = np.flatnonzero(reported)
@@ -294,6 +296,7 @@ class _TripDevices:
 
 def _observe(
     rng: np.random.Generator,
+    config: SimulationConfig,
     traj: Trajectories,
     urban: np.ndarray,
     devices: _TripDevices,
@@ -304,6 +307,9 @@ def _observe(
     utc_s: np.ndarray,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """What the devices report (every fix), and which fixes they send (not lost in dropouts).
+
+    Map-matched vehicles report the map's limit, wrong or missing on short stretches
+    (:mod:`driverscore.simulation.maps`).
 
     Trips recorded by a tracker have its IMU columns; the others are phones, GPS only
     (:mod:`driverscore.simulation.gps`).
@@ -345,7 +351,15 @@ def _observe(
         fleet.imu_bias_long[ping_vehicle],
         fleet.imu_bias_lat[ping_vehicle],
     )
-    limit = np.where(fleet.has_speed_limit[ping_vehicle], traj.speed_limit_mps, np.nan)
+    map_limit = map_limits(
+        rng,
+        trip,
+        traj.speed_mps,
+        traj.speed_limit_mps,
+        config.wrong_limit_per_100km,
+        config.missing_limit_per_100km,
+    )
+    limit = np.where(fleet.has_speed_limit[ping_vehicle], map_limit, np.nan)
     columns = {
         "ts_us": (utc_s * 1_000_000).astype(np.int64),
         "vehicle": ping_vehicle,
