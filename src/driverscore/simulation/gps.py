@@ -32,6 +32,8 @@ from typing import Final
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from driverscore.simulation.spans import span_rows
+
 #: Metres per degree of latitude (and of longitude at the equator), spherical earth.
 METRES_PER_DEGREE: Final = 111_195.0
 #: Below this speed the Doppler course is not divided by less (m/s): it is noise anyway.
@@ -197,62 +199,88 @@ def report_fixes(
     kind = np.zeros(n_trips, np.int64) if device is None else np.asarray(device, np.int64)
     table = _profile_table(profiles)
     trip_par = table[:, kind]  # (field, trip)
-    row_par = trip_par[:, track.trip]  # (field, fix)
+
+    def per_fix(field: int) -> np.ndarray | np.float64:
+        # One profile for every trip (scenarios, single-class fleets): a scalar, no gather.
+        # Double precision either way, so a fix's value does not depend on the other trips.
+        values = trip_par[field]
+        if n == 0 or (values == values[0]).all():
+            return np.float64(values[0] if len(values) else 0.0)
+        return np.asarray(values[track.trip], np.float64)
 
     # Unit-variance AR(1) errors: east, north, course.
     rho = np.stack([trip_par[_POS_RHO], trip_par[_POS_RHO], trip_par[_COURSE_RHO]])
     unit = _ar1(rng, rho, samples, track.trip, track.step)
     speed_noise = rng.standard_normal(n, np.float32)
     start_draw = rng.random(n)
+    # Per fix, though only an event's first fix reads them: the parameters a fix gets do
+    # not depend on how many events start elsewhere.
     param_a = rng.random(n, np.float32)
     param_b = rng.random(n, np.float32)
 
-    east = track.east_m + row_par[_POS_SIGMA] * unit[0]
-    north = track.north_m + row_par[_POS_SIGMA] * unit[1]
-    speed = np.abs(track.speed_mps + row_par[_SPEED_SIGMA] * speed_noise)
+    position_sigma = per_fix(_POS_SIGMA)
+    speed_sigma = per_fix(_SPEED_SIGMA)
+    east = track.east_m + position_sigma * unit[0]
+    north = track.north_m + position_sigma * unit[1]
+    speed = np.abs(track.speed_mps + speed_sigma * speed_noise)
     course_sigma = np.hypot(
-        np.deg2rad(row_par[_COURSE_FLOOR]),
-        row_par[_SPEED_SIGMA] / np.maximum(track.speed_mps, _COURSE_MIN_SPEED_MPS),
+        np.deg2rad(per_fix(_COURSE_FLOOR)),
+        speed_sigma / np.maximum(track.speed_mps, _COURSE_MIN_SPEED_MPS),
     )
     course = track.course_rad + course_sigma * unit[2]
 
     # One uniform per fix decides which event (if any) starts there: the three hazards are
     # tiny, so treating them as exclusive changes nothing measurable; the position of the
-    # draw inside its event's slice is itself uniform and sets the event's length.
-    end_of_trip = np.cumsum(samples)[track.trip] if n else np.zeros(0, np.int64)
-    remaining = end_of_trip - np.arange(n)
+    # draw inside its event's slice is itself uniform and sets the event's length. Only
+    # fixes under the highest total hazard of the profiles can start one: a bound set by
+    # the profiles offered, not by which trip has which, so the draws stay independent
+    # of the devices.
+    bound = float(table[[_GLITCH_RATE, _MULTIPATH_RATE, _DROPOUT_RATE]].sum(axis=0).max(initial=0))
+    candidate = np.flatnonzero(start_draw < bound / 3600.0)
+    param_a, param_b = param_a[candidate], param_b[candidate]
+    draw = start_draw[candidate]
+    par = trip_par[:, track.trip[candidate]]  # (field, candidate)
+    end_of_trip = np.cumsum(samples)
+    trip_end = end_of_trip[track.trip[candidate]]
+    step = track.step[candidate]
     p_glitch = np.where(
-        track.speed_mps >= _GLITCH_MIN_SPEED_MPS, row_par[_GLITCH_RATE] / 3600.0, 0.0
+        track.speed_mps[candidate] >= _GLITCH_MIN_SPEED_MPS, par[_GLITCH_RATE] / 3600.0, 0.0
     )
-    p_multipath = np.where(track.urban, row_par[_MULTIPATH_RATE] / 3600.0, 0.0)
+    p_multipath = np.where(track.urban[candidate], par[_MULTIPATH_RATE] / 3600.0, 0.0)
     p_dropout = np.where(
-        (track.step >= _DROPOUT_FIRST_STEP) & (remaining > _DROPOUT_LAST_KEPT),
-        row_par[_DROPOUT_RATE] / 3600.0,
+        (step >= _DROPOUT_FIRST_STEP) & (trip_end - candidate > _DROPOUT_LAST_KEPT),
+        par[_DROPOUT_RATE] / 3600.0,
         0.0,
     )
-    low = np.zeros(n)
+    low = np.zeros(len(candidate))
     spans: list[tuple[np.ndarray, np.ndarray]] = []
     for p in (p_glitch, p_multipath, p_dropout):
-        hit = np.flatnonzero((start_draw >= low) & (start_draw < low + p))
-        spans.append((hit, (start_draw[hit] - low[hit]) / p[hit]))
+        hit = np.flatnonzero((draw >= low) & (draw < low + p))
+        spans.append((hit, (draw[hit] - low[hit]) / p[hit]))
         low = low + p
 
     hit, within = spans[0]
-    length = 1 + np.floor(within * row_par[_GLITCH_MAX_S, hit]).astype(np.int64)
-    size = _between(param_a[hit], row_par[_GLITCH_MIN_DEG, hit], row_par[_GLITCH_MAX_DEG, hit])
+    length = 1 + np.floor(within * par[_GLITCH_MAX_S, hit]).astype(np.int64)
+    size = _between(param_a[hit], par[_GLITCH_MIN_DEG, hit], par[_GLITCH_MAX_DEG, hit])
     sign = np.where(param_b[hit] < 0.5, -1.0, 1.0)
-    course = course + _over_spans(n, hit, length, end_of_trip, np.deg2rad(sign * size))
+    rows, span = span_rows(candidate[hit], np.minimum(candidate[hit] + length, trip_end[hit]))
+    np.add.at(course, rows, np.deg2rad(sign * size)[span])
 
     hit, within = spans[1]
-    length = _length(within, row_par[_MULTIPATH_MIN_S, hit], row_par[_MULTIPATH_MAX_S, hit])
-    size = _between(param_a[hit], row_par[_MULTIPATH_MIN_M, hit], row_par[_MULTIPATH_MAX_M, hit])
+    length = _length(within, par[_MULTIPATH_MIN_S, hit], par[_MULTIPATH_MAX_S, hit])
+    size = _between(param_a[hit], par[_MULTIPATH_MIN_M, hit], par[_MULTIPATH_MAX_M, hit])
     bearing = 2.0 * np.pi * param_b[hit]
-    east = east + _over_spans(n, hit, length, end_of_trip, size * np.sin(bearing))
-    north = north + _over_spans(n, hit, length, end_of_trip, size * np.cos(bearing))
+    rows, span = span_rows(candidate[hit], np.minimum(candidate[hit] + length, trip_end[hit]))
+    np.add.at(east, rows, (size * np.sin(bearing))[span])
+    np.add.at(north, rows, (size * np.cos(bearing))[span])
 
     hit, within = spans[2]
-    length = _length(within, row_par[_DROPOUT_MIN_S, hit], row_par[_DROPOUT_MAX_S, hit])
-    lost = _over_spans(n, hit, length, end_of_trip - _DROPOUT_LAST_KEPT, np.ones(len(hit))) > 0.5
+    length = _length(within, par[_DROPOUT_MIN_S, hit], par[_DROPOUT_MAX_S, hit])
+    rows, _ = span_rows(
+        candidate[hit], np.minimum(candidate[hit] + length, trip_end[hit] - _DROPOUT_LAST_KEPT)
+    )
+    reported = np.ones(n, bool)
+    reported[rows] = False
 
     course_deg = np.rad2deg(course) % 360.0
     # x % 360 of a tiny negative x is 360.0 in floating point.
@@ -262,7 +290,7 @@ def report_fixes(
         north_m=north,
         speed_mps=speed,
         course_deg=course_deg,
-        reported=~lost,
+        reported=reported,
     )
 
 
@@ -353,18 +381,6 @@ def _length(within: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray
     return np.asarray(low + np.floor(within * (high - low + 1.0)), np.int64)
 
 
-def _over_spans(
-    n: int, start: np.ndarray, length: np.ndarray, end: np.ndarray, value: np.ndarray
-) -> np.ndarray:
-    """Per fix, the sum of the values of the spans covering it; a span stops at ``end[start]``
-    (its trip's end, exclusive) at the latest."""
-    if len(start) == 0:
-        return np.zeros(n)
-    stop = np.minimum(start + length, end[start])
-    delta = np.bincount(start, value, minlength=n + 1) - np.bincount(stop, value, minlength=n + 1)
-    return np.cumsum(delta[:n])
-
-
 def _ar1(
     rng: np.random.Generator,
     rho: np.ndarray,
@@ -392,7 +408,7 @@ def _ar1(
     offset = np.cumsum(active) - active
     position = offset[step] + rank[trip]
 
-    innovation = rng.standard_normal((n_series, n)).astype(np.float64)
+    innovation = rng.standard_normal((n_series, n))
     rho_ranked = rho[:, rank_order]
     # Step 0 is a stationary draw; later innovations keep the variance at 1.
     x = innovation
@@ -403,4 +419,4 @@ def _ar1(
         x[:, lo : lo + m] = (
             rho_ranked[:, :m] * x[:, prev : prev + m] + scale[:, :m] * x[:, lo : lo + m]
         )
-    return np.asarray(x[:, position], np.float64)
+    return np.asarray(x[:, position])

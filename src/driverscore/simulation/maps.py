@@ -14,6 +14,8 @@ from typing import Final
 
 import numpy as np
 
+from driverscore.simulation.spans import span_rows
+
 #: Length of a stretch with a wrong limit, uniform (m).
 WRONG_LIMIT_M: Final = (200.0, 600.0)
 #: Length of a stretch with no limit, uniform (m).
@@ -40,16 +42,15 @@ def map_limits(
     speed; a stretch ends at its trip's end at the latest.
     """
     n = len(trip)
-    step_m = np.asarray(speed_mps, np.float64)
-    # Odometer at each fix (distance driven before it), over the trips in row order.
-    odometer = np.cumsum(step_m) - step_m
-    end_of_trip = np.cumsum(np.bincount(trip))[trip] if n else np.zeros(0, np.int64)
-
+    speed = np.asarray(speed_mps, np.float64)
+    limit = np.asarray(limit_mps, np.float64)
+    # One uniform per fix: a stretch starts where it falls under the hazard of the distance
+    # driven in that second (1 s x speed); its place under the hazard picks the kind.
+    per_m = (wrong_per_100km + missing_per_100km) / 100_000.0
     draw = rng.random(n)
-    p_wrong = step_m * (wrong_per_100km / 100_000.0)
-    p_missing = step_m * (missing_per_100km / 100_000.0)
-    wrong = np.flatnonzero(draw < p_wrong)
-    missing = np.flatnonzero((draw >= p_wrong) & (draw < p_wrong + p_missing))
+    start = np.flatnonzero(draw < speed * per_m)
+    is_wrong = draw[start] < speed[start] * (wrong_per_100km / 100_000.0)
+    wrong, missing = start[is_wrong], start[~is_wrong]
 
     too_low = rng.random(len(wrong)) < TOO_LOW_SHARE
     factor = np.where(
@@ -57,30 +58,34 @@ def map_limits(
         rng.uniform(*TOO_LOW_FACTOR, len(wrong)),
         rng.uniform(*TOO_HIGH_FACTOR, len(wrong)),
     )
-    stop = _stretch_ends(odometer, end_of_trip, wrong, rng.uniform(*WRONG_LIMIT_M, len(wrong)))
-    misread = _covered(n, wrong, stop)
-    # Where two wrong stretches overlap, the later one's limit holds.
-    mark = np.full(n, -1, np.int64)
-    mark[wrong] = np.arange(len(wrong))
-    latest = np.maximum.accumulate(mark) if n else mark
-    limit = np.asarray(limit_mps, np.float64)
-    # Index -1 (no stretch started yet) reads the appended 1.0.
-    reported = np.where(misread, limit * np.append(factor, 1.0)[latest], limit)
-    stop = _stretch_ends(
-        odometer, end_of_trip, missing, rng.uniform(*MISSING_LIMIT_M, len(missing))
+    wrong_m = rng.uniform(*WRONG_LIMIT_M, len(wrong))
+    missing_m = rng.uniform(*MISSING_LIMIT_M, len(missing))
+
+    # Distance driven by the end of each fix's second, and each trip's end (exclusive row).
+    odometer = np.cumsum(speed)
+    trip_end = np.cumsum(np.bincount(trip)) if n else np.zeros(0, np.int64)
+    reported = limit.copy()
+    rows, span = span_rows(
+        wrong, _stretch_ends(odometer, speed, trip_end[trip[wrong]], wrong, wrong_m)
     )
-    return np.where(_covered(n, missing, stop), np.nan, reported)
+    # Where two wrong stretches overlap, one of their limits holds.
+    reported[rows] = limit[rows] * factor[span]
+    rows, _ = span_rows(
+        missing, _stretch_ends(odometer, speed, trip_end[trip[missing]], missing, missing_m)
+    )
+    reported[rows] = np.nan
+    return reported
 
 
 def _stretch_ends(
-    odometer: np.ndarray, end_of_trip: np.ndarray, start: np.ndarray, length_m: np.ndarray
+    odometer: np.ndarray,
+    speed: np.ndarray,
+    trip_end: np.ndarray,
+    start: np.ndarray,
+    length_m: np.ndarray,
 ) -> np.ndarray:
-    """First fix past each stretch: ``length_m`` further on, within the trip, at least one fix."""
-    stop = np.searchsorted(odometer, odometer[start] + length_m, side="left")
-    return np.asarray(np.maximum(np.minimum(stop, end_of_trip[start]), start + 1), np.int64)
-
-
-def _covered(n: int, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
-    """Fixes inside at least one stretch (integer counts: exact, unlike sums of floats)."""
-    delta = np.bincount(start, minlength=n + 1) - np.bincount(stop, minlength=n + 1)
-    return np.asarray(np.cumsum(delta[:n]) > 0)
+    """First fix past each stretch: the fixes that begin less than ``length_m`` after the
+    stretch's start, within its trip."""
+    begins = odometer[start] - speed[start]
+    stop = np.searchsorted(odometer, begins + length_m, side="left") + 1
+    return np.asarray(np.minimum(stop, trip_end), np.int64)
