@@ -329,22 +329,24 @@ def _window_key(t_us: IntArray, trips: _Trips, reach_us: int) -> IntArray:
 def _window_edges(key: IntArray, half_us: IntArray) -> tuple[IntArray, IntArray]:
     """Per row, the first and last row whose key lies within that row's ``half_us``.
 
-    Windows hold a few fixes, so they are grown one row at a time over the rows that can
-    still grow (cheaper than a binary search per row); the key being increasing, a window
-    stops growing at the first row outside it.
+    Windows hold a few fixes, so they are counted offset by offset on shifted views of the
+    key (contiguous, no gather; far cheaper than a binary search per row). The key being
+    increasing, the rows within reach on each side are exactly the offsets that pass.
     """
     n = key.size
-    lo, hi = np.arange(n), np.arange(n)
-    for edge, step in ((lo, -1), (hi, 1)):
-        rows = np.arange(n)
-        while rows.size:
-            nxt = edge[rows] + step
-            inside = (nxt >= 0) & (nxt < n)
-            rows, nxt = rows[inside], nxt[inside]
-            within = np.abs(key[nxt] - key[rows]) <= half_us[rows]
-            rows, nxt = rows[within], nxt[within]
-            edge[rows] = nxt
-    return lo, hi
+    before = np.zeros(n, dtype=np.int64)
+    after = np.zeros(n, dtype=np.int64)
+    for k in range(1, n):
+        # Row i reaches back to i - k / ahead to i + k when the keys are within its reach.
+        step = key[k:] - key[:-k]
+        back = step <= half_us[k:]
+        ahead = step <= half_us[:-k]
+        if not (back.any() or ahead.any()):
+            break
+        before[k:] += back
+        after[:-k] += ahead
+    index = np.arange(n)
+    return index - before, index + after
 
 
 def _unwrapped_heading_udeg(heading: FloatArray, first: BoolArray) -> IntArray:
@@ -368,10 +370,9 @@ _TURN_HOLD_SHARE: Final = 0.5
 
 
 def _gps_turn_events(
-    frame: pl.DataFrame,
+    heading: FloatArray,
     speed: FloatArray,
     t_us: IntArray,
-    trips: _Trips,
     first: BoolArray,
     config: FeatureConfig,
 ) -> BoolArray:
@@ -388,13 +389,14 @@ def _gps_turn_events(
     does not. Returns a mask of the first fix of each event.
     """
     n = speed.size
+    trips = _Trips(np.flatnonzero(first), n)
     window_s = np.maximum(config.corner_window_s, config.corner_window_s_per_mps * speed)
     window_s = np.where(np.isnan(window_s), config.corner_window_s, window_s)
     half_us = np.round(window_s * 0.5e6).astype(np.int64)
     reach_us = 4 * half_us  # two windows each side of a turn
     key = _window_key(t_us, trips, 2 * int(reach_us.max()))
     lo, hi = _window_edges(key, half_us)
-    course = _unwrapped_heading_udeg(_floats(frame, "heading_deg"), first)
+    course = _unwrapped_heading_udeg(heading, first)
     span_us = t_us[hi] - t_us[lo]
     usable = (span_us >= half_us) & (speed >= config.min_corner_speed_mps)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -432,30 +434,43 @@ def _gps_turn_events(
 
 
 def _windowed_limit(
-    limit: FloatArray, t_us: IntArray, trips: _Trips, window_s: float
+    limit: FloatArray,
+    t_us: IntArray,
+    trips: _Trips,
+    window_s: float,
+    candidates: IntArray,
 ) -> FloatArray:
-    """The highest known limit within a centred window of ``window_s`` (NaN when none).
+    """``limit`` with the rows ``candidates`` judged against the highest known limit within a
+    centred window of ``window_s`` (NaN when none is known there).
 
     A map limit that is wrong for a stretch shorter than the window - a slip road's or a
     parallel street's limit matched onto a motorway - is outvoted by the limit around it;
     a real change of limit takes effect up to half a window late (lower) or early
-    (higher), which can only under-count speeding, never invent it.
+    (higher), which can only under-count speeding, never invent it. The window can only
+    raise a limit, so only rows that would speed under their own limit, or have none, can
+    change: the caller passes those, a small share of a trip's fixes.
     """
+    result = limit.copy()
+    if candidates.size == 0:
+        return result
     half_us = round(window_s * 0.5e6)
     key = _window_key(t_us, trips, 2 * half_us)
-    size = f"{half_us + 1}i"
-    frame = pl.DataFrame(
-        {"key": key, "back": -key[::-1], "limit": limit, "reversed": limit[::-1]},
-        nan_to_null=True,
-    )
-    result = frame.select(
-        pl.col("limit").rolling_max_by("key", window_size=size).alias("past"),
-        pl.col("reversed").rolling_max_by("back", window_size=size).alias("future"),
-    )
-    past = result["past"].to_numpy().astype(np.float64)
-    future = result["future"].to_numpy().astype(np.float64)[::-1]
-    windowed: FloatArray = np.fmax(past, future)
-    return windowed
+    n = key.size
+    best = limit[candidates]
+    reach = key[candidates]
+    for side in (-1, 1):
+        offset = side
+        while True:
+            other = candidates + offset
+            inside = (other >= 0) & (other < n)
+            other = np.where(inside, other, candidates)  # a stand-in, masked out below
+            within = inside & (np.abs(key[other] - reach) <= half_us)
+            if not within.any():
+                break
+            best = np.where(within, np.fmax(best, limit[other]), best)
+            offset += side
+    result[candidates] = best
+    return result
 
 
 def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> pl.DataFrame:
@@ -521,9 +536,16 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
     if windowed:
         # Trips without an IMU take their cornering events from the GPS course, by turns.
         gps_rows = ~trips.rows(imu_lat)
-        turns = _gps_turn_events(frame, speed, t_us, trips, first, config) & gps_rows
-        imu_corners = _run_starts(lateral >= config.harsh_corner_mps2, first) & ~gps_rows
-        columns["corner"] = trips.count_sparse(turns | imu_corners)
+        corners = _run_starts(lateral >= config.harsh_corner_mps2, first) & ~gps_rows
+        on_gps = np.flatnonzero(gps_rows)  # whole trips, so trip starts stay trip starts
+        corners[on_gps] = _gps_turn_events(
+            _floats(frame, "heading_deg")[on_gps],
+            speed[on_gps],
+            t_us[on_gps],
+            first[on_gps],
+            config,
+        )
+        columns["corner"] = trips.count_sparse(corners)
     # Jerk between consecutive accelerations of one trip, only while moving.
     with np.errstate(invalid="ignore"):
         jerk = (longitudinal - _previous(longitudinal)) / dt_ok
@@ -557,11 +579,26 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
     weight = np.zeros(n, dtype=np.int64)
     weight[:-1] = np.where(step_ok[1:], dt_us[1:], 0)
     limit = _floats(frame, "speed_limit_mps")
-    if config.speed_limit_window_s > 0 and not np.isnan(limit).all():
-        limit = _windowed_limit(limit, t_us, trips, config.speed_limit_window_s)
-    limited_moving = moving & ~np.isnan(limit)
     with np.errstate(invalid="ignore"):
         over = speed - limit
+    if config.speed_limit_window_s > 0 and not np.isnan(limit).all():
+        # Rows that would count as speeding under their own limit, or that have none in a
+        # trip that has some: the only rows the window can change.
+        limited_trip = trips.rows(trips.count_true(~np.isnan(limit)) > 0)
+        unsure = (
+            over
+            > min(
+                config.speeding_tolerance_mps,
+                config.speeding_moderate_kmh * _KMH_TO_MPS,
+                config.speeding_severe_kmh * _KMH_TO_MPS,
+            )
+        ) | (np.isnan(limit) & limited_trip)
+        limit = _windowed_limit(
+            limit, t_us, trips, config.speed_limit_window_s, np.flatnonzero(moving & unsure)
+        )
+        with np.errstate(invalid="ignore"):
+            over = speed - limit
+    limited_moving = moving & ~np.isnan(limit)
     columns["w"] = trips.sum(weight)
     columns["w_idle"] = trips.sum(weight * stopped)
     columns["w_night"] = trips.sum(weight * _night_np(frame, t_us, config))
