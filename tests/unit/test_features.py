@@ -264,9 +264,7 @@ def jittered_course(n: int, sigma_deg: float, seed: int = 0) -> list[float]:
 
 
 def test_course_jitter_at_motorway_speed_is_not_cornering() -> None:
-    frame = trip([33.3] * 3000).with_columns(
-        pl.Series("heading_deg", jittered_course(3000, 1.8))
-    )
+    frame = trip([33.3] * 3000).with_columns(pl.Series("heading_deg", jittered_course(3000, 1.8)))
     # The 1-s rule reads speed x jitter as lateral acceleration; the windowed rule does not.
     assert features(frame, cornering="heading_step")["harsh_corner_per_100km"] > 20.0
     assert features(frame)["harsh_corner_count"] == 0
@@ -325,19 +323,24 @@ def test_cornering_windows_never_reach_into_another_trip() -> None:
 
 def test_a_short_stretch_of_wrong_limit_is_not_speeding() -> None:
     # 27 m/s under a 27.8 m/s limit, with 12 s (about 320 m) of a wrong 13.9 m/s limit.
+    # At 4 m/s a 160 m stretch lasts 40 s: the window is road, not time.
     limits = [27.8] * 100 + [13.9] * 12 + [27.8] * 100
     row = features(trip([27.0] * 212, speed_limit_mps=limits))
     assert row["speeding_share"] == 0.0
     assert row["speeding_moderate_share"] == 0.0
-    legacy = features(trip([27.0] * 212, speed_limit_mps=limits), speed_limit_window_s=0)
+    legacy = features(trip([27.0] * 212, speed_limit_mps=limits), speed_limit_window_m=0)
     assert legacy["speeding_moderate_share"] == pytest.approx(12 / 211, abs=0.01)
+    slow = [4.0] * 100 + [4.0] * 40 + [4.0] * 100
+    slow_limits = [8.3] * 100 + [1.9] * 40 + [8.3] * 100
+    assert features(trip(slow, speed_limit_mps=slow_limits))["speeding_share"] == 0.0
 
 
-def test_a_real_lower_limit_is_speeding_after_half_a_window() -> None:
+def test_a_real_lower_limit_is_speeding_250_m_after_its_start() -> None:
     limits = [27.8] * 100 + [13.9] * 200
     row = features(trip([27.0] * 300, speed_limit_mps=limits))
-    # The lower limit holds from 15 s after it starts: 185 of 299 weighted seconds.
-    assert row["speeding_severe_share"] == pytest.approx(185 / 299, abs=0.01)
+    # The lower limit holds from 250 m (9.3 s at 27 m/s) after it starts: 190 of 299
+    # weighted seconds.
+    assert row["speeding_severe_share"] == pytest.approx(190 / 299, abs=0.01)
 
 
 def test_speeding_margins_are_nested_and_in_km_h() -> None:

@@ -18,7 +18,7 @@ CorneringRule = Literal["heading_step", "windowed_turn"]
 #: What a model card of schema 1 (before the rule choices existed) was computed with.
 LEGACY_FEATURE_RULES: Final[dict[str, object]] = {
     "cornering": "heading_step",
-    "speed_limit_window_s": 0.0,
+    "speed_limit_window_m": 0.0,
 }
 
 
@@ -132,13 +132,13 @@ class FeatureConfig(BaseModel):
             "Speed must exceed the posted limit by more than this to count as speeding (m/s)."
         ),
     )
-    speed_limit_window_s: float = Field(
-        30.0,
+    speed_limit_window_m: float = Field(
+        500.0,
         ge=0,
         description=(
-            "Speeding is judged against the highest known limit within this centred window, so "
-            "a wrong (too low) map limit shorter than the window does not count (s; 0: the "
-            "fix's own limit, the rule of model cards of schema 1)."
+            "Speeding is judged against the highest known limit within this much road centred "
+            "on the fix, so a wrong (too low) map limit shorter than it does not count (m; 0: "
+            "the fix's own limit, the rule of model cards of schema 1)."
         ),
     )
     speeding_moderate_kmh: float = Field(

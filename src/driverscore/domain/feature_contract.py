@@ -106,7 +106,8 @@ FEATURE_CONTRACT: Final[dict[str, FeatureSpec]] = {
         _share(
             "speeding_share",
             "Share of moving time with a known limit spent above limit + tolerance (2 m/s); "
-            "the limit is the highest known within speed_limit_window_s (30 s) around the fix; "
+            "the limit is the highest known within speed_limit_window_m (500 m) of road "
+            "around the fix; "
             "null when no limit is known.",
             nullable=True,
         ),

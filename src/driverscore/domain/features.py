@@ -313,9 +313,10 @@ def _run_starts(hit: BoolArray, first: BoolArray) -> BoolArray:
 
 
 def _window_key(t_us: IntArray, trips: _Trips, reach_us: int) -> IntArray:
-    """A strictly increasing time key over rows in trip order: trip-relative microseconds
-    plus a per-trip offset that puts more than ``reach_us`` between two trips, so a time
-    window searched on the key never reaches into another trip."""
+    """A non-decreasing key over rows in trip order: trip-relative values of ``t_us`` (a
+    time, or a distance travelled, non-decreasing within each trip) plus a per-trip offset
+    that puts more than ``reach_us`` between two trips, so a window searched on the key
+    never reaches into another trip."""
     lengths = trips.ends - trips.starts + 1
     t0 = t_us[trips.starts]
     stride = t_us[trips.ends] - t0 + reach_us + 1
@@ -435,39 +436,55 @@ def _gps_turn_events(
 
 def _windowed_limit(
     limit: FloatArray,
-    t_us: IntArray,
+    travelled_um: IntArray,
     trips: _Trips,
-    window_s: float,
+    window_m: float,
     candidates: IntArray,
 ) -> FloatArray:
-    """``limit`` with the rows ``candidates`` judged against the highest known limit within a
-    centred window of ``window_s`` (NaN when none is known there).
+    """``limit`` with the rows ``candidates`` judged against the highest known limit within
+    ``window_m`` of road centred on them (NaN when none is known there).
 
     A map limit that is wrong for a stretch shorter than the window - a slip road's or a
     parallel street's limit matched onto a motorway - is outvoted by the limit around it;
-    a real change of limit takes effect up to half a window late (lower) or early
-    (higher), which can only under-count speeding, never invent it. The window can only
-    raise a limit, so only rows that would speed under their own limit, or have none, can
-    change: the caller passes those, a small share of a trip's fixes.
+    map errors are stretches of road, so the window is one too, at any speed. A real change
+    of limit takes effect up to half a window late (lower) or early (higher), which can
+    only under-count speeding, never invent it. The window can only raise a limit, so only
+    rows that would speed under their own limit, or have none, can change: the caller
+    passes those, a small share of a trip's fixes.
     """
     result = limit.copy()
     if candidates.size == 0:
         return result
-    half_us = round(window_s * 0.5e6)
-    key = _window_key(t_us, trips, 2 * half_us)
+    half_us = round(window_m * 0.5 * _UM_PER_M)
+    key = _window_key(travelled_um, trips, 2 * half_us)
     n = key.size
+    # A fix further than half a window from both ends of its run of one limit sees only
+    # that limit: only fixes near a change of limit (or of known / unknown) are windowed.
+    same = np.zeros(n, dtype=bool)
+    same[1:] = (limit[1:] == limit[:-1]) | (np.isnan(limit[1:]) & np.isnan(limit[:-1]))
+    new_run = ~same
+    new_run[trips.starts] = True
+    run_starts = np.flatnonzero(new_run)
+    run = np.cumsum(new_run) - 1
+    run_ends = np.append(run_starts[1:], n) - 1
+    near = (key[candidates] - key[run_starts[run[candidates]]] <= half_us) | (
+        key[run_ends[run[candidates]]] - key[candidates] <= half_us
+    )
+    candidates = candidates[near]
     best = limit[candidates]
-    reach = key[candidates]
     for side in (-1, 1):
+        # Positions (into ``candidates``) whose window still reaches ``offset`` rows away:
+        # the set shrinks as windows end, so the work is the fixes inside the windows.
+        active = np.arange(candidates.size)
         offset = side
-        while True:
-            other = candidates + offset
+        while active.size:
+            rows = candidates[active]
+            other = rows + offset
             inside = (other >= 0) & (other < n)
-            other = np.where(inside, other, candidates)  # a stand-in, masked out below
-            within = inside & (np.abs(key[other] - reach) <= half_us)
-            if not within.any():
-                break
-            best = np.where(within, np.fmax(best, limit[other]), best)
+            active, rows, other = active[inside], rows[inside], other[inside]
+            within = np.abs(key[other] - key[rows]) <= half_us
+            active, other = active[within], other[within]
+            best[active] = np.fmax(best[active], limit[other])
             offset += side
     result[candidates] = best
     return result
@@ -568,7 +585,8 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
         lat, lon = _floats(frame, "lat"), _floats(frame, "lon")
         before = chord_rows - 1
         step_m[chord_rows] = haversine_m(lat[before], lon[before], lat[chord_rows], lon[chord_rows])
-    columns["step_um"] = trips.sum(_fixed_np(step_m, _UM_PER_M))
+    step_um = _fixed_np(step_m, _UM_PER_M)
+    columns["step_um"] = trips.sum(step_um)
 
     moving_mm = _fixed_np(np.where(moving, speed, 0.0), _MILLI)
     columns["moving_n"] = trips.count_true(moving)
@@ -581,7 +599,7 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
     limit = _floats(frame, "speed_limit_mps")
     with np.errstate(invalid="ignore"):
         over = speed - limit
-    if config.speed_limit_window_s > 0 and not np.isnan(limit).all():
+    if config.speed_limit_window_m > 0 and not np.isnan(limit).all():
         # Rows that would count as speeding under their own limit, or that have none in a
         # trip that has some: the only rows the window can change.
         limited_trip = trips.rows(trips.count_true(~np.isnan(limit)) > 0)
@@ -594,7 +612,11 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
             )
         ) | (np.isnan(limit) & limited_trip)
         limit = _windowed_limit(
-            limit, t_us, trips, config.speed_limit_window_s, np.flatnonzero(moving & unsure)
+            limit,
+            np.cumsum(step_um),  # distance travelled (differences within a trip are exact)
+            trips,
+            config.speed_limit_window_m,
+            np.flatnonzero(moving & unsure),
         )
         with np.errstate(invalid="ignore"):
             over = speed - limit

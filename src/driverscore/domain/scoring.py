@@ -32,8 +32,10 @@ from driverscore.errors import InputDataError
 __all__ = [
     "BAND_FLOORS",
     "CARD_SCHEMA_VERSION",
+    "DEFAULT_BAND_LIMITS",
     "REASON_TEMPLATES",
     "SCORE_RECORD_COLUMNS",
+    "BandLimit",
     "FeatureReference",
     "MatrixScores",
     "ModelCard",
@@ -315,6 +317,41 @@ class FeatureReference(BaseModel):
         )
 
 
+class BandLimit(BaseModel):
+    """A product rule that travels with the model: a trip whose ``feature`` is at least
+    ``at_least`` scores in ``band`` or worse, whatever the model's probability.
+
+    The score is scaled by ``floor / 100`` (just under the floor of the band above), not
+    clipped to it: trips under the rule keep their order and distinct scores, more of the
+    behaviour still never raises a score, and reasons see the drop (their counterfactual,
+    the behaviour at its typical value, escapes the rule). ``risk_probability`` stays the
+    model's, and alerts follow it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    feature: str
+    at_least: float
+    band: RiskBand
+
+    @property
+    def scale(self) -> float:
+        """Largest factor keeping a score of 100 below the floor of the band above."""
+        floors = dict(BAND_FLOORS)
+        order = [band for band, _floor in BAND_FLOORS] + ["high"]
+        above = order.index(self.band) - 1
+        if above < 0:
+            return 1.0
+        return float(np.nextafter(floors[order[above]] / 100.0, 0.0))
+
+
+#: Rules every model trained today carries (see docs/model.md, "Band limits"). Map limits
+#: are judged with the limit window, so a short wrong limit cannot trigger this.
+DEFAULT_BAND_LIMITS: Final = (
+    BandLimit(feature="speeding_moderate_share", at_least=0.5, band="elevated"),
+)
+
+
 class ModelCard(BaseModel):
     """Everything a model version needs besides its weights, stored as ``model_card.json``."""
 
@@ -341,6 +378,10 @@ class ModelCard(BaseModel):
     lineage: dict[str, str] = Field(default_factory=dict)
     reason_min_points: float = Field(
         default=1.0, description="A reason must cost at least this many points."
+    )
+    band_limits: list[BandLimit] = Field(
+        default_factory=list,
+        description="Product rules on top of the model: a behaviour that caps the band.",
     )
     max_reasons: int = 3
 
@@ -437,6 +478,22 @@ class TripScorer:
             (j, float(np.float32(median))) for j, _name, median in self._reason_cols
         ]
         self._names = names
+        # Band limits on features this model reads (a rule on another input is inert).
+        self._limits: list[tuple[int, float, float]] = [
+            (names.index(rule.feature), float(np.float32(rule.at_least)), rule.scale)
+            for rule in card.band_limits
+            if rule.feature in names
+        ]
+
+    def _map(
+        self, probabilities: npt.NDArray[np.float64], x: npt.NDArray[np.float32]
+    ) -> npt.NDArray[np.float64]:
+        """Scores of model input rows: the card's mapping, then its band limits."""
+        scores = self.card.score_mapping.score(probabilities)
+        for j, at_least, scale in self._limits:
+            limited = x[:, j] >= at_least  # NaN (unknown) never triggers a rule
+            scores = np.where(limited, scores * scale, scores)
+        return scores
 
     def score_trips(self, features: pl.DataFrame, scored_at: datetime) -> pl.DataFrame:
         """Trip score records: the feature rows plus probability, score, band and reasons."""
@@ -487,7 +544,7 @@ class TripScorer:
         )
         probs = probs_all[:n]
         # One mapping call for trips and counterfactuals: per-call overhead dominates small n.
-        scores_all = self.card.score_mapping.score(probs_all)
+        scores_all = self._map(probs_all, stacked)
         scores = scores_all[:n]
         # Floors ascending; a score on a floor belongs to the band above it.
         bands: list[RiskBand | None] = _BANDS_ASCENDING[
@@ -522,7 +579,7 @@ class TripScorer:
         for r, (_k, j, median) in enumerate(blamed, start=1):
             stacked[r, j] = median
         probs_all = np.asarray(self.predict_proba(stacked), dtype=np.float64).reshape(-1)
-        scores_all = self.card.score_mapping.score(probs_all)
+        scores_all = self._map(probs_all, stacked)
         values: list[float] = scores_all.tolist()
         score = values[0]
         if any(math.isnan(v) for v in values):

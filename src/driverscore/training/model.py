@@ -17,6 +17,7 @@ from sklearn.metrics import precision_recall_curve
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
 from driverscore.domain.features import MODEL_FEATURES
 from driverscore.domain.scoring import (
+    DEFAULT_BAND_LIMITS,
     FeatureReference,
     ModelCard,
     ModelFeature,
@@ -75,6 +76,7 @@ class TrainedModel:
             trip_config=trip_config,
             feature_config=feature_config,
             training_params=self.training_params,
+            band_limits=[r for r in DEFAULT_BAND_LIMITS if r.feature in self.feature_names],
             metrics={**{f"train.{k}": v for k, v in self.train_metrics.items()}, **(metrics or {})},
             lineage=lineage or {},
         )

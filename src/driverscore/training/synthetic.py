@@ -78,9 +78,7 @@ def synthetic_trips(
         "idle_share": rng.beta(2.0, 10.0, n_trips),
         "jerk_rms_mps3": rng.gamma(2.0, 0.3, n_trips) * np.sqrt(style),
     }
-    cols["speeding_severe_share"] = cols["speeding_moderate_share"] * rng.uniform(
-        0.1, 0.6, n_trips
-    )
+    cols["speeding_severe_share"] = cols["speeding_moderate_share"] * rng.uniform(0.1, 0.6, n_trips)
     log_odds = np.full(n_trips, TRUE_LOG_ODDS["const"])
     for name, beta in TRUE_LOG_ODDS.items():
         if name != "const":

@@ -116,18 +116,10 @@ class TripFeaturesIn(BaseModel):
         le=1,
         description=FEATURE_CONTRACT["speeding_share"].description + " Unit: 0-1.",
     )
-    speeding_moderate_share: float | None = Field(
-        None,
-        ge=0,
-        le=1,
-        description=FEATURE_CONTRACT["speeding_moderate_share"].description + " Unit: 0-1.",
-    )
-    speeding_severe_share: float | None = Field(
-        None,
-        ge=0,
-        le=1,
-        description=FEATURE_CONTRACT["speeding_severe_share"].description + " Unit: 0-1.",
-    )
+    # Required (null when no limit is known): a body without them would be scored as if
+    # no limit were known, a silent wrong answer for a trip that has one.
+    speeding_moderate_share: float | None = _feature_in("speeding_moderate_share")
+    speeding_severe_share: float | None = _feature_in("speeding_severe_share")
     night_share: float | None = _feature_in("night_share")
     idle_share: float | None = _feature_in("idle_share")
     jerk_rms_mps3: float | None = _feature_in("jerk_rms_mps3")
