@@ -14,6 +14,7 @@ from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
 from driverscore.domain.features import MODEL_FEATURES
 from driverscore.domain.scoring import (
     SCORE_RECORD_COLUMNS,
+    SOFT_TAIL_POINTS,
     BandLimit,
     FeatureReference,
     ModelCard,
@@ -272,24 +273,36 @@ def test_a_card_of_schema_1_keeps_the_rules_it_was_made_with(card: ModelCard) ->
     # A card of the current schema reads back as written.
     assert card.schema_version == "2"
     assert card.feature_config.cornering == "windowed_turn"
-    assert card.score_mapping.form == "logistic"
+    assert card.score_mapping.form == "soft_tails"
 
 
-def test_the_logistic_score_ranks_every_distinct_risk() -> None:
+def test_the_soft_tailed_score_ranks_every_distinct_risk() -> None:
     mapping = ScoreMapping.fit(np.random.default_rng(3).beta(1, 20, 10_000))
-    extremes = np.array([1e-12, 1e-9, 1e-6, 1e-3, 0.5, 0.999, 1 - 1e-9, 1 - 1e-12])
+    extremes = np.array([1e-300, 1e-12, 1e-9, 1e-6, 1e-3, 0.5, 0.999, 1 - 1e-9, 1 - 1e-12])
     scores = mapping.score(extremes)
     assert np.all(np.diff(scores) < 0)  # strictly: no two risks meet at an end
     assert np.all((scores > 0.0) & (scores < 100.0))
     assert mapping.score([0.0, 1.0]).tolist() == [100.0, 0.0]
-    # The anchors still hold, and the old form keeps its saturation for comparison.
+    # The old form saturates on the same probabilities.
     linear = ScoreMapping.fit(np.random.default_rng(3).beta(1, 20, 10_000), form="clipped_linear")
     assert int((linear.score(extremes) == 100.0).sum()) >= 3
 
 
-def test_a_logistic_mapping_needs_anchors_inside_0_to_100() -> None:
-    with pytest.raises(ValueError, match="strictly between 0 and 100"):
-        ScoreMapping.fit([0.01, 0.2], median_score=100.0, tail_score=45.0)
+def test_soft_tails_are_the_linear_score_between_10_and_90() -> None:
+    train_p = np.random.default_rng(4).beta(1, 20, 10_000)
+    soft = ScoreMapping.fit(train_p)
+    linear = ScoreMapping.fit(train_p, form="clipped_linear")
+    grid = np.linspace(1e-4, 1 - 1e-4, 20_001)
+    a, b = soft.score(grid), linear.score(grid)
+    middle = (b >= SOFT_TAIL_POINTS) & (b <= 100.0 - SOFT_TAIL_POINTS)
+    assert middle.sum() > 1000 and np.array_equal(a[middle], b[middle])
+    assert soft.band_probability_cutoffs == linear.band_probability_cutoffs
+    # Continuous with the linear part at both joins, and with its slope: a step of 1e-4
+    # in z either side of a join moves the score by the same step, to second order.
+    for edge in (SOFT_TAIL_POINTS, 100.0 - SOFT_TAIL_POINTS):
+        z = np.array([edge - 1e-4, edge, edge + 1e-4])
+        p_at = 1.0 / (1.0 + np.exp((z - soft.intercept) / soft.slope))
+        assert np.abs(soft.score(p_at) - z).max() < 1e-6
 
 
 def _scores(rows: list[tuple[str, float, float, datetime]]) -> pl.DataFrame:

@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_BAND_LIMITS",
     "REASON_TEMPLATES",
     "SCORE_RECORD_COLUMNS",
+    "SOFT_TAIL_POINTS",
     "BandLimit",
     "FeatureReference",
     "MatrixScores",
@@ -150,21 +151,27 @@ def _logit(p: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return np.asarray(np.log(q) - np.log1p(-q), dtype=np.float64)
 
 
-ScoreForm = Literal["logistic", "clipped_linear"]
+ScoreForm = Literal["soft_tails", "clipped_linear"]
+
+#: Points at each end of the scale where a ``soft_tails`` mapping bends: the score is the
+#: linear map between 10 and 90, so every band floor (60, 75, 90) lies on the linear part.
+SOFT_TAIL_POINTS: Final = 10.0
 
 
 class ScoreMapping(BaseModel):
     """Monotone decreasing map from risk probability to a 0-100 score (higher is safer).
 
-    With ``z = intercept - slope * logit(p)`` and ``slope > 0``:
+    ``z = intercept - slope * logit(p)`` with ``slope > 0`` is the linear score: one
+    log-odds unit of risk is worth the same number of points everywhere.
 
-    - ``logistic`` (cards of schema 2): ``score = 100 / (1 + exp(-z))``. Bounded without
-      clipping, so distinct risks always get distinct scores: the safest trips keep their
-      ranking instead of meeting at 100. The score is 100 times a tempered probability of
-      *no* incident: ``score / (100 - score)`` is the odds of a safe trip raised to ``slope``
-      and scaled by ``exp(intercept)``.
-    - ``clipped_linear`` (cards of schema 1): ``score = clip(z, 0, 100)``; one log-odds unit
-      of risk is worth the same points everywhere, and the ends saturate.
+    - ``soft_tails`` (cards of schema 2): the score is ``z`` between ``g`` and ``100 - g``
+      (``g`` = :data:`SOFT_TAIL_POINTS`), and beyond them it approaches the ends without
+      reaching them: ``100 - g² / (z - 100 + 2g)`` above, ``g² / (2g - z)`` below
+      (continuous with the linear part, and with its slope). Bounded without clipping, so
+      distinct risks get distinct scores and the safest trips keep their ranking instead
+      of meeting at 100; bands are those of the linear score.
+    - ``clipped_linear`` (cards of schema 1): ``score = clip(z, 0, 100)``, with probabilities
+      clipped to [1e-6, 1 - 1e-6]; the ends saturate.
 
     Either is fitted so that the median training trip scores ``anchor_median_score`` and the
     trip at ``anchor_tail_quantile`` of training risk scores ``anchor_tail_score``.
@@ -172,7 +179,7 @@ class ScoreMapping(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    form: ScoreForm = "logistic"
+    form: ScoreForm = "soft_tails"
     intercept: float
     slope: float = Field(gt=0)
     anchor_median_score: float = 85.0
@@ -188,7 +195,7 @@ class ScoreMapping(BaseModel):
         median_score: float = 85.0,
         tail_score: float = 45.0,
         tail_quantile: float = 0.99,
-        form: ScoreForm = "logistic",
+        form: ScoreForm = "soft_tails",
     ) -> ScoreMapping:
         """Anchor the mapping on training-set probabilities."""
         p = np.asarray(probabilities, dtype=np.float64)
@@ -197,26 +204,18 @@ class ScoreMapping(BaseModel):
             raise ValueError("cannot fit a score mapping without probabilities")
         if not median_score > tail_score:
             raise ValueError("the median trip must score higher than the risky tail")
-        if form == "logistic" and not 0.0 < tail_score < median_score < 100.0:
-            raise ValueError("a logistic mapping needs anchor scores strictly between 0 and 100")
         lo, hi = _logit(np.quantile(p, [0.5, tail_quantile]))
         spread = float(hi - lo)
         # A model that gives (nearly) every trip the same risk has no tail to anchor on;
         # fall back to a fixed spread of one log-odds unit rather than an infinite slope.
         if spread < 1e-3:
             spread = 1.0
-        # The anchors in the mapping's own scale: z for logistic, the score for linear.
-        z_median, z_tail = (
-            (_score_logit(median_score), _score_logit(tail_score))
-            if form == "logistic"
-            else (median_score, tail_score)
-        )
-        slope = (z_median - z_tail) / spread
-        intercept = z_median + slope * float(lo)
-        cutoffs: dict[str, float] = {}
-        for band, floor in BAND_FLOORS:
-            z_floor = _score_logit(floor) if form == "logistic" else floor
-            cutoffs[band] = float(1.0 / (1.0 + math.exp(-(intercept - z_floor) / slope)))
+        slope = (median_score - tail_score) / spread
+        intercept = median_score + slope * float(lo)
+        cutoffs: dict[str, float] = {
+            band: float(1.0 / (1.0 + math.exp(-(intercept - floor) / slope)))
+            for band, floor in BAND_FLOORS
+        }
         return cls(
             form=form,
             intercept=intercept,
@@ -229,30 +228,27 @@ class ScoreMapping(BaseModel):
 
     def score(self, probabilities: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Scores 0-100 for an array of probabilities."""
-        if self.form == "logistic":
+        if self.form == "soft_tails":
             z = self.intercept - self.slope * _logit_unclipped(probabilities)
-            return 100.0 * _expit(z)
+            return _soft_tails(z)
         raw = self.intercept - self.slope * _logit(probabilities)
         return np.clip(raw, 0.0, 100.0)
 
 
-def _score_logit(score: float) -> float:
-    share = score / 100.0
-    return math.log(share / (1.0 - share))
-
-
-def _expit(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """1 / (1 + exp(-z)) without overflow: exp is only taken of non-positive numbers."""
-    out = np.empty_like(z)
-    ahead = z >= 0.0
-    out[ahead] = 1.0 / (1.0 + np.exp(-z[ahead]))
-    behind = np.exp(z[~ahead])  # NaN stays NaN here
-    out[~ahead] = behind / (1.0 + behind)
-    return out
+def _soft_tails(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    g = SOFT_TAIL_POINTS
+    score = np.array(z, dtype=np.float64)
+    high = z > 100.0 - g  # NaN compares false and stays NaN
+    low = z < g
+    # Hyperbolic, not exponential: the gap to the end shrinks as 1 / z, so even a trip a
+    # hundred log-odds units safer than another still scores below 100 and above it.
+    score[high] = 100.0 - g * g / (z[high] - (100.0 - g) + g)
+    score[low] = g * g / (2.0 * g - z[low])
+    return score
 
 
 def _logit_unclipped(p: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """log(p / (1 - p)), ±inf at 0 and 1: the logistic mapping takes those to 100 and 0."""
+    """log(p / (1 - p)), ±inf at 0 and 1: the soft tails take those to 100 and 0."""
     q = np.asarray(p, dtype=np.float64)
     with np.errstate(divide="ignore"):
         return np.asarray(np.log(q) - np.log1p(-q), dtype=np.float64)

@@ -107,7 +107,7 @@ def train_model(
     config: TrainingConfig,
     *,
     features: Mapping[str, int] = MODEL_FEATURES,
-    score_form: ScoreForm = "logistic",
+    score_form: ScoreForm = "soft_tails",
 ) -> TrainedModel:
     """Fit the calibrated monotone model on labelled trips (``incident`` column, 0/1).
 
