@@ -283,6 +283,13 @@ class ModelCard(BaseModel):
         default=1.0, description="A reason must cost at least this many points."
     )
     max_reasons: int = 3
+    reference_profile_sha256: str | None = Field(
+        default=None,
+        description=(
+            "sha256 of the drift reference profile stored beside the card "
+            "(reference_profile.json); None for versions registered before profiles."
+        ),
+    )
 
     @property
     def feature_names(self) -> list[str]:
