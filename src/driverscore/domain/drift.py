@@ -17,7 +17,7 @@ values, and the values the reference never saw are listed.
 
 Which statistic decides the alarm, and its thresholds per feature, are settings
 (:class:`MonitoringConfig`). Small windows are noisy: a statistic alarms only when it is
-above its threshold *and* above the level sampling noise alone reaches once in a thousand
+above its threshold *and* above the level sampling noise alone reaches once in ten thousand
 windows of that size (``noise_floor``), so a slice of 200 trips does not alarm on noise
 while a week of thousands alarms on a real shift.
 
@@ -69,10 +69,12 @@ DriftStatistic = Literal["psi", "ks", "wasserstein", "js"]
 Status = Literal["ok", "warn", "drift"]
 _STATUS_ORDER: Final[dict[str, int]] = {"ok": 0, "warn": 1, "drift": 2, "degraded": 3}
 
-# Upper 0.1 % points: Kolmogorov's distribution, and chi-square by degrees of freedom
-# (Wilson-Hilferty, within 1 % of the exact value from 2 degrees of freedom on).
-_KS_C_999: Final = 1.949
-_Z_999: Final = 3.090
+# Upper 0.01 % points: Kolmogorov's distribution (sqrt(ln(2 / alpha) / 2)), and the normal
+# one for chi-square by degrees of freedom (Wilson-Hilferty, within 1 % of the exact value
+# from 2 degrees of freedom on). One in ten thousand: a run judges a few hundred columns
+# and slices, every hour.
+_KS_C: Final = 2.226
+_Z: Final = 3.719
 
 
 class DriftThresholds(BaseModel):
@@ -171,7 +173,7 @@ class FeatureDrift:
     #: The deciding statistic's value (Wasserstein: over the reference standard deviation).
     value: float | None
     threshold: float
-    #: What sampling noise alone reaches once in a thousand windows of these sizes.
+    #: What sampling noise alone reaches once in ten thousand windows of these sizes.
     noise_floor: float
     status: Status
     #: Values the reference never saw, with their trip counts (categorical columns).
@@ -263,10 +265,10 @@ def _coarse_counts(counts: npt.NDArray[np.int64], edges: ColumnEdges) -> npt.NDA
 
 
 def noise_floor(statistic: DriftStatistic, bins: int, n_reference: int, n_current: int) -> float:
-    """The value ``statistic`` exceeds by chance in one of a thousand windows of this size.
+    """The value ``statistic`` exceeds by chance in one of ten thousand windows of this size.
 
     Two samples of sizes n and m from one distribution: KS reaches
-    c(0.001) * sqrt(1/n + 1/m); PSI over B bins is about chi-square(B-1) * (1/n + 1/m);
+    c(0.0001) * sqrt(1/n + 1/m); PSI over B bins is about chi-square(B-1) * (1/n + 1/m);
     the Jensen-Shannon divergence is about PSI / (8 ln 2); Wasserstein over a standard
     deviation behaves like KS times a few (3, a generous bound for the skewed features).
     """
@@ -275,14 +277,14 @@ def noise_floor(statistic: DriftStatistic, bins: int, n_reference: int, n_curren
     scale = 1.0 / n_reference + 1.0 / n_current
     dof = max(1, bins - 1)
     # Wilson-Hilferty: chi-square quantile from the normal one.
-    chi2 = dof * (1.0 - 2.0 / (9.0 * dof) + _Z_999 * math.sqrt(2.0 / (9.0 * dof))) ** 3
+    chi2 = dof * (1.0 - 2.0 / (9.0 * dof) + _Z * math.sqrt(2.0 / (9.0 * dof))) ** 3
     if statistic == "ks":
-        return _KS_C_999 * math.sqrt(scale)
+        return _KS_C * math.sqrt(scale)
     if statistic == "psi":
         return chi2 * scale
     if statistic == "js":
         return math.sqrt(chi2 * scale / (8.0 * math.log(2.0)))
-    return 3.0 * _KS_C_999 * math.sqrt(scale)
+    return 3.0 * _KS_C * math.sqrt(scale)
 
 
 def _status(value: float | None, threshold: float, warn: float, floor: float) -> Status:
