@@ -303,3 +303,30 @@ def test_report_opens_offline_in_headless_chromium(monitored: Monitored, tmp_pat
     columns = len(monitored.first.result["model"]["features"]) + 2
     assert charts == columns + 2
     assert screenshot.stat().st_size > 20_000
+
+
+def test_dagster_monitoring_job_runs_hourly_and_materialises_the_result(
+    monitored: Monitored,
+) -> None:
+    import dagster as dg
+
+    from driverscore.pipelines.dagster_defs import (
+        MONITOR_JOB_NAME,
+        MonitoringWindow,
+        TelemetrySource,
+        build_definitions,
+    )
+
+    defs = build_definitions(
+        monitored.settings,
+        TelemetrySource(pings_uri="unused", incidents_uri="unused"),
+        MonitoringWindow(as_of=AS_OF.isoformat(), window_hours=14 * 24),
+    )
+    schedule = defs.resolve_schedule_def(f"{MONITOR_JOB_NAME}_schedule")
+    assert (schedule.cron_schedule, schedule.job_name) == ("0 * * * *", MONITOR_JOB_NAME)
+    with dg.DagsterInstance.ephemeral() as instance:
+        outcome = defs.resolve_job_def(MONITOR_JOB_NAME).execute_in_process(instance=instance)
+    assert outcome.success
+    output = outcome.output_for_node("monitoring_result")
+    assert output["verdict"] == "ok"
+    assert json.loads(Path(str(output["result"])).read_text())["verdict"] == "ok"
