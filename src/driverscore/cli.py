@@ -524,7 +524,18 @@ def stream(
     models = stream_models(settings, lambda: open_registry(settings))
     scorer = models.current().champion
     metrics = StreamMetrics()
-    step = TripScoringStep(models, metrics, policy=settings.kafka.rollout, scoring=scoring)
+    from driverscore.services.live_monitor import build_live_monitor
+
+    live_monitor = build_live_monitor(
+        settings, lambda: open_registry(settings), lambda: models.current().champion.card
+    ).register(metrics.registry)
+    step = TripScoringStep(
+        models,
+        metrics,
+        policy=settings.kafka.rollout,
+        scoring=scoring,
+        live_monitor=live_monitor,
+    )
     if metrics_port:
         from prometheus_client import start_http_server
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -330,3 +331,51 @@ def test_dagster_monitoring_job_runs_hourly_and_materialises_the_result(
     output = outcome.output_for_node("monitoring_result")
     assert output["verdict"] == "ok"
     assert json.loads(Path(str(output["result"])).read_text())["verdict"] == "ok"
+
+
+def test_service_metrics_carry_the_drift_gauges(monitored: Monitored) -> None:
+    import threading
+
+    import uvicorn
+
+    from driverscore.services.api.app import create_app
+
+    settings = monitored.settings
+    names = open_registry(settings).load_card("1").feature_names
+    features, _ = synthetic_trips(60, seed=21)
+    trips = [
+        {
+            "trip_id": row["trip_id"],
+            "vehicle_id": row["vehicle_id"],
+            "fleet_id": row["fleet_id"],
+            # NaN is not JSON: an unknown speeding share is posted as null.
+            "features": {n: None if row[n] != row[n] else row[n] for n in names},
+        }
+        for row in features.iter_rows(named=True)
+    ]
+    app = create_app(settings, lambda: open_registry(settings))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            while not server.started or client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the service did not get ready"
+                time.sleep(0.1)
+            answer = client.post("/v1/score:batch", json={"trips": trips})
+            assert answer.status_code == 200, answer.text
+            text = client.get("/metrics").text
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert "driverscore_monitor_window_trips 60.0" in text
+    assert 'driverscore_monitor_drift{column="distance_km",statistic="psi"}' in text
+    assert 'driverscore_monitor_estimated_performance{metric="roc_auc"}' in text
+    # The scheduled monitor's last realised performance is shown beside the live window.
+    assert 'driverscore_monitor_realised_performance{metric="roc_auc"}' in text
