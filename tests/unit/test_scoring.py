@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -218,6 +219,42 @@ def test_feature_matrix_turns_null_into_nan() -> None:
 
 def test_card_round_trips_through_json(card: ModelCard) -> None:
     assert ModelCard.from_json(card.to_json()) == card
+
+
+def test_a_card_of_schema_1_keeps_the_rules_it_was_made_with(card: ModelCard) -> None:
+    legacy = json.loads(card.to_json())
+    legacy["schema_version"] = "1"
+    train_p = np.random.default_rng(3).beta(1, 20, 10_000)
+    legacy["score_mapping"] = ScoreMapping.fit(train_p, form="clipped_linear").model_dump()
+    del legacy["score_mapping"]["form"]
+    for name in ("cornering", "corner_window_s", "min_corner_turn_deg", "speed_limit_window_s"):
+        del legacy["feature_config"][name]
+    old = ModelCard.from_json(json.dumps(legacy))
+    assert old.feature_config.cornering == "heading_step"
+    assert old.feature_config.speed_limit_window_s == 0.0
+    assert old.score_mapping.form == "clipped_linear"
+    assert old.score_mapping.score([1e-9])[0] == 100.0  # that mapping saturates
+    # A card of the current schema reads back as written.
+    assert card.schema_version == "2"
+    assert card.feature_config.cornering == "windowed_turn"
+    assert card.score_mapping.form == "logistic"
+
+
+def test_the_logistic_score_ranks_every_distinct_risk() -> None:
+    mapping = ScoreMapping.fit(np.random.default_rng(3).beta(1, 20, 10_000))
+    extremes = np.array([1e-12, 1e-9, 1e-6, 1e-3, 0.5, 0.999, 1 - 1e-9, 1 - 1e-12])
+    scores = mapping.score(extremes)
+    assert np.all(np.diff(scores) < 0)  # strictly: no two risks meet at an end
+    assert np.all((scores > 0.0) & (scores < 100.0))
+    assert mapping.score([0.0, 1.0]).tolist() == [100.0, 0.0]
+    # The anchors still hold, and the old form keeps its saturation for comparison.
+    linear = ScoreMapping.fit(np.random.default_rng(3).beta(1, 20, 10_000), form="clipped_linear")
+    assert int((linear.score(extremes) == 100.0).sum()) >= 3
+
+
+def test_a_logistic_mapping_needs_anchors_inside_0_to_100() -> None:
+    with pytest.raises(ValueError, match="strictly between 0 and 100"):
+        ScoreMapping.fit([0.01, 0.2], median_score=100.0, tail_score=45.0)
 
 
 def _scores(rows: list[tuple[str, float, float, datetime]]) -> pl.DataFrame:

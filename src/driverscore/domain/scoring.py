@@ -19,9 +19,14 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
+from driverscore.domain.config import (
+    LEGACY_FEATURE_RULES,
+    CleaningConfig,
+    FeatureConfig,
+    TripConfig,
+)
 from driverscore.errors import InputDataError
 
 __all__ = [
@@ -35,6 +40,7 @@ __all__ = [
     "ModelFeature",
     "ReasonTemplate",
     "RiskBand",
+    "ScoreForm",
     "ScoreMapping",
     "TripScorer",
     "aggregate_scores",
@@ -42,7 +48,9 @@ __all__ = [
     "feature_matrix",
 ]
 
-CARD_SCHEMA_VERSION: Final = "1"
+#: Schema 2 added the rule choices of ``FeatureConfig`` (cornering, limit window) and the
+#: form of the score mapping; a card of schema 1 is read with the rules it was made with.
+CARD_SCHEMA_VERSION: Final = "2"
 
 RiskBand = Literal["low", "moderate", "elevated", "high"]
 
@@ -99,6 +107,12 @@ REASON_TEMPLATES: Final[dict[str, ReasonTemplate]] = {
     "speeding_share": ReasonTemplate(
         label="Speeding", unit="% of moving time over the limit", scale=100.0, decimals=0
     ),
+    "speeding_moderate_share": ReasonTemplate(
+        label="Speeding by 10+ km/h", unit="% of moving time", scale=100.0, decimals=0
+    ),
+    "speeding_severe_share": ReasonTemplate(
+        label="Speeding by 20+ km/h", unit="% of moving time", scale=100.0, decimals=0
+    ),
     "night_share": ReasonTemplate(
         label="Night driving", unit="% of trip time", scale=100.0, decimals=0
     ),
@@ -134,18 +148,29 @@ def _logit(p: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return np.asarray(np.log(q) - np.log1p(-q), dtype=np.float64)
 
 
+ScoreForm = Literal["logistic", "clipped_linear"]
+
+
 class ScoreMapping(BaseModel):
     """Monotone decreasing map from risk probability to a 0-100 score (higher is safer).
 
-    ``score = clip(intercept - slope * logit(p), 0, 100)`` with ``slope > 0``. It is fitted so
-    that the median training trip scores ``anchor_median_score`` and the trip at the 99th
-    percentile of training risk scores ``anchor_tail_score``: one log-odds unit of risk is
-    worth the same number of points everywhere, so score differences mean the same at every
-    level.
+    With ``z = intercept - slope * logit(p)`` and ``slope > 0``:
+
+    - ``logistic`` (cards of schema 2): ``score = 100 / (1 + exp(-z))``. Bounded without
+      clipping, so distinct risks always get distinct scores: the safest trips keep their
+      ranking instead of meeting at 100. The score is 100 times a tempered probability of
+      *no* incident: ``score / (100 - score)`` is the odds of a safe trip raised to ``slope``
+      and scaled by ``exp(intercept)``.
+    - ``clipped_linear`` (cards of schema 1): ``score = clip(z, 0, 100)``; one log-odds unit
+      of risk is worth the same points everywhere, and the ends saturate.
+
+    Either is fitted so that the median training trip scores ``anchor_median_score`` and the
+    trip at ``anchor_tail_quantile`` of training risk scores ``anchor_tail_score``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    form: ScoreForm = "logistic"
     intercept: float
     slope: float = Field(gt=0)
     anchor_median_score: float = 85.0
@@ -161,6 +186,7 @@ class ScoreMapping(BaseModel):
         median_score: float = 85.0,
         tail_score: float = 45.0,
         tail_quantile: float = 0.99,
+        form: ScoreForm = "logistic",
     ) -> ScoreMapping:
         """Anchor the mapping on training-set probabilities."""
         p = np.asarray(probabilities, dtype=np.float64)
@@ -169,19 +195,28 @@ class ScoreMapping(BaseModel):
             raise ValueError("cannot fit a score mapping without probabilities")
         if not median_score > tail_score:
             raise ValueError("the median trip must score higher than the risky tail")
+        if form == "logistic" and not 0.0 < tail_score < median_score < 100.0:
+            raise ValueError("a logistic mapping needs anchor scores strictly between 0 and 100")
         lo, hi = _logit(np.quantile(p, [0.5, tail_quantile]))
         spread = float(hi - lo)
         # A model that gives (nearly) every trip the same risk has no tail to anchor on;
         # fall back to a fixed spread of one log-odds unit rather than an infinite slope.
         if spread < 1e-3:
             spread = 1.0
-        slope = (median_score - tail_score) / spread
-        intercept = median_score + slope * float(lo)
-        cutoffs: dict[str, float] = {
-            band: float(1.0 / (1.0 + math.exp(-(intercept - floor) / slope)))
-            for band, floor in BAND_FLOORS
-        }
+        # The anchors in the mapping's own scale: z for logistic, the score for linear.
+        z_median, z_tail = (
+            (_score_logit(median_score), _score_logit(tail_score))
+            if form == "logistic"
+            else (median_score, tail_score)
+        )
+        slope = (z_median - z_tail) / spread
+        intercept = z_median + slope * float(lo)
+        cutoffs: dict[str, float] = {}
+        for band, floor in BAND_FLOORS:
+            z_floor = _score_logit(floor) if form == "logistic" else floor
+            cutoffs[band] = float(1.0 / (1.0 + math.exp(-(intercept - z_floor) / slope)))
         return cls(
+            form=form,
             intercept=intercept,
             slope=slope,
             anchor_median_score=median_score,
@@ -192,8 +227,33 @@ class ScoreMapping(BaseModel):
 
     def score(self, probabilities: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Scores 0-100 for an array of probabilities."""
+        if self.form == "logistic":
+            z = self.intercept - self.slope * _logit_unclipped(probabilities)
+            return 100.0 * _expit(z)
         raw = self.intercept - self.slope * _logit(probabilities)
         return np.clip(raw, 0.0, 100.0)
+
+
+def _score_logit(score: float) -> float:
+    share = score / 100.0
+    return math.log(share / (1.0 - share))
+
+
+def _expit(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """1 / (1 + exp(-z)) without overflow: exp is only taken of non-positive numbers."""
+    out = np.empty_like(z)
+    ahead = z >= 0.0
+    out[ahead] = 1.0 / (1.0 + np.exp(-z[ahead]))
+    behind = np.exp(z[~ahead])  # NaN stays NaN here
+    out[~ahead] = behind / (1.0 + behind)
+    return out
+
+
+def _logit_unclipped(p: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """log(p / (1 - p)), ±inf at 0 and 1: the logistic mapping takes those to 100 and 0."""
+    q = np.asarray(p, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.asarray(np.log(q) - np.log1p(-q), dtype=np.float64)
 
 
 class ModelFeature(BaseModel):
@@ -290,6 +350,22 @@ class ModelCard(BaseModel):
             "(reference_profile.json); None for versions registered before profiles."
         ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_schema_1(cls, data: Any) -> Any:
+        """A card of schema 1 predates the rule choices: it keeps the rules it was made with
+        (1-s heading-step cornering, the fix's own limit, the clipped linear mapping)."""
+        if not isinstance(data, dict) or data.get("schema_version") != "1":
+            return data
+        upgraded = dict(data)
+        features = upgraded.get("feature_config")
+        if isinstance(features, dict):
+            upgraded["feature_config"] = {**LEGACY_FEATURE_RULES, **features}
+        mapping = upgraded.get("score_mapping")
+        if isinstance(mapping, dict):
+            upgraded["score_mapping"] = {"form": "clipped_linear", **mapping}
+        return upgraded
 
     @property
     def feature_names(self) -> list[str]:

@@ -116,6 +116,18 @@ class TripFeaturesIn(BaseModel):
         le=1,
         description=FEATURE_CONTRACT["speeding_share"].description + " Unit: 0-1.",
     )
+    speeding_moderate_share: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description=FEATURE_CONTRACT["speeding_moderate_share"].description + " Unit: 0-1.",
+    )
+    speeding_severe_share: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description=FEATURE_CONTRACT["speeding_severe_share"].description + " Unit: 0-1.",
+    )
     night_share: float | None = _feature_in("night_share")
     idle_share: float | None = _feature_in("idle_share")
     jerk_rms_mps3: float | None = _feature_in("jerk_rms_mps3")
@@ -180,6 +192,8 @@ class TripFeaturesOut(BaseModel):
     harsh_accel_per_100km: float | None = _feature_out("harsh_accel_per_100km")
     harsh_corner_per_100km: float | None = _feature_out("harsh_corner_per_100km")
     speeding_share: float | None = _feature_out("speeding_share")
+    speeding_moderate_share: float | None = _feature_out("speeding_moderate_share")
+    speeding_severe_share: float | None = _feature_out("speeding_severe_share")
     night_share: float | None = _feature_out("night_share")
     idle_share: float | None = _feature_out("idle_share")
     stop_count: int | None = _feature_out("stop_count")
