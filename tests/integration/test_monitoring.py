@@ -370,7 +370,12 @@ def test_service_metrics_carry_the_drift_gauges(monitored: Monitored) -> None:
                 time.sleep(0.1)
             answer = client.post("/v1/score:batch", json={"trips": trips})
             assert answer.status_code == 200, answer.text
+            # The champion's reference is fetched off the scrape: the gauges follow shortly.
             text = client.get("/metrics").text
+            while "driverscore_monitor_window_trips 60.0" not in text:
+                assert time.monotonic() < deadline, text[-2000:]
+                time.sleep(0.5)
+                text = client.get("/metrics").text
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -4,6 +4,8 @@ the stream processor's ``/metrics`` showing them."""
 from __future__ import annotations
 
 import math
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -71,6 +73,7 @@ def _monitor(reference: bytes | None, clock: Clock, loaded: list[str]) -> LiveMo
         scheduled_result=lambda: {"performance": {"realised": {"roc_auc": 0.71, "n": 900}}},
         min_interval_s=0.0,
         clock=clock,
+        load_in_background=False,
     )
 
 
@@ -152,3 +155,26 @@ def test_stream_metrics_carry_the_drift_gauges(scorer: TripScorer, reference: by
     assert "driverscore_monitor_window_trips 1.0" in text
     assert 'driverscore_monitor_drift{column="avg_speed_kmh",statistic="psi"}' in text
     assert "driverscore_monitor_estimated_performance" in text
+
+
+def test_a_hung_registry_never_holds_up_a_scrape(scorer: TripScorer, reference: bytes) -> None:
+    """The reference of a new champion is fetched off the scrape: /metrics answered at once
+    while the registry hangs, and the trips scored meanwhile count once it answers."""
+    release = threading.Event()
+
+    def hung(_version: str) -> bytes:
+        release.wait(30)
+        return reference
+
+    registry = CollectorRegistry()
+    live = LiveMonitor(MonitoringConfig(), hung, min_interval_s=0.0).register(registry)
+    features, _ = synthetic_trips(300, seed=16)
+    live.observe(scorer.score_trips(features, NOW))
+    started = time.monotonic()
+    assert _value(registry, "driverscore_monitor_window_trips") == 0
+    assert time.monotonic() - started < 1.0
+    release.set()
+    deadline = time.monotonic() + 10
+    while _value(registry, "driverscore_monitor_window_trips") != 300:
+        assert time.monotonic() < deadline, "the reference never arrived"
+        time.sleep(0.05)

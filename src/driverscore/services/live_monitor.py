@@ -80,6 +80,7 @@ class LiveMonitor(Collector):
         bucket_s: float = 60.0,
         min_interval_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        load_in_background: bool = True,
     ) -> None:
         self.config = config
         self.window_s = window_s
@@ -89,6 +90,9 @@ class LiveMonitor(Collector):
         self._card_metrics = card_metrics
         self._scheduled_result = scheduled_result
         self._clock = clock
+        # A scrape must never wait on the registry (a hung registry would hang /metrics):
+        # a new champion's reference is fetched by a thread of its own.
+        self._load_in_background = load_in_background
         self._lock = threading.Lock()
         self._pending: list[pl.DataFrame] = []
         self._lazy: list[
@@ -170,6 +174,10 @@ class LiveMonitor(Collector):
         if versions and versions[-1] != self._version:
             self._switch(str(versions[-1]))
         if self._reference is None:
+            # Kept for when the reference arrives, within the bound.
+            if pending is not None and pending.height:
+                self._pending, self._pending_rows = [pending], pending.height
+            self._pending_pings, self._pending_quarantine = pings, quarantined
             return
         if pending is not None and self._version is not None:
             pending = pending.filter(pl.col("model_version") == self._version)
@@ -187,20 +195,36 @@ class LiveMonitor(Collector):
         minute.quarantined.update(quarantined)
 
     def _switch(self, version: str) -> None:
-        """A new champion: its reference, and a window that starts again (profiles on other
-        edges do not merge)."""
+        """A new champion: a window that starts again (profiles on other edges do not
+        merge), and its reference, fetched off the scrape (under the lock)."""
         self._version = version
         self._minutes.clear()
         self._reference = None
+        if self._load_in_background:
+            threading.Thread(
+                target=self._load_reference, args=(version,), name="reference-loader", daemon=True
+            ).start()
+        else:
+            self._reference = self._fetch(version)
+
+    def _fetch(self, version: str) -> TripProfile | None:
         try:
             stored = self._reference_loader(version)
         except Exception:
             _log.exception("reference profile of version %s could not be loaded", version)
-            return
+            return None
         if stored is None:
             _log.warning("model version %s has no reference profile: no drift gauges", version)
-            return
-        self._reference = TripProfile.from_json(stored)
+            return None
+        return TripProfile.from_json(stored)
+
+    def _load_reference(self, version: str) -> None:
+        profile = self._fetch(version)
+        with self._lock:
+            if self._version == version:
+                self._reference = profile
+                # The next scrape folds what waited for it.
+                self._cached_at = -float("inf")
 
     # -- gauges -----------------------------------------------------------------------------
 
