@@ -256,6 +256,45 @@ def aggregate(
 
 
 @app.command()
+def monitor(
+    as_of: Annotated[
+        str | None, typer.Option(help="End of the window, UTC ISO-8601; default: now.")
+    ] = None,
+    window_hours: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="Window length (h); default: monitoring.window_hours."),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Claims file for realised performance; default: the stored labels."),
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Also write the HTML report to this file.")
+    ] = None,
+) -> None:
+    """Drift, data quality and performance of the champion over a window of scored trips."""
+    from driverscore.pipelines.monitoring_run import run_monitor
+    from driverscore.pipelines.reporting import print_monitoring
+
+    settings = _settings()
+    console = Console()
+    with console.status("monitoring…") as status:
+        result = run_monitor(
+            settings,
+            as_of=_parse_time(as_of, "--as-of"),
+            window_hours=window_hours,
+            labels_uri=labels,
+            progress=lambda m: status.update(m),
+        )
+    if report is not None:
+        try:
+            report.write_text(result.report_html, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--report {report}: cannot write ({exc.strerror})") from None
+    print_monitoring(console, result, report)
+
+
+@app.command()
 def demo(
     vehicles: Annotated[int, typer.Option(min=10, help="Vehicles to simulate.")] = DEMO_VEHICLES,
     days: Annotated[
@@ -485,7 +524,18 @@ def stream(
     models = stream_models(settings, lambda: open_registry(settings))
     scorer = models.current().champion
     metrics = StreamMetrics()
-    step = TripScoringStep(models, metrics, policy=settings.kafka.rollout, scoring=scoring)
+    from driverscore.services.live_monitor import build_live_monitor
+
+    live_monitor = build_live_monitor(
+        settings, lambda: open_registry(settings), lambda: models.current().champion.card
+    ).register(metrics.registry)
+    step = TripScoringStep(
+        models,
+        metrics,
+        policy=settings.kafka.rollout,
+        scoring=scoring,
+        live_monitor=live_monitor,
+    )
     if metrics_port:
         from prometheus_client import start_http_server
 

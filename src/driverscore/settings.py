@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
+from driverscore.domain.drift import MonitoringConfig
 from driverscore.domain.rollout import RolloutPolicy
 from driverscore.errors import ConfigError
 
@@ -298,6 +299,10 @@ class Settings(BaseSettings):
     gate: GateConfig = GateConfig()
     kafka: KafkaConfig = KafkaConfig()
     service: ServiceConfig = ServiceConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
+    monitoring_cron: str = Field(
+        "0 * * * *", description="Schedule of the Dagster monitoring job (default: hourly)."
+    )
 
     @property
     def resolved_data_uri(self) -> str:

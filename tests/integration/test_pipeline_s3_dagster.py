@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from driverscore.adapters.readers import list_sources
 from driverscore.adapters.registry import open_registry
 from driverscore.adapters.storage import DataStore
+from driverscore.domain.profiles import TripProfile
 from driverscore.pipelines.dagster_defs import (
     GATE_CHECK,
     JOB_NAME,
@@ -121,6 +122,12 @@ def test_dagster_assets_materialise_the_pipeline(
     registry = open_registry(settings)
     assert registry.version_tags(registered.version)["gate_status"] == "passed"
     assert registry.alias_version("champion") == registered.version
+    # The drift reference is fitted with the model and stored beside its card.
+    stored = registry.load_reference_profile(registered.version)
+    assert stored is not None
+    card = registry.load_card(registered.version)
+    assert TripProfile.from_json(stored).sha256() == card.reference_profile_sha256
+    assert set(TripProfile.from_json(stored).edges.numeric) >= set(card.feature_names)
     prepared = outcome.output_for_node("prepared_trips")
     features = DataStore(settings.resolved_data_uri, {}).read_dataset(prepared.features)
     assert isinstance(features, pl.DataFrame)

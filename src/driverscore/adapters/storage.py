@@ -349,6 +349,52 @@ class DataStore:
             return self._raw_ref(version)
         return self.dataset(kind, version)
 
+    def versions(self, kind: str) -> list[DatasetRef]:
+        """Every committed dataset of ``kind`` (interrupted writes left out), by version."""
+        base = self._path(self._uri(_check_name(kind, "kind")))
+        self._fs.invalidate_cache()
+        if not self._fs.exists(base):
+            return []
+        refs: list[DatasetRef] = []
+        for entry in sorted(self._fs.ls(base, detail=False)):
+            name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+            if name == _LATEST or not _NAME_PATTERN.match(name):
+                continue
+            try:
+                refs.append(self._ref_from_uri(self._uri(kind, name)))
+            except FileNotFoundError:
+                continue
+        return refs
+
+    def report_uris(self, kind: str, name: str) -> list[str]:
+        """URIs of ``<root>/<kind>/<run_id>/<name>`` for every run that wrote one, by run id."""
+        base = self._path(self._uri(_check_name(kind, "kind")))
+        self._fs.invalidate_cache()
+        if not self._fs.exists(base):
+            return []
+        found = self._fs.glob(f"{base}/*/{_check_name(name, 'name')}")
+        run_ids = sorted(str(path).rstrip("/").split("/")[-2] for path in found)
+        return [self._uri(kind, run_id, name) for run_id in run_ids]
+
+    def run_manifests(self) -> list[dict[str, Any]]:
+        """Every run manifest (``runs/<run_id>.json``), by run id."""
+        base = self._path(self._uri("runs"))
+        self._fs.invalidate_cache()
+        if not self._fs.exists(base):
+            return []
+        paths = sorted(str(p) for p in self._fs.glob(f"{base}/*.json"))
+        return [
+            json.loads(self._read_bytes(self._uri("runs", p.rsplit("/", 1)[-1]))) for p in paths
+        ]
+
+    def write_text(self, kind: str, run_id: str, name: str, text: str) -> str:
+        """Write a text file (an HTML report) to ``<root>/<kind>/<run_id>/<name>``."""
+        uri = self._uri(
+            _check_name(kind, "kind"), _check_name(run_id, "run id"), _check_name(name, "name")
+        )
+        self._write_bytes(uri, text.encode("utf-8"))
+        return uri
+
     # -- raw snapshots -----------------------------------------------------------------
 
     def snapshot_raw(

@@ -380,6 +380,13 @@ class ModelCard(BaseModel):
         description="Product rules on top of the model: a behaviour that caps the band.",
     )
     max_reasons: int = 3
+    reference_profile_sha256: str | None = Field(
+        default=None,
+        description=(
+            "sha256 of the drift reference profile stored beside the card "
+            "(reference_profile.json); None for versions registered before profiles."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

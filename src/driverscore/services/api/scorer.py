@@ -10,6 +10,7 @@ CSV) all score through it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,7 +32,7 @@ from driverscore.services.api.scoring import (
 )
 from driverscore.services.api.state import ServiceState
 
-__all__ = ["Scorer", "batch_response"]
+__all__ = ["Scorer", "batch_response", "monitored_records"]
 
 
 class Scorer:
@@ -74,6 +75,9 @@ class Scorer:
         except InvalidTripsError as exc:
             self._count_set_aside(exc)
             raise
+        if self.state.live_monitor is not None:
+            pings = sum(len(t.pings) for t in trips if t.pings is not None)
+            self.state.live_monitor.observe_later(scored.scores, monitored_records, pings_in=pings)
         return self._logged(request_state, scored)
 
     def score_batch(
@@ -91,6 +95,10 @@ class Scorer:
         except InvalidTripsError as exc:
             self._count_set_aside(exc)
             raise
+        if self.state.live_monitor is not None:
+            self.state.live_monitor.observe_later(
+                scored.scores, monitored_records, pings_in=pings.height
+            )
         self._logged(request_state, scored)
         return scored
 
@@ -119,3 +127,28 @@ def batch_response(scores: list[TripScore]) -> BatchScoreResponse:
         for reason, n in trip.pings_set_aside.items():
             total[reason] = total.get(reason, 0) + n
     return BatchScoreResponse(scores=scores, pings_set_aside=dict(sorted(total.items())))
+
+
+def monitored_records(
+    scores: Sequence[TripScore],
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Answers as trip score records for the live monitor, and their pings set aside."""
+    rows = [
+        {
+            **s.features.model_dump(),
+            "fleet_id": s.fleet_id,
+            "client_id": s.client_id,
+            "risk_probability": s.risk_probability,
+            "score": s.score,
+            "risk_band": s.risk_band,
+            "model_version": s.model_version,
+            "model_role": s.model_role,
+        }
+        for s in scores
+    ]
+    quarantined: dict[str, int] = {}
+    for s in scores:
+        for reason, n in s.pings_set_aside.items():
+            quarantined[reason] = quarantined.get(reason, 0) + n
+    frame = pl.from_dicts(rows, infer_schema_length=None) if rows else pl.DataFrame()
+    return frame, quarantined

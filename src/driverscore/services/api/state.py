@@ -27,6 +27,7 @@ from driverscore.services.api.holder import LoadedModels, ModelHolder, RegistryR
 from driverscore.services.api.logs import flush_logs
 from driverscore.services.api.metrics import ServiceMetrics
 from driverscore.services.api.scoring import RequestLimits
+from driverscore.services.live_monitor import LiveMonitor, build_live_monitor
 from driverscore.services.prediction_log import open_prediction_log
 from driverscore.settings import Settings
 
@@ -59,6 +60,8 @@ class ServiceState:
     tokens: list[bytes]
     auth: bool
     limits: RequestLimits
+    #: This process's scored trips over a rolling window, as drift gauges on ``/metrics``.
+    live_monitor: LiveMonitor | None = None
     rollout_mtime: float | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     models_frozen: bool = False
@@ -76,9 +79,16 @@ class ServiceState:
         split of the settings."""
         config = settings.service
         metrics = ServiceMetrics.create()
+        holder = ModelHolder(registry_factory, on_swap=_record_models(metrics))
+        live_monitor = build_live_monitor(
+            settings,
+            registry_factory,
+            lambda: holder.models.champion.card if holder.models is not None else None,
+        ).register(metrics.registry)
         return cls(
             settings=settings,
-            holder=ModelHolder(registry_factory, on_swap=_record_models(metrics)),
+            holder=holder,
+            live_monitor=live_monitor,
             metrics=metrics,
             prediction_log=open_prediction_log(settings),
             policy=RolloutPolicy(

@@ -40,6 +40,7 @@ from driverscore.domain.trip_scoring import (
     score_trip_pings,
 )
 from driverscore.errors import ScoringServiceError
+from driverscore.services.live_monitor import LiveMonitor
 from driverscore.services.stream.metrics import StreamMetrics
 from driverscore.services.stream.models import FixedModels, ModelSource, Scoring
 from driverscore.settings import KafkaTopics
@@ -123,9 +124,12 @@ class TripScoringStep:
         policy: RolloutPolicy | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         scoring: Scoring = score_trip_pings,
+        live_monitor: LiveMonitor | None = None,
     ) -> None:
         self.models: ModelSource = FixedModels(models) if isinstance(models, TripScorer) else models
         self.metrics = metrics
+        #: Drift gauges of this processor's trips over a rolling window (on its /metrics).
+        self.live_monitor = live_monitor
         self.policy = policy or RolloutPolicy()
         self.now = now
         self.scoring = scoring
@@ -150,9 +154,17 @@ class TripScoringStep:
         return scored
 
     def _count(self, result: PingScoring, scored: ScoredSession) -> None:
+        quarantined: dict[str, int] = {}
         if result.quarantine.height:
             for reason, count in result.quarantine["reason"].value_counts().iter_rows():
                 self.metrics.quarantined_pings.labels(str(reason)).inc(count)
+                quarantined[str(reason)] = int(count)
+        if self.live_monitor is not None:
+            self.live_monitor.observe(
+                scored.records,
+                pings_in=int(result.counts.get("rows_in", 0)),
+                quarantined=quarantined,
+            )
         self.metrics.trips.labels("scored").inc(scored.records.height)
         self.metrics.alerts.inc(scored.alerts.height)
         for trip in result.scored.set_aside:
