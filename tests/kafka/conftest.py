@@ -57,6 +57,7 @@ def kafka_config(kafka_bootstrap: str) -> KafkaConfig:
             scores=f"scores-{run}",
             alerts=f"alerts-{run}",
             shadow_scores=f"shadow-{run}",
+            routes=f"routes-{run}",
             predictions=f"predictions-{run}",
         ),
         partitions=2,

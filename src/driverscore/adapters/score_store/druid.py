@@ -1,0 +1,189 @@
+"""The score store at scale: Apache Druid, fed from the scores and alerts topics by Kafka
+supervisors (``adapters/druid/specs.py``), read with Druid SQL over HTTP.
+
+Druid keeps every message as a row (a trip published twice is two rows), so the
+``trips`` relation of the query set takes the **latest record per trip** itself:
+``LATEST_BY(column, scored_at)`` per (``vehicle_id``, ``trip_id``), the rule the DuckDB
+store applies at write time. ``__time`` is the trip's end (milliseconds), so the period
+filter prunes segments. ``reasons`` is stored as one string (lines joined by a newline,
+the list order kept) and given back as a list.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import httpx
+import polars as pl
+
+from driverscore.adapters.score_store.queries import (
+    QueryParams,
+    StoreQuery,
+    finish,
+    query_named,
+    render,
+)
+from driverscore.errors import DriverscoreError
+from driverscore.settings import Settings
+
+__all__ = ["REASONS_SEPARATOR", "DruidError", "DruidScoreStore", "open_druid_store"]
+
+#: How ``reasons`` lists are stored in Druid: one string, the lines joined.
+REASONS_SEPARATOR: Final = "\n"
+
+_BY: Final = "MILLIS_TO_TIMESTAMP(scored_at_ms)"
+_STRINGS: Final = (
+    "driver_id",
+    "fleet_id",
+    "client_id",
+    "risk_band",
+    "reasons",
+    "model_name",
+    "model_version",
+    "model_role",
+)
+_NUMBERS: Final = ("distance_km", "score", "risk_probability")
+
+
+def _latest(columns: tuple[str, ...], extra: tuple[str, ...] = ()) -> str:
+    strings = [f"LATEST_BY({c}, {_BY}, 8192) AS {c}" for c in (*columns, *extra)]
+    numbers = [f"LATEST_BY({c}, {_BY}) AS {c}" for c in _NUMBERS]
+    return ", ".join(
+        [
+            "vehicle_id",
+            "trip_id",
+            "MAX(__time) AS end_ts",
+            f"MILLIS_TO_TIMESTAMP(LATEST_BY(start_ts_ms, {_BY})) AS start_ts",
+            "MAX(scored_at_ms) AS scored_at_ms",
+            *strings,
+            *numbers,
+        ]
+    )
+
+
+class DruidError(DriverscoreError):
+    """Druid did not answer, or refused a query."""
+
+
+class DruidScoreStore:
+    """The query set on Druid SQL (``POST /druid/v2/sql``) at ``url`` (router or broker)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        trips_datasource: str = "driverscore_trips",
+        alerts_datasource: str = "driverscore_alerts",
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.trips_datasource = trips_datasource
+        self.alerts_datasource = alerts_datasource
+        self.timeout_s = timeout_s
+
+    def sql(self, text: str, params: list[Any] | None = None) -> pl.DataFrame:
+        """Any Druid SQL; ``?`` parameters typed from their Python values."""
+        body = {
+            "query": text,
+            "parameters": [_parameter(v) for v in params or []],
+            "resultFormat": "array",
+            "header": True,
+            "typesHeader": True,
+            "sqlTypesHeader": True,
+            "context": {"sqlTimeZone": "Etc/UTC"},
+        }
+        try:
+            answer = httpx.post(f"{self.url}/druid/v2/sql", json=body, timeout=self.timeout_s)
+        except httpx.HTTPError as exc:
+            raise DruidError(
+                f"druid at {self.url} did not answer ({exc}): start it with `driverscore druid "
+                "up`, or set DRIVERSCORE_STORE__DRUID__URL"
+            ) from None
+        if answer.status_code != 200:
+            raise DruidError(f"druid refused the query ({answer.status_code}): {answer.text[:500]}")
+        rows = answer.json()
+        names, _types, sql_types = rows[0], rows[1], rows[2]
+        return _frame(names, sql_types, rows[3:])
+
+    def render(self, query: StoreQuery, params: QueryParams) -> tuple[str, list[object]]:
+        """The Druid form of ``query``: the latest-record relation, then the body."""
+        body, values = render(query, "druid", params)
+        if query.relation == "trips":
+            relation = (
+                f'trips AS (SELECT {_latest(_STRINGS)} FROM "{self.trips_datasource}" '
+                # Records without a score are never stored by DuckDB; here they are left
+                # out before the latest is taken, which gives the same trips.
+                "WHERE __time > ? AND __time <= ? AND score IS NOT NULL "
+                "GROUP BY vehicle_id, trip_id)"
+            )
+        else:
+            relation = (
+                f"alerts AS (SELECT {_latest(_STRINGS, ('alert',))} "
+                f'FROM "{self.alerts_datasource}" '
+                "WHERE __time > ? AND __time <= ? GROUP BY vehicle_id, trip_id)"
+            )
+        return f"WITH {relation} {body}", values
+
+    def query(self, name: str, params: QueryParams) -> pl.DataFrame:
+        query = query_named(name)
+        sql, values = self.render(query, params)
+        frame = self.sql(sql, [params.start, params.end, *values])
+        if "reasons" in frame.columns:
+            frame = frame.with_columns(
+                pl.when(pl.col("reasons") == "")
+                .then(pl.lit([], dtype=pl.List(pl.String())))
+                .otherwise(pl.col("reasons").str.split(REASONS_SEPARATOR))
+                .alias("reasons")
+            )
+        return finish(query, frame)
+
+    def newest_trip_end(self) -> datetime | None:
+        frame = self.sql(f'SELECT MAX(__time) AS newest FROM "{self.trips_datasource}"')
+        value = frame["newest"][0] if frame.height else None
+        return value if isinstance(value, datetime) else None
+
+
+def _parameter(value: Any) -> dict[str, Any]:
+    if isinstance(value, datetime):
+        utc = value.astimezone(UTC)
+        return {"type": "TIMESTAMP", "value": utc.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]}
+    if isinstance(value, bool):
+        return {"type": "BOOLEAN", "value": value}
+    if isinstance(value, int):
+        return {"type": "BIGINT", "value": value}
+    if isinstance(value, float):
+        return {"type": "DOUBLE", "value": value}
+    return {"type": "VARCHAR", "value": str(value)}
+
+
+def _frame(names: list[str], sql_types: list[str], rows: list[list[Any]]) -> pl.DataFrame:
+    columns: dict[str, pl.Series] = {}
+    for i, (name, sql_type) in enumerate(zip(names, sql_types, strict=True)):
+        values = [row[i] for row in rows]
+        if sql_type == "TIMESTAMP":
+            # Druid gives ISO-8601 text in the query's time zone (UTC).
+            series = pl.Series(name, values, dtype=pl.String()).str.to_datetime(
+                time_zone="UTC", time_unit="us"
+            )
+        elif sql_type in ("BIGINT", "INTEGER"):
+            series = pl.Series(name, values, dtype=pl.Int64())
+        elif sql_type in ("DOUBLE", "FLOAT", "DECIMAL"):
+            series = pl.Series(name, values, dtype=pl.Float64())
+        else:
+            series = pl.Series(name, values, dtype=pl.String())
+        columns[name] = series
+    return pl.DataFrame(columns)
+
+
+def open_druid_store(settings: Settings) -> DruidScoreStore:
+    """Druid at ``store.druid.url``, else the local Druid `driverscore druid up` recorded."""
+    from driverscore.adapters.druid.local import druid_url
+
+    config = settings.store.druid
+    return DruidScoreStore(
+        config.url or druid_url(settings),
+        trips_datasource=config.trips_datasource,
+        alerts_datasource=config.alerts_datasource,
+        timeout_s=config.timeout_s,
+    )
