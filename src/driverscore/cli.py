@@ -499,6 +499,100 @@ def _stream_trip_gap_s(settings: Settings) -> float:
     return registry.load_card(version).trip_config.gap_s
 
 
+druid_app = typer.Typer(
+    help="A local Apache Druid fed from the scores and alerts topics (see docs/store.md).",
+    no_args_is_help=True,
+)
+app.add_typer(druid_app, name="druid")
+
+
+@druid_app.command("up")
+def druid_up() -> None:
+    """Start a single-machine Druid under <home>/druid; a restart keeps its data and address."""
+    from driverscore.adapters.druid.local import LocalDruid, druid_state_dir
+
+    settings = _settings()
+    state_dir = druid_state_dir(settings.home)
+    url = LocalDruid(state_dir, heap=settings.store.druid.heap).up()
+    typer.echo(url)
+    err_console.print(
+        f"SQL at {url}; commands with home {settings.home} find it (recorded in {state_dir}); "
+        "next: `driverscore druid apply` to ingest the scores and alerts topics",
+        highlight=False,
+    )
+
+
+@druid_app.command("down")
+def druid_down() -> None:
+    """Stop the local Druid (its data, metadata and address are kept)."""
+    from driverscore.adapters.druid.local import LocalDruid, druid_state_dir
+
+    LocalDruid(druid_state_dir(_settings().home)).down()
+
+
+@druid_app.command("reset")
+def druid_reset() -> None:
+    """Stop the local Druid and delete its data, metadata, supervisors and ports."""
+    from driverscore.adapters.druid.local import LocalDruid, druid_state_dir
+
+    state_dir = druid_state_dir(_settings().home)
+    LocalDruid(state_dir).reset()
+    typer.echo(f"deleted the Druid data in {state_dir}; `driverscore druid up` starts anew")
+
+
+@druid_app.command("apply")
+def druid_apply() -> None:
+    """Submit the Kafka supervisors: trips and alerts datasources, the hourly rollup."""
+    from driverscore.adapters.kafka.broker import require_broker
+
+    settings = require_broker(_settings())
+    from driverscore.adapters.druid.local import apply_supervisors, coordinator_url
+    from driverscore.adapters.druid.specs import supervisor_specs
+    from driverscore.adapters.kafka.admin import create_topics
+
+    # Druid's supervisors wait for missing topics without a word: create them first.
+    create_topics(settings.kafka)
+    overlord = coordinator_url(settings)
+    ids = apply_supervisors(overlord, supervisor_specs(settings.store.druid, settings.kafka))
+    for supervisor in ids:
+        typer.echo(f"supervisor {supervisor} submitted to {overlord}")
+
+
+@druid_app.command("status")
+def druid_status() -> None:
+    """Supervisors (state, lag, tasks) and datasources (segments, rows, size)."""
+    from rich.table import Table
+
+    from driverscore.adapters.druid.local import (
+        coordinator_url,
+        datasource_health,
+        druid_url,
+        supervisor_health,
+    )
+
+    settings = _settings()
+    console = Console()
+    supervisors = Table(title=f"supervisors at {coordinator_url(settings)}", title_justify="left")
+    for column in ("supervisor", "topic", "state", "healthy", "lag", "tasks"):
+        supervisors.add_column(column)
+    for s in supervisor_health(coordinator_url(settings)):
+        supervisors.add_row(
+            s.id,
+            s.topic or "—",
+            s.state,
+            "yes" if s.healthy else "no",
+            "—" if s.lag is None else f"{s.lag:,}",
+            str(s.active_tasks),
+        )
+    console.print(supervisors)
+    datasources = Table(title=f"datasources at {druid_url(settings)}", title_justify="left")
+    for column in ("datasource", "segments", "rows", "MB"):
+        datasources.add_column(column, justify="left" if column == "datasource" else "right")
+    for d in datasource_health(druid_url(settings)):
+        datasources.add_row(d.name, f"{d.segments:,}", f"{d.rows:,}", f"{d.size_bytes / 1e6:,.1f}")
+    console.print(datasources)
+
+
 @app.command()
 def stream(
     pings: Annotated[

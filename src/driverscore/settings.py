@@ -258,8 +258,15 @@ class DruidConfig(BaseModel):
     url: str | None = Field(
         None,
         description=(
-            "Druid router or broker, e.g. http://127.0.0.1:8082 (default: the local Druid "
-            "that `driverscore druid up` recorded under <home>/druid)."
+            "Druid broker or router answering SQL, e.g. http://127.0.0.1:8082 (default: the "
+            "local Druid that `driverscore druid up` recorded under <home>/druid)."
+        ),
+    )
+    overlord_url: str | None = Field(
+        None,
+        description=(
+            "Druid overlord for the Kafka supervisors (default: the local Druid's coordinator, "
+            "which runs as overlord)."
         ),
     )
     trips_datasource: str = Field(

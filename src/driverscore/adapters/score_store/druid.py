@@ -146,8 +146,8 @@ class DruidScoreStore:
 
 def _parameter(value: Any) -> dict[str, Any]:
     if isinstance(value, datetime):
-        utc = value.astimezone(UTC)
-        return {"type": "TIMESTAMP", "value": utc.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]}
+        # Epoch milliseconds: Druid's parameter parser rejects text with a fraction.
+        return {"type": "TIMESTAMP", "value": int(value.astimezone(UTC).timestamp() * 1000)}
     if isinstance(value, bool):
         return {"type": "BOOLEAN", "value": value}
     if isinstance(value, int):
@@ -182,7 +182,7 @@ def open_druid_store(settings: Settings) -> DruidScoreStore:
 
     config = settings.store.druid
     return DruidScoreStore(
-        config.url or druid_url(settings),
+        druid_url(settings),
         trips_datasource=config.trips_datasource,
         alerts_datasource=config.alerts_datasource,
         timeout_s=config.timeout_s,
