@@ -247,7 +247,9 @@ up() {
   local service
   for service in "${services[@]}"; do
     pid_of "$service" >/dev/null && continue
+    # The Derby server (in the coordinator) writes derby.log to the working folder otherwise.
     start_process "$service" "${java_flags[@]}" -Djava.io.tmpdir="$abs/var/tmp" \
+      -Dderby.stream.error.file="$abs/log/derby.log" \
       -cp "$abs/conf/_common:$abs/conf/$service:$classpath" \
       org.apache.druid.cli.Main server "$service"
   done

@@ -4,9 +4,12 @@
 ``trip_id``, ``model_version``; the answer records of every path: role ``champion`` or
 ``challenger``). ``trip_latest``: one row per trip, its newest record (``scored_at``, then
 ``model_version``), kept at write time so that queries need no window over the whole
-table. ``trip_alerts``: alert records, keyed like ``trip_scores``. ``trip_routes``: one
-thinned route per trip (``domain/routes.py``). ``store_rejects``: input the store did not
-take, with the reason. Every row carries ``source`` (who wrote it) and ``stored_at``.
+table; it holds the record's identity, times, distance, score, band, reasons and model
+(:data:`LATEST_COLUMNS`), the feature values stay in ``trip_scores`` (join on the key):
+every column it holds is written twice. ``trip_alerts``: alert records, keyed like
+``trip_scores``. ``trip_routes``: one thinned route per trip (``domain/routes.py``).
+``store_rejects``: input the store did not take, with the reason. Every row carries
+``source`` (who wrote it) and ``stored_at``.
 
 **Idempotent writes.** A batch first keeps, per key, its newest record; a stored record
 is replaced only by a newer one (later ``scored_at``) of the same key, and a record that
@@ -108,9 +111,29 @@ def _columns_ddl(schema: dict[str, pl.DataType]) -> str:
 
 
 _AUDIT: Final = "source VARCHAR, stored_at TIMESTAMPTZ"
+#: What ``trip_latest`` keeps of a record: every column the query set reads.
+LATEST_COLUMNS: Final = (
+    "trip_id",
+    "vehicle_id",
+    "driver_id",
+    "fleet_id",
+    "client_id",
+    "start_ts",
+    "end_ts",
+    "distance_km",
+    "risk_probability",
+    "score",
+    "risk_band",
+    "reasons",
+    "model_name",
+    "model_version",
+    "model_role",
+    "scored_at",
+)
+_LATEST_SCHEMA: Final = {name: TRIP_RECORD_SCHEMA[name] for name in LATEST_COLUMNS}
 _TABLES: Final = {
     "trip_scores": TRIP_RECORD_SCHEMA,
-    "trip_latest": TRIP_RECORD_SCHEMA,
+    "trip_latest": _LATEST_SCHEMA,
     "trip_alerts": ALERT_SCHEMA,
     "trip_routes": ROUTE_SCHEMA,
     "store_rejects": REJECT_SCHEMA,
@@ -201,7 +224,7 @@ class DuckDBScoreStore:
         alerts, alert_rejects = split_storable(batch.alerts, ALERT_SCHEMA, batch.source)
         rejects = pl.concat([batch.rejects.cast(REJECT_SCHEMA), score_rejects, alert_rejects])  # type: ignore[arg-type]
         scores = _newest_per_key(scores, KEY_COLUMNS)
-        latest = _newest_per_key(scores, ("vehicle_id", "trip_id"))
+        latest = _newest_per_key(scores, ("vehicle_id", "trip_id")).select(LATEST_COLUMNS)
         alerts = _newest_per_key(alerts, KEY_COLUMNS)
         routes = batch.routes.unique(["vehicle_id", "trip_id"], keep="last", maintain_order=True)
         now = datetime.now(UTC)
