@@ -137,6 +137,9 @@ druid.lookup.enableLookupSyncOnStartup=false
 druid.processing.buffer.sizeBytes=33554432
 druid.processing.numMergeBuffers=2
 druid.processing.numThreads=1
+druid.processing.tmpDir=$abs/var/tmp
+# Latest-record-per-trip queries group by trip: with 32 MiB merge buffers they spill.
+druid.query.groupBy.maxOnDiskStorage=4294967296
 druid.server.http.numThreads=6
 EOF
   cat > "$state/conf/_common/log4j2.xml" <<'EOF'

@@ -18,6 +18,7 @@ import httpx
 import polars as pl
 
 from driverscore.adapters.score_store.queries import (
+    LEVELS,
     QueryParams,
     StoreQuery,
     finish,
@@ -46,8 +47,15 @@ _STRINGS: Final = (
 _NUMBERS: Final = ("distance_km", "score", "risk_probability")
 
 
+#: Bytes LATEST_BY keeps of a string per group (it reserves them in the merge buffer for
+#: every trip, so they are kept small; longer values are cut).
+_MAX_BYTES: Final = {"reasons": 2048, "alert": 512}
+
+
 def _latest(columns: tuple[str, ...], extra: tuple[str, ...] = ()) -> str:
-    strings = [f"LATEST_BY({c}, {_BY}, 8192) AS {c}" for c in (*columns, *extra)]
+    strings = [
+        f"LATEST_BY({c}, {_BY}, {_MAX_BYTES.get(c, 128)}) AS {c}" for c in (*columns, *extra)
+    ]
     numbers = [f"LATEST_BY({c}, {_BY}) AS {c}" for c in _NUMBERS]
     return ", ".join(
         [
@@ -107,28 +115,35 @@ class DruidScoreStore:
         return _frame(names, sql_types, rows[3:])
 
     def render(self, query: StoreQuery, params: QueryParams) -> tuple[str, list[object]]:
-        """The Druid form of ``query``: the latest-record relation, then the body."""
+        """The Druid form of ``query``: the latest-record relation, then the body; and every
+        ``?`` value in order (the period's first)."""
         body, values = render(query, "druid", params)
+        period: list[object] = [params.start, params.end]
+        where = "__time > ? AND __time <= ?"
+        if query.name == "trip_history":
+            # One vehicle's or driver's trips: taken before the latest per trip is, so Druid
+            # groups that entity's trips only (a trip's vehicle and driver never change).
+            where += f" AND {LEVELS[params.entity]} = ?"
+            period.append(params.entity_id)
         if query.relation == "trips":
             relation = (
                 f'trips AS (SELECT {_latest(_STRINGS)} FROM "{self.trips_datasource}" '
                 # Records without a score are never stored by DuckDB; here they are left
                 # out before the latest is taken, which gives the same trips.
-                "WHERE __time > ? AND __time <= ? AND score IS NOT NULL "
-                "GROUP BY vehicle_id, trip_id)"
+                f"WHERE {where} AND score IS NOT NULL GROUP BY vehicle_id, trip_id)"
             )
         else:
             relation = (
                 f"alerts AS (SELECT {_latest(_STRINGS, ('alert',))} "
                 f'FROM "{self.alerts_datasource}" '
-                "WHERE __time > ? AND __time <= ? GROUP BY vehicle_id, trip_id)"
+                f"WHERE {where} GROUP BY vehicle_id, trip_id)"
             )
-        return f"WITH {relation} {body}", values
+        return f"WITH {relation} {body}", [*period, *values]
 
     def query(self, name: str, params: QueryParams) -> pl.DataFrame:
         query = query_named(name)
         sql, values = self.render(query, params)
-        frame = self.sql(sql, [params.start, params.end, *values])
+        frame = self.sql(sql, values)
         if "reasons" in frame.columns:
             frame = frame.with_columns(
                 pl.when(pl.col("reasons") == "")
