@@ -167,6 +167,12 @@ def print_scores(console: Console, result: ScoringRunResult) -> None:
             f"({', '.join(f'{r}: {n}' for r, n in reasons)}) → {result.set_aside_uri}"
         )
     console.print(f"{result.decisions:,} decisions written to the prediction log")
+    if result.stored is not None:
+        console.print(
+            f"score store: {result.stored.scores:,} new or newer trip records, "
+            f"{result.stored.alerts:,} alerts, {result.stored.routes:,} routes → "
+            f"{result.store_path} (query it: driverscore scores --help)"
+        )
     _print_quarantine(console, result.prepared)
     console.print(f"run manifest: {result.manifest_uri}")
 

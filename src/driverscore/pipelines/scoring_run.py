@@ -11,10 +11,13 @@ import polars as pl
 
 from driverscore.adapters.files import write_table
 from driverscore.adapters.registry import open_registry
+from driverscore.adapters.score_store import ScoreBatch
+from driverscore.adapters.score_store.duckdb_store import WriteReport, open_score_store
 from driverscore.adapters.storage import DatasetRef
 from driverscore.domain.features import trip_features
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.domain.rollout import RolloutPolicy
+from driverscore.domain.routes import trip_routes
 from driverscore.domain.trip_scoring import ScoredTrips, ScoringModels, score_trip_features
 from driverscore.errors import ConfigError
 from driverscore.pipelines.steps import (
@@ -44,6 +47,9 @@ class ScoringRunResult:
     set_aside: pl.DataFrame
     set_aside_uri: str | None
     decisions: int
+    #: What the score store took (records, alerts, routes), when the run stored its scores.
+    stored: WriteReport | None = None
+    store_path: str | None = None
 
 
 def score_prepared(
@@ -107,12 +113,15 @@ def run_scoring(
     alias: str = "champion",
     policy: RolloutPolicy | None = None,
     progress: Callable[[str], None] | None = None,
+    store_scores: bool = True,
 ) -> ScoringRunResult:
     """Ingest, prepare with the model's cleaning/trip/feature configs, score and write.
 
     With the champion and a rollout ``policy`` other than ``champion``, the challenger
     scores too, exactly as the service and the stream would: the driver's model answers,
     the other one's score goes to the prediction log. Every decision is logged.
+    With ``store_scores``, the answer records, alerts and the trips' routes go to the score store
+    (``<home>/scores.duckdb``) too, where the dashboards and `driverscore scores` read them.
     """
     policy = policy or RolloutPolicy()
     ctx = RunContext.start(settings, reference_time, progress)
@@ -150,6 +159,17 @@ def run_scoring(
         log.add(scored.decisions)
         log.flush()
     write_table(scores, out_uri, settings.storage_options())
+    stored = None
+    if store_scores:
+        ctx.progress(f"store {scores.height:,} trips in {settings.store_path}")
+        routes = trip_routes(ctx.store.read_dataset(prepared.cleaned))
+        if routes.height:
+            routes = routes.join(
+                scores.select("vehicle_id", "trip_id"), on=["vehicle_id", "trip_id"], how="semi"
+            )
+        stored = open_score_store(settings).write(
+            ScoreBatch("score", scores=scores, alerts=scored.alerts_frame(), routes=routes)
+        )
     manifest_uri = store.write_run_manifest(
         run_id,
         {
@@ -165,6 +185,7 @@ def run_scoring(
             "decisions_logged": len(scored.decisions),
             "rollout": policy.model_dump(),
             "output": out_uri,
+            "score_store": str(settings.store_path) if stored is not None else None,
             "model": f"{champion.model_name} v{champion.model_version} ({alias})",
             "challenger": challenger.model_version if challenger is not None else None,
         },
@@ -180,4 +201,6 @@ def run_scoring(
         set_aside=set_aside,
         set_aside_uri=set_aside_uri,
         decisions=len(scored.decisions),
+        stored=stored,
+        store_path=str(settings.store_path) if stored is not None else None,
     )

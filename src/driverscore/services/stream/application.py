@@ -133,6 +133,7 @@ def build_stream_application(
             topics.alerts,
             topics.shadow_scores,
             topics.predictions,
+            topics.routes,
         )
     }
     # Trips are cut with the trip rules (gap, max_trip_pings) of the champion at start; a

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +30,7 @@ from driverscore.adapters.kafka.messages import (
 )
 from driverscore.adapters.kafka.prediction_log import encode_prediction, prediction_key
 from driverscore.domain.rollout import RolloutPolicy
+from driverscore.domain.routes import ROUTE_SCHEMA, trip_routes
 from driverscore.domain.scoring import TripScorer
 from driverscore.domain.sessions import ClosedSession, PartitionScope, TripAssembler
 from driverscore.domain.trip_scoring import (
@@ -75,7 +76,8 @@ class ScoredSession:
     ``shadow``: the other model's records of the same trips (role ``shadow``, canary and
     shadow mode); ``decisions``: one prediction-log row per record (none when the scoring
     service logged them itself); ``set_aside``: trips (or shadow scores) not scored, with
-    ``reason`` and ``detail`` and the trip's feature row.
+    ``reason`` and ``detail`` and the trip's feature row; ``routes``: the thinned route
+    of each scored trip (``domain/routes.py``), for the score store's trip view.
     """
 
     features: pl.DataFrame
@@ -84,6 +86,7 @@ class ScoredSession:
     shadow: pl.DataFrame
     decisions: list[PredictionRecord]
     set_aside: pl.DataFrame
+    routes: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=ROUTE_SCHEMA))
 
     @classmethod
     def of(cls, result: PingScoring) -> ScoredSession:
@@ -95,13 +98,20 @@ class ScoredSession:
                 [set_aside, rows.drop([c for c in SET_ASIDE_SCHEMA if c in rows.columns])],
                 how="horizontal",
             )
+        records = scored.records_frame()
+        routes = trip_routes(result.pings)
+        if routes.height:
+            routes = routes.join(
+                records.select("vehicle_id", "trip_id"), on=["vehicle_id", "trip_id"], how="semi"
+            )
         return cls(
             features=scored.features_frame(),
-            records=scored.records_frame(),
+            records=records,
             alerts=scored.alerts_frame(),
             shadow=scored.shadow_frame(),
             decisions=list(scored.decisions),
             set_aside=set_aside,
+            routes=routes,
         )
 
 
@@ -374,13 +384,14 @@ class PingProcessor:
     def _trip_messages(
         self, scored: ScoredSession, headers: list[tuple[str, bytes]], source: str
     ) -> list[OutMessage]:
-        """A trip's feature row, score record, alert, shadow record and decision, trip by
-        trip; then the trips set aside, on the dead-letter topic with their reason."""
+        """A trip's feature row, route, score record, alert, shadow record and decision,
+        trip by trip; then the trips set aside, on the dead-letter topic with their reason."""
         topics = self.topics
         out: list[OutMessage] = []
         keys = _keys(scored.records)
         alerts = dict(zip(_keys(scored.alerts), _lines(scored.alerts), strict=True))
         shadows = dict(zip(_keys(scored.shadow), _lines(scored.shadow), strict=True))
+        routes = dict(zip(_keys(scored.routes), _lines(scored.routes), strict=True))
         decisions: list[PredictionRecord | None] = (
             list(scored.decisions) if scored.decisions else [None] * len(keys)
         )
@@ -391,6 +402,9 @@ class PingProcessor:
         ):
             vehicle = str(key[0])
             out.append(self._out(topics.trip_features, vehicle, feature, headers))
+            route = routes.get(key)
+            if route is not None:
+                out.append(self._out(topics.routes, vehicle, route, headers))
             out.append(self._out(topics.scores, vehicle, record, headers))
             alert = alerts.get(key)
             if alert is not None:

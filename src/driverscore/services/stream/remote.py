@@ -323,7 +323,7 @@ class RemoteScoring:
         features = prepared.features
         answers = self.client.score_features(features) if features.height else []
         scored = _scored_trips(features, answers, models)
-        return PingScoring(scored, features, prepared.quarantine, prepared.counts)
+        return PingScoring(scored, features, prepared.quarantine, prepared.counts, prepared.pings)
 
     def close(self) -> None:
         """Closes the service connections."""
