@@ -10,10 +10,12 @@ from pathlib import Path
 import polars as pl
 
 from driverscore.adapters.files import write_table
-from driverscore.adapters.registry import open_registry
-from driverscore.adapters.storage import DatasetRef
+from driverscore.adapters.profile_parts import ProfilePartStore
+from driverscore.adapters.registry import ModelRegistry, open_registry
+from driverscore.adapters.storage import DatasetRef, DataStore
 from driverscore.domain.features import trip_features
 from driverscore.domain.mapping import ColumnMapping
+from driverscore.domain.profiles import TripProfile
 from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.trip_scoring import ScoredTrips, ScoringModels, score_trip_features
 from driverscore.errors import ConfigError
@@ -26,6 +28,7 @@ from driverscore.pipelines.steps import (
     prepare,
 )
 from driverscore.services.prediction_log import open_prediction_log
+from driverscore.services.profile_writer import write_scores_profiles
 from driverscore.settings import Settings
 
 
@@ -44,6 +47,9 @@ class ScoringRunResult:
     set_aside: pl.DataFrame
     set_aside_uri: str | None
     decisions: int
+    #: Profile parts written per model version (``adapters/profile_parts.py``); a version
+    #: without a reference profile has none (the monitor profiles its trips once, later).
+    profile_parts: dict[str, list[str]]
 
 
 def score_prepared(
@@ -76,6 +82,20 @@ def score_prepared(
     return score_trip_features(
         features, models, policy, ctx.reference_time, challenger_features=challenger_features
     )
+
+
+def write_profiles(
+    store: DataStore, registry: ModelRegistry, scores: pl.DataFrame, scores_ref: DatasetRef
+) -> dict[str, list[str]]:
+    """Profile parts of the scores just written, for each scoring model version that has
+    a reference profile: the monitor merges them and never reads these rows for drift."""
+    references: dict[str, TripProfile] = {}
+    if "model_version" in scores.columns:
+        for version in scores.get_column("model_version").drop_nulls().unique().sort():
+            stored = registry.load_reference_profile(str(version))
+            if stored is not None:
+                references[str(version)] = TripProfile.from_json(stored)
+    return write_scores_profiles(ProfilePartStore(store), scores, scores_ref, references)
 
 
 def rollout_policy(settings: Settings, path: Path | None) -> RolloutPolicy:
@@ -144,6 +164,7 @@ def run_scoring(
         if set_aside.height
         else None
     )
+    profile_parts = write_profiles(store, registry, scores, scores_ref)
     if scored.decisions:
         log = open_prediction_log(settings)
         log.setup()
@@ -163,6 +184,7 @@ def run_scoring(
             "set_aside": set_aside_uri,
             "trips_set_aside": set_aside.height,
             "decisions_logged": len(scored.decisions),
+            "profile_parts": {v: len(p) for v, p in profile_parts.items()},
             "rollout": policy.model_dump(),
             "output": out_uri,
             "model": f"{champion.model_name} v{champion.model_version} ({alias})",
@@ -180,4 +202,5 @@ def run_scoring(
         set_aside=set_aside,
         set_aside_uri=set_aside_uri,
         decisions=len(scored.decisions),
+        profile_parts=profile_parts,
     )
