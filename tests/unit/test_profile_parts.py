@@ -17,6 +17,7 @@ from driverscore.adapters.storage import DataStore
 from driverscore.domain.profiles import ProfileEdges, TripProfile, profile_trips
 from driverscore.pipelines.monitoring_run import window_bounds, window_profile
 from driverscore.services.profile_writer import (
+    PeriodicFlush,
     ProfileWriter,
     ReferenceCache,
     write_scores_profiles,
@@ -174,3 +175,22 @@ def test_scores_datasets_are_marked_and_rewritten_in_place(
     stored = json.loads(parts.store.read_object(first["3"][0]))
     assert stored["reference_profile_sha256"] == reference.sha256()
     assert "edges" not in stored["profile"]
+
+
+def test_a_long_running_process_flushes_its_parts_on_a_clock_and_when_it_stops(
+    tmp_path: Path, reference: TripProfile, caplog: pytest.LogCaptureFixture
+) -> None:
+    parts = _FailingOnce(DataStore(str(tmp_path / "data"), {}))
+    parts.calls = 1  # the next write fails
+    writer = ProfileWriter(
+        parts, ReferenceCache(lambda _v: reference.to_json_bytes()), source={"kind": "stream"}
+    )
+    records = _records(100, seed=5, hours=1)
+    writer.observe(records)
+    flusher = PeriodicFlush(writer, interval_s=3600.0).start()
+    flusher.flush()  # what the clock does: a failure is logged, not raised, and retried
+    assert "could not be written" in caplog.text
+    assert parts.parts("3", START, START + timedelta(hours=1)) == []
+    flusher.stop()  # the last flush, when the process stops
+    window = window_profile(parts, "3", reference, START, START + timedelta(hours=1))
+    assert window.profile.equals(profile_trips(records, reference.edges))
