@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 import pytest
@@ -21,16 +22,29 @@ from driverscore.adapters.registry import CHAMPION, ModelRegistry, open_registry
 from driverscore.adapters.storage import DataStore
 from driverscore.domain.monitoring import judge_window
 from driverscore.domain.performance import estimate_performance
-from driverscore.domain.profiles import TripProfile, profile_trips
-from driverscore.pipelines.monitoring_run import run_monitor, window_bounds
+from driverscore.domain.profiles import ProfileEdges, TripProfile, profile_trips
+from driverscore.pipelines.monitoring_run import (
+    run_monitor,
+    trip_keys,
+    window_bounds,
+    window_profile,
+)
 from driverscore.pipelines.scoring_run import run_scoring, write_profiles
 from driverscore.services.api.holder import ModelHolder
-from driverscore.services.profile_writer import build_profile_writer
+from driverscore.services.profile_writer import (
+    ProfileWriter,
+    ReferenceCache,
+    build_profile_writer,
+    write_scores_profiles,
+)
 from driverscore.services.stream import PolledModels, StreamMetrics, TripScoringStep
 from driverscore.services.stream_embedded import MemoryScoreSink, run_embedded_stream
 from driverscore.settings import Settings
 from driverscore.training.reference import fit_reference_profile
 from driverscore.training.synthetic import register_synthetic_model, synthetic_trips
+
+if TYPE_CHECKING:
+    from conftest import S3Server
 
 pytestmark = [pytest.mark.integration]
 
@@ -217,3 +231,31 @@ def test_trips_scored_by_the_embedded_stream_are_in_the_monitors_window(
     start, end = window_bounds(PINGS_AS_OF, 48)
     sources = {p.source["kind"] for p in parts.parts(champion.version, start, end)}
     assert sources == {"stream"}
+
+
+def test_parts_and_keys_on_an_s3_data_store(s3_server: S3Server) -> None:
+    store = DataStore(s3_server.fresh_prefix("parts"), s3_server.storage_options())
+    parts = ProfilePartStore(store)
+    features, _ = synthetic_trips(600, seed=3, start=WINDOW_START, days=2)
+    records = features.with_columns(
+        risk_probability=pl.col("distance_km") / 1000.0,
+        model_version=pl.lit("7"),
+        model_role=pl.lit("champion"),
+        scored_at=pl.lit(WINDOW_START + timedelta(days=3)).cast(pl.Datetime("us", "UTC")),
+    )
+    reference = profile_trips(records, ProfileEdges.fit(records, ["distance_km"]))
+    batch, served = records.head(400), records.slice(400)
+    ref = store.write_dataset("scores", batch, name="scores")
+    write_scores_profiles(parts, batch, ref, {"7": reference})
+    writer = ProfileWriter(
+        parts, ReferenceCache(lambda _v: reference.to_json_bytes()), source={"kind": "service"}
+    )
+    writer.observe(served)
+    assert writer.flush().rows_profiled == 200
+    start, end = WINDOW_START, WINDOW_START + timedelta(days=3)
+    assert parts.profiled_scores("7") == {ref.version}
+    merged = window_profile(parts, "7", reference, start, end)
+    assert merged.profile.equals(profile_trips(records, reference.edges))
+    keys = trip_keys(store, parts, "7", start, end)
+    assert keys.height == 600
+    assert set(keys.columns) <= set(KEY_COLUMNS)
