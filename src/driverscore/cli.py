@@ -258,11 +258,17 @@ def aggregate(
 @app.command()
 def monitor(
     as_of: Annotated[
-        str | None, typer.Option(help="End of the window, UTC ISO-8601; default: now.")
+        str | None,
+        typer.Option(
+            help="The window ends at the start of this time's UTC hour (ISO-8601); default: now."
+        ),
     ] = None,
     window_hours: Annotated[
         float | None,
-        typer.Option(min=0.001, help="Window length (h); default: monitoring.window_hours."),
+        typer.Option(
+            min=0.001,
+            help="Window length in whole hours (rounded up); default: monitoring.window_hours.",
+        ),
     ] = None,
     labels: Annotated[
         str | None,

@@ -10,6 +10,7 @@ strings (``/abs/path/...`` or ``s3://bucket/prefix/...``). The layout is the one
     <root>/raw/<version>/manifest.json           raw snapshot: source URIs, sizes, sha256
     <root>/<kind>/<run_id>/<name>.json           reports
     <root>/runs/<run_id>.json                    run manifest
+    <root>/profiles/<model_version>/...          profile parts (``adapters/profile_parts.py``)
 
 How a write stays bounded in memory and safe to repeat: each part is serialised to
 Parquet once, hashed and uploaded to ``<root>/_staging/<token>/``; only the part in hand
