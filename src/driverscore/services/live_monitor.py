@@ -40,7 +40,7 @@ from driverscore.domain.profiles import (
 from driverscore.domain.scoring import ModelCard
 from driverscore.settings import Settings
 
-__all__ = ["LiveMonitor", "build_live_monitor"]
+__all__ = ["LiveMonitor", "ReferenceSource", "build_live_monitor"]
 
 _log = logging.getLogger("driverscore.monitor")
 
@@ -355,7 +355,7 @@ class LiveMonitor(Collector):
         yield realised
 
 
-class _ReferenceSource:
+class ReferenceSource:
     """Reference profiles by version, from the registry the process already uses."""
 
     def __init__(self, registry_factory: Callable[[], Any]) -> None:
@@ -416,7 +416,7 @@ def build_live_monitor(
 
     return LiveMonitor(
         settings.monitoring,
-        _ReferenceSource(registry_factory),
+        ReferenceSource(registry_factory),
         card_metrics=card_metrics,
         scheduled_result=_NewestResult(settings.resolved_data_uri, settings.storage_options()),
     )
