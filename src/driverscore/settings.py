@@ -284,6 +284,30 @@ class DruidConfig(BaseModel):
     heap: str = Field("512m", description="-Xmx of each local Druid process.")
 
 
+class TriggerConfig(BaseModel):
+    """What starts the closed loop's Dagster jobs (pipelines/triggers.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    new_data: Literal["schedule", "immediate"] = Field(
+        "schedule",
+        description=(
+            "New raw data trains on the daily/weekly schedule, or at once (the retrain "
+            "sensor's next tick)."
+        ),
+    )
+    retrain_on_verdicts: tuple[Literal["drift", "degraded", "warn"], ...] = Field(
+        ("drift", "degraded"), description="Monitoring verdicts that start a training run."
+    )
+    sensor_interval_s: int = Field(60, ge=1, description="How often the retrain sensor looks.")
+    decision_interval_s: int = Field(
+        300, ge=1, description="How often the decision sensor reads the challenger's evidence."
+    )
+    rollback_watch_cron: str = Field(
+        "*/15 * * * *", description="Schedule of the rollback watch job."
+    )
+
+
 class StoreConfig(BaseModel):
     """The score store (docs/store.md): the embedded DuckDB file and the Kafka sink into it."""
 
@@ -365,6 +389,7 @@ class Settings(BaseSettings):
         "0 * * * *", description="Schedule of the Dagster monitoring job (default: hourly)."
     )
     store: StoreConfig = StoreConfig()
+    triggers: TriggerConfig = TriggerConfig()
 
     @property
     def resolved_data_uri(self) -> str:

@@ -1,5 +1,7 @@
 """The training pipeline as Dagster assets, with a daily or weekly schedule, and the
-monitoring job (``driverscore monitor`` as an asset), hourly by default.
+monitoring job (``driverscore monitor`` as an asset), hourly by default; the sensors that
+retrain on new data or a monitor verdict and start the rollout decision live in
+:mod:`driverscore.pipelines.triggers`.
 
 `dagster dev -m driverscore.pipelines.dagster_defs` shows the asset graph, its runs and
 the schedule. The assets call the same step functions as `driverscore train`; only the
@@ -40,10 +42,10 @@ from driverscore.pipelines.training_run import (
     train_candidate,
     validate_candidate,
 )
+from driverscore.pipelines.triggers import TRIGGER_TAG, EvidenceReader, loop_definitions
 from driverscore.settings import Settings
 from driverscore.training.model import TrainedModel
 
-CRON = {"daily": "0 3 * * *", "weekly": "0 3 * * 1"}
 JOB_NAME = "driverscore_training"
 #: The monitoring job: one window of scored trips judged, on ``settings.monitoring_cron``.
 MONITOR_JOB_NAME = "driverscore_monitoring"
@@ -112,9 +114,14 @@ def _run_context(settings: Settings, run: IngestedRun, log: dg.DagsterLogManager
 
 
 def build_definitions(
-    settings: Settings, source: TelemetrySource, window: MonitoringWindow | None = None
+    settings: Settings,
+    source: TelemetrySource,
+    window: MonitoringWindow | None = None,
+    *,
+    evidence_of: EvidenceReader | None = None,
 ) -> dg.Definitions:
-    """Assets, jobs and schedules for ``settings``; one function so tests can build their own."""
+    """Assets, jobs, schedules and sensors for ``settings``; one function so tests can build
+    their own (``evidence_of`` stands in for ``challenger_evidence``)."""
 
     @dg.asset(group_name="driverscore", description="Raw snapshot and canonical pings.")
     def raw_telemetry(context: AssetExecutionContext, telemetry: TelemetrySource) -> IngestedRun:
@@ -123,7 +130,12 @@ def build_definitions(
         ctx = _context(settings, run_id, reference_time, context.log)
         ingested = ingest(ctx, telemetry.pings_uri, telemetry.mapping())
         context.add_output_metadata(
-            {"raw_version": ingested.raw.version, "canonical_rows": ingested.canonical.rows}
+            {
+                "raw_version": ingested.raw.version,
+                "canonical_rows": ingested.canonical.rows,
+                # What started the run (sensor, schedule or a person), shown with the asset.
+                "trigger": context.run.tags.get(TRIGGER_TAG, "manual"),
+            }
         )
         return IngestedRun(run_id=run_id, reference_time=reference_time, telemetry=ingested)
 
@@ -299,16 +311,13 @@ def build_definitions(
         registered_model,
     ]
     job = dg.define_asset_job(JOB_NAME, selection=dg.AssetSelection.assets(*assets))
-    schedule = dg.ScheduleDefinition(
-        name=f"{JOB_NAME}_{settings.schedule}",
-        job=job,
-        cron_schedule=settings.schedule_cron or CRON[settings.schedule],
-        execution_timezone="UTC",
-    )
+    # The training schedule, the retrain and decision sensors and the rollback watch.
+    loop = loop_definitions(settings, source.pings_uri, job, evidence_of=evidence_of)
     return dg.Definitions(
-        assets=[*assets, monitoring_result],
-        jobs=[job, monitor_job],
-        schedules=[schedule, monitor_schedule],
+        assets=[*assets, monitoring_result, *loop.assets],
+        jobs=[job, monitor_job, *loop.jobs],
+        schedules=[*loop.schedules, monitor_schedule],
+        sensors=loop.sensors,
         resources={"telemetry": source, "monitoring_window": window or MonitoringWindow()},
     )
 
