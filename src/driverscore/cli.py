@@ -311,8 +311,28 @@ def demo(
         int, typer.Option(min=14, help="Days of history before the fresh day.")
     ] = DEMO_HISTORY_DAYS,
     seed: Annotated[int, typer.Option(help="Random seed.")] = DEMO_SEED,
+    scenario: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "Replay the closed loop day by day instead: 'drift' (the fleet shifts, the "
+                "monitor flags it, a retrained challenger is promoted) or 'bad-challenger' "
+                "(a weaker challenger is rejected). Uses its own fleet; --vehicles, --days "
+                "and --seed apply to the plain demo."
+            ),
+        ),
+    ] = None,
 ) -> None:
     """Simulate → train → register → score a fresh day, on embedded defaults."""
+    if scenario is not None:
+        from driverscore.pipelines.demo_scenarios import SCENARIOS, ScenarioPlan, run_scenario
+
+        if scenario not in SCENARIOS:
+            raise ConfigError(
+                f"--scenario {scenario!r} is not a scenario; use one of {', '.join(SCENARIOS)}"
+            )
+        run_scenario(_settings(), Console(), ScenarioPlan(scenario))  # type: ignore[arg-type]
+        return
     from driverscore.pipelines.demo import run_demo
 
     run_demo(_settings(), Console(), vehicles=vehicles, days=days, seed=seed)
