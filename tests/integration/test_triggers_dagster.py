@@ -19,9 +19,11 @@ from driverscore.adapters.storage import DataStore
 from driverscore.pipelines.dagster_defs import JOB_NAME, TelemetrySource, build_definitions
 from driverscore.pipelines.simulation_run import SimulationOutput, write_simulation
 from driverscore.pipelines.triggers import (
+    DECISION_JOB_NAME,
     RAW_FINGERPRINT_TAG,
     REASON_TAG,
     RETRAIN_SENSOR,
+    ROLLBACK_JOB_NAME,
     TRIGGER_TAG,
 )
 from driverscore.settings import GateConfig, Settings, TriggerConfig
@@ -133,3 +135,24 @@ def test_each_trigger_starts_the_training_job(
         "schedule",
     ]
     assert len({r.tags[RAW_FINGERPRINT_TAG] for r in runs}) == 2
+
+
+def test_decision_and_rollback_jobs_run_the_loops_functions(
+    tmp_path: Path, fleet: SimulationOutput, instance: dg.DagsterInstance
+) -> None:
+    # No model yet: both jobs run, decide nothing, and say why in their materialisations.
+    defs = _defs(tmp_path, fleet, "schedule")
+    decided = defs.resolve_job_def(DECISION_JOB_NAME).execute_in_process(
+        instance=instance,
+        tags={TRIGGER_TAG: "challenger_evidence", REASON_TAG: "enough evidence"},
+    )
+    assert decided.success
+    [decision] = decided.asset_materializations_for_node("rollout_decision")
+    assert decision.metadata["action"].value == "none"
+    assert decision.metadata["trigger"].value == "challenger_evidence"
+    assert "no challenger" in str(decision.metadata["reasons"].value)
+
+    watched = defs.resolve_job_def(ROLLBACK_JOB_NAME).execute_in_process(instance=instance)
+    assert watched.success
+    [watch] = watched.asset_materializations_for_node("rollback_watch")
+    assert watch.metadata["rolled_back"].value is False
