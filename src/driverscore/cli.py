@@ -202,8 +202,9 @@ def score(
         Path | None,
         typer.Option(
             help=(
-                "JSON rollout policy (as the service's rollout file); default: the service's "
-                "rollout settings, so batch splits traffic as the service does."
+                "JSON rollout policy (as the service's rollout file); default: the policy "
+                "stored in the registry (else the service's rollout settings), so batch "
+                "splits traffic as the service does."
             )
         ),
     ] = None,
