@@ -8,12 +8,14 @@
 #                                is unchanged)
 #   scripts/container.sh build   base, then the full image ($IMAGE) and the serving image
 #                                ($SERVING_IMAGE) from the Dockerfile on that base; prints
-#                                both sizes and the build time
+#                                both sizes and the serving image's start-to-ready time
+#                                (stdout), the build times and logs (stderr)
 #
 # The Dockerfile's own default base stays the public python image (docker build works as
-# before); only this script passes BASE=$BASE_IMAGE. Layers are cached in the local
-# container storage (buildah --layers), so a second build on one machine reuses every
-# layer whose inputs did not change. Storage: vfs (no overlay here), as root.
+# before); only this script passes BASE=$BASE_IMAGE. Between runs on one machine: an image
+# stamped with the digest of its current inputs is not rebuilt; otherwise buildah
+# --layers reuses every step whose inputs did not change (the dependency stages are kept
+# as $CACHE_IMAGE:deps*), and layers no step used are removed. Storage: vfs, as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +25,8 @@ STORAGE_DRIVER=${STORAGE_DRIVER:-vfs}
 BASE_IMAGE=${BASE_IMAGE:-localhost/driverscore-base:bookworm}
 IMAGE=${IMAGE:-localhost/driverscore:test}
 SERVING_IMAGE=${SERVING_IMAGE:-localhost/driverscore-serving:test}
+# Beside the layer cache: which inputs each image was built from, its start-to-ready time.
+STAMPS=${STAMPS:-/var/tmp/driverscore-container}
 # The dependency stages, kept under this name as the layer cache of later builds.
 CACHE_IMAGE=${CACHE_IMAGE:-localhost/driverscore-cache}
 SUITE=bookworm
@@ -105,14 +109,16 @@ build() {
   # The dependency stages first, tagged: their layers stay the cache of later builds.
   if ! is_current "$IMAGE" "$inputs"; then
     build_target deps "$CACHE_IMAGE:deps"
-    build_target runtime "$IMAGE" --label "org.driverscore.build-inputs=$inputs"
+    build_target runtime "$IMAGE"
+    stamp "$IMAGE" "$inputs"
     say "full image $IMAGE built in $(($(date +%s) - start)) s"
     built=1
   fi
   start=$(date +%s)
   if ! is_current "$SERVING_IMAGE" "$inputs"; then
     build_target deps-serving "$CACHE_IMAGE:deps-serving"
-    build_target serving "$SERVING_IMAGE" --label "org.driverscore.build-inputs=$inputs"
+    build_target serving "$SERVING_IMAGE"
+    stamp "$SERVING_IMAGE" "$inputs"
     say "serving image $SERVING_IMAGE built in $(($(date +%s) - start)) s"
     built=1
   fi
@@ -124,8 +130,9 @@ build() {
 }
 
 # What the images are built from: the files the Dockerfile copies (as .dockerignore
-# filters them) and the base image. Stored as a label; an image with the same digest is
-# current and not rebuilt (buildah 1.28 re-runs `COPY --from` steps even when cached).
+# filters them) and the base image. Stamped per image id beside the storage (a label would
+# not do: when every step is cached, buildah 1.28 tags the old image, old labels and all);
+# an image stamped with the current digest is not rebuilt at all.
 inputs_digest() {
   {
     printf 'base %s\n' "$(buildah inspect --type image --format '{{.FromImageID}}' "$BASE_IMAGE")"
@@ -136,11 +143,18 @@ inputs_digest() {
 }
 
 is_current() { # image inputs-digest
-  if [ "$(image_label "$1" org.driverscore.build-inputs)" = "$2" ]; then
+  local id
+  id=$(buildah inspect --type image --format '{{.FromImageID}}' "$1" 2>/dev/null) || return 1
+  if [ "$(cat "$STAMPS/inputs-$id" 2>/dev/null)" = "$2" ]; then
     say "$1 is current (inputs $2)"
     return 0
   fi
   return 1
+}
+
+stamp() { # image inputs-digest
+  mkdir -p "$STAMPS"
+  printf '%s\n' "$2" >"$STAMPS/inputs-$(buildah inspect --type image --format '{{.FromImageID}}' "$1")"
 }
 
 # vfs stores every layer as a full copy: the layers of earlier builds that no step of this
@@ -165,7 +179,7 @@ prune_stale_layers() {
 ready_time() {
   local id cache work ctr port start pid ms
   id=$(buildah inspect --type image --format '{{.FromImageID}}' "$SERVING_IMAGE")
-  cache=/var/tmp/driverscore-container/ready-${id:0:16}
+  cache=$STAMPS/ready-${id:0:16}
   if [ -f "$cache" ]; then
     printf 'serving start-to-ready: %s (measured when the image was built)\n' "$(cat "$cache")"
     return 0
