@@ -1,7 +1,7 @@
 .DEFAULT_GOAL := help
 VENV := .venv/bin
 
-.PHONY: help install lock lock-upgrade demo test lint typecheck unit bench bench-service bench-stream
+.PHONY: help install lock lock-upgrade demo test lint typecheck unit bench bench-service bench-stream bench-store
 
 help: ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -38,3 +38,7 @@ bench-service: install ## Scoring service vs mlflow models serve vs bare ASGI (n
 
 bench-stream: install ## Kafka stream processor vs the Quix Streams ceiling (local broker)
 	$(VENV)/python bench/bench_stream.py --exactly-once
+
+bench-store: install ## Score store: DuckDB ingest and queries at 1M/10M trips, Druid at 1M
+	$(VENV)/python bench/bench_store.py
+	$(VENV)/python bench/bench_store.py --trips 1000000 --druid

@@ -207,6 +207,9 @@ def score(
             )
         ),
     ] = None,
+    store: Annotated[
+        bool, typer.Option(help="Also write the records to the score store (<home>/scores.duckdb).")
+    ] = True,
 ) -> None:
     """Score every trip in a ping file with the registered model: one row per trip."""
     from driverscore.pipelines.reporting import print_scores
@@ -225,6 +228,7 @@ def score(
             policy=policy,
             reference_time=datetime.now(UTC),
             progress=lambda m: status.update(m),
+            store_scores=store,
         )
     print_scores(console, result)
 
@@ -253,6 +257,51 @@ def aggregate(
         out_uri=out,
     )
     print_aggregates(Console(), table, by)
+
+
+@app.command()
+def monitor(
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            help="The window ends at the start of this time's UTC hour (ISO-8601); default: now."
+        ),
+    ] = None,
+    window_hours: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Window length in whole hours (rounded up); default: monitoring.window_hours.",
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Claims file for realised performance; default: the stored labels."),
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Also write the HTML report to this file.")
+    ] = None,
+) -> None:
+    """Drift, data quality and performance of the champion over a window of scored trips."""
+    from driverscore.pipelines.monitoring_run import run_monitor
+    from driverscore.pipelines.reporting import print_monitoring
+
+    settings = _settings()
+    console = Console()
+    with console.status("monitoring…") as status:
+        result = run_monitor(
+            settings,
+            as_of=_parse_time(as_of, "--as-of"),
+            window_hours=window_hours,
+            labels_uri=labels,
+            progress=lambda m: status.update(m),
+        )
+    if report is not None:
+        try:
+            report.write_text(result.report_html, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--report {report}: cannot write ({exc.strerror})") from None
+    print_monitoring(console, result, report)
 
 
 @app.command()
@@ -316,6 +365,64 @@ def export_model(
         f"exported {exported.model_name} v{exported.version} → {dest} "
         f"(onnx sha256 {exported.onnx_sha256[:12]}…)"
     )
+
+
+@app.command()
+def scores(
+    query: Annotated[
+        str,
+        typer.Argument(
+            help=(
+                "group_scores, score_histogram, daily_trend, worst_drivers, latest_alerts, "
+                "band_shares, model_versions or trip_history."
+            )
+        ),
+    ],
+    days: Annotated[
+        float, typer.Option(min=0.001, help="Period: this many days up to --end.")
+    ] = 30.0,
+    start: Annotated[str | None, typer.Option(help="Period start, UTC ISO-8601.")] = None,
+    end: Annotated[
+        str | None, typer.Option(help="Period end, UTC ISO-8601; default: the newest trip end.")
+    ] = None,
+    by: Annotated[
+        str, typer.Option(help="group_scores, score_histogram: driver, vehicle, fleet, client.")
+    ] = "fleet",
+    driver: Annotated[str | None, typer.Option(help="trip_history of this driver.")] = None,
+    vehicle: Annotated[str | None, typer.Option(help="trip_history of this vehicle.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Most rows (alerts, drivers, trips).")] = 20,
+    min_trips: Annotated[
+        int, typer.Option(min=1, help="worst_drivers: drivers with fewer trips are left out.")
+    ] = 1,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="duckdb (<home>/scores.duckdb) or druid (DRIVERSCORE_STORE__DRUID__URL)."
+        ),
+    ] = "duckdb",
+    output: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+) -> None:
+    """Query the score store: trips counted once each (their latest record), see docs/store.md."""
+    from driverscore.pipelines.store_queries import print_answer, run_store_query
+
+    if engine not in ("duckdb", "druid"):
+        raise ConfigError(f"--engine: '{engine}' is neither duckdb nor druid")
+    if output not in ("table", "csv", "json"):
+        raise ConfigError(f"--format: '{output}' is not table, csv or json")
+    answer = run_store_query(
+        _settings(),
+        query,
+        engine=engine,  # type: ignore[arg-type]
+        days=days,
+        start=_parse_time(start, "--start"),
+        end=_parse_time(end, "--end"),
+        level=by,
+        limit=limit,
+        min_trips=min_trips,
+        driver=driver,
+        vehicle=vehicle,
+    )
+    print_answer(Console(), answer, output)
 
 
 @app.command()
@@ -462,6 +569,100 @@ def _stream_trip_gap_s(settings: Settings) -> float:
     return registry.load_card(version).trip_config.gap_s
 
 
+druid_app = typer.Typer(
+    help="A local Apache Druid fed from the scores and alerts topics (see docs/store.md).",
+    no_args_is_help=True,
+)
+app.add_typer(druid_app, name="druid")
+
+
+@druid_app.command("up")
+def druid_up() -> None:
+    """Start a single-machine Druid under <home>/druid; a restart keeps its data and address."""
+    from driverscore.adapters.druid.local import LocalDruid, druid_state_dir
+
+    settings = _settings()
+    state_dir = druid_state_dir(settings.home)
+    url = LocalDruid(state_dir, heap=settings.store.druid.heap).up()
+    typer.echo(url)
+    err_console.print(
+        f"SQL at {url}; commands with home {settings.home} find it (recorded in {state_dir}); "
+        "next: `driverscore druid apply` to ingest the scores and alerts topics",
+        highlight=False,
+    )
+
+
+@druid_app.command("down")
+def druid_down() -> None:
+    """Stop the local Druid (its data, metadata and address are kept)."""
+    from driverscore.adapters.druid.local import LocalDruid, druid_state_dir
+
+    LocalDruid(druid_state_dir(_settings().home)).down()
+
+
+@druid_app.command("reset")
+def druid_reset() -> None:
+    """Stop the local Druid and delete its data, metadata, supervisors and ports."""
+    from driverscore.adapters.druid.local import LocalDruid, druid_state_dir
+
+    state_dir = druid_state_dir(_settings().home)
+    LocalDruid(state_dir).reset()
+    typer.echo(f"deleted the Druid data in {state_dir}; `driverscore druid up` starts anew")
+
+
+@druid_app.command("apply")
+def druid_apply() -> None:
+    """Submit the Kafka supervisors: trips and alerts datasources, the hourly rollup."""
+    from driverscore.adapters.kafka.broker import require_broker
+
+    settings = require_broker(_settings())
+    from driverscore.adapters.druid.local import apply_supervisors, coordinator_url
+    from driverscore.adapters.druid.specs import supervisor_specs
+    from driverscore.adapters.kafka.admin import create_topics
+
+    # Druid's supervisors wait for missing topics without a word: create them first.
+    create_topics(settings.kafka)
+    overlord = coordinator_url(settings)
+    ids = apply_supervisors(overlord, supervisor_specs(settings.store.druid, settings.kafka))
+    for supervisor in ids:
+        typer.echo(f"supervisor {supervisor} submitted to {overlord}")
+
+
+@druid_app.command("status")
+def druid_status() -> None:
+    """Supervisors (state, lag, tasks) and datasources (segments, rows, size)."""
+    from rich.table import Table
+
+    from driverscore.adapters.druid.local import (
+        coordinator_url,
+        datasource_health,
+        druid_url,
+        supervisor_health,
+    )
+
+    settings = _settings()
+    console = Console()
+    supervisors = Table(title=f"supervisors at {coordinator_url(settings)}", title_justify="left")
+    for column in ("supervisor", "topic", "state", "healthy", "lag", "tasks"):
+        supervisors.add_column(column)
+    for s in supervisor_health(coordinator_url(settings)):
+        supervisors.add_row(
+            s.id,
+            s.topic or "—",
+            s.state,
+            "yes" if s.healthy else "no",
+            "—" if s.lag is None else f"{s.lag:,}",
+            str(s.active_tasks),
+        )
+    console.print(supervisors)
+    datasources = Table(title=f"datasources at {druid_url(settings)}", title_justify="left")
+    for column in ("datasource", "segments", "rows", "MB"):
+        datasources.add_column(column, justify="left" if column == "datasource" else "right")
+    for d in datasource_health(druid_url(settings)):
+        datasources.add_row(d.name, f"{d.segments:,}", f"{d.rows:,}", f"{d.size_bytes / 1e6:,.1f}")
+    console.print(datasources)
+
+
 @app.command()
 def stream(
     pings: Annotated[
@@ -480,6 +681,9 @@ def stream(
     metrics_port: Annotated[
         int, typer.Option(help="Serve Prometheus /metrics on this port; 0: off.")
     ] = 0,
+    store: Annotated[
+        bool, typer.Option(help="--source file: also write to the score store (<home>).")
+    ] = True,
 ) -> None:
     """Score trips as they close, from the pings topic or a replayed ping file."""
     if source not in ("kafka", "file"):
@@ -510,7 +714,27 @@ def stream(
     models = stream_models(settings, lambda: open_registry(settings))
     scorer = models.current().champion
     metrics = StreamMetrics()
-    step = TripScoringStep(models, metrics, policy=settings.kafka.rollout, scoring=scoring)
+    from driverscore.services.live_monitor import build_live_monitor
+
+    live_monitor = build_live_monitor(
+        settings, lambda: open_registry(settings), lambda: models.current().champion.card
+    ).register(metrics.registry)
+    from driverscore.services.profile_writer import build_profile_writer
+
+    # Trips scored through the service are in the service's profile parts already.
+    profile_writer = (
+        build_profile_writer(settings, lambda: open_registry(settings), "stream")
+        if settings.kafka.scoring_url is None
+        else None
+    )
+    step = TripScoringStep(
+        models,
+        metrics,
+        policy=settings.kafka.rollout,
+        scoring=scoring,
+        live_monitor=live_monitor,
+        profile_writer=profile_writer,
+    )
     if metrics_port:
         from prometheus_client import start_http_server
 
@@ -518,7 +742,13 @@ def stream(
     if pings is not None:
         from driverscore.adapters.ping_files import load_canonical_pings
         from driverscore.services.prediction_log import open_prediction_log
-        from driverscore.services.stream_embedded import ParquetScoreSink, run_embedded_stream
+        from driverscore.services.stream_embedded import (
+            ParquetScoreSink,
+            ScoreSink,
+            ScoreStoreSink,
+            TeeSink,
+            run_embedded_stream,
+        )
 
         frame, rejected = load_canonical_pings(
             pings, _load_mapping(mapping), settings.storage_options()
@@ -527,18 +757,26 @@ def stream(
         # Decisions go where the service and batch scoring log theirs.
         prediction_log = open_prediction_log(settings)
         prediction_log.setup()
+        sink: ScoreSink = ParquetScoreSink(folder)
+        if store:
+            from driverscore.adapters.score_store.duckdb_store import open_score_store
+
+            sink = TeeSink((sink, ScoreStoreSink(open_score_store(settings))))
         result = run_embedded_stream(
             frame,
             step,
-            ParquetScoreSink(folder),
+            sink,
             grace_s=settings.kafka.grace_s,
             prediction_log=prediction_log,
+            profile_flush_s=settings.monitoring.profile_flush_s,
             speed=speed,
         )
         typer.echo(
             f"replayed {result.pings:,} pings: {result.trips:,} trips scored, "
             f"{result.alerts:,} alerts, in {result.wall_s:.1f}s → {folder}"
         )
+        if store:
+            typer.echo(f"score store: {settings.store_path} (driverscore scores --help)")
         if result.set_aside:
             typer.echo(f"{result.set_aside:,} trips set aside, with the reason: {folder}/set_aside")
         if result.late_pings:
@@ -549,7 +787,13 @@ def stream(
     from driverscore.services.api.logs import configure_json_logging, flush_logs
 
     state_dir = settings.kafka.state_dir or (settings.home / "stream-state")
-    app_ = build_stream_application(settings.kafka, step, state_dir.resolve(), metrics)
+    app_ = build_stream_application(
+        settings.kafka,
+        step,
+        state_dir.resolve(),
+        metrics,
+        profile_flush_s=settings.monitoring.profile_flush_s,
+    )
     err_console.print(
         f"streaming with {scorer.model_name} v{scorer.model_version} from "
         f"{settings.kafka.topics.pings} at {settings.kafka.bootstrap_servers}",
@@ -562,6 +806,63 @@ def stream(
         app_.run()
     finally:
         flush_logs()
+
+
+@app.command()
+def sink(
+    stop_when_idle: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="Stop once no message came for this many seconds."),
+    ] = None,
+) -> None:
+    """Store the scores, alerts and routes topics in the score store (<home>/scores.duckdb)."""
+    import signal
+
+    from driverscore.adapters.kafka.broker import require_broker
+
+    settings = require_broker(_settings())
+    from driverscore.adapters.kafka.consumer import TopicReader
+    from driverscore.adapters.score_store.duckdb_store import open_score_store
+    from driverscore.services.score_sink import ScoreSinkRunner
+
+    config = settings.store
+    runner = ScoreSinkRunner(
+        open_score_store(settings),
+        settings.kafka.topics,
+        batch_records=config.sink_batch_records,
+        batch_wait_s=config.sink_batch_wait_s,
+    )
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+
+    # A stop signal ends the loop after the batch in hand is written and committed.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    reader = TopicReader(
+        settings.kafka.bootstrap_servers,
+        config.sink_group,
+        runner.topics,
+        runner.flush,
+        session_timeout_s=settings.kafka.session_timeout_s,
+    )
+    err_console.print(
+        f"storing {', '.join(runner.topics)} from {settings.kafka.bootstrap_servers} in "
+        f"{settings.store_path} (group {config.sink_group})",
+        highlight=False,
+    )
+    try:
+        stats = runner.run(
+            reader, should_stop=lambda: bool(stopping), stop_when_idle_s=stop_when_idle
+        )
+    finally:
+        reader.close()
+    typer.echo(
+        f"stored {stats.messages:,} messages in {stats.batches:,} batches: "
+        f"{stats.records:,} new or newer trip records, {stats.alerts:,} alerts, "
+        f"{stats.routes:,} routes, {stats.rejects:,} rejected (store_rejects)"
+    )
 
 
 def _quiet_libraries() -> None:

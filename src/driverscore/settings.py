@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
+from driverscore.domain.drift import MonitoringConfig
 from driverscore.domain.rollout import RolloutPolicy
 from driverscore.errors import ConfigError
 
@@ -178,6 +179,10 @@ class KafkaTopics(BaseModel):
         "driverscore.shadow-scores",
         description="Shadow mode: the challenger's score records (role shadow), key: vehicle.",
     )
+    routes: str = Field(
+        "driverscore.trip-routes",
+        description="Each scored trip's thinned route (domain/routes.py), key: vehicle.",
+    )
 
 
 class KafkaConfig(BaseModel):
@@ -252,6 +257,63 @@ class KafkaConfig(BaseModel):
     )
 
 
+class DruidConfig(BaseModel):
+    """Apache Druid, the score store at scale (docs/store.md): where it answers SQL, what its
+    datasources are called, and the local single-machine Druid of `driverscore druid`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str | None = Field(
+        None,
+        description=(
+            "Druid broker or router answering SQL, e.g. http://127.0.0.1:8082 (default: the "
+            "local Druid that `driverscore druid up` recorded under <home>/druid)."
+        ),
+    )
+    overlord_url: str | None = Field(
+        None,
+        description=(
+            "Druid overlord for the Kafka supervisors (default: the local Druid's coordinator, "
+            "which runs as overlord)."
+        ),
+    )
+    trips_datasource: str = Field(
+        "driverscore_trips", description="Trip-level datasource fed from the scores topic."
+    )
+    alerts_datasource: str = Field(
+        "driverscore_alerts", description="Alert records fed from the alerts topic."
+    )
+    hourly_datasource: str = Field(
+        "driverscore_scores_hourly",
+        description="Hourly rollup per fleet, client, vehicle and model version.",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Timeout of one Druid SQL request (s).")
+    heap: str = Field("512m", description="-Xmx of each local Druid process.")
+
+
+class StoreConfig(BaseModel):
+    """The score store (docs/store.md): the embedded DuckDB file and the Kafka sink into it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Path | None = Field(None, description="The DuckDB file (default: <home>/scores.duckdb).")
+    lock_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "How long a write or a query waits for another process's lock on the file (s)."
+        ),
+    )
+    sink_group: str = Field("driverscore-sink", description="Consumer group of `driverscore sink`.")
+    sink_batch_records: int = Field(
+        5_000, ge=1, description="The sink writes once this many messages are waiting..."
+    )
+    sink_batch_wait_s: float = Field(
+        1.0, gt=0, description="...or once the first of them has waited this long (s)."
+    )
+    druid: DruidConfig = DruidConfig()
+
+
 class Settings(BaseSettings):
     """All settings of one driverscore process."""
 
@@ -305,6 +367,11 @@ class Settings(BaseSettings):
     gate: GateConfig = GateConfig()
     kafka: KafkaConfig = KafkaConfig()
     service: ServiceConfig = ServiceConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
+    monitoring_cron: str = Field(
+        "0 * * * *", description="Schedule of the Dagster monitoring job (default: hourly)."
+    )
+    store: StoreConfig = StoreConfig()
 
     @property
     def resolved_data_uri(self) -> str:
@@ -315,6 +382,11 @@ class Settings(BaseSettings):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         return f"sqlite:///{(self.home / 'mlflow' / 'mlflow.db').resolve()}"
+
+    @property
+    def store_path(self) -> Path:
+        """The embedded score store's DuckDB file."""
+        return (self.store.path or self.home / "scores.duckdb").resolve()
 
     @property
     def mlflow_artifact_root(self) -> str:

@@ -188,7 +188,17 @@ def test_score_gps_only_kmh_csv_through_a_mapping(demo: DemoRun, tmp_path: Path)
         encoding="utf-8",
     )
     out = tmp_path / "scores.csv"
-    done = _cli(demo.settings.home, "score", str(csv), "--mapping", str(mapping), "--out", str(out))
+    # --no-store: the demo's score store holds the demo's trips (a test below counts them).
+    done = _cli(
+        demo.settings.home,
+        "score",
+        str(csv),
+        "--mapping",
+        str(mapping),
+        "--out",
+        str(out),
+        "--no-store",
+    )
     assert done.returncode == 0, done.stderr
     scores = pl.read_csv(out)
     assert scores.height > 5
@@ -210,6 +220,7 @@ def test_score_the_shipped_example_file(demo: DemoRun, tmp_path: Path) -> None:
         str(root / "examples" / "gps_only_kmh.mapping.yaml"),
         "--out",
         str(out),
+        "--no-store",
     )
     assert done.returncode == 0, done.stderr
     scores = pl.read_parquet(out)
@@ -260,3 +271,63 @@ def test_aggregate_weights_trip_scores_by_distance(demo: DemoRun, tmp_path: Path
         .sort("fleet_id")
     )
     assert np.allclose(fleets.sort("fleet_id")["score"], expected["score"])
+
+
+def test_demo_leaves_a_score_store_the_cli_reads(demo: DemoRun) -> None:
+    """Batch and the live replay scored the fresh day; the store counts each trip once,
+    with its route, and `driverscore scores` answers from it."""
+    from driverscore.adapters.score_store.duckdb_store import open_score_store
+
+    store = open_score_store(demo.settings)
+    counts = store.counts()
+    scored = demo.result.scoring.scores
+    live = pl.read_parquet(demo.result.live.scores_folder / "scores")
+    trips = pl.concat([scored, live], how="diagonal_relaxed").select("vehicle_id", "trip_id")
+    assert counts["trip_latest"] == trips.n_unique()
+    assert counts["trip_routes"] == counts["trip_latest"]
+    trip = scored.row(0, named=True)
+    route = store.route(trip["vehicle_id"], trip["trip_id"])
+    assert 2 <= route.height <= 500
+    shares = _cli(demo.settings.home, "scores", "band_shares", "--format", "csv")
+    assert shares.returncode == 0, shares.stderr
+    table = pl.read_csv(io.StringIO(shares.stdout))
+    assert table["trip_count"].sum() == counts["trip_latest"]
+    history = _cli(
+        demo.settings.home,
+        "scores",
+        "trip_history",
+        "--driver",
+        trip["driver_id"],
+        "--format",
+        "csv",
+    )
+    assert history.returncode == 0, history.stderr
+    assert trip["trip_id"] in pl.read_csv(io.StringIO(history.stdout))["trip_id"].to_list()
+    table = _cli(demo.settings.home, "scores", "worst_drivers", "--limit", "3")
+    assert table.returncode == 0, table.stderr
+    assert "worst_drivers (duckdb)" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("scores", "nonsense"), "no query 'nonsense': use one of group_scores"),
+        (("scores", "trip_history"), "trip_history needs --driver ID or --vehicle ID"),
+        (("scores", "group_scores", "--by", "planet"), "--by 'planet': use one of driver"),
+        (("scores", "band_shares", "--end", "yesterday"), "--end: 'yesterday' is not an ISO"),
+    ],
+)
+def test_a_wrong_store_query_is_one_line(
+    demo: DemoRun, args: tuple[str, ...], expected: str
+) -> None:
+    done = _cli(demo.settings.home, *args)
+    assert done.returncode == 2
+    assert expected in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_scores_without_a_store_is_one_line(tmp_path: Path) -> None:
+    done = _cli(tmp_path, "scores", "band_shares")
+    assert done.returncode == 1
+    assert "no score store at" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -43,6 +43,8 @@ FEATURES: dict[str, float] = {
     "harsh_accel_per_100km": 1.0,
     "harsh_corner_per_100km": 0.5,
     "speeding_share": 0.08,
+    "speeding_moderate_share": 0.03,
+    "speeding_severe_share": 0.01,
     "night_share": 0.0,
     "idle_share": 0.1,
     "jerk_rms_mps3": 0.7,

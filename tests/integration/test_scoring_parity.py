@@ -37,6 +37,7 @@ from driverscore.adapters.prediction_log import (
     ParquetPredictionLog,
 )
 from driverscore.adapters.registry import CHALLENGER, CHAMPION, ModelRegistry
+from driverscore.domain.features import MODEL_FEATURES
 from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.sessions import MemoryScope, SessionRules, TripAssembler
 from driverscore.domain.trip_scoring import TRIP_RECORD_SCHEMA
@@ -286,19 +287,7 @@ def _ping_bodies(data: Input) -> list[dict[str, Any]]:
     return bodies
 
 
-FEATURE_INPUTS = (
-    "distance_km",
-    "avg_speed_kmh",
-    "p95_speed_kmh",
-    "speed_std_kmh",
-    "hard_brake_per_100km",
-    "harsh_accel_per_100km",
-    "harsh_corner_per_100km",
-    "speeding_share",
-    "night_share",
-    "idle_share",
-    "jerk_rms_mps3",
-)
+FEATURE_INPUTS = tuple(MODEL_FEATURES)
 
 
 def _feature_bodies(features: pl.DataFrame) -> list[dict[str, Any]]:

@@ -57,6 +57,7 @@ def kafka_config(kafka_bootstrap: str) -> KafkaConfig:
             scores=f"scores-{run}",
             alerts=f"alerts-{run}",
             shadow_scores=f"shadow-{run}",
+            routes=f"routes-{run}",
             predictions=f"predictions-{run}",
         ),
         partitions=2,
@@ -167,3 +168,30 @@ def two_version_home(home: Path, tmp_path: Path) -> tuple[Path, ModelRegistry]:
         registry.model_name, source=first.source, run_id=first.run_id
     )
     return copy, registry
+
+
+@dataclass(frozen=True)
+class DruidEndpoints:
+    broker: str
+    overlord: str
+
+
+@pytest.fixture(scope="session")
+def druid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DruidEndpoints]:
+    """A real Druid for the session: ``DRIVERSCORE_DRUID_URL`` (broker) and
+    ``DRIVERSCORE_DRUID_OVERLORD`` when set, else a local single-machine Druid
+    (``adapters/druid/druid.sh``, jars from Maven Central once), stopped at the end."""
+    given = os.environ.get("DRIVERSCORE_DRUID_URL")
+    if given:
+        yield DruidEndpoints(given, os.environ.get("DRIVERSCORE_DRUID_OVERLORD", given))
+        return
+    from driverscore.adapters.druid.local import LocalDruid
+
+    state = tmp_path_factory.mktemp("druid")
+    local = LocalDruid(state)
+    broker = local.up()
+    try:
+        overlord = (state / "coordinator").read_text(encoding="utf-8").strip()
+        yield DruidEndpoints(broker, overlord)
+    finally:
+        local.down()

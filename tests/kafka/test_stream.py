@@ -148,6 +148,14 @@ def test_stream_scores_every_trip_exactly_as_batch_does(
         decision = json.loads(message.value())
         assert message.key() == (decision["driver_id"] or decision["vehicle_id"]).encode()
 
+    # Every scored trip's route, keyed by vehicle, for the score store.
+    route_messages = _consume(
+        kafka_config, kafka_config.topics.routes, expected.height, stream_process
+    )
+    routes = _frame(route_messages)
+    assert routes["trip_id"].to_list() == expected["trip_id"].to_list()
+    assert all(m.key() == json.loads(m.value())["vehicle_id"].encode() for m in route_messages)
+
     # The embedded runner (no Kafka) publishes the very same records, field for field.
     sink = MemoryScoreSink()
     step = TripScoringStep(scorer, StreamMetrics())
@@ -156,6 +164,7 @@ def test_stream_scores_every_trip_exactly_as_batch_does(
         (sink.scores, score_messages),
         (sink.features, feature_messages),
         (sink.alerts, alert_messages),
+        (pl.concat([s.routes for s in sink.sessions]), route_messages),
     ):
         assert len(published) == embedded.height
         assert _records(embedded.write_ndjson().splitlines()) == _records(

@@ -6,6 +6,7 @@ import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
@@ -250,3 +251,109 @@ def test_night_hour_thresholds_match_the_float_hour() -> None:
         around = np.arange(max(0, us - 5), us + 5, dtype=np.int64)
         hours = around.astype(np.float64) * (1.0 / 3.6e9)
         assert np.array_equal(hours >= hour, around >= us)
+
+
+def jittered_course(n: int, sigma_deg: float, seed: int = 0) -> list[float]:
+    """A straight course (north) with time-correlated jitter, as a phone reports it."""
+    rng = np.random.default_rng(seed)
+    error, course = 0.0, []
+    for _ in range(n):
+        error = 0.5 * error + rng.normal(0.0, sigma_deg)
+        course.append(error % 360.0)
+    return course
+
+
+def test_course_jitter_at_motorway_speed_is_not_cornering() -> None:
+    frame = trip([33.3] * 3000).with_columns(pl.Series("heading_deg", jittered_course(3000, 1.8)))
+    # The 1-s rule reads speed x jitter as lateral acceleration; the windowed rule does not.
+    assert features(frame, cornering="heading_step")["harsh_corner_per_100km"] > 20.0
+    assert features(frame)["harsh_corner_count"] == 0
+
+
+@pytest.mark.parametrize("glitch", [[20.0], [20.0, 20.0], [-15.0, -15.0]])
+def test_a_course_glitch_that_comes_back_is_not_a_turn(glitch: list[float]) -> None:
+    course = [0.0] * 20 + [g % 360.0 for g in glitch] + [0.0] * 20
+    frame = trip([25.0] * len(course)).with_columns(pl.Series("heading_deg", course))
+    assert features(frame)["harsh_corner_count"] == 0
+    assert features(frame, cornering="heading_step")["harsh_corner_count"] >= 1
+
+
+@pytest.mark.parametrize("speed_kmh", [60.0, 90.0, 120.0, 140.0])
+@pytest.mark.parametrize("turn_deg", [45.0, -90.0])
+def test_a_sustained_turn_of_0_4_g_is_one_event(speed_kmh: float, turn_deg: float) -> None:
+    speed = speed_kmh / 3.6
+    yaw_deg_s = math.degrees(0.4 * 9.81 / speed) * math.copysign(1.0, turn_deg)
+    steps = math.ceil(abs(turn_deg / yaw_deg_s))
+    course = (
+        [0.0] * 20
+        + [yaw_deg_s * min(i, abs(turn_deg / yaw_deg_s)) for i in range(1, steps + 1)]
+        + [turn_deg] * 20
+    )
+    frame = trip([speed] * len(course)).with_columns(
+        pl.Series("heading_deg", [c % 360.0 for c in course])
+    )
+    assert features(frame)["harsh_corner_count"] == 1
+
+
+def test_a_gentle_turn_or_a_short_swerve_is_not_an_event() -> None:
+    # 0.2 g round a long bend at 100 km/h: a real turn, but not a harsh one.
+    speed = 100 / 3.6
+    yaw = math.degrees(0.2 * 9.81 / speed)
+    gentle = [0.0] * 10 + [yaw * i for i in range(1, 30)] + [yaw * 29] * 10
+    frame = trip([speed] * len(gentle)).with_columns(pl.Series("heading_deg", gentle))
+    assert features(frame)["harsh_corner_count"] == 0
+    # A lane change at 120 km/h turns ±6° within 2 s: lateral, but under the minimum turn.
+    swerve = [0.0] * 10 + [6.0, 6.0, 0.0] + [0.0] * 10
+    frame = trip([33.3] * len(swerve)).with_columns(
+        pl.Series("heading_deg", [c % 360.0 for c in swerve])
+    )
+    assert features(frame)["harsh_corner_count"] == 0
+
+
+def test_cornering_windows_never_reach_into_another_trip() -> None:
+    # Two trips of one vehicle back to back; each ends or starts with a turn-like course
+    # jump that only reads as a turn when the other trip's fixes join the window.
+    first = trip([20.0] * 15, trip_id="a").with_columns(pl.Series("heading_deg", [0.0] * 15))
+    second = trip([20.0] * 15, trip_id="b", start=T0 + timedelta(seconds=15)).with_columns(
+        pl.Series("heading_deg", [90.0] * 15)
+    )
+    rows = trip_features(pl.concat([first, second]), FeatureConfig())
+    assert rows["harsh_corner_count"].to_list() == [0, 0]
+
+
+def test_a_short_stretch_of_wrong_limit_is_not_speeding() -> None:
+    # 27 m/s under a 27.8 m/s limit, with 12 s (about 320 m) of a wrong 13.9 m/s limit.
+    # At 4 m/s a 160 m stretch lasts 40 s: the window is road, not time.
+    limits = [27.8] * 100 + [13.9] * 12 + [27.8] * 100
+    row = features(trip([27.0] * 212, speed_limit_mps=limits))
+    assert row["speeding_share"] == 0.0
+    assert row["speeding_moderate_share"] == 0.0
+    legacy = features(trip([27.0] * 212, speed_limit_mps=limits), speed_limit_window_m=0)
+    assert legacy["speeding_moderate_share"] == pytest.approx(12 / 211, abs=0.01)
+    slow = [4.0] * 100 + [4.0] * 40 + [4.0] * 100
+    slow_limits = [8.3] * 100 + [1.9] * 40 + [8.3] * 100
+    assert features(trip(slow, speed_limit_mps=slow_limits))["speeding_share"] == 0.0
+
+
+def test_a_real_lower_limit_is_speeding_250_m_after_its_start() -> None:
+    limits = [27.8] * 100 + [13.9] * 200
+    row = features(trip([27.0] * 300, speed_limit_mps=limits))
+    # The lower limit holds from 250 m (9.3 s at 27 m/s) after it starts: 190 of 299
+    # weighted seconds.
+    assert row["speeding_severe_share"] == pytest.approx(190 / 299, abs=0.01)
+
+
+def test_speeding_margins_are_nested_and_in_km_h() -> None:
+    # 8 km/h, 15 km/h and 25 km/h over a 50 km/h limit, 20 s each.
+    limit = 50 / 3.6
+    speeds = [(50 + over) / 3.6 for over in (8.0, 15.0, 25.0) for _ in range(20)]
+    row = features(trip(speeds, speed_limit_mps=limit))
+    assert row["speeding_share"] == pytest.approx(1.0)  # all above limit + 2 m/s (7.2 km/h)
+    assert row["speeding_moderate_share"] == pytest.approx(40 / 59, abs=0.02)
+    assert row["speeding_severe_share"] == pytest.approx(20 / 59, abs=0.02)
+
+
+def test_a_missing_limit_for_a_few_seconds_takes_the_limit_around_it() -> None:
+    limits: list[float | None] = [13.9] * 30 + [None] * 6 + [13.9] * 30
+    row = features(trip([20.0] * 66, speed_limit_mps=limits))
+    assert row["speeding_share"] == pytest.approx(1.0)

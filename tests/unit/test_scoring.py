@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -13,6 +14,8 @@ from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
 from driverscore.domain.features import MODEL_FEATURES
 from driverscore.domain.scoring import (
     SCORE_RECORD_COLUMNS,
+    SOFT_TAIL_POINTS,
+    BandLimit,
     FeatureReference,
     ModelCard,
     ModelFeature,
@@ -191,6 +194,40 @@ def test_one_row_path_is_bit_identical_to_the_general_path(
     assert nan_scorer.score_matrix(x[:1]).bands == [None]
 
 
+def test_a_band_limit_keeps_mostly_speeding_trips_out_of_the_safe_bands(
+    card: ModelCard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rule = BandLimit(feature="speeding_moderate_share", at_least=0.5, band="elevated")
+    # Most training trips never speed by 10+ km/h: the typical value is 0.
+    typical = {**card.reference, "speeding_moderate_share": FeatureReference.from_values([0.0])}
+    limited = card.model_copy(update={"band_limits": [rule], "reference": typical})
+    frame = trips(400, seed=4).with_columns(pl.lit(0.0).alias("speeding_moderate_share"))
+    calm = TripScorer(logistic_model, limited, "m", "1", "champion").score_trips(frame, NOW)
+    over = frame.with_columns(pl.lit(0.6).alias("speeding_moderate_share"))
+    scorer = TripScorer(logistic_model, limited, "m", "1", "champion")
+    speeding = scorer.score_trips(over, NOW)
+    # The model ignores this feature, so only the rule moves the scores: every trip is
+    # elevated or worse, scaled (not clipped), in the same order and as many distinct scores.
+    assert calm["risk_band"].is_in(["low", "moderate"]).any()
+    assert speeding["risk_band"].is_in(["elevated", "high"]).all()
+    assert speeding["score"].max() < 75.0
+    assert np.array_equal(np.argsort(speeding["score"]), np.argsort(calm["score"]))
+    assert speeding["score"].n_unique() == calm["score"].n_unique()
+    assert (speeding["score"] <= calm["score"]).all()  # more speeding never raises a score
+    assert speeding["risk_probability"].equals(calm["risk_probability"])
+    # The rule's drop is a reason, and the one-row path applies the rule bit for bit.
+    assert any(len(r) and r[0].startswith("Speeding by 10+ km/h") for r in speeding["reasons"])
+    x = feature_matrix(over, NAMES)[:20]
+    general = TripScorer(logistic_model, limited, "m", "1", "champion")
+    monkeypatch.setattr(general, "_score_one", lambda row: None)
+    for i in range(x.shape[0]):
+        a, b = scorer.score_matrix(x[i : i + 1]), general.score_matrix(x[i : i + 1])
+        assert a.scores.tobytes() == b.scores.tobytes() and a.bands == b.bands, i
+    # Unknown (null) never triggers the rule; a card without rules is unchanged by it.
+    unknown = over.with_columns(pl.lit(None, dtype=pl.Float64).alias("speeding_moderate_share"))
+    assert scorer.score_trips(unknown, NOW)["score"].equals(calm["score"])
+
+
 def test_empty_frame_and_missing_columns(card: ModelCard) -> None:
     scorer = TripScorer(logistic_model, card, "m", "1", "champion")
     empty = scorer.score_trips(trips(3).head(0), NOW)
@@ -218,6 +255,54 @@ def test_feature_matrix_turns_null_into_nan() -> None:
 
 def test_card_round_trips_through_json(card: ModelCard) -> None:
     assert ModelCard.from_json(card.to_json()) == card
+
+
+def test_a_card_of_schema_1_keeps_the_rules_it_was_made_with(card: ModelCard) -> None:
+    legacy = json.loads(card.to_json())
+    legacy["schema_version"] = "1"
+    train_p = np.random.default_rng(3).beta(1, 20, 10_000)
+    legacy["score_mapping"] = ScoreMapping.fit(train_p, form="clipped_linear").model_dump()
+    del legacy["score_mapping"]["form"]
+    for name in ("cornering", "corner_window_s", "min_corner_turn_deg", "speed_limit_window_m"):
+        del legacy["feature_config"][name]
+    old = ModelCard.from_json(json.dumps(legacy))
+    assert old.feature_config.cornering == "heading_step"
+    assert old.feature_config.speed_limit_window_m == 0.0
+    assert old.score_mapping.form == "clipped_linear"
+    assert old.score_mapping.score([1e-9])[0] == 100.0  # that mapping saturates
+    # A card of the current schema reads back as written.
+    assert card.schema_version == "2"
+    assert card.feature_config.cornering == "windowed_turn"
+    assert card.score_mapping.form == "soft_tails"
+
+
+def test_the_soft_tailed_score_ranks_every_distinct_risk() -> None:
+    mapping = ScoreMapping.fit(np.random.default_rng(3).beta(1, 20, 10_000))
+    extremes = np.array([1e-300, 1e-12, 1e-9, 1e-6, 1e-3, 0.5, 0.999, 1 - 1e-9, 1 - 1e-12])
+    scores = mapping.score(extremes)
+    assert np.all(np.diff(scores) < 0)  # strictly: no two risks meet at an end
+    assert np.all((scores > 0.0) & (scores < 100.0))
+    assert mapping.score([0.0, 1.0]).tolist() == [100.0, 0.0]
+    # The old form saturates on the same probabilities.
+    linear = ScoreMapping.fit(np.random.default_rng(3).beta(1, 20, 10_000), form="clipped_linear")
+    assert int((linear.score(extremes) == 100.0).sum()) >= 3
+
+
+def test_soft_tails_are_the_linear_score_between_10_and_90() -> None:
+    train_p = np.random.default_rng(4).beta(1, 20, 10_000)
+    soft = ScoreMapping.fit(train_p)
+    linear = ScoreMapping.fit(train_p, form="clipped_linear")
+    grid = np.linspace(1e-4, 1 - 1e-4, 20_001)
+    a, b = soft.score(grid), linear.score(grid)
+    middle = (b >= SOFT_TAIL_POINTS) & (b <= 100.0 - SOFT_TAIL_POINTS)
+    assert middle.sum() > 1000 and np.array_equal(a[middle], b[middle])
+    assert soft.band_probability_cutoffs == linear.band_probability_cutoffs
+    # Continuous with the linear part at both joins, and with its slope: a step of 1e-4
+    # in z either side of a join moves the score by the same step, to second order.
+    for edge in (SOFT_TAIL_POINTS, 100.0 - SOFT_TAIL_POINTS):
+        z = np.array([edge - 1e-4, edge, edge + 1e-4])
+        p_at = 1.0 / (1.0 + np.exp((z - soft.intercept) / soft.slope))
+        assert np.abs(soft.score(p_at) - z).max() < 1e-6
 
 
 def _scores(rows: list[tuple[str, float, float, datetime]]) -> pl.DataFrame:

@@ -61,12 +61,17 @@ def _per_driver_rates(sim: Simulation) -> pl.DataFrame:
 def test_public_api_is_explicit() -> None:
     assert sorted(simulation.__all__) == sorted(
         [
+            "PHONE",
+            "TRACKER",
             "DirtConfig",
             "DriftConfig",
+            "GpsProfile",
             "Simulation",
             "SimulationConfig",
+            "constant_turn",
             "iter_simulation",
             "simulate",
+            "straight_drive",
             "vehicles_per_chunk_for",
         ]
     )
@@ -313,7 +318,12 @@ def test_device_capabilities_follow_the_shares() -> None:
     bare = simulate(base.model_copy(update={"imu_share": 0.0, "speed_limit_share": 0.0}))
     for column in ("accel_long_mps2", "accel_lat_mps2", "speed_limit_mps"):
         assert bare.pings[column].null_count() == bare.pings.height
-    full = simulate(base.model_copy(update={"imu_share": 1.0, "speed_limit_share": 1.0}))
+    # Without the map's missing stretches, every fix of a map-matched vehicle has a limit.
+    full = simulate(
+        base.model_copy(
+            update={"imu_share": 1.0, "speed_limit_share": 1.0, "missing_limit_per_100km": 0.0}
+        )
+    )
     for column in ("accel_long_mps2", "accel_lat_mps2", "speed_limit_mps"):
         assert full.pings[column].null_count() == 0
 

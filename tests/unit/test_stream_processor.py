@@ -52,6 +52,7 @@ TOPICS = KafkaTopics(
     scores="scores",
     alerts="alerts",
     shadow_scores="shadow",
+    routes="routes",
     predictions="predictions",
 )
 REASON = "driverscore.dlq.reason"
@@ -404,15 +405,20 @@ def test_a_closed_trip_publishes_features_score_alert_and_decision_like_batch_sc
     assert trip_id == f"v1:{ms(rows[0]['ts'])}"
     assert [m.topic for m in out] == [
         TOPICS.trip_features,
+        TOPICS.routes,
         TOPICS.scores,
         TOPICS.alerts,
         TOPICS.predictions,
     ]
-    assert [m.key for m in out] == ["v1", "v1", "v1", "D-v1"]  # decisions: key = driver
+    assert [m.key for m in out] == ["v1", "v1", "v1", "v1", "D-v1"]  # decisions: key = driver
     trigger = str(ms(after(rows, PAST_DEADLINE_S))).encode()
     assert all(m.headers == [(CLOSE_TRIGGER_HEADER, trigger)] for m in out)
-    feature_msg, score_msg, alert_msg, decision = (json.loads(m.value) for m in out)
+    feature_msg, route_msg, score_msg, alert_msg, decision = (json.loads(m.value) for m in out)
     assert feature_msg == lines(features)[0]
+    # The route: the trip's cleaned fixes thinned, from its first to its last.
+    assert (route_msg["vehicle_id"], route_msg["trip_id"]) == ("v1", trip_id)
+    assert 2 <= route_msg["point_count"] == len(route_msg["route"]) <= len(rows)
+    assert route_msg["route"][0]["lat"] == rows[0]["lat"]
     assert score_msg == lines(records)[0]
     assert alert_msg == {
         **score_msg,
@@ -450,7 +456,12 @@ def test_a_trip_alerts_when_its_risk_reaches_the_cards_threshold_and_not_below(
     rig = make_rig(above)
     rig.drive("v1", rows)
     out = rig.clock_message(after(rows, PAST_DEADLINE_S))
-    assert [m.topic for m in out] == [TOPICS.trip_features, TOPICS.scores, TOPICS.predictions]
+    assert [m.topic for m in out] == [
+        TOPICS.trip_features,
+        TOPICS.routes,
+        TOPICS.scores,
+        TOPICS.predictions,
+    ]
     assert rig.sample("driverscore_stream_alerts_total") == 0
 
 
@@ -463,12 +474,13 @@ def test_a_trip_closed_by_another_vehicle_is_keyed_by_its_own_vehicle(scorer: Tr
     out = rig.send(value, "v2", 98765)
     assert [(m.topic, m.key) for m in out] == [
         (TOPICS.trip_features, "v1"),
+        (TOPICS.routes, "v1"),
         (TOPICS.scores, "v1"),
         (TOPICS.predictions, "D-v1"),
     ]
     assert all(m.headers == [(CLOSE_TRIGGER_HEADER, b"98765")] for m in out)
     _, records = expected_records(scorer, rows)
-    assert json.loads(out[1].value) == lines(records)[0]
+    assert json.loads(out[2].value) == lines(records)[0]
 
 
 def test_trips_of_two_vehicles_with_the_same_given_trip_id_keep_their_own_alerts(
@@ -562,11 +574,12 @@ def test_canary_the_drivers_model_answers_and_the_other_scores_the_trip_as_shado
     out = rig.clock_message(after(rows, PAST_DEADLINE_S))
     assert [(m.topic, m.key) for m in out] == [
         (TOPICS.trip_features, "v1"),
+        (TOPICS.routes, "v1"),
         (TOPICS.scores, "v1"),
         (TOPICS.shadow_scores, "v1"),
         (TOPICS.predictions, "D-v1"),
     ]
-    answer, shadowed, decision = (json.loads(m.value) for m in out[1:])
+    answer, shadowed, decision = (json.loads(m.value) for m in out[2:])
     versions = {"champion": "1", "challenger": "2"}
     assert (answer["model_role"], answer["model_version"]) == (answering, versions[answering])
     assert (shadowed["model_role"], shadowed["model_version"]) == ("shadow", versions[shadowing])
@@ -597,11 +610,12 @@ def test_shadow_mode_the_champion_answers_and_the_challengers_record_goes_to_the
     out = rig.clock_message(after(rows, PAST_DEADLINE_S))
     assert [m.topic for m in out] == [
         TOPICS.trip_features,
+        TOPICS.routes,
         TOPICS.scores,
         TOPICS.shadow_scores,
         TOPICS.predictions,
     ]
-    champion, shadowed, decision = (json.loads(m.value) for m in out[1:])
+    champion, shadowed, decision = (json.loads(m.value) for m in out[2:])
     assert (champion["model_role"], champion["model_version"]) == ("champion", "1")
     assert (shadowed["model_role"], shadowed["model_version"]) == ("shadow", "2")
     assert decision["answered_by"] == "champion"
@@ -613,8 +627,13 @@ def test_champion_mode_scores_with_the_champion_only(scorer: TripScorer) -> None
     rows = drive_rows("v1", START)
     rig.drive("v1", rows)
     out = rig.clock_message(after(rows, PAST_DEADLINE_S))
-    assert [m.topic for m in out] == [TOPICS.trip_features, TOPICS.scores, TOPICS.predictions]
-    decision = json.loads(out[2].value)
+    assert [m.topic for m in out] == [
+        TOPICS.trip_features,
+        TOPICS.routes,
+        TOPICS.scores,
+        TOPICS.predictions,
+    ]
+    decision = json.loads(out[3].value)
     assert decision["challenger_version"] is None and decision["challenger_score"] is None
 
 
@@ -642,9 +661,10 @@ def test_with_batch_trips_three_nothing_is_published_until_the_third_trip_closes
     assert rig.scope.shared().get("pending") is not None
     closing = after(trips["c"], PAST_DEADLINE_S)
     out = rig.send(encode_ping({"ts": closing, "vehicle_id": "d", "lat": 1.0, "lon": 2.0}), "d", 55)
-    assert [m.key for m in out] == [k for v in "abc" for k in (v, v, v, f"D-{v}")]
+    assert [m.key for m in out] == [k for v in "abc" for k in (v, v, v, v, f"D-{v}")]
     assert [m.topic for m in out] == [
         TOPICS.trip_features,
+        TOPICS.routes,
         TOPICS.scores,
         TOPICS.alerts,
         TOPICS.predictions,
@@ -687,6 +707,7 @@ def test_a_clock_message_flushes_pending_trips_even_from_1970(scorer: TripScorer
     out = rig.send(encode_clock(datetime(1970, 1, 1, tzinfo=UTC)), CLOCK_KEY, 31)
     assert [(m.topic, m.key) for m in out] == [
         (TOPICS.trip_features, "a"),
+        (TOPICS.routes, "a"),
         (TOPICS.scores, "a"),
         (TOPICS.predictions, "D-a"),
     ]
@@ -715,6 +736,7 @@ def test_batch_wait_flushes_on_the_next_message_once_the_first_trip_waited_long_
     out = rig.drive("b", trips["b"][60:90])
     assert [(m.topic, m.key) for m in out] == [
         (TOPICS.trip_features, "a"),
+        (TOPICS.routes, "a"),
         (TOPICS.scores, "a"),
         (TOPICS.predictions, "D-a"),
     ]

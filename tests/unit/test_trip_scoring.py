@@ -43,6 +43,8 @@ def trips(n: int, seed: int = 0) -> pl.DataFrame:
     rng = np.random.default_rng(seed)
     cols: dict[str, object] = {name: rng.exponential(1.0, n) for name in NAMES}
     cols["speeding_share"] = rng.beta(1, 15, n)
+    cols["speeding_moderate_share"] = cols["speeding_share"] * rng.random(n)
+    cols["speeding_severe_share"] = cols["speeding_moderate_share"] * rng.random(n)
     cols["night_share"] = rng.beta(1, 5, n)
     cols["idle_share"] = rng.beta(1, 5, n)
     return pl.DataFrame(

@@ -44,6 +44,7 @@ __all__ = [
     "CHALLENGER",
     "CHAMPION",
     "ONNX_ARTIFACT",
+    "REFERENCE_PROFILE_ARTIFACT",
     "FittedModel",
     "GateOutcome",
     "ModelRegistry",
@@ -53,6 +54,8 @@ __all__ = [
 
 ONNX_ARTIFACT: Final = "onnx/model.onnx"
 CARD_ARTIFACT: Final = "model_card.json"
+#: The drift reference profile fitted at training (``domain/profiles.py``), beside the card.
+REFERENCE_PROFILE_ARTIFACT: Final = "reference_profile.json"
 GATE_ARTIFACT: Final = "gate_report.json"
 SKLEARN_ARTIFACT: Final = "model"
 
@@ -249,6 +252,7 @@ class ModelRegistry:
         data_versions: dict[str, str],
         code_version: str,
         sample: pl.DataFrame,
+        reference_profile: bytes | None = None,
     ) -> RegisteredVersion:
         """Record the candidate as one run and one model version, and promote it if it passed.
 
@@ -257,6 +261,7 @@ class ModelRegistry:
         gets an alias. The first passing version becomes ``champion``; later passing ones
         become ``challenger`` (replacing the previous challenger), to be promoted by the
         rollout after their canary. ``sample`` (a few trip feature rows) is the input example.
+        ``reference_profile`` (JSON) is stored beside the card as the drift reference.
         """
         gate_status = "passed" if gate_report.passed else "failed"
         tags = {
@@ -272,6 +277,8 @@ class ModelRegistry:
         run_id: str = run.info.run_id
         try:
             self._log_run(run_id, trained, onnx_bytes, card, gate_report, params, sample)
+            if reference_profile is not None:
+                self.client.log_text(run_id, reference_profile.decode(), REFERENCE_PROFILE_ARTIFACT)
         except BaseException:
             self.client.set_terminated(run_id, status="FAILED")
             raise
@@ -401,6 +408,25 @@ class ModelRegistry:
         """The model card stored with ``version``."""
         with tempfile.TemporaryDirectory(prefix="driverscore-") as tmp:
             return ModelCard.from_json(self._download(version, CARD_ARTIFACT, tmp).read_text())
+
+    def load_reference_profile(self, version: str) -> bytes | None:
+        """The drift reference profile stored with ``version``; None when it has none."""
+        names = {a.path for a in self.client.list_artifacts(self._run_of(version))}
+        if REFERENCE_PROFILE_ARTIFACT not in names:
+            return None
+        with tempfile.TemporaryDirectory(prefix="driverscore-") as tmp:
+            return self._download(version, REFERENCE_PROFILE_ARTIFACT, tmp).read_bytes()
+
+    def save_reference_profile(self, version: str, profile: bytes) -> None:
+        """Store a reference profile built after registration (a version that predates
+        profiles), beside its card, once."""
+        self.client.log_text(self._run_of(version), profile.decode(), REFERENCE_PROFILE_ARTIFACT)
+
+    def _run_of(self, version: str) -> str:
+        run_id = self.client.get_model_version(self.model_name, version).run_id
+        if not run_id:
+            raise RegistryError(f"model {self.model_name!r} version {version} has no run")
+        return str(run_id)
 
     def load_onnx(self, version: str) -> bytes:
         """The ONNX export stored with ``version``."""

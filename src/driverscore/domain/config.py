@@ -6,7 +6,20 @@ it was trained with, and every engine (batch, stream, REST) rebuilds the same fe
 
 from __future__ import annotations
 
+from typing import Final, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+#: The cornering rules :func:`~driverscore.domain.features.trip_features` knows. Model
+#: cards keep the rule they were trained with (cards of schema 1 predate the choice and
+#: get ``heading_step``: see ``ModelCard``).
+CorneringRule = Literal["heading_step", "windowed_turn"]
+
+#: What a model card of schema 1 (before the rule choices existed) was computed with.
+LEGACY_FEATURE_RULES: Final[dict[str, object]] = {
+    "cornering": "heading_step",
+    "speed_limit_window_m": 0.0,
+}
 
 
 class CleaningConfig(BaseModel):
@@ -80,12 +93,59 @@ class FeatureConfig(BaseModel):
     min_corner_speed_mps: float = Field(
         5.0, ge=0, description="Cornering from GPS heading is only trusted above this speed (m/s)."
     )
+    cornering: CorneringRule = Field(
+        "windowed_turn",
+        description=(
+            "How lateral acceleration is taken from GPS heading: 'windowed_turn' (yaw rate over "
+            "a centred window, events need a minimum net turn) or 'heading_step' (speed x the "
+            "heading change of one fix, the rule of model cards of schema 1)."
+        ),
+    )
+    corner_window_s: float = Field(
+        2.0,
+        gt=0,
+        description=(
+            "Shortest span of the centred window the yaw rate is measured over (s; windowed_turn)."
+        ),
+    )
+    corner_window_s_per_mps: float = Field(
+        0.16,
+        ge=0,
+        description=(
+            "The window grows with speed: at least this many seconds per m/s (2.7 s at 60 "
+            "km/h, 5.3 s at 120 km/h), so course jitter x speed / window, the noise of the lateral "
+            "estimate, is the same at every speed (s per m/s; windowed_turn)."
+        ),
+    )
+    min_corner_turn_deg: float = Field(
+        15.0,
+        ge=0,
+        description=(
+            "A cornering event must turn the vehicle by at least this much, measured from two "
+            "windows before the event to two windows after it (degrees; windowed_turn)."
+        ),
+    )
     speeding_tolerance_mps: float = Field(
         2.0,
         ge=0,
         description=(
             "Speed must exceed the posted limit by more than this to count as speeding (m/s)."
         ),
+    )
+    speed_limit_window_m: float = Field(
+        500.0,
+        ge=0,
+        description=(
+            "Speeding is judged against the highest known limit within this much road centred "
+            "on the fix, so a wrong (too low) map limit shorter than it does not count (m; 0: "
+            "the fix's own limit, the rule of model cards of schema 1)."
+        ),
+    )
+    speeding_moderate_kmh: float = Field(
+        10.0, gt=0, description="Margin over the limit for speeding_moderate_share (km/h)."
+    )
+    speeding_severe_kmh: float = Field(
+        20.0, gt=0, description="Margin over the limit for speeding_severe_share (km/h)."
     )
     night_start_hour: float = Field(22.0, ge=0, lt=24, description="Local hour when night starts.")
     night_end_hour: float = Field(5.0, ge=0, lt=24, description="Local hour when night ends.")

@@ -83,8 +83,9 @@ FEATURE_CONTRACT: Final[dict[str, FeatureSpec]] = {
         FeatureSpec(
             "harsh_corner_count",
             "events",
-            "Harsh-cornering events: one per run of fixes whose lateral acceleration "
-            "(IMU, or speed × yaw rate from GPS heading) is beyond the threshold.",
+            "Harsh-cornering events: from the IMU, one per run of fixes beyond the threshold; "
+            "from GPS, one per run whose speed × yaw rate (over a corner_window_s window) is "
+            "beyond it and that turns the vehicle by at least min_corner_turn_deg.",
             integer=True,
         ),
         FeatureSpec(
@@ -104,8 +105,22 @@ FEATURE_CONTRACT: Final[dict[str, FeatureSpec]] = {
         ),
         _share(
             "speeding_share",
-            "Share of moving time with a known limit spent above limit + tolerance; null when "
-            "no limit is known.",
+            "Share of moving time with a known limit spent above limit + tolerance (2 m/s); "
+            "the limit is the highest known within speed_limit_window_m (500 m) of road "
+            "around the fix; "
+            "null when no limit is known.",
+            nullable=True,
+        ),
+        _share(
+            "speeding_moderate_share",
+            "Share of moving time with a known limit spent more than speeding_moderate_kmh "
+            "(10 km/h) over it; null as speeding_share.",
+            nullable=True,
+        ),
+        _share(
+            "speeding_severe_share",
+            "Share of moving time with a known limit spent more than speeding_severe_kmh "
+            "(20 km/h) over it; null as speeding_share.",
             nullable=True,
         ),
         _share(

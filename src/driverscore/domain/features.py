@@ -40,6 +40,8 @@ MODEL_FEATURES: Final[dict[str, int]] = {
     "harsh_accel_per_100km": 1,
     "harsh_corner_per_100km": 1,
     "speeding_share": 1,
+    "speeding_moderate_share": 1,
+    "speeding_severe_share": 1,
     "night_share": 1,
     "idle_share": 0,
     "jerk_rms_mps3": 1,
@@ -70,6 +72,8 @@ FEATURE_SCHEMA: Final[dict[str, pl.DataType]] = {
     "harsh_accel_per_100km": pl.Float64(),
     "harsh_corner_per_100km": pl.Float64(),
     "speeding_share": pl.Float64(),
+    "speeding_moderate_share": pl.Float64(),
+    "speeding_severe_share": pl.Float64(),
     "night_share": pl.Float64(),
     "idle_share": pl.Float64(),
     "stop_count": pl.Int64(),
@@ -81,6 +85,9 @@ FEATURE_SCHEMA: Final[dict[str, pl.DataType]] = {
 FEATURE_COLUMNS: Final = tuple(FEATURE_SCHEMA)
 
 _MPS_TO_KMH: Final = 3.6
+_KMH_TO_MPS: Final = 1.0 / 3.6
+#: Fixed-point resolution of the unwrapped heading: 1 µdeg (integer sums are exact).
+_UDEG_PER_DEG: Final = 1_000_000.0
 
 # Per-trip sums are taken over integers in fixed point: an integer sum is exact in any
 # order, while a float sum depends on how the values are split into blocks (memory
@@ -297,6 +304,192 @@ def _night_np(frame: pl.DataFrame, t_us: IntArray, config: FeatureConfig) -> Boo
     return result
 
 
+def _run_starts(hit: BoolArray, first: BoolArray) -> BoolArray:
+    """The first fix of each run of consecutive ``hit`` fixes within a trip: one event each."""
+    hit_prev = np.zeros(hit.size, dtype=bool)
+    hit_prev[1:] = hit[:-1]
+    result: BoolArray = hit & (first | ~hit_prev)
+    return result
+
+
+def _window_key(t_us: IntArray, trips: _Trips, reach_us: int) -> IntArray:
+    """A non-decreasing key over rows in trip order: trip-relative values of ``t_us`` (a
+    time, or a distance travelled, non-decreasing within each trip) plus a per-trip offset
+    that puts more than ``reach_us`` between two trips, so a window searched on the key
+    never reaches into another trip."""
+    lengths = trips.ends - trips.starts + 1
+    t0 = t_us[trips.starts]
+    stride = t_us[trips.ends] - t0 + reach_us + 1
+    offset = np.cumsum(stride) - stride
+    if offset.size and int(offset[-1]) + int(stride[-1]) >= 2**62:
+        raise ValueError("trips span too much time for one feature call; pass fewer trips")
+    key: IntArray = t_us - np.repeat(t0 - offset, lengths)
+    return key
+
+
+def _window_edges(key: IntArray, half_us: IntArray) -> tuple[IntArray, IntArray]:
+    """Per row, the first and last row whose key lies within that row's ``half_us``.
+
+    Windows hold a few fixes, so they are counted offset by offset on shifted views of the
+    key (contiguous, no gather; far cheaper than a binary search per row). The key being
+    increasing, the rows within reach on each side are exactly the offsets that pass.
+    """
+    n = key.size
+    before = np.zeros(n, dtype=np.int64)
+    after = np.zeros(n, dtype=np.int64)
+    for k in range(1, n):
+        # Row i reaches back to i - k / ahead to i + k when the keys are within its reach.
+        step = key[k:] - key[:-k]
+        back = step <= half_us[k:]
+        ahead = step <= half_us[:-k]
+        if not (back.any() or ahead.any()):
+            break
+        before[k:] += back
+        after[:-k] += ahead
+    index = np.arange(n)
+    return index - before, index + after
+
+
+def _unwrapped_heading_udeg(heading: FloatArray, first: BoolArray) -> IntArray:
+    """Course unwrapped along each trip, in µdeg as exact integers (differences within a
+    trip do not depend on the rows before it). A fix without course holds the last one."""
+    n = heading.size
+    valid = ~np.isnan(heading)
+    last_valid = np.maximum.accumulate(np.where(valid, np.arange(n), -1))
+    trip_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+    held = np.where(last_valid >= trip_start, heading[np.maximum(last_valid, 0)], np.nan)
+    step = held - _previous(held)
+    step -= 360.0 * np.round(step * (1.0 / 360.0))  # wrapped to ±180°
+    step[first | np.isnan(step)] = 0.0
+    result: IntArray = np.cumsum(_fixed_np(step, _UDEG_PER_DEG))
+    return result
+
+
+#: A turn lasts while its lateral estimate stays above this share of the harsh threshold
+#: (hysteresis: noise around the threshold inside one turn does not split it in events).
+_TURN_HOLD_SHARE: Final = 0.5
+
+
+def _gps_turn_events(
+    heading: FloatArray,
+    speed: FloatArray,
+    t_us: IntArray,
+    first: BoolArray,
+    config: FeatureConfig,
+) -> BoolArray:
+    """Harsh cornering from the GPS course, robust to course jitter (``windowed_turn``).
+
+    The yaw rate of a fix is the course change across a centred window over the window's
+    span, and lateral acceleration is speed x yaw rate. The window lasts
+    ``corner_window_s_per_mps`` x speed (at least ``corner_window_s``): the error of the
+    estimate is then course jitter / that factor at every speed, instead of speed x jitter
+    / 1 s. A turn is a run of consecutive fixes turning one way with lateral at or beyond
+    half of ``harsh_corner_mps2``; it is one harsh event when its lateral reaches the
+    threshold and the course changes by at least ``min_corner_turn_deg`` that way from two
+    windows before the turn to two windows after it: a course glitch comes back, a turn
+    does not. Returns a mask of the first fix of each event.
+    """
+    n = speed.size
+    trips = _Trips(np.flatnonzero(first), n)
+    window_s = np.maximum(config.corner_window_s, config.corner_window_s_per_mps * speed)
+    window_s = np.where(np.isnan(window_s), config.corner_window_s, window_s)
+    half_us = np.round(window_s * 0.5e6).astype(np.int64)
+    reach_us = 4 * half_us  # two windows each side of a turn
+    key = _window_key(t_us, trips, 2 * int(reach_us.max()))
+    lo, hi = _window_edges(key, half_us)
+    course = _unwrapped_heading_udeg(heading, first)
+    span_us = t_us[hi] - t_us[lo]
+    usable = (span_us >= half_us) & (speed >= config.min_corner_speed_mps)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        yaw_rad_s = np.radians((course[hi] - course[lo]) * (1.0 / _UDEG_PER_DEG)) / (span_us * 1e-6)
+        lateral = np.where(usable, speed * yaw_rad_s, np.nan)
+        lateral = _plausible_np(lateral, config)
+    events = np.zeros(n, dtype=bool)
+    last = np.append(first[1:], True)
+    min_turn_udeg = config.min_corner_turn_deg * _UDEG_PER_DEG
+    for side in (1.0, -1.0):
+        toward = np.where(np.isnan(lateral), -np.inf, side * lateral)
+        turning = toward >= _TURN_HOLD_SHARE * config.harsh_corner_mps2
+        starts = np.flatnonzero(_run_starts(turning, first))
+        if starts.size == 0:
+            continue
+        next_turning = np.zeros(n, dtype=bool)
+        next_turning[:-1] = turning[1:]
+        ends = np.flatnonzero(turning & (last | ~next_turning))
+        # Peak lateral of each turn: the maximum over rows starts[k]..ends[k].
+        bounds = np.empty(2 * starts.size, dtype=np.int64)
+        bounds[0::2], bounds[1::2] = starts, ends + 1
+        peak = np.maximum.reduceat(np.append(toward, -np.inf), bounds)[0::2]
+        before = np.searchsorted(key, key[starts] - reach_us[starts], side="left")
+        after = np.searchsorted(key, key[ends] + reach_us[ends], side="right") - 1
+        turned = side * (course[after] - course[before]) >= min_turn_udeg
+        harsh = np.flatnonzero(turned & (peak >= config.harsh_corner_mps2))
+        if harsh.size == 0:
+            continue
+        # A turn split by a dropout or a glitch is one turn: a harsh turn that starts within
+        # two windows of the previous one's end, on the same side, is part of it.
+        gap_us = key[starts[harsh[1:]]] - key[ends[harsh[:-1]]]
+        joined = np.append(False, gap_us <= reach_us[starts[harsh[1:]]])
+        events[starts[harsh[~joined]]] = True
+    return events
+
+
+def _windowed_limit(
+    limit: FloatArray,
+    travelled_um: IntArray,
+    trips: _Trips,
+    window_m: float,
+    candidates: IntArray,
+) -> FloatArray:
+    """``limit`` with the rows ``candidates`` judged against the highest known limit within
+    ``window_m`` of road centred on them (NaN when none is known there).
+
+    A map limit that is wrong for a stretch shorter than the window - a slip road's or a
+    parallel street's limit matched onto a motorway - is outvoted by the limit around it;
+    map errors are stretches of road, so the window is one too, at any speed. A real change
+    of limit takes effect up to half a window late (lower) or early (higher), which can
+    only under-count speeding, never invent it. The window can only raise a limit, so only
+    rows that would speed under their own limit, or have none, can change: the caller
+    passes those, a small share of a trip's fixes.
+    """
+    result = limit.copy()
+    if candidates.size == 0:
+        return result
+    half_us = round(window_m * 0.5 * _UM_PER_M)
+    key = _window_key(travelled_um, trips, 2 * half_us)
+    n = key.size
+    # A fix further than half a window from both ends of its run of one limit sees only
+    # that limit: only fixes near a change of limit (or of known / unknown) are windowed.
+    same = np.zeros(n, dtype=bool)
+    same[1:] = (limit[1:] == limit[:-1]) | (np.isnan(limit[1:]) & np.isnan(limit[:-1]))
+    new_run = ~same
+    new_run[trips.starts] = True
+    run_starts = np.flatnonzero(new_run)
+    run = np.cumsum(new_run) - 1
+    run_ends = np.append(run_starts[1:], n) - 1
+    near = (key[candidates] - key[run_starts[run[candidates]]] <= half_us) | (
+        key[run_ends[run[candidates]]] - key[candidates] <= half_us
+    )
+    candidates = candidates[near]
+    best = limit[candidates]
+    for side in (-1, 1):
+        # Positions (into ``candidates``) whose window still reaches ``offset`` rows away:
+        # the set shrinks as windows end, so the work is the fixes inside the windows.
+        active = np.arange(candidates.size)
+        offset = side
+        while active.size:
+            rows = candidates[active]
+            other = rows + offset
+            inside = (other >= 0) & (other < n)
+            active, rows, other = active[inside], rows[inside], other[inside]
+            within = np.abs(key[other] - key[rows]) <= half_us
+            active, other = active[within], other[within]
+            best[active] = np.fmax(best[active], limit[other])
+            offset += side
+    result[candidates] = best
+    return result
+
+
 def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> pl.DataFrame:
     """Per-trip sums, counts and extremes (one row per trip, in row order of the trips).
 
@@ -333,7 +526,8 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
             longitudinal = (speed - speed_prev) / dt_ok
             if imu_long.any():
                 longitudinal = np.where(trips.rows(imu_long), accel_long, longitudinal)
-        if imu_lat.all():
+        windowed = config.cornering == "windowed_turn" and not imu_lat.all()
+        if imu_lat.all() or windowed:
             lateral = accel_lat
         else:
             heading = _floats(frame, "heading_deg")
@@ -355,10 +549,20 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
         ("accel", longitudinal >= config.harsh_accel_mps2),
         ("corner", lateral >= config.harsh_corner_mps2),
     ):
-        # One event per run of consecutive exceeding fixes within a trip.
-        hit_prev = np.zeros(n, dtype=bool)
-        hit_prev[1:] = hit[:-1]
-        columns[kind] = trips.count_sparse(hit & (first | ~hit_prev))
+        columns[kind] = trips.count_sparse(_run_starts(hit, first))
+    if windowed:
+        # Trips without an IMU take their cornering events from the GPS course, by turns.
+        gps_rows = ~trips.rows(imu_lat)
+        corners = _run_starts(lateral >= config.harsh_corner_mps2, first) & ~gps_rows
+        on_gps = np.flatnonzero(gps_rows)  # whole trips, so trip starts stay trip starts
+        corners[on_gps] = _gps_turn_events(
+            _floats(frame, "heading_deg")[on_gps],
+            speed[on_gps],
+            t_us[on_gps],
+            first[on_gps],
+            config,
+        )
+        columns["corner"] = trips.count_sparse(corners)
     # Jerk between consecutive accelerations of one trip, only while moving.
     with np.errstate(invalid="ignore"):
         jerk = (longitudinal - _previous(longitudinal)) / dt_ok
@@ -381,7 +585,8 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
         lat, lon = _floats(frame, "lat"), _floats(frame, "lon")
         before = chord_rows - 1
         step_m[chord_rows] = haversine_m(lat[before], lon[before], lat[chord_rows], lon[chord_rows])
-    columns["step_um"] = trips.sum(_fixed_np(step_m, _UM_PER_M))
+    step_um = _fixed_np(step_m, _UM_PER_M)
+    columns["step_um"] = trips.sum(step_um)
 
     moving_mm = _fixed_np(np.where(moving, speed, 0.0), _MILLI)
     columns["moving_n"] = trips.count_true(moving)
@@ -392,13 +597,40 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
     weight = np.zeros(n, dtype=np.int64)
     weight[:-1] = np.where(step_ok[1:], dt_us[1:], 0)
     limit = _floats(frame, "speed_limit_mps")
+    with np.errstate(invalid="ignore"):
+        over = speed - limit
+    if config.speed_limit_window_m > 0 and not np.isnan(limit).all():
+        # Rows that would count as speeding under their own limit, or that have none in a
+        # trip that has some: the only rows the window can change.
+        limited_trip = trips.rows(trips.count_true(~np.isnan(limit)) > 0)
+        unsure = (
+            over
+            > min(
+                config.speeding_tolerance_mps,
+                config.speeding_moderate_kmh * _KMH_TO_MPS,
+                config.speeding_severe_kmh * _KMH_TO_MPS,
+            )
+        ) | (np.isnan(limit) & limited_trip)
+        limit = _windowed_limit(
+            limit,
+            np.cumsum(step_um),  # distance travelled (differences within a trip are exact)
+            trips,
+            config.speed_limit_window_m,
+            np.flatnonzero(moving & unsure),
+        )
+        with np.errstate(invalid="ignore"):
+            over = speed - limit
     limited_moving = moving & ~np.isnan(limit)
-    speeding = limited_moving & (speed > limit + config.speeding_tolerance_mps)
     columns["w"] = trips.sum(weight)
     columns["w_idle"] = trips.sum(weight * stopped)
     columns["w_night"] = trips.sum(weight * _night_np(frame, t_us, config))
     columns["w_limited"] = trips.sum(weight * limited_moving)
-    columns["w_speeding"] = trips.sum(weight * speeding)
+    for name, margin in (
+        ("w_speeding", config.speeding_tolerance_mps),
+        ("w_speeding_moderate", config.speeding_moderate_kmh * _KMH_TO_MPS),
+        ("w_speeding_severe", config.speeding_severe_kmh * _KMH_TO_MPS),
+    ):
+        columns[name] = trips.sum(weight * (limited_moving & (over > margin)))
     columns["imu"] = imu_long
 
     heads = pl.Series(starts, dtype=pl.Int64)
@@ -481,6 +713,8 @@ def features_in_trip_order(
             per_100km("accel").alias("harsh_accel_per_100km"),
             per_100km("corner").alias("harsh_corner_per_100km"),
             share("w_speeding", "w_limited").alias("speeding_share"),
+            share("w_speeding_moderate", "w_limited").alias("speeding_moderate_share"),
+            share("w_speeding_severe", "w_limited").alias("speeding_severe_share"),
             share("w_night", "w").alias("night_share"),
             share("w_idle", "w").alias("idle_share"),
             pl.col("stops").alias("stop_count"),

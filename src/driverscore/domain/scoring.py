@@ -19,22 +19,31 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
+from driverscore.domain.config import (
+    LEGACY_FEATURE_RULES,
+    CleaningConfig,
+    FeatureConfig,
+    TripConfig,
+)
 from driverscore.errors import InputDataError
 
 __all__ = [
     "BAND_FLOORS",
     "CARD_SCHEMA_VERSION",
+    "DEFAULT_BAND_LIMITS",
     "REASON_TEMPLATES",
     "SCORE_RECORD_COLUMNS",
+    "SOFT_TAIL_POINTS",
+    "BandLimit",
     "FeatureReference",
     "MatrixScores",
     "ModelCard",
     "ModelFeature",
     "ReasonTemplate",
     "RiskBand",
+    "ScoreForm",
     "ScoreMapping",
     "TripScorer",
     "aggregate_scores",
@@ -42,7 +51,9 @@ __all__ = [
     "feature_matrix",
 ]
 
-CARD_SCHEMA_VERSION: Final = "1"
+#: Schema 2 added the rule choices of ``FeatureConfig`` (cornering, limit window) and the
+#: form of the score mapping; a card of schema 1 is read with the rules it was made with.
+CARD_SCHEMA_VERSION: Final = "2"
 
 RiskBand = Literal["low", "moderate", "elevated", "high"]
 
@@ -99,6 +110,12 @@ REASON_TEMPLATES: Final[dict[str, ReasonTemplate]] = {
     "speeding_share": ReasonTemplate(
         label="Speeding", unit="% of moving time over the limit", scale=100.0, decimals=0
     ),
+    "speeding_moderate_share": ReasonTemplate(
+        label="Speeding by 10+ km/h", unit="% of moving time", scale=100.0, decimals=0
+    ),
+    "speeding_severe_share": ReasonTemplate(
+        label="Speeding by 20+ km/h", unit="% of moving time", scale=100.0, decimals=0
+    ),
     "night_share": ReasonTemplate(
         label="Night driving", unit="% of trip time", scale=100.0, decimals=0
     ),
@@ -134,18 +151,35 @@ def _logit(p: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return np.asarray(np.log(q) - np.log1p(-q), dtype=np.float64)
 
 
+ScoreForm = Literal["soft_tails", "clipped_linear"]
+
+#: Points at each end of the scale where a ``soft_tails`` mapping bends: the score is the
+#: linear map between 10 and 90, so every band floor (60, 75, 90) lies on the linear part.
+SOFT_TAIL_POINTS: Final = 10.0
+
+
 class ScoreMapping(BaseModel):
     """Monotone decreasing map from risk probability to a 0-100 score (higher is safer).
 
-    ``score = clip(intercept - slope * logit(p), 0, 100)`` with ``slope > 0``. It is fitted so
-    that the median training trip scores ``anchor_median_score`` and the trip at the 99th
-    percentile of training risk scores ``anchor_tail_score``: one log-odds unit of risk is
-    worth the same number of points everywhere, so score differences mean the same at every
-    level.
+    ``z = intercept - slope * logit(p)`` with ``slope > 0`` is the linear score: one
+    log-odds unit of risk is worth the same number of points everywhere.
+
+    - ``soft_tails`` (cards of schema 2): the score is ``z`` between ``g`` and ``100 - g``
+      (``g`` = :data:`SOFT_TAIL_POINTS`), and beyond them it approaches the ends without
+      reaching them: ``100 - g² / (z - 100 + 2g)`` above, ``g² / (2g - z)`` below
+      (continuous with the linear part, and with its slope). Bounded without clipping, so
+      distinct risks get distinct scores and the safest trips keep their ranking instead
+      of meeting at 100; bands are those of the linear score.
+    - ``clipped_linear`` (cards of schema 1): ``score = clip(z, 0, 100)``, with probabilities
+      clipped to [1e-6, 1 - 1e-6]; the ends saturate.
+
+    Either is fitted so that the median training trip scores ``anchor_median_score`` and the
+    trip at ``anchor_tail_quantile`` of training risk scores ``anchor_tail_score``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    form: ScoreForm = "soft_tails"
     intercept: float
     slope: float = Field(gt=0)
     anchor_median_score: float = 85.0
@@ -161,6 +195,7 @@ class ScoreMapping(BaseModel):
         median_score: float = 85.0,
         tail_score: float = 45.0,
         tail_quantile: float = 0.99,
+        form: ScoreForm = "soft_tails",
     ) -> ScoreMapping:
         """Anchor the mapping on training-set probabilities."""
         p = np.asarray(probabilities, dtype=np.float64)
@@ -182,6 +217,7 @@ class ScoreMapping(BaseModel):
             for band, floor in BAND_FLOORS
         }
         return cls(
+            form=form,
             intercept=intercept,
             slope=slope,
             anchor_median_score=median_score,
@@ -192,8 +228,30 @@ class ScoreMapping(BaseModel):
 
     def score(self, probabilities: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Scores 0-100 for an array of probabilities."""
+        if self.form == "soft_tails":
+            z = self.intercept - self.slope * _logit_unclipped(probabilities)
+            return _soft_tails(z)
         raw = self.intercept - self.slope * _logit(probabilities)
         return np.clip(raw, 0.0, 100.0)
+
+
+def _soft_tails(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    g = SOFT_TAIL_POINTS
+    score = np.array(z, dtype=np.float64)
+    high = z > 100.0 - g  # NaN compares false and stays NaN
+    low = z < g
+    # Hyperbolic, not exponential: the gap to the end shrinks as 1 / z, so even a trip a
+    # hundred log-odds units safer than another still scores below 100 and above it.
+    score[high] = 100.0 - g * g / (z[high] - (100.0 - g) + g)
+    score[low] = g * g / (2.0 * g - z[low])
+    return score
+
+
+def _logit_unclipped(p: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """log(p / (1 - p)), ±inf at 0 and 1: the soft tails take those to 100 and 0."""
+    q = np.asarray(p, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.asarray(np.log(q) - np.log1p(-q), dtype=np.float64)
 
 
 class ModelFeature(BaseModel):
@@ -255,6 +313,41 @@ class FeatureReference(BaseModel):
         )
 
 
+class BandLimit(BaseModel):
+    """A product rule that travels with the model: a trip whose ``feature`` is at least
+    ``at_least`` scores in ``band`` or worse, whatever the model's probability.
+
+    The score is scaled by ``floor / 100`` (just under the floor of the band above), not
+    clipped to it: trips under the rule keep their order and distinct scores, more of the
+    behaviour still never raises a score, and reasons see the drop (their counterfactual,
+    the behaviour at its typical value, escapes the rule). ``risk_probability`` stays the
+    model's, and alerts follow it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    feature: str
+    at_least: float
+    band: RiskBand
+
+    @property
+    def scale(self) -> float:
+        """Largest factor keeping a score of 100 below the floor of the band above."""
+        floors = dict(BAND_FLOORS)
+        order = [band for band, _floor in BAND_FLOORS] + ["high"]
+        above = order.index(self.band) - 1
+        if above < 0:
+            return 1.0
+        return float(np.nextafter(floors[order[above]] / 100.0, 0.0))
+
+
+#: Rules every model trained today carries (see docs/model.md, "Band limits"). Map limits
+#: are judged with the limit window, so a short wrong limit cannot trigger this.
+DEFAULT_BAND_LIMITS: Final = (
+    BandLimit(feature="speeding_moderate_share", at_least=0.5, band="elevated"),
+)
+
+
 class ModelCard(BaseModel):
     """Everything a model version needs besides its weights, stored as ``model_card.json``."""
 
@@ -282,7 +375,34 @@ class ModelCard(BaseModel):
     reason_min_points: float = Field(
         default=1.0, description="A reason must cost at least this many points."
     )
+    band_limits: list[BandLimit] = Field(
+        default_factory=list,
+        description="Product rules on top of the model: a behaviour that caps the band.",
+    )
     max_reasons: int = 3
+    reference_profile_sha256: str | None = Field(
+        default=None,
+        description=(
+            "sha256 of the drift reference profile stored beside the card "
+            "(reference_profile.json); None for versions registered before profiles."
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_schema_1(cls, data: Any) -> Any:
+        """A card of schema 1 predates the rule choices: it keeps the rules it was made with
+        (1-s heading-step cornering, the fix's own limit, the clipped linear mapping)."""
+        if not isinstance(data, dict) or data.get("schema_version") != "1":
+            return data
+        upgraded = dict(data)
+        features = upgraded.get("feature_config")
+        if isinstance(features, dict):
+            upgraded["feature_config"] = {**LEGACY_FEATURE_RULES, **features}
+        mapping = upgraded.get("score_mapping")
+        if isinstance(mapping, dict):
+            upgraded["score_mapping"] = {"form": "clipped_linear", **mapping}
+        return upgraded
 
     @property
     def feature_names(self) -> list[str]:
@@ -361,6 +481,22 @@ class TripScorer:
             (j, float(np.float32(median))) for j, _name, median in self._reason_cols
         ]
         self._names = names
+        # Band limits on features this model reads (a rule on another input is inert).
+        self._limits: list[tuple[int, float, float]] = [
+            (names.index(rule.feature), float(np.float32(rule.at_least)), rule.scale)
+            for rule in card.band_limits
+            if rule.feature in names
+        ]
+
+    def _map(
+        self, probabilities: npt.NDArray[np.float64], x: npt.NDArray[np.float32]
+    ) -> npt.NDArray[np.float64]:
+        """Scores of model input rows: the card's mapping, then its band limits."""
+        scores = self.card.score_mapping.score(probabilities)
+        for j, at_least, scale in self._limits:
+            limited = x[:, j] >= at_least  # NaN (unknown) never triggers a rule
+            scores = np.where(limited, scores * scale, scores)
+        return scores
 
     def score_trips(self, features: pl.DataFrame, scored_at: datetime) -> pl.DataFrame:
         """Trip score records: the feature rows plus probability, score, band and reasons."""
@@ -411,7 +547,7 @@ class TripScorer:
         )
         probs = probs_all[:n]
         # One mapping call for trips and counterfactuals: per-call overhead dominates small n.
-        scores_all = self.card.score_mapping.score(probs_all)
+        scores_all = self._map(probs_all, stacked)
         scores = scores_all[:n]
         # Floors ascending; a score on a floor belongs to the band above it.
         bands: list[RiskBand | None] = _BANDS_ASCENDING[
@@ -446,7 +582,7 @@ class TripScorer:
         for r, (_k, j, median) in enumerate(blamed, start=1):
             stacked[r, j] = median
         probs_all = np.asarray(self.predict_proba(stacked), dtype=np.float64).reshape(-1)
-        scores_all = self.card.score_mapping.score(probs_all)
+        scores_all = self._map(probs_all, stacked)
         values: list[float] = scores_all.tolist()
         score = values[0]
         if any(math.isnan(v) for v in values):

@@ -478,6 +478,8 @@ class PreparedPings:
     quarantine: pl.DataFrame
     #: Preparation counts (``rows_in``, ``kept``, ``quarantined``, one per reason, ``trips``).
     counts: dict[str, int]
+    #: The kept (cleaned) pings with their ``trip_id``: where the trips' routes come from.
+    pings: pl.DataFrame = field(default_factory=pl.DataFrame)
 
 
 def prepare_for_models(
@@ -506,7 +508,11 @@ def prepare_for_models(
             other, on=["vehicle_id", "trip_id"], how="left", maintain_order="left"
         )
     return PreparedPings(
-        prepared.features, challenger_features, prepared.quarantine, prepared.counts
+        prepared.features,
+        challenger_features,
+        prepared.quarantine,
+        prepared.counts,
+        prepared.pings,
     )
 
 
@@ -521,6 +527,8 @@ class PingScoring:
     quarantine: pl.DataFrame
     #: Preparation counts (``rows_in``, ``kept``, ``quarantined``, one per reason, ``trips``).
     counts: dict[str, int]
+    #: The kept (cleaned) pings with their ``trip_id``: where the trips' routes come from.
+    pings: pl.DataFrame = field(default_factory=pl.DataFrame)
 
 
 def score_trip_pings(
@@ -535,4 +543,6 @@ def score_trip_pings(
         now,
         challenger_features=prepared.challenger_features,
     )
-    return PingScoring(scored, prepared.features, prepared.quarantine, prepared.counts)
+    return PingScoring(
+        scored, prepared.features, prepared.quarantine, prepared.counts, prepared.pings
+    )

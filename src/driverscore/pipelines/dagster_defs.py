@@ -1,4 +1,5 @@
-"""The training pipeline as Dagster assets, with a daily or weekly schedule.
+"""The training pipeline as Dagster assets, with a daily or weekly schedule, and the
+monitoring job (``driverscore monitor`` as an asset), hourly by default.
 
 `dagster dev -m driverscore.pipelines.dagster_defs` shows the asset graph, its runs and
 the schedule. The assets call the same step functions as `driverscore train`; only the
@@ -20,6 +21,7 @@ from dagster import AssetExecutionContext
 from driverscore.adapters.registry import RegisteredVersion, open_registry
 from driverscore.adapters.storage import DataStore
 from driverscore.domain.mapping import ColumnMapping
+from driverscore.pipelines.monitoring_run import run_monitor
 from driverscore.pipelines.steps import (
     IngestedTelemetry,
     PreparedDataset,
@@ -43,6 +45,8 @@ from driverscore.training.model import TrainedModel
 
 CRON = {"daily": "0 3 * * *", "weekly": "0 3 * * 1"}
 JOB_NAME = "driverscore_training"
+#: The monitoring job: one window of scored trips judged, on ``settings.monitoring_cron``.
+MONITOR_JOB_NAME = "driverscore_monitoring"
 #: Asset check on ``registered_model``: fails (and fails the run) when the gate failed.
 GATE_CHECK = "gate_passed"
 
@@ -65,6 +69,20 @@ class TelemetrySource(dg.ConfigurableResource):  # type: ignore[type-arg]
         if not self.reference_time:
             return datetime.now(UTC)
         parsed = datetime.fromisoformat(self.reference_time.replace("Z", "+00:00"))
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+class MonitoringWindow(dg.ConfigurableResource):  # type: ignore[type-arg]
+    """Which window the monitoring job judges: ending now unless ``as_of`` is set."""
+
+    as_of: str | None = None
+    window_hours: float | None = None
+    labels_uri: str | None = None
+
+    def resolved_as_of(self) -> datetime:
+        if not self.as_of:
+            return datetime.now(UTC)
+        parsed = datetime.fromisoformat(self.as_of.replace("Z", "+00:00"))
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
@@ -93,8 +111,10 @@ def _run_context(settings: Settings, run: IngestedRun, log: dg.DagsterLogManager
     return _context(settings, run.run_id, run.reference_time, log)
 
 
-def build_definitions(settings: Settings, source: TelemetrySource) -> dg.Definitions:
-    """Assets, job and schedule for ``settings``; one function so tests can build their own."""
+def build_definitions(
+    settings: Settings, source: TelemetrySource, window: MonitoringWindow | None = None
+) -> dg.Definitions:
+    """Assets, jobs and schedules for ``settings``; one function so tests can build their own."""
 
     @dg.asset(group_name="driverscore", description="Raw snapshot and canonical pings.")
     def raw_telemetry(context: AssetExecutionContext, telemetry: TelemetrySource) -> IngestedRun:
@@ -234,6 +254,41 @@ def build_definitions(settings: Settings, source: TelemetrySource) -> dg.Definit
             },
         )
 
+    @dg.asset(
+        group_name="driverscore_monitoring",
+        description="Drift, data quality and performance of the champion over one window.",
+    )
+    def monitoring_result(
+        context: AssetExecutionContext, monitoring_window: MonitoringWindow
+    ) -> dict[str, object]:
+        result = run_monitor(
+            settings,
+            as_of=monitoring_window.resolved_as_of(),
+            window_hours=monitoring_window.window_hours,
+            labels_uri=monitoring_window.labels_uri,
+            progress=context.log.info,
+        )
+        context.add_output_metadata(
+            {
+                "verdict": result.verdict,
+                "summary": result.judgement.summary,
+                "trips": result.judgement.trips,
+                "result": result.result_uri,
+                "report": result.report_uri,
+            }
+        )
+        return {"verdict": result.verdict, "result": result.result_uri}
+
+    monitor_job = dg.define_asset_job(
+        MONITOR_JOB_NAME, selection=dg.AssetSelection.assets(monitoring_result)
+    )
+    monitor_schedule = dg.ScheduleDefinition(
+        name=f"{MONITOR_JOB_NAME}_schedule",
+        job=monitor_job,
+        cron_schedule=settings.monitoring_cron,
+        execution_timezone="UTC",
+    )
+
     assets = [
         raw_telemetry,
         prepared_trips,
@@ -251,7 +306,10 @@ def build_definitions(settings: Settings, source: TelemetrySource) -> dg.Definit
         execution_timezone="UTC",
     )
     return dg.Definitions(
-        assets=assets, jobs=[job], schedules=[schedule], resources={"telemetry": source}
+        assets=[*assets, monitoring_result],
+        jobs=[job, monitor_job],
+        schedules=[schedule, monitor_schedule],
+        resources={"telemetry": source, "monitoring_window": window or MonitoringWindow()},
     )
 
 

@@ -12,6 +12,7 @@ from rich.panel import Panel
 
 from driverscore.adapters.ping_files import load_canonical_pings
 from driverscore.adapters.registry import open_registry
+from driverscore.adapters.score_store.duckdb_store import open_score_store
 from driverscore.domain.scoring import aggregate_scores
 from driverscore.pipelines.reporting import print_aggregates, print_scores, print_training
 from driverscore.pipelines.scoring_run import ScoringRunResult, run_scoring
@@ -21,6 +22,8 @@ from driverscore.services.stream import StreamMetrics, TripScoringStep, stream_m
 from driverscore.services.stream_embedded import (
     EmbeddedRunResult,
     ParquetScoreSink,
+    ScoreStoreSink,
+    TeeSink,
     run_embedded_stream,
 )
 from driverscore.settings import Settings
@@ -58,10 +61,12 @@ def replay_live(settings: Settings, pings_uri: str, batch_scores: pl.DataFrame) 
     )
     folder = (settings.home / "stream").resolve()
     sink = ParquetScoreSink(folder)
+    # The live records replace the batch ones of the same trips in the score store (same
+    # model version, scored later): each trip stays counted once.
     result = run_embedded_stream(
         pings,
         step,
-        sink,
+        TeeSink((sink, ScoreStoreSink(open_score_store(settings)))),
         grace_s=settings.kafka.grace_s,
     )
     written = [path for path in sink.written if path.parent.name == "scores"]
@@ -163,6 +168,8 @@ def run_demo(
                     f"quality report     {training.prepared.quality_uri}",
                     f"scores             {scoring.out_uri}",
                     f"live scores        {live.scores_folder}",
+                    f"score store        {settings.store_path}",
+                    "                   (driverscore scores worst_drivers, latest_alerts, ...)",
                     "next: .venv/bin/driverscore score PINGS --out scores.csv (uses this champion)",
                 ]
             ),

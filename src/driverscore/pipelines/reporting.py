@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 from rich.console import Console
 from rich.table import Table
 
 from driverscore.adapters.registry import open_registry
+from driverscore.pipelines.monitoring_run import MonitoringRunResult
 from driverscore.pipelines.scoring_run import ScoringRunResult
 from driverscore.pipelines.steps import PreparedDataset
 from driverscore.pipelines.training_run import TrainingRunResult
@@ -164,6 +167,12 @@ def print_scores(console: Console, result: ScoringRunResult) -> None:
             f"({', '.join(f'{r}: {n}' for r, n in reasons)}) → {result.set_aside_uri}"
         )
     console.print(f"{result.decisions:,} decisions written to the prediction log")
+    if result.stored is not None:
+        console.print(
+            f"score store: {result.stored.scores:,} new or newer trip records, "
+            f"{result.stored.alerts:,} alerts, {result.stored.routes:,} routes → "
+            f"{result.store_path} (query it: driverscore scores --help)"
+        )
     _print_quarantine(console, result.prepared)
     console.print(f"run manifest: {result.manifest_uri}")
 
@@ -207,3 +216,39 @@ def print_aggregates(console: Console, table: pl.DataFrame, by: str, limit: int 
     console.print(out)
     if table.height > limit:
         console.print(f"… and {table.height - limit:,} more")
+
+
+def print_monitoring(console: Console, result: MonitoringRunResult, report: Path | None) -> None:
+    """The verdict line, the columns that drifted or warned, performance, where it went."""
+    judgement = result.judgement
+    colour = {"ok": "green", "warn": "yellow", "drift": "red", "degraded": "magenta"}
+    console.print(f"[bold {colour[judgement.verdict]}]{judgement.summary}[/]", highlight=False)
+    table = Table(title="columns off their reference", title_justify="left")
+    for column in ("column", "status", "PSI", "KS", "W / std", "JS", "trips"):
+        table.add_column(column, justify="left" if column in ("column", "status") else "right")
+    for f in judgement.features:
+        if f.status == "ok":
+            continue
+        s = f.statistics
+        table.add_row(
+            f.column,
+            f.status,
+            _fmt(s.get("psi")),
+            _fmt(s.get("ks")),
+            _fmt(s.get("wasserstein_norm")),
+            _fmt(s.get("js")),
+            f"{f.current_trips:,}",
+        )
+    if table.row_count:
+        console.print(table)
+    estimated = judgement.performance.get("estimated") or {}
+    realised = judgement.performance.get("realised") or {}
+    console.print(
+        f"[bold]performance[/]: estimated ROC-AUC {_fmt(estimated.get('roc_auc'))} on "
+        f"{estimated.get('n', 0):,} trips; realised {_fmt(realised.get('roc_auc'))} on "
+        f"{realised.get('n', 0) or 0:,} matured trips"
+    )
+    for alarm in judgement.alarms[1:]:
+        console.print(f"  · {alarm}", highlight=False)
+    console.print(f"[bold]result[/]: {result.result_uri}")
+    console.print(f"[bold]report[/]: {report or result.report_uri}")

@@ -10,11 +10,16 @@ from pathlib import Path
 import polars as pl
 
 from driverscore.adapters.files import write_table
-from driverscore.adapters.registry import open_registry
-from driverscore.adapters.storage import DatasetRef
+from driverscore.adapters.profile_parts import ProfilePartStore
+from driverscore.adapters.registry import ModelRegistry, open_registry
+from driverscore.adapters.score_store import ScoreBatch
+from driverscore.adapters.score_store.duckdb_store import WriteReport, open_score_store
+from driverscore.adapters.storage import DatasetRef, DataStore
 from driverscore.domain.features import trip_features
 from driverscore.domain.mapping import ColumnMapping
+from driverscore.domain.profiles import TripProfile
 from driverscore.domain.rollout import RolloutPolicy
+from driverscore.domain.routes import trip_routes
 from driverscore.domain.trip_scoring import ScoredTrips, ScoringModels, score_trip_features
 from driverscore.errors import ConfigError
 from driverscore.pipelines.steps import (
@@ -26,6 +31,7 @@ from driverscore.pipelines.steps import (
     prepare,
 )
 from driverscore.services.prediction_log import open_prediction_log
+from driverscore.services.profile_writer import write_scores_profiles
 from driverscore.settings import Settings
 
 
@@ -44,6 +50,12 @@ class ScoringRunResult:
     set_aside: pl.DataFrame
     set_aside_uri: str | None
     decisions: int
+    #: Profile parts written per model version (``adapters/profile_parts.py``); a version
+    #: without a reference profile has none (the monitor profiles its trips once, later).
+    profile_parts: dict[str, list[str]]
+    #: What the score store took (records, alerts, routes), when the run stored its scores.
+    stored: WriteReport | None = None
+    store_path: str | None = None
 
 
 def score_prepared(
@@ -78,6 +90,20 @@ def score_prepared(
     )
 
 
+def write_profiles(
+    store: DataStore, registry: ModelRegistry, scores: pl.DataFrame, scores_ref: DatasetRef
+) -> dict[str, list[str]]:
+    """Profile parts of the scores just written, for each scoring model version that has
+    a reference profile: the monitor merges them and never reads these rows for drift."""
+    references: dict[str, TripProfile] = {}
+    if "model_version" in scores.columns:
+        for version in scores.get_column("model_version").drop_nulls().unique().sort():
+            stored = registry.load_reference_profile(str(version))
+            if stored is not None:
+                references[str(version)] = TripProfile.from_json(stored)
+    return write_scores_profiles(ProfilePartStore(store), scores, scores_ref, references)
+
+
 def rollout_policy(settings: Settings, path: Path | None) -> RolloutPolicy:
     """The rollout policy of a batch run: ``path`` (JSON), else the service's rollout file
     when it exists, else the service's rollout settings."""
@@ -107,12 +133,15 @@ def run_scoring(
     alias: str = "champion",
     policy: RolloutPolicy | None = None,
     progress: Callable[[str], None] | None = None,
+    store_scores: bool = True,
 ) -> ScoringRunResult:
     """Ingest, prepare with the model's cleaning/trip/feature configs, score and write.
 
     With the champion and a rollout ``policy`` other than ``champion``, the challenger
     scores too, exactly as the service and the stream would: the driver's model answers,
     the other one's score goes to the prediction log. Every decision is logged.
+    With ``store_scores``, the answer records, alerts and the trips' routes go to the score store
+    (``<home>/scores.duckdb``) too, where the dashboards and `driverscore scores` read them.
     """
     policy = policy or RolloutPolicy()
     ctx = RunContext.start(settings, reference_time, progress)
@@ -144,12 +173,24 @@ def run_scoring(
         if set_aside.height
         else None
     )
+    profile_parts = write_profiles(store, registry, scores, scores_ref)
     if scored.decisions:
         log = open_prediction_log(settings)
         log.setup()
         log.add(scored.decisions)
         log.flush()
     write_table(scores, out_uri, settings.storage_options())
+    stored = None
+    if store_scores:
+        ctx.progress(f"store {scores.height:,} trips in {settings.store_path}")
+        routes = trip_routes(ctx.store.read_dataset(prepared.cleaned))
+        if routes.height:
+            routes = routes.join(
+                scores.select("vehicle_id", "trip_id"), on=["vehicle_id", "trip_id"], how="semi"
+            )
+        stored = open_score_store(settings).write(
+            ScoreBatch("score", scores=scores, alerts=scored.alerts_frame(), routes=routes)
+        )
     manifest_uri = store.write_run_manifest(
         run_id,
         {
@@ -163,8 +204,10 @@ def run_scoring(
             "set_aside": set_aside_uri,
             "trips_set_aside": set_aside.height,
             "decisions_logged": len(scored.decisions),
+            "profile_parts": {v: len(p) for v, p in profile_parts.items()},
             "rollout": policy.model_dump(),
             "output": out_uri,
+            "score_store": str(settings.store_path) if stored is not None else None,
             "model": f"{champion.model_name} v{champion.model_version} ({alias})",
             "challenger": challenger.model_version if challenger is not None else None,
         },
@@ -180,4 +223,7 @@ def run_scoring(
         set_aside=set_aside,
         set_aside_uri=set_aside_uri,
         decisions=len(scored.decisions),
+        stored=stored,
+        store_path=str(settings.store_path) if stored is not None else None,
+        profile_parts=profile_parts,
     )

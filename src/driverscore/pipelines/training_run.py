@@ -17,6 +17,7 @@ from driverscore.adapters.readers import read_table
 from driverscore.adapters.registry import ModelRegistry, RegisteredVersion, open_registry
 from driverscore.adapters.storage import DatasetRef
 from driverscore.domain.mapping import ColumnMapping
+from driverscore.domain.profiles import TripProfile
 from driverscore.domain.scoring import ModelCard, feature_matrix
 from driverscore.errors import InputDataError, NoModelError
 from driverscore.pipelines.steps import (
@@ -39,6 +40,7 @@ from driverscore.training.dataset import (
 from driverscore.training.gate import GateReport, Metrics, evaluate, run_gate
 from driverscore.training.model import TrainedModel, train_model
 from driverscore.training.onnx_export import export_onnx
+from driverscore.training.reference import fit_reference_profile
 
 #: What to do about the most frequent reason when training refuses the claims.
 _LABEL_FIXES = {
@@ -82,6 +84,8 @@ class ValidatedCandidate:
     onnx_bytes: bytes
     card: ModelCard
     gate: GateReport
+    #: The drift reference (``reference_profile.json``): the profile of the labelled trips.
+    reference_profile: TripProfile | None = None
 
 
 @dataclass(frozen=True)
@@ -225,7 +229,17 @@ def validate_candidate(
         lineage=lineage(ctx, prepared, data),
         created_at=ctx.reference_time,
     )
-    return ValidatedCandidate(trained=trained, onnx_bytes=onnx_bytes, card=card, gate=gate)
+    # The drift reference: every labelled trip of the run (train and holdout), scored by
+    # the candidate itself; its hash goes into the card so the pair cannot be mixed up.
+    ctx.progress("reference profile")
+    reference = fit_reference_profile(
+        pl.concat([data.train, data.holdout], how="vertical_relaxed"),
+        trained.scorer(card, ctx.settings.model_name, "candidate", "champion"),
+    )
+    card = card.model_copy(update={"reference_profile_sha256": reference.sha256()})
+    return ValidatedCandidate(
+        trained=trained, onnx_bytes=onnx_bytes, card=card, gate=gate, reference_profile=reference
+    )
 
 
 def lineage(ctx: RunContext, prepared: PreparedDataset, data: TrainingData) -> dict[str, str]:
@@ -264,6 +278,11 @@ def register_candidate(
         data_versions={k: str(v) for k, v in data_versions.items()},
         code_version=code_version(),
         sample=data.holdout.head(5),
+        reference_profile=(
+            candidate.reference_profile.to_json_bytes()
+            if candidate.reference_profile is not None
+            else None
+        ),
     )
 
 

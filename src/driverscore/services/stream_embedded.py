@@ -6,9 +6,9 @@ at ``speed`` × real time), cuts them into trips with the same
 is one partition, its state in memory), and hands the closed sessions to the same
 :class:`~driverscore.services.stream.TripScoringStep`. The feature rows, score records,
 alerts, shadow records and set-aside trips go to a sink: Parquet files under the home
-folder, or memory (tests, the demo); the rollout decisions go to a prediction log, as the
-service's do. At the end of the file every open session closes (what the Kafka replay's
-closing clock does).
+folder, the score store (answer records, alerts and routes), or memory (tests); the
+rollout decisions go to a prediction log, as the service's do. At the end of the file
+every open session closes (what the Kafka replay's closing clock does).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import polars as pl
 
 from driverscore.adapters.prediction_log import PredictionLog
+from driverscore.adapters.score_store import ScoreBatch, ScoreWriter
 from driverscore.domain.schema import PING_SCHEMA
 from driverscore.domain.sessions import ClosedSession, MemoryScope, SessionRules, TripAssembler
 from driverscore.domain.trip_scoring import PredictionRecord
@@ -34,6 +35,8 @@ __all__ = [
     "MemoryScoreSink",
     "ParquetScoreSink",
     "ScoreSink",
+    "ScoreStoreSink",
+    "TeeSink",
     "run_embedded_stream",
 ]
 
@@ -130,6 +133,52 @@ class ParquetScoreSink:
             self.written.append(path)
 
 
+class ScoreStoreSink:
+    """The score store (``adapters/score_store``): answer records, alerts and routes,
+    written in batches of ``flush_every`` sessions and on :meth:`flush` (never row by row:
+    each write opens the store's file for one transaction)."""
+
+    def __init__(self, store: ScoreWriter, flush_every: int = 500, source: str = "stream") -> None:
+        self.store = store
+        self.flush_every = flush_every
+        self.source = source
+        self._pending: list[ScoredSession] = []
+        self.records = 0
+
+    def add(self, scored: ScoredSession) -> None:
+        self._pending.append(scored)
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        batch = ScoreBatch(
+            self.source,
+            scores=_concat(s.records for s in pending),
+            alerts=_concat(s.alerts for s in pending),
+            routes=_concat(s.routes for s in pending),
+        )
+        if len(batch):
+            self.records += self.store.write(batch).scores
+
+
+@dataclass(frozen=True)
+class TeeSink:
+    """Every session to each of ``sinks``, in order."""
+
+    sinks: tuple[ScoreSink, ...]
+
+    def add(self, scored: ScoredSession) -> None:
+        for sink in self.sinks:
+            sink.add(scored)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
+
+
 @dataclass(frozen=True)
 class EmbeddedRunResult:
     """How much one replay read and produced."""
@@ -167,6 +216,7 @@ def run_embedded_stream(
     grace_s: float,
     prediction_log: PredictionLog | None = None,
     score_batch_trips: int = 200,
+    profile_flush_s: float = 300.0,
     speed: float = 0.0,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
@@ -177,7 +227,8 @@ def run_embedded_stream(
     0 as fast as possible. Trips are cut by the scoring model card's trip rules (``TripConfig``:
     gap, ``max_trip_pings``).
     ``prediction_log`` receives the rollout decisions (set up by the caller; flushed at the
-    end).
+    end). The step's profile writer, when it has one, writes its parts every
+    ``profile_flush_s`` of the replay and at the end.
     """
     card = step.scorer.card
     assembler = TripAssembler(SessionRules.of_trips(card.trip_config, grace_s))
@@ -190,9 +241,11 @@ def run_embedded_stream(
     # closed trips in batches, which costs a fraction per trip and gives the same rows.
     batch = 1 if speed > 0 else score_batch_trips
     waiting: list[ClosedSession] = []
+    profiles = step.profile_writer
+    flushed_at = started
 
     def close(closed: list[ClosedSession], *, final: bool = False) -> None:
-        nonlocal sessions, trips, alerts, set_aside
+        nonlocal sessions, trips, alerts, set_aside, flushed_at
         waiting.extend(closed)
         if not waiting or (len(waiting) < batch and not final):
             return
@@ -205,6 +258,9 @@ def run_embedded_stream(
             if prediction_log is not None and scored.decisions:
                 prediction_log.add(scored.decisions)
         waiting.clear()
+        if profiles is not None and clock() - flushed_at >= profile_flush_s:
+            profiles.flush()
+            flushed_at = clock()
 
     for ping in _ping_dicts(pings):
         if speed > 0:
@@ -221,4 +277,6 @@ def run_embedded_stream(
     sink.flush()
     if prediction_log is not None:
         prediction_log.flush()
+    if profiles is not None:
+        profiles.flush()
     return EmbeddedRunResult(count, sessions, trips, alerts, set_aside, late, clock() - started)

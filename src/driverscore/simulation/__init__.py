@@ -1,4 +1,5 @@
-"""Fleet simulator: physically plausible 1 Hz pings, incident labels and drift knobs.
+"""Fleet simulator: physically plausible 1 Hz pings, incident labels and drift knobs; device
+noise profiles and small scenarios of known geometry for tests of the feature rules.
 
 See ``docs/simulator.md`` for the physics and the label model.
 """
@@ -9,14 +10,21 @@ from driverscore.simulation.config import (
     SimulationConfig,
     vehicles_per_chunk_for,
 )
+from driverscore.simulation.gps import PHONE, TRACKER, GpsProfile
+from driverscore.simulation.scenarios import constant_turn, straight_drive
 from driverscore.simulation.simulator import Simulation, iter_simulation, simulate
 
 __all__ = [
+    "PHONE",
+    "TRACKER",
     "DirtConfig",
     "DriftConfig",
+    "GpsProfile",
     "Simulation",
     "SimulationConfig",
+    "constant_turn",
     "iter_simulation",
     "simulate",
+    "straight_drive",
     "vehicles_per_chunk_for",
 ]

@@ -46,7 +46,14 @@ class DirtConfig(BaseModel):
 
 
 class DriftConfig(BaseModel):
-    """Changes of the world or of the devices, for drift detection to notice."""
+    """Changes of the world or of the devices, for drift detection to notice.
+
+    Each drift has a start day N (0-based, counted from ``SimulationConfig.start``): it
+    applies to the trips scheduled to start at or after ``start + N days``, so the days
+    before it are undrifted. A trip never changes device or speeds midway: the schedule's
+    planned start decides (a trip delayed past midnight by the vehicle's previous trip keeps
+    the state of its planned start). Start day 0 drifts from the first day.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -54,6 +61,9 @@ class DriftConfig(BaseModel):
         default=0,
         ge=0,
         description="Vehicles of an extra fleet 'fleet-new' with a riskier driver mix.",
+    )
+    new_fleet_start_day: int = Field(
+        default=0, ge=0, description="Day the new fleet's vehicles start driving (0-based)."
     )
     new_fleet_aggressiveness_shift: float = Field(
         default=0.25,
@@ -72,14 +82,35 @@ class DriftConfig(BaseModel):
         le=1,
         description="Share of vehicles whose speed sensor carries the bias.",
     )
+    speed_sensor_bias_start_day: int = Field(
+        default=0, ge=0, description="Day the speed sensor bias starts (0-based)."
+    )
     speed_unit_kmh_share: float = Field(
         default=0.0,
         ge=0,
         le=1,
         description="Share of vehicles whose devices report km/h numbers in speed_mps.",
     )
+    speed_unit_kmh_start_day: int = Field(
+        default=0, ge=0, description="Day the km/h devices start sending km/h (0-based)."
+    )
     seasonal_speed_factor: float = Field(
         default=1.0, gt=0, description="Multiplier on the drivers' target speeds (weather, season)."
+    )
+    seasonal_start_day: int = Field(
+        default=0, ge=0, description="Day the seasonal speed factor starts (0-based)."
+    )
+    gps_only_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description=(
+            "Share of the vehicles with an IMU whose devices turn GPS-only: accelerometer "
+            "columns null and phone-grade GPS (a tracker replaced by a phone app)."
+        ),
+    )
+    gps_only_start_day: int = Field(
+        default=0, ge=0, description="Day those devices turn GPS-only (0-based)."
     )
 
 
@@ -106,6 +137,28 @@ class SimulationConfig(BaseModel):
         ge=0,
         le=1,
         description="Share of vehicles whose pings carry map-matched limits.",
+    )
+    habitual_speeder_share: float = Field(
+        default=0.09,
+        ge=0,
+        le=1,
+        description=(
+            "Share of drivers who are habitual speeders: 10-25 km/h over the limit on most "
+            "segments, with a high latent speeding trait."
+        ),
+    )
+    wrong_limit_per_100km: float = Field(
+        default=2.0,
+        ge=0,
+        description=(
+            "Stretches of a few hundred metres where the map's limit is wrong (mostly too "
+            "low), per 100 km of map-matched driving."
+        ),
+    )
+    missing_limit_per_100km: float = Field(
+        default=3.0,
+        ge=0,
+        description="Stretches where the map has no limit, per 100 km of map-matched driving.",
     )
     include_trip_id: bool = Field(default=False, description="Fill trip_id in the pings.")
     vehicles_per_chunk: int = Field(

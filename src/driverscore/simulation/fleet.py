@@ -3,7 +3,9 @@
 One driver per vehicle. Driver traits are latent (0..1) and drive both the kinematics
 (what the pings show) and the incident hazard (what the labels show); they are drawn
 from correlated normals squashed by a logistic, so that aggressive drivers also tend to
-speed and to be less smooth, as in telematics studies.
+speed and to be less smooth, as in telematics studies. A share of drivers are habitual
+speeders: a personal margin of 10-25 km/h over the limit on most roads, and a high
+speeding trait.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from driverscore.simulation.config import SimulationConfig
+from driverscore.simulation.gps import TRACKER
 
 KMH: Final = 1 / 3.6
 MPH: Final = 0.44704
@@ -47,6 +50,8 @@ CITIES: Final[tuple[City, ...]] = (
 )
 
 NEW_FLEET_ID: Final = "fleet-new"
+#: Habitual speeders' personal margin over the limit, drawn uniformly per driver (km/h).
+HABITUAL_MARGIN_KMH: Final = (10.0, 25.0)
 
 
 @dataclass(frozen=True)
@@ -62,12 +67,17 @@ class Fleet:
     speeding_propensity: np.ndarray
     night_propensity: np.ndarray
     smoothness: np.ndarray
+    #: Habitual speeders' margin over the limit (m/s); 0 for every other driver.
+    speeding_margin_mps: np.ndarray
     has_imu: np.ndarray
     has_speed_limit: np.ndarray
     #: Vehicle power over mass (W/kg): caps acceleration as speed rises.
     power_per_kg: np.ndarray
-    #: Multiplier on the reported speed (sensor bias times km/h unit change).
-    speed_report_factor: np.ndarray
+    #: Drifts, each from its start day: speed sensor bias (multiplier, 1 when unbiased),
+    #: km/h numbers sent as m/s, tracker replaced by a GPS-only device.
+    speed_bias: np.ndarray
+    reports_kmh: np.ndarray
+    turns_gps_only: np.ndarray
     #: IMU mount bias, longitudinal and lateral (m/s²).
     imu_bias_long: np.ndarray
     imu_bias_lat: np.ndarray
@@ -88,6 +98,7 @@ class Fleet:
                 "speeding_propensity": self.speeding_propensity[sel],
                 "night_propensity": self.night_propensity[sel],
                 "smoothness": self.smoothness[sel],
+                "habitual_speeder": self.speeding_margin_mps[sel] > 0.0,
             },
             schema={
                 "driver_id": pl.String(),
@@ -98,6 +109,7 @@ class Fleet:
                 "speeding_propensity": pl.Float64(),
                 "night_propensity": pl.Float64(),
                 "smoothness": pl.Float64(),
+                "habitual_speeder": pl.Boolean(),
             },
         )
 
@@ -147,7 +159,6 @@ def build_fleet(config: SimulationConfig) -> Fleet:
     drift = config.drift
     biased = rng.random(n) < drift.speed_sensor_bias_share
     kmh = rng.random(n) < drift.speed_unit_kmh_share
-    report = np.where(biased, drift.speed_sensor_bias, 1.0) * np.where(kmh, 3.6, 1.0)
 
     # One string per vehicle (not per ping): a plain comprehension is clearest.
     vehicle_ids = np.array([f"veh-{i + 1:05d}" for i in index], dtype=object)
@@ -159,6 +170,14 @@ def build_fleet(config: SimulationConfig) -> Fleet:
     client_names = np.array(
         [f"{f}-client-{c}" for f, c in zip(fleet_names, client_index, strict=True)], dtype=object
     )
+    imu_bias_long = rng.normal(0.0, TRACKER.imu_bias_sigma_mps2, n)
+    imu_bias_lat = rng.normal(0.0, TRACKER.imu_bias_sigma_mps2, n)
+    # Drawn after the others, so these knobs leave every earlier draw of the fleet as it was.
+    turns_gps_only = has_imu & (rng.random(n) < drift.gps_only_share)
+    habitual = rng.random(n) < config.habitual_speeder_share
+    margin = np.where(habitual, rng.uniform(*HABITUAL_MARGIN_KMH, n) * KMH, 0.0)
+    # Their latent trait is high: the label model sees the risk through the traits only.
+    speeding = np.where(habitual, np.maximum(speeding, rng.uniform(0.8, 0.95, n)), speeding)
     return Fleet(
         vehicle_id=vehicle_ids,
         driver_id=driver_ids,
@@ -169,10 +188,13 @@ def build_fleet(config: SimulationConfig) -> Fleet:
         speeding_propensity=speeding,
         night_propensity=night,
         smoothness=smoothness,
+        speeding_margin_mps=margin,
         has_imu=has_imu,
         has_speed_limit=has_limit,
         power_per_kg=power,
-        speed_report_factor=report,
-        imu_bias_long=rng.normal(0.0, 0.12, n),
-        imu_bias_lat=rng.normal(0.0, 0.12, n),
+        speed_bias=np.where(biased, drift.speed_sensor_bias, 1.0),
+        reports_kmh=kmh,
+        imu_bias_long=imu_bias_long,
+        imu_bias_lat=imu_bias_lat,
+        turns_gps_only=turns_gps_only,
     )

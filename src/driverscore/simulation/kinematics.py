@@ -13,7 +13,8 @@ driver:
 - brakes at 4.5–8.5 m/s² for 1–3 s when a surprise occurs.
 
 Position integrates in local metres (east, north); heading follows the segment's
-curvature, and lateral acceleration is ``v² κ``. GPS position error is an AR(1) process.
+curvature, and lateral acceleration is ``v² κ``. Everything here is the true motion: what
+the devices report of it is :mod:`driverscore.simulation.gps`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ from driverscore.simulation.routes import Routes, TripDrivers
 
 #: Tyre-road limit of braking (m/s²).
 MAX_DECEL_MPS2: Final = 8.5
-#: GPS position error: stationary std (m) and 1 s autocorrelation.
-GPS_SIGMA_M: Final = 3.0
-GPS_RHO: Final = 0.95
 #: Throttle noise autocorrelation over 1 s.
 THROTTLE_RHO: Final = 0.7
 #: A trip that has not parked after this many seconds is ended (a safety net).
@@ -38,9 +36,9 @@ MAX_TRIP_S: Final = 6 * 3600
 # Rows of the packed per-trip state, so compaction is a single take. Per-trip constants
 # and the fields of the trip's current segment travel with the state: a segment's fields
 # are gathered only when a trip enters it, not every second.
-_S, _V, _A, _THETA, _X, _Y, _DWELL, _EMT, _EMA, _EMDONE, _THR, _GX, _GY, _ODO = range(14)
-_FIN, _PARKED, _LAG, _THR_SIGMA, _POWER = range(14, 19)
-_SEG: Final = 19
+_S, _V, _A, _THETA, _X, _Y, _DWELL, _EMT, _EMA, _EMDONE, _THR, _ODO = range(12)
+_FIN, _PARKED, _LAG, _THR_SIGMA, _POWER = range(12, 17)
+_SEG: Final = 17
 # Rows of the segment table (offset by _SEG in the state).
 _LEN, _KAPPA, _LIMIT, _TARGET, _END, _GAP = 0, 1, 2, 3, 4, 7  # _END, _GAP: 3 rows each
 _STOP, _DWELL_AT_END, _BRAKE, _ACCEL, _EM_AT, _EM_A, _EM_S, _IS_LAST = range(10, 18)
@@ -58,7 +56,7 @@ class Trajectories:
     speed_mps: np.ndarray
     accel_long_mps2: np.ndarray
     accel_lat_mps2: np.ndarray
-    #: Position in local metres (east, north) from the trip's start, with GPS error.
+    #: True position in local metres (east, north) from the trip's start.
     east_m: np.ndarray
     north_m: np.ndarray
     #: True course, radians clockwise from north.
@@ -101,13 +99,10 @@ def drive(
     state[_SEG:] = table[:, seg]
     state[_THETA] = start_heading_rad
     state[_DWELL] = rng.uniform(3.0, 25.0, n_trips)  # engine on, belt, mirrors
-    state[_GX] = rng.normal(0.0, GPS_SIGMA_M, n_trips)
-    state[_GY] = rng.normal(0.0, GPS_SIGMA_M, n_trips)
     # Aggressive drivers react faster; less smooth ones add more throttle noise.
     state[_LAG] = 0.5 + 0.4 * drivers.aggressiveness
     state[_THR_SIGMA] = 0.05 + 0.45 * (1.0 - drivers.smoothness)
     state[_POWER] = drivers.power_per_kg
-    gps_innovation = GPS_SIGMA_M * np.sqrt(1.0 - GPS_RHO**2)
     throttle_innovation = np.sqrt(1.0 - THROTTLE_RHO**2)
 
     recorded: list[np.ndarray] = []
@@ -128,8 +123,8 @@ def drive(
                     v,
                     a,
                     v * v * kappa,
-                    state[_X] + state[_GX],
-                    state[_Y] + state[_GY],
+                    state[_X],
+                    state[_Y],
                     theta,
                     tab[_LIMIT],
                 ],
@@ -154,8 +149,7 @@ def drive(
         floor = np.maximum(0.5 * v, 0.1)
         need = np.max(np.where(trigger, excess / (2.0 * np.maximum(distance, floor)), 0.0), axis=0)
         brake = trigger.any(axis=0)
-        noise = rng.standard_normal((3, len(trip)))
-        thr = THROTTLE_RHO * state[_THR] + throttle_innovation * noise[0]
+        thr = THROTTLE_RHO * state[_THR] + throttle_innovation * rng.standard_normal(len(trip))
         state[_THR] = thr
         a_max = np.minimum(tab[_ACCEL], state[_POWER] / np.maximum(v, 2.0))
         a_cmd = np.clip(0.6 * (tab[_TARGET] - v), -1.5, a_max)
@@ -213,9 +207,6 @@ def drive(
                 state[_S, again] -= state[_SEG + _LEN, again]
                 seg[again] += 1
                 state[_SEG:, again] = table[:, seg[again]]
-
-        state[_GX] = GPS_RHO * state[_GX] + gps_innovation * noise[1]
-        state[_GY] = GPS_RHO * state[_GY] + gps_innovation * noise[2]
 
         finishing |= halted & is_last
         state[_FIN] = finishing

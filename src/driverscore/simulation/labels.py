@@ -13,8 +13,9 @@ driver mix has an incident on ~3–4 % of trips; a riskier mix (the drift fleet)
 
 The same traits drive the kinematics (late braking, hard accelerations, tight cornering,
 jerk and surprise brakes for aggressive and less smooth drivers; target speeds above the
-limit for speeders; trip times for night-prone drivers), so the behaviours that cause the
-risk are visible in the pings, but the labels never look at the pings.
+limit for speeders, and a high speeding trait for habitual speeders; trip times for
+night-prone drivers), so the behaviours that cause the risk are visible in the pings, but
+the labels never look at the pings.
 
 An incident happens at a uniform time inside its trip and is reported after a lognormal
 delay (median 4 days, capped at 30 days), as claims arrive late.

@@ -29,6 +29,8 @@ _STOP_P: Final = np.array([0.25, 0.30, 0.22, 0.0])
 _TURN_P: Final = np.array([0.40, 0.25, 0.12, 0.25])
 #: Highest speed any vehicle reaches (m/s): keeps every vehicle below ~60 m/s.
 _TOP_SPEED_MPS: Final = 52.0
+#: Share of segments a habitual speeder drives at their margin over the limit.
+_HABITUAL_SEGMENT_SHARE: Final = 0.85
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class TripDrivers:
     #: Trip starts in a local rush hour: more congestion.
     rush: np.ndarray
     power_per_kg: np.ndarray
+    #: Habitual speeders' margin over the limit (m/s); 0 for the others.
+    speeding_margin_mps: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,12 @@ def plan_routes(
     rng: np.random.Generator,
     distance_km: np.ndarray,
     drivers: TripDrivers,
-    seasonal_speed_factor: float,
+    speed_factor: np.ndarray,
 ) -> Routes:
-    """Draw the segments of every trip from its planned distance and its driver."""
+    """Draw the segments of every trip from its planned distance and its driver.
+
+    ``speed_factor`` multiplies each trip's target speeds (the seasonal drift).
+    """
     n_trips = len(distance_km)
     total_m = distance_km * 1000.0
     res_start = np.minimum(0.1 * total_m, rng.uniform(200.0, 1000.0, n_trips))
@@ -157,8 +164,17 @@ def plan_routes(
     smooth = drivers.smoothness[seg_trip]
     limit = drivers.limits_mps[seg_trip, seg_road]
 
-    # Speeding: habitual drivers add up to ~25 % to the limit on most segments.
+    # Speeding: drivers prone to it add up to ~25 % to the limit on most segments;
+    # habitual speeders drive at their own margin over it on most segments (a fixed number
+    # of km/h, whatever the road), and like everyone else elsewhere.
     offset = -0.06 + 0.32 * spd + rng.normal(0.0, 0.06, n_seg)
+    margin = drivers.speeding_margin_mps[seg_trip]
+    at_margin = (margin > 0.0) & (rng.random(n_seg) < _HABITUAL_SEGMENT_SHARE)
+    desired = np.where(
+        at_margin,
+        limit + margin + rng.normal(0.0, 1.0, n_seg),
+        limit * (1.0 + offset),
+    )
     congested = (seg_road != RESIDENTIAL) & (
         rng.random(n_seg) < 0.08 + 0.3 * drivers.rush[seg_trip]
     )
@@ -167,7 +183,7 @@ def plan_routes(
     curve_speed = np.sqrt(lateral_pref / np.maximum(np.abs(curvature), 1e-9))
     target = np.minimum.reduce(
         [
-            limit * (1.0 + offset) * seasonal_speed_factor * congestion,
+            desired * speed_factor[seg_trip] * congestion,
             curve_speed,
             np.full(n_seg, _TOP_SPEED_MPS),
         ]

@@ -22,24 +22,20 @@ import polars as pl
 from driverscore.domain.schema import conform_pings
 from driverscore.simulation.config import SimulationConfig
 from driverscore.simulation.dirt import corrupt_values, dirty_order
-from driverscore.simulation.fleet import CITIES, Fleet, build_fleet
+from driverscore.simulation.fleet import CITIES, HIGHWAY, Fleet, build_fleet
+from driverscore.simulation.gps import PHONE, TRACKER, TrueTrack, report_fixes, report_imu, to_wgs84
 from driverscore.simulation.kinematics import Trajectories, drive
 from driverscore.simulation.labels import Incidents, draw_incidents, hazard_per_km
+from driverscore.simulation.maps import map_limits
 from driverscore.simulation.routes import TripDrivers, plan_routes
 
 _DAY_S: Final = 86_400
-_METRES_PER_DEGREE: Final = 111_195.0
 #: Local night window used for the trips' night fraction (hours).
 NIGHT_START_HOUR: Final = 22.0
 NIGHT_END_HOUR: Final = 5.0
 #: Shortest pause between two trips of a vehicle (s): longer than the trip gap of
 #: segmentation, so trips cut by time gaps match the simulated ones.
 _MIN_PAUSE_S: Final = 900.0
-#: Doppler speed noise (m/s).
-_SPEED_SIGMA_MPS: Final = 0.15
-_IMU_SIGMA_MPS2: Final = 0.2
-#: One GPS dropout per this many fixes on average, lasting 2-8 s.
-_DROPOUT_EVERY_S: Final = 1500.0
 
 _UTC_US = pl.Datetime("us", "UTC")
 
@@ -156,8 +152,17 @@ def _schedule(
     local_hour = hours[np.arange(n), np.minimum(component, 4)]
     lon = np.array([c.lon for c in CITIES])[fleet.city[vehicle]]
     start_s = day * _DAY_S + local_hour * 3600.0 - lon / 15.0 * 3600.0
+    # The new fleet joins on its start day: none of its trips is planned before it.
+    joined = (vehicle < config.vehicles) | _from_day(start_s, config.drift.new_fleet_start_day)
+    vehicle, start_s, local_hour = vehicle[joined], start_s[joined], local_hour[joined]
     order = np.lexsort((start_s, vehicle))
     return _Schedule(vehicle[order], start_s[order], (local_hour[order]) % 24.0)
+
+
+def _from_day(planned_s: np.ndarray, day: int) -> np.ndarray:
+    """Trips a drift starting on ``day`` applies to; day 0 is every trip (even one planned
+    just before ``start`` in UTC: local midnight is later than UTC midnight east of it)."""
+    return np.asarray(planned_s >= day * _DAY_S if day > 0 else np.ones(len(planned_s), bool))
 
 
 def _resolve_overlaps(
@@ -199,9 +204,14 @@ def _simulate_chunk(
         limits_mps=limits[fleet.city[vehicle]],
         rush=(((hour >= 7.0) & (hour < 9.5)) | ((hour >= 16.5) & (hour < 19.0))).astype(float),
         power_per_kg=fleet.power_per_kg[vehicle],
+        speeding_margin_mps=fleet.speeding_margin_mps[vehicle],
     )
     planned_km = np.clip(rng.lognormal(np.log(8.0), 0.75, n_trips), 1.0, 120.0)
-    routes = plan_routes(rng, planned_km, drivers, config.drift.seasonal_speed_factor)
+    drift = config.drift
+    seasonal = np.where(
+        _from_day(plan.start_s, drift.seasonal_start_day), drift.seasonal_speed_factor, 1.0
+    )
+    routes = plan_routes(rng, planned_km, drivers, seasonal)
     traj = drive(rng, routes, drivers, rng.uniform(0.0, 2.0 * np.pi, n_trips))
 
     start_s = _resolve_overlaps(vehicle, plan.start_s, traj.samples.astype(float), rng)
@@ -230,9 +240,27 @@ def _simulate_chunk(
     )
 
     epoch_us = int(config.start.timestamp()) * 1_000_000
-    columns = _observe(rng, traj, fleet, vehicle, city_lat, city_lon, utc_s)
+    # Multipath jumps happen in the city: every road but the highway.
+    urban = traj.speed_limit_mps < drivers.limits_mps[traj.trip, HIGHWAY] - 0.01
+    devices = _TripDevices(
+        tracker=fleet.has_imu[vehicle]
+        & ~(fleet.turns_gps_only[vehicle] & _from_day(plan.start_s, drift.gps_only_start_day)),
+        speed_factor=np.where(
+            _from_day(plan.start_s, drift.speed_sensor_bias_start_day),
+            fleet.speed_bias[vehicle],
+            1.0,
+        )
+        * np.where(
+            fleet.reports_kmh[vehicle] & _from_day(plan.start_s, drift.speed_unit_kmh_start_day),
+            3.6,
+            1.0,
+        ),
+    )
+    columns, reported = _observe(
+        rng, config, traj, urban, devices, fleet, vehicle, city_lat, city_lon, utc_s
+    )
     columns["ts_us"] += epoch_us
-    kept = np.flatnonzero(_dropout_mask(rng, traj))
+    kept = np.flatnonzero(reported)
     rows = kept[dirty_order(rng, len(kept), config.dirt)]
     columns = {name: np.take(values, rows) for name, values in columns.items()}
     corrupt_values(rng, columns, config.dirt)
@@ -256,86 +284,95 @@ def _simulate_chunk(
     )
 
 
+@dataclass(frozen=True)
+class _TripDevices:
+    """Per trip: the device that records it, after the drifts of its day."""
+
+    #: A tracker with an IMU; otherwise a GPS-only phone.
+    tracker: np.ndarray
+    #: Multiplier on the reported speed (sensor bias times a km/h unit change).
+    speed_factor: np.ndarray
+
+
 def _observe(
     rng: np.random.Generator,
+    config: SimulationConfig,
     traj: Trajectories,
+    urban: np.ndarray,
+    devices: _TripDevices,
     fleet: Fleet,
     vehicle: np.ndarray,
     city_lat: np.ndarray,
     city_lon: np.ndarray,
     utc_s: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """What the devices report: noisy speed, course, accelerometers, map-matched limits."""
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """What the devices report (every fix), and which fixes they send (not lost in dropouts).
+
+    Map-matched vehicles report the map's limit, wrong or missing on short stretches
+    (:mod:`driverscore.simulation.maps`).
+
+    Trips recorded by a tracker have its IMU columns; the others are phones, GPS only
+    (:mod:`driverscore.simulation.gps`).
+    """
     trip = traj.trip
-    n = len(trip)
     n_trips = len(vehicle)
     ping_vehicle = vehicle[trip]
 
     # Trips start somewhere within ~12 km of the city centre.
     radius = 12_000.0 * np.sqrt(rng.random(n_trips))
     bearing = rng.uniform(0.0, 2.0 * np.pi, n_trips)
-    east = radius * np.sin(bearing)
-    north = radius * np.cos(bearing)
-    lat0 = city_lat[trip]
-    lat = lat0 + (north[trip] + traj.north_m) / _METRES_PER_DEGREE
-    lon = city_lon[trip] + (east[trip] + traj.east_m) / (
-        _METRES_PER_DEGREE * np.cos(np.deg2rad(lat0))
+    tracker = devices.tracker
+    fixes = report_fixes(
+        rng,
+        TrueTrack(
+            trip=trip,
+            step=traj.step,
+            east_m=traj.east_m,
+            north_m=traj.north_m,
+            course_rad=traj.heading_rad,
+            speed_mps=traj.speed_mps,
+            urban=urban,
+        ),
+        (PHONE, TRACKER),
+        tracker.astype(np.int64),
     )
-
-    speed = traj.speed_mps
-    # Doppler speed never goes negative; at a standstill it reads a few cm/s.
-    reported_speed = np.abs(speed + _SPEED_SIGMA_MPS * rng.standard_normal(n, np.float32))
-    reported_speed *= fleet.speed_report_factor[ping_vehicle]
-    # Course is sharp at speed and wanders when nearly stopped.
-    heading_sigma = 0.3 + 3.0 / np.maximum(speed, 0.5)
-    heading = (
-        np.rad2deg(traj.heading_rad) + rng.standard_normal(n, np.float32) * heading_sigma
-    ) % 360.0
-
-    imu = fleet.has_imu[ping_vehicle]
-    accel_long = np.where(
-        imu,
-        traj.accel_long_mps2
-        + fleet.imu_bias_long[ping_vehicle]
-        + _IMU_SIGMA_MPS2 * rng.standard_normal(n, np.float32),
-        np.nan,
+    lat, lon = to_wgs84(
+        city_lat[trip],
+        city_lon[trip],
+        (radius * np.sin(bearing))[trip] + fixes.east_m,
+        (radius * np.cos(bearing))[trip] + fixes.north_m,
     )
-    accel_lat = np.where(
-        imu,
-        traj.accel_lat_mps2
-        + fleet.imu_bias_lat[ping_vehicle]
-        + _IMU_SIGMA_MPS2 * rng.standard_normal(n, np.float32),
-        np.nan,
+    imu = tracker[trip]
+    accel_long, accel_lat = report_imu(
+        rng,
+        TRACKER,
+        traj.accel_long_mps2,
+        traj.accel_lat_mps2,
+        fleet.imu_bias_long[ping_vehicle],
+        fleet.imu_bias_lat[ping_vehicle],
     )
-    limit = np.where(fleet.has_speed_limit[ping_vehicle], traj.speed_limit_mps, np.nan)
-    return {
+    map_limit = map_limits(
+        rng,
+        trip,
+        traj.speed_mps,
+        traj.speed_limit_mps,
+        config.wrong_limit_per_100km,
+        config.missing_limit_per_100km,
+    )
+    limit = np.where(fleet.has_speed_limit[ping_vehicle], map_limit, np.nan)
+    columns = {
         "ts_us": (utc_s * 1_000_000).astype(np.int64),
         "vehicle": ping_vehicle,
         "trip": trip,
         "lat": lat,
         "lon": lon,
-        "speed_mps": reported_speed,
-        "heading_deg": heading,
-        "accel_long_mps2": accel_long,
-        "accel_lat_mps2": accel_lat,
+        "speed_mps": fixes.speed_mps * devices.speed_factor[trip],
+        "heading_deg": fixes.course_deg,
+        "accel_long_mps2": np.where(imu, accel_long, np.nan),
+        "accel_lat_mps2": np.where(imu, accel_lat, np.nan),
         "speed_limit_mps": limit,
     }
-
-
-def _dropout_mask(rng: np.random.Generator, traj: Trajectories) -> np.ndarray:
-    """Short GPS dropouts inside trips (tunnels, urban canyons); first and last fix kept."""
-    n = len(traj.trip)
-    remaining = traj.samples[traj.trip] - traj.step
-    starts = np.flatnonzero(
-        (rng.random(n) < 1.0 / _DROPOUT_EVERY_S) & (traj.step >= 5) & (remaining > 12)
-    )
-    lengths = rng.integers(2, 9, len(starts))
-    dropped = np.repeat(starts, lengths) + (
-        np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    )
-    keep = np.ones(n, bool)
-    keep[dropped] = False
-    return keep
+    return columns, fixes.reported
 
 
 def _trip_ids(fleet: Fleet, vehicle: np.ndarray) -> pl.Series:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -16,9 +17,11 @@ from sklearn.metrics import precision_recall_curve
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
 from driverscore.domain.features import MODEL_FEATURES
 from driverscore.domain.scoring import (
+    DEFAULT_BAND_LIMITS,
     FeatureReference,
     ModelCard,
     ModelFeature,
+    ScoreForm,
     ScoreMapping,
     TripScorer,
     feature_matrix,
@@ -73,6 +76,7 @@ class TrainedModel:
             trip_config=trip_config,
             feature_config=feature_config,
             training_params=self.training_params,
+            band_limits=[r for r in DEFAULT_BAND_LIMITS if r.feature in self.feature_names],
             metrics={**{f"train.{k}": v for k, v in self.train_metrics.items()}, **(metrics or {})},
             lineage=lineage or {},
         )
@@ -98,7 +102,13 @@ def f1_optimal_threshold(y_true: npt.ArrayLike, probability: npt.ArrayLike) -> f
     return float(thresholds[int(np.argmax(f1))])
 
 
-def train_model(train: pl.DataFrame, config: TrainingConfig) -> TrainedModel:
+def train_model(
+    train: pl.DataFrame,
+    config: TrainingConfig,
+    *,
+    features: Mapping[str, int] = MODEL_FEATURES,
+    score_form: ScoreForm = "soft_tails",
+) -> TrainedModel:
     """Fit the calibrated monotone model on labelled trips (``incident`` column, 0/1).
 
     ``HistGradientBoostingClassifier`` handles missing values (``speeding_share`` without a
@@ -108,11 +118,14 @@ def train_model(train: pl.DataFrame, config: TrainingConfig) -> TrainedModel:
     sigmoid (Platt) fit on held-out folds (``cv=3``), which the calibrator fits *without*
     class weights, so the output is a real probability. Sigmoid rather than isotonic: it
     stays strictly monotone and exports to ONNX exactly.
+
+    ``features`` (name → monotone direction) and ``score_form`` default to today's model;
+    other values rebuild an earlier model's inputs and mapping for a like-for-like comparison.
     """
     if LABEL_COLUMN not in train.columns:
         raise InputDataError(f"training trips lack the label column {LABEL_COLUMN!r}")
-    names = tuple(MODEL_FEATURES)
-    directions = tuple(MODEL_FEATURES[n] for n in names)
+    names = tuple(features)
+    directions = tuple(features[n] for n in names)
     x = feature_matrix(train, names)
     y = train[LABEL_COLUMN].cast(pl.Int64).to_numpy()
     positives = int(y.sum())
@@ -142,7 +155,7 @@ def train_model(train: pl.DataFrame, config: TrainingConfig) -> TrainedModel:
         estimator=estimator,
         feature_names=names,
         directions=directions,
-        score_mapping=ScoreMapping.fit(probs),
+        score_mapping=ScoreMapping.fit(probs, form=score_form),
         decision_threshold=threshold,
         reference=reference,
         training_params={**config.model_dump(), "calibration": "sigmoid", "calibration_cv": 3},

@@ -35,6 +35,8 @@ TRUE_LOG_ODDS: Final[dict[str, float]] = {
     "harsh_accel_per_100km": 0.12,
     "harsh_corner_per_100km": 0.12,
     "speeding_share": 4.0,
+    "speeding_moderate_share": 2.0,
+    "speeding_severe_share": 3.0,
     "night_share": 1.6,
     "jerk_rms_mps3": 0.6,
 }
@@ -70,10 +72,13 @@ def synthetic_trips(
         "harsh_accel_per_100km": rng.exponential(1.0, n_trips) * style,
         "harsh_corner_per_100km": rng.exponential(0.8, n_trips) * style,
         "speeding_share": speeding,
+        # Time well over the limit is a part of the time over it.
+        "speeding_moderate_share": speeding * rng.uniform(0.2, 0.7, n_trips),
         "night_share": night,
         "idle_share": rng.beta(2.0, 10.0, n_trips),
         "jerk_rms_mps3": rng.gamma(2.0, 0.3, n_trips) * np.sqrt(style),
     }
+    cols["speeding_severe_share"] = cols["speeding_moderate_share"] * rng.uniform(0.1, 0.6, n_trips)
     log_odds = np.full(n_trips, TRUE_LOG_ODDS["const"])
     for name, beta in TRUE_LOG_ODDS.items():
         if name != "const":

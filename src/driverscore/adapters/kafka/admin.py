@@ -25,7 +25,16 @@ class TopicSetup:
 
 def topic_names(config: KafkaConfig) -> list[str]:
     t = config.topics
-    return [t.pings, t.dlq, t.trip_features, t.scores, t.alerts, t.shadow_scores, t.predictions]
+    return [
+        t.pings,
+        t.dlq,
+        t.trip_features,
+        t.scores,
+        t.alerts,
+        t.shadow_scores,
+        t.predictions,
+        t.routes,
+    ]
 
 
 def create_topics(config: KafkaConfig, timeout_s: float = 30.0) -> TopicSetup:

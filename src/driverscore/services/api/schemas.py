@@ -116,6 +116,10 @@ class TripFeaturesIn(BaseModel):
         le=1,
         description=FEATURE_CONTRACT["speeding_share"].description + " Unit: 0-1.",
     )
+    # Required (null when no limit is known): a body without them would be scored as if
+    # no limit were known, a silent wrong answer for a trip that has one.
+    speeding_moderate_share: float | None = _feature_in("speeding_moderate_share")
+    speeding_severe_share: float | None = _feature_in("speeding_severe_share")
     night_share: float | None = _feature_in("night_share")
     idle_share: float | None = _feature_in("idle_share")
     jerk_rms_mps3: float | None = _feature_in("jerk_rms_mps3")
@@ -180,6 +184,8 @@ class TripFeaturesOut(BaseModel):
     harsh_accel_per_100km: float | None = _feature_out("harsh_accel_per_100km")
     harsh_corner_per_100km: float | None = _feature_out("harsh_corner_per_100km")
     speeding_share: float | None = _feature_out("speeding_share")
+    speeding_moderate_share: float | None = _feature_out("speeding_moderate_share")
+    speeding_severe_share: float | None = _feature_out("speeding_severe_share")
     night_share: float | None = _feature_out("night_share")
     idle_share: float | None = _feature_out("idle_share")
     stop_count: int | None = _feature_out("stop_count")

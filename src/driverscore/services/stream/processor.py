@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +30,7 @@ from driverscore.adapters.kafka.messages import (
 )
 from driverscore.adapters.kafka.prediction_log import encode_prediction, prediction_key
 from driverscore.domain.rollout import RolloutPolicy
+from driverscore.domain.routes import ROUTE_SCHEMA, trip_routes
 from driverscore.domain.scoring import TripScorer
 from driverscore.domain.sessions import ClosedSession, PartitionScope, TripAssembler
 from driverscore.domain.trip_scoring import (
@@ -40,6 +41,8 @@ from driverscore.domain.trip_scoring import (
     score_trip_pings,
 )
 from driverscore.errors import ScoringServiceError
+from driverscore.services.live_monitor import LiveMonitor
+from driverscore.services.profile_writer import ProfileWriter
 from driverscore.services.stream.metrics import StreamMetrics
 from driverscore.services.stream.models import FixedModels, ModelSource, Scoring
 from driverscore.settings import KafkaTopics
@@ -74,7 +77,8 @@ class ScoredSession:
     ``shadow``: the other model's records of the same trips (role ``shadow``, canary and
     shadow mode); ``decisions``: one prediction-log row per record (none when the scoring
     service logged them itself); ``set_aside``: trips (or shadow scores) not scored, with
-    ``reason`` and ``detail`` and the trip's feature row.
+    ``reason`` and ``detail`` and the trip's feature row; ``routes``: the thinned route
+    of each scored trip (``domain/routes.py``), for the score store's trip view.
     """
 
     features: pl.DataFrame
@@ -83,6 +87,7 @@ class ScoredSession:
     shadow: pl.DataFrame
     decisions: list[PredictionRecord]
     set_aside: pl.DataFrame
+    routes: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=ROUTE_SCHEMA))
 
     @classmethod
     def of(cls, result: PingScoring) -> ScoredSession:
@@ -94,13 +99,20 @@ class ScoredSession:
                 [set_aside, rows.drop([c for c in SET_ASIDE_SCHEMA if c in rows.columns])],
                 how="horizontal",
             )
+        records = scored.records_frame()
+        routes = trip_routes(result.pings)
+        if routes.height:
+            routes = routes.join(
+                records.select("vehicle_id", "trip_id"), on=["vehicle_id", "trip_id"], how="semi"
+            )
         return cls(
             features=scored.features_frame(),
-            records=scored.records_frame(),
+            records=records,
             alerts=scored.alerts_frame(),
             shadow=scored.shadow_frame(),
             decisions=list(scored.decisions),
             set_aside=set_aside,
+            routes=routes,
         )
 
 
@@ -123,9 +135,16 @@ class TripScoringStep:
         policy: RolloutPolicy | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         scoring: Scoring = score_trip_pings,
+        live_monitor: LiveMonitor | None = None,
+        profile_writer: ProfileWriter | None = None,
     ) -> None:
         self.models: ModelSource = FixedModels(models) if isinstance(models, TripScorer) else models
         self.metrics = metrics
+        #: Drift gauges of this processor's trips over a rolling window (on its /metrics).
+        self.live_monitor = live_monitor
+        #: The trips this processor scored → profile parts in the data store (flushed by
+        #: the runner); None when the scoring service scores them (it writes their parts).
+        self.profile_writer = profile_writer
         self.policy = policy or RolloutPolicy()
         self.now = now
         self.scoring = scoring
@@ -150,9 +169,19 @@ class TripScoringStep:
         return scored
 
     def _count(self, result: PingScoring, scored: ScoredSession) -> None:
+        quarantined: dict[str, int] = {}
         if result.quarantine.height:
             for reason, count in result.quarantine["reason"].value_counts().iter_rows():
                 self.metrics.quarantined_pings.labels(str(reason)).inc(count)
+                quarantined[str(reason)] = int(count)
+        if self.live_monitor is not None:
+            self.live_monitor.observe(
+                scored.records,
+                pings_in=int(result.counts.get("rows_in", 0)),
+                quarantined=quarantined,
+            )
+        if self.profile_writer is not None:
+            self.profile_writer.observe(scored.records)
         self.metrics.trips.labels("scored").inc(scored.records.height)
         self.metrics.alerts.inc(scored.alerts.height)
         for trip in result.scored.set_aside:
@@ -362,13 +391,14 @@ class PingProcessor:
     def _trip_messages(
         self, scored: ScoredSession, headers: list[tuple[str, bytes]], source: str
     ) -> list[OutMessage]:
-        """A trip's feature row, score record, alert, shadow record and decision, trip by
-        trip; then the trips set aside, on the dead-letter topic with their reason."""
+        """A trip's feature row, route, score record, alert, shadow record and decision,
+        trip by trip; then the trips set aside, on the dead-letter topic with their reason."""
         topics = self.topics
         out: list[OutMessage] = []
         keys = _keys(scored.records)
         alerts = dict(zip(_keys(scored.alerts), _lines(scored.alerts), strict=True))
         shadows = dict(zip(_keys(scored.shadow), _lines(scored.shadow), strict=True))
+        routes = dict(zip(_keys(scored.routes), _lines(scored.routes), strict=True))
         decisions: list[PredictionRecord | None] = (
             list(scored.decisions) if scored.decisions else [None] * len(keys)
         )
@@ -379,6 +409,9 @@ class PingProcessor:
         ):
             vehicle = str(key[0])
             out.append(self._out(topics.trip_features, vehicle, feature, headers))
+            route = routes.get(key)
+            if route is not None:
+                out.append(self._out(topics.routes, vehicle, route, headers))
             out.append(self._out(topics.scores, vehicle, record, headers))
             alert = alerts.get(key)
             if alert is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import typing
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Final
@@ -66,9 +67,12 @@ BATCH_ROUTE: Final = "/v1/score:batch"
 _IDENTITY: Final = ("trip_id", "vehicle_id", "driver_id", "fleet_id", "client_id")
 #: The posted feature fields (model inputs plus start/end), as the service's schema has them.
 _FEATURES: Final = tuple(TripFeaturesIn.model_fields)
-#: Features the service's schema allows to be null (unknown); every other one is required.
+#: Features the service's schema allows to be null (unknown): those typed ``... | None``,
+#: required or not; every other one must be a number.
 _NULLABLE: Final = frozenset(
-    name for name, field in TripFeaturesIn.model_fields.items() if not field.is_required()
+    name
+    for name, field in TripFeaturesIn.model_fields.items()
+    if type(None) in typing.get_args(field.annotation)
 )
 _EXCERPT: Final = 300
 
@@ -319,7 +323,7 @@ class RemoteScoring:
         features = prepared.features
         answers = self.client.score_features(features) if features.height else []
         scored = _scored_trips(features, answers, models)
-        return PingScoring(scored, features, prepared.quarantine, prepared.counts)
+        return PingScoring(scored, features, prepared.quarantine, prepared.counts, prepared.pings)
 
     def close(self) -> None:
         """Closes the service connections."""
