@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from container_support import ROOT, STORAGE, Container, Images, Registry, free_port
+from container_support import ROOT, Container, Images, Registry, free_port, storage_driver
 
 from driverscore.adapters.kafka.broker import LocalKafkaBroker, wait_until_ready
 from driverscore.adapters.model_dir import export_model
@@ -39,7 +39,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
     log = tmp_path_factory.mktemp("image-build") / "build.log"
     full = os.environ.get("IMAGE", "localhost/driverscore:test")
     serving = os.environ.get("SERVING_IMAGE", "localhost/driverscore-serving:test")
-    env = {**os.environ, "IMAGE": full, "SERVING_IMAGE": serving, "STORAGE_DRIVER": STORAGE}
+    env = {
+        **os.environ,
+        "IMAGE": full,
+        "SERVING_IMAGE": serving,
+        "STORAGE_DRIVER": storage_driver(),
+    }
     start = time.monotonic()
     with log.open("wb") as out:
         done = subprocess.run(

@@ -3,6 +3,7 @@ what they wrote, and the manifests' view of them (tests/container)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -21,15 +22,33 @@ import yaml
 from driverscore.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-#: The storage the build script wrote the images to (its default, vfs).
-STORAGE = os.environ.get("STORAGE_DRIVER", "vfs")
+
+
+@functools.cache
+def storage_driver() -> str:
+    """The storage the build script writes the images to: $STORAGE_DRIVER, else the one
+    the script picks on this machine (overlay where it mounts, vfs otherwise)."""
+    chosen = (
+        os.environ.get("STORAGE_DRIVER")
+        or subprocess.run(
+            ["bash", str(ROOT / "scripts" / "container.sh"), "driver"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout.strip()
+    )
+    assert chosen in {"overlay", "vfs"}, chosen
+    return chosen
+
+
 #: The non-root user of the images and of the manifests' securityContext.
 UID = 10001
 
 
 def buildah(*args: str, timeout: float = 300) -> str:
     done = subprocess.run(
-        ["buildah", "--storage-driver", STORAGE, *args],
+        ["buildah", "--storage-driver", storage_driver(), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -129,7 +148,16 @@ class Container:
         for spec in volumes:
             options += ["-v", spec]
             self.mount_points.add(spec.split(":")[1])
-        return ["buildah", "--storage-driver", STORAGE, "run", *options, self.name, "--", *argv]
+        return [
+            "buildah",
+            "--storage-driver",
+            storage_driver(),
+            "run",
+            *options,
+            self.name,
+            "--",
+            *argv,
+        ]
 
     def run(
         self,
