@@ -22,7 +22,6 @@ from collections.abc import Iterator
 import pytest
 from container_support import ROOT, Container, Images, Registry, free_port, storage_driver
 
-from driverscore.adapters.kafka.broker import LocalKafkaBroker, wait_until_ready
 from driverscore.adapters.model_dir import export_model
 from driverscore.adapters.registry import CHAMPION, open_registry
 from driverscore.settings import Settings
@@ -132,19 +131,3 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
-
-
-@pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The suite's broker (as tests/kafka): DRIVERSCORE_KAFKA_BOOTSTRAP, or one started."""
-    given = os.environ.get("DRIVERSCORE_KAFKA_BOOTSTRAP")
-    if given:
-        wait_until_ready(given)
-        yield given
-        return
-    broker = LocalKafkaBroker(tmp_path_factory.mktemp("kafka"))
-    bootstrap = broker.up()
-    try:
-        yield bootstrap
-    finally:
-        broker.down()
