@@ -18,7 +18,7 @@ from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.scoring import TripScorer
 
 if TYPE_CHECKING:
-    from driverscore.adapters.registry import VersionSummary
+    from driverscore.adapters.versions import VersionSummary
 
 __all__ = ["LoadedModels", "ModelHolder", "RegistryReader", "RolloutRegistry"]
 
