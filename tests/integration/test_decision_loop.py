@@ -43,6 +43,7 @@ from driverscore.pipelines.decision_run import (
     run_decision,
     run_rollback_watch,
 )
+from driverscore.pipelines.scoring_run import rollout_policy
 from driverscore.settings import Settings
 
 if TYPE_CHECKING:
@@ -210,6 +211,13 @@ def test_guarded_moves_check_where_the_alias_is_and_audit_every_move(tmp_path: P
     # The lease is released: nothing is left on the registered model but policy and log.
     tags = registry.client.get_registered_model(registry.model_name).tags
     assert "driverscore.lease" not in tags
+
+
+def test_batch_scoring_splits_traffic_by_the_policy_in_the_registry(tmp_path: Path) -> None:
+    trial = _trial(tmp_path)  # stores canary 10%
+    assert rollout_policy(trial.settings, None) == RolloutPolicy(
+        mode="canary", challenger_percent=10
+    )
 
 
 def test_an_expired_lease_is_taken_and_a_live_one_waited_for(tmp_path: Path) -> None:
