@@ -202,8 +202,9 @@ def score(
         Path | None,
         typer.Option(
             help=(
-                "JSON rollout policy (as the service's rollout file); default: the service's "
-                "rollout settings, so batch splits traffic as the service does."
+                "JSON rollout policy (as the service's rollout file); default: the policy "
+                "stored in the registry (else the service's rollout settings), so batch "
+                "splits traffic as the service does."
             )
         ),
     ] = None,
@@ -338,12 +339,128 @@ def demo(
     run_demo(_settings(), Console(), vehicles=vehicles, days=days, seed=seed)
 
 
-@app.command()
-def models() -> None:
+models_app = typer.Typer(
+    help=(
+        "Registered versions, the champion/challenger state and its audit log; promote, "
+        "reject or roll back by hand (see docs/rollout.md). Without a command: list."
+    ),
+    invoke_without_command=True,
+)
+app.add_typer(models_app, name="models")
+
+
+def _actor(actor: str | None) -> str:
+    return actor or os.environ.get("USER") or "operator"
+
+
+ActorOption = Annotated[
+    str | None, typer.Option(help="Who moves it, for the audit log (default: $USER).")
+]
+ReasonOption = Annotated[str, typer.Option(help="Why, for the audit log.")]
+
+
+@models_app.callback()
+def models(ctx: typer.Context) -> None:
+    """List registered model versions, their aliases, gate status and key metrics."""
+    if ctx.invoked_subcommand is None:
+        models_list()
+
+
+@models_app.command("list")
+def models_list() -> None:
     """List registered model versions, their aliases, gate status and key metrics."""
     from driverscore.pipelines.reporting import print_models
 
     print_models(Console(), _settings())
+
+
+@models_app.command("status")
+def models_status(
+    now: Annotated[
+        str | None,
+        typer.Option(help="Judge the evidence as of this UTC time (ISO-8601); default: now."),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Most audit log entries shown.")] = 10,
+) -> None:
+    """Champion, challenger, previous, rollout share, the challenger's evidence so far and
+    the latest alias moves."""
+    from driverscore.pipelines.reporting import print_model_status
+
+    print_model_status(Console(), _settings(), now=_parse_time(now, "--now"), limit=limit)
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[str, typer.Argument(help="The challenger's version.")],
+    reason: ReasonOption,
+    actor: ActorOption = None,
+) -> None:
+    """Make the challenger VERSION champion (the old champion is kept as previous)."""
+    from driverscore.adapters.registry import open_registry
+    from driverscore.pipelines.decision_run import promote
+
+    move = promote(open_registry(_settings()), version, actor=_actor(actor), reason=reason)
+    typer.echo(move.summary())
+
+
+@models_app.command("reject")
+def models_reject(
+    version: Annotated[str, typer.Argument(help="The challenger's version.")],
+    reason: ReasonOption,
+    actor: ActorOption = None,
+) -> None:
+    """Remove the challenger alias from VERSION; the champion stays."""
+    from driverscore.adapters.registry import open_registry
+    from driverscore.pipelines.decision_run import reject
+
+    move = reject(open_registry(_settings()), version, actor=_actor(actor), reason=reason)
+    typer.echo(move.summary())
+
+
+@models_app.command("rollback")
+def models_rollback(
+    version: Annotated[str, typer.Argument(help="The champion's version, to be replaced.")],
+    reason: ReasonOption,
+    actor: ActorOption = None,
+) -> None:
+    """Move champion from VERSION back to the previous champion."""
+    from driverscore.adapters.registry import open_registry
+    from driverscore.pipelines.decision_run import rollback
+
+    move = rollback(
+        open_registry(_settings()), actor=_actor(actor), reason=reason, expect_champion=version
+    )
+    typer.echo(move.summary())
+
+
+@models_app.command("rollout")
+def models_rollout(
+    mode: Annotated[str, typer.Option(help="champion, canary (with --percent) or shadow.")],
+    reason: ReasonOption,
+    percent: Annotated[
+        float, typer.Option(min=0, max=100, help="Canary: share of drivers on the challenger.")
+    ] = 0.0,
+    actor: ActorOption = None,
+) -> None:
+    """Set the rollout policy in the registry: every service and stream replica follows
+    it within one poll interval."""
+    from pydantic import ValidationError
+
+    from driverscore.adapters.registry import open_registry
+    from driverscore.domain.rollout import RolloutPolicy
+
+    registry = open_registry(_settings())
+    try:
+        policy = registry.rollout_policy().model_copy(
+            update={"mode": mode, "challenger_percent": percent if mode == "canary" else 0.0}
+        )
+        policy = RolloutPolicy.model_validate(policy.model_dump())
+    except ValidationError:
+        raise ConfigError(
+            f"--mode {mode!r} is not a rollout mode — use champion, canary or shadow"
+        ) from None
+    move = registry.set_rollout_policy(policy, actor=_actor(actor), reason=reason)
+    typer.echo(move.summary())
 
 
 @app.command()
@@ -360,6 +477,31 @@ def serve(
         service = settings.service.model_copy(update=overrides)
         settings = settings.model_copy(update={"service": service})
     run_service(settings)
+
+
+@app.command("export-model")
+def export_model(
+    dest: Annotated[
+        Path,
+        typer.Argument(
+            help="New or empty directory, or a .tar.gz file (SageMaker's model.tar.gz)."
+        ),
+    ],
+    alias: Annotated[str, typer.Option(help="Registry alias of the version.")] = "champion",
+    version: Annotated[
+        str | None, typer.Option("--version", help="Version number (instead of --alias).")
+    ] = None,
+) -> None:
+    """Export a registered version (ONNX, model card, lineage) for `serve` to read from a
+    directory: DRIVERSCORE_SERVICE__MODEL_DIR, /opt/ml/model on SageMaker."""
+    from driverscore.adapters.model_dir import export_model as export
+    from driverscore.adapters.registry import open_registry
+
+    exported = export(open_registry(_settings()), dest, alias=alias, version=version)
+    typer.echo(
+        f"exported {exported.model_name} v{exported.version} → {dest} "
+        f"(onnx sha256 {exported.onnx_sha256[:12]}…)"
+    )
 
 
 @app.command()

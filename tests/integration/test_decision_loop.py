@@ -43,6 +43,7 @@ from driverscore.pipelines.decision_run import (
     run_decision,
     run_rollback_watch,
 )
+from driverscore.pipelines.scoring_run import rollout_policy
 from driverscore.settings import Settings
 
 if TYPE_CHECKING:
@@ -210,6 +211,13 @@ def test_guarded_moves_check_where_the_alias_is_and_audit_every_move(tmp_path: P
     # The lease is released: nothing is left on the registered model but policy and log.
     tags = registry.client.get_registered_model(registry.model_name).tags
     assert "driverscore.lease" not in tags
+
+
+def test_batch_scoring_splits_traffic_by_the_policy_in_the_registry(tmp_path: Path) -> None:
+    trial = _trial(tmp_path)  # stores canary 10%
+    assert rollout_policy(trial.settings, None) == RolloutPolicy(
+        mode="canary", challenger_percent=10
+    )
 
 
 def test_an_expired_lease_is_taken_and_a_live_one_waited_for(tmp_path: Path) -> None:
@@ -403,3 +411,44 @@ def test_two_decision_jobs_in_separate_processes_move_the_alias_once(
     assert len(champion_moves) == 1
     assert trial.registry.alias_version(CHAMPION) == trial.challenger
     assert trial.registry.alias_version(PREVIOUS) == trial.champion
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    # Wide: the audit table would wrap its reasons in 80 columns.
+    env = {**os.environ, "DRIVERSCORE_HOME": str(settings.home), "USER": "alice", "COLUMNS": "250"}
+    return subprocess.run(
+        [sys.executable, "-m", "driverscore", "models", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=300,
+    )
+
+
+def test_people_move_aliases_from_the_command_line_guarded_and_audited(tmp_path: Path) -> None:
+    trial = _trial(tmp_path)
+    wrong = _cli(trial.settings, "reject", trial.champion, "--reason", "oops")
+    assert wrong.returncode == 1
+    assert "Traceback" not in wrong.stderr
+    assert wrong.stderr.strip().splitlines() == [
+        f"error: version {trial.champion} is not the challenger (the challenger is "
+        f"{trial.challenger}); only the challenger can be rejected"
+    ]
+    done = _cli(trial.settings, "promote", trial.challenger, "--reason", "canary looked fine")
+    assert done.returncode == 0, done.stderr
+    assert f"promote champion {trial.champion} -> {trial.challenger} by alice" in done.stdout
+    status = _cli(trial.settings, "status", "--now", (DAY0 + timedelta(days=1)).isoformat())
+    assert status.returncode == 0, status.stderr
+    assert f"champion    {trial.challenger}" in status.stdout
+    assert f"previous    {trial.champion}" in status.stdout
+    assert "rollout     champion" in status.stdout
+    assert "canary looked fine" in status.stdout
+    back = _cli(trial.settings, "rollback", trial.challenger, "--reason", "claims spiked")
+    assert back.returncode == 0, back.stderr
+    assert trial.registry.alias_version(CHAMPION) == trial.champion
+    again = _cli(trial.settings, "rollback", trial.champion, "--reason", "twice")
+    assert again.returncode == 1
+    assert "has no previous champion to roll back to" in again.stderr
+    actions = [(m.action, m.alias, m.actor) for m in trial.registry.audit_log()]
+    assert actions[:2] == [("rollback", PREVIOUS, "alice"), ("rollback", CHAMPION, "alice")]

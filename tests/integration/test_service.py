@@ -23,8 +23,9 @@ import polars as pl
 import pytest
 import uvicorn
 
-from driverscore.adapters.registry import CHALLENGER, CHAMPION, ModelRegistry
+from driverscore.adapters.registry import CHALLENGER, CHAMPION, ROLLOUT_TAG, ModelRegistry
 from driverscore.domain.prepare import prepare_trips
+from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.schema import conform_pings
 from driverscore.domain.scoring import TripScorer
 from driverscore.services.api import create_app
@@ -78,6 +79,25 @@ def _register_two(root: Path, model_name: str) -> Backend:
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Backend:
     return _register_two(tmp_path_factory.mktemp("service-mlflow"), "trip-risk-service")
+
+
+@pytest.fixture(autouse=True)
+def _no_stored_rollout(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test starts and ends without a rollout policy stored on the shared backend's
+    model: a ``PUT /v1/rollout`` stores one there, and every service of a later test would
+    follow it instead of its own settings."""
+    if "backend" not in request.fixturenames:
+        yield
+        return
+    registry = request.getfixturevalue("backend").registry()
+
+    def clear() -> None:
+        if ROLLOUT_TAG in registry.client.get_registered_model(registry.model_name).tags:
+            registry.client.delete_registered_model_tag(registry.model_name, ROLLOUT_TAG)
+
+    clear()
+    yield
+    clear()
 
 
 def _settings(tmp: Path, **service: Any) -> Settings:
@@ -747,6 +767,34 @@ def test_openapi_documents_every_field(client: httpx.Client) -> None:
     refs = set(re.findall(r'"\$ref": ?"#/components/schemas/([^"]+)"', json.dumps(schema)))
     assert refs >= {"TripIn", "BatchScoreRequest", "PingIn", "TripFeaturesIn"}
     assert refs <= set(components)
+
+
+def test_a_split_put_on_one_replica_reaches_the_others_through_the_registry(
+    backend: Backend, tmp_path: Path
+) -> None:
+    one_settings = _settings(tmp_path / "one", poll_interval_s=0.2)
+    two_settings = _settings(tmp_path / "two", poll_interval_s=0.2, rollout_mode="shadow")
+    with (
+        serving(one_settings, backend.registry) as one,
+        serving(two_settings, backend.registry) as two,
+    ):
+        # No policy stored yet: each replica serves the split of its settings.
+        assert two.get("/v1/rollout").json()["mode"] == "shadow"
+        policy = {"mode": "canary", "challenger_percent": 100.0, "salt": "driverscore"}
+        assert one.put("/v1/rollout", json=policy).status_code == 200
+        assert one.get("/v1/rollout").json() == policy
+        _wait_for(lambda: two.get("/v1/rollout").json() == policy)
+        body = two.post("/v1/score", json=trip_body(91)).json()
+        assert body["model_role"] == "challenger"
+    registry = backend.registry()
+    assert registry.stored_rollout_policy() == RolloutPolicy.model_validate(policy)
+    change = registry.audit_log()[0]
+    assert (change.action, change.actor, change.from_version, change.to_version) == (
+        "rollout",
+        "service-api",
+        "champion",
+        "canary 100%",
+    )
 
 
 def test_rollout_file_changes_the_split_without_restart(backend: Backend, tmp_path: Path) -> None:

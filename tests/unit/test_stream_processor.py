@@ -776,3 +776,36 @@ def test_overdue_lists_each_waiting_partition_past_the_wait(scorer: TripScorer) 
     out = rig.send(encode_clock(datetime(1970, 1, 1, tzinfo=UTC)), CLOCK_KEY, 0)
     assert {m.key for m in out} == {"a", "D-a"}
     assert rig.processor.overdue() == [("pings", 1)]
+
+
+def test_the_stream_follows_the_rollout_policy_its_model_source_polls(scorer: TripScorer) -> None:
+    champion = model(scorer, threshold=1.0)
+    challenger = model(scorer, threshold=1.0, version="2")
+    stored: list[RolloutPolicy] = []
+
+    class PolledRollout:
+        """A model source that, like ``PolledModels``, knows the registry's policy."""
+
+        def current(self) -> ScoringModels:
+            return ScoringModels(champion, challenger)
+
+        def rollout(self, configured: RolloutPolicy) -> RolloutPolicy:
+            return stored[-1] if stored else configured
+
+    step = TripScoringStep(
+        PolledRollout(), StreamMetrics(), now=lambda: NOW, policy=RolloutPolicy()
+    )
+    rig = make_rig(scorer, step=step)
+    first = drive_rows("v1", START)
+    rig.drive("v1", first)
+    out = rig.clock_message(after(first, PAST_DEADLINE_S))
+    assert [json.loads(m.value)["model_role"] for m in out if m.topic == TOPICS.scores] == [
+        "champion"
+    ]
+    # The decision job (or a person) stores a full canary in the registry.
+    stored.append(RolloutPolicy(mode="canary", challenger_percent=100))
+    second = drive_rows("v2", after(first, PAST_DEADLINE_S + 60))
+    rig.drive("v2", second)
+    out = rig.clock_message(after(second, PAST_DEADLINE_S))
+    answers = [json.loads(m.value) for m in out if m.topic == TOPICS.scores]
+    assert [(a["model_role"], a["model_version"]) for a in answers] == [("challenger", "2")]

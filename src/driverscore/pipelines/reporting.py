@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import polars as pl
 from rich.console import Console
 from rich.table import Table
 
-from driverscore.adapters.registry import open_registry
+from driverscore.adapters.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    open_registry,
+    policy_label,
+)
+from driverscore.pipelines.decision_run import challenger_evidence
 from driverscore.pipelines.monitoring_run import MonitoringRunResult
 from driverscore.pipelines.scoring_run import ScoringRunResult
 from driverscore.pipelines.steps import PreparedDataset
@@ -194,6 +202,50 @@ def print_models(console: Console, settings: Settings) -> None:
             v.code_version,
         )
     console.print(table)
+
+
+def print_model_status(
+    console: Console, settings: Settings, *, now: datetime | None = None, limit: int = 10
+) -> None:
+    """Who serves, the split, what the running challenger has shown, and the last moves."""
+    registry = open_registry(settings, audit=False)
+    console.print(f"[bold]{settings.model_name}[/] @ {settings.resolved_tracking_uri}")
+    for alias in (CHAMPION, CHALLENGER, PREVIOUS):
+        console.print(f"  {alias:<11} {registry.alias_version(alias) or '—'}")
+    console.print(f"  rollout     {policy_label(registry.rollout_policy())}")
+    evidence = challenger_evidence(settings, now=now)
+    if evidence.challenger_version is not None and evidence.verdict is not None:
+        verdict = evidence.verdict
+        since = f"{evidence.started_at:%Y-%m-%d %H:%M}" if evidence.started_at else "—"
+        console.print(
+            f"evidence for challenger {evidence.challenger_version} (since {since} UTC): "
+            f"{evidence.paired_trips:,} paired trips, {evidence.labelled_trips:,} labelled "
+            f"({evidence.positive_labels:,} incidents)"
+        )
+        for key in ("roc_auc", "log_loss", "brier"):
+            if f"{key}.improvement" in verdict.evidence:
+                e = verdict.evidence
+                console.print(
+                    f"  {key:<9} champion {e[f'{key}.champion']:.4f}  challenger "
+                    f"{e[f'{key}.challenger']:.4f}  improvement {e[f'{key}.improvement']:+.4f} "
+                    f"[{e[f'{key}.lower']:+.4f}, {e[f'{key}.upper']:+.4f}]"
+                )
+        console.print(f"  would now: [bold]{verdict.action}[/] — {'; '.join(verdict.reasons)}")
+    moves = registry.audit_log(limit)
+    table = Table(title="latest alias moves", title_justify="left")
+    for column in ("at (UTC)", "action", "alias", "from", "to", "by", "reason"):
+        table.add_column(column)
+    for move in moves:
+        table.add_row(
+            f"{move.at:%Y-%m-%d %H:%M}",
+            move.action,
+            move.alias,
+            move.from_version or "—",
+            move.to_version or "—",
+            move.actor,
+            move.reason,
+        )
+    console.print(table if moves else "no alias moves recorded yet")
 
 
 def print_aggregates(console: Console, table: pl.DataFrame, by: str, limit: int = 15) -> None:

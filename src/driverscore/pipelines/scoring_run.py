@@ -106,7 +106,8 @@ def write_profiles(
 
 def rollout_policy(settings: Settings, path: Path | None) -> RolloutPolicy:
     """The rollout policy of a batch run: ``path`` (JSON), else the service's rollout file
-    when it exists, else the service's rollout settings."""
+    when it exists, else the policy stored in the registry (the one every replica of the
+    service and the stream follows), else the service's rollout settings."""
     if path is not None and not path.exists():
         raise ConfigError(f"rollout policy {path} does not exist; give an existing JSON file")
     source = path if path is not None else settings.service.rollout_file
@@ -119,6 +120,9 @@ def rollout_policy(settings: Settings, path: Path | None) -> RolloutPolicy:
                 f"rollout policy {source} is not readable JSON of mode, challenger_percent, "
                 f"salt ({first}); fix the file"
             ) from None
+    stored = open_registry(settings, audit=False).stored_rollout_policy()
+    if stored is not None:
+        return stored
     config = settings.service
     return RolloutPolicy(mode=config.rollout_mode, challenger_percent=config.challenger_percent)
 

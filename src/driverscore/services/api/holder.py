@@ -12,16 +12,26 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
+from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.scoring import TripScorer
 
 if TYPE_CHECKING:
-    from driverscore.adapters.registry import VersionSummary
+    from driverscore.adapters.versions import VersionSummary
 
-__all__ = ["LoadedModels", "ModelHolder", "RegistryReader"]
+__all__ = ["LoadedModels", "ModelHolder", "RegistryReader", "RolloutRegistry"]
 
 _log = logging.getLogger("driverscore.service.models")
+
+
+@runtime_checkable
+class RolloutRegistry(Protocol):
+    """A registry that keeps the rollout policy (``ModelRegistry`` does; test doubles may
+    not, and then the policy is this instance's own)."""
+
+    def stored_rollout_policy(self) -> RolloutPolicy | None: ...
+    def set_rollout_policy(self, policy: RolloutPolicy, *, actor: str, reason: str) -> object: ...
 
 
 class RegistryReader(Protocol):
@@ -76,6 +86,11 @@ class ModelHolder:
     @property
     def ready(self) -> bool:
         return self.models is not None
+
+    def rollout_registry(self) -> RolloutRegistry | None:
+        """The registry as keeper of the rollout policy, or None when it keeps none."""
+        reader = self._reader()
+        return reader if isinstance(reader, RolloutRegistry) else None
 
     def _reader(self) -> RegistryReader:
         if self._registry is None:

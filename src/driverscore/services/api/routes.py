@@ -32,7 +32,9 @@ from starlette.concurrency import run_in_threadpool
 
 from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.scoring import TripScorer
+from driverscore.errors import DriverscoreError
 from driverscore.services.api.bodies import request_json
+from driverscore.services.api.errors import ServiceError
 from driverscore.services.api.holder import LoadedModels
 from driverscore.services.api.schemas import (
     BatchScoreRequest,
@@ -175,7 +177,19 @@ class ServiceRoutes:
         return self.state.policy
 
     def put_rollout(self, policy: RolloutPolicy) -> RolloutPolicy:
-        """Change the split at once, without a restart (this instance only)."""
+        """Change the split at once, without a restart: stored in the registry (audited),
+        where every replica picks it up within one poll interval; this instance at once."""
+        try:
+            registry = self.state.holder.rollout_registry()
+            if registry is not None:
+                registry.set_rollout_policy(policy, actor="service-api", reason="PUT /v1/rollout")
+        except DriverscoreError as exc:
+            raise ServiceError(409, "rollout_not_stored", str(exc)) from None
+        except Exception as exc:
+            _log.exception("rollout policy could not be stored in the registry")
+            raise ServiceError(
+                503, "registry_unavailable", "the registry did not store the rollout policy"
+            ) from exc
         self.state.policy = policy
         _log.info("rollout changed", extra={"rollout": policy.model_dump()})
         return policy

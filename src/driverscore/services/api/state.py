@@ -3,8 +3,10 @@
 :class:`ServiceState` holds the settings, the models (``ModelHolder``), the rollout
 policy, the prediction log, the profile writer, the metrics and the accepted tokens. Four
 background threads, started and stopped by :meth:`ServiceState.lifespan`, keep it
-current, each on its own clock so that none can hold up another: the registry poller, the
-rollout-file watcher, the log flusher and the profile-part writer. Requests never call the registry.
+current, each on its own clock so that none can hold up another: the registry poller (models
+and the rollout policy stored on the registered model), the rollout-file watcher, the log
+flusher and the profile-part writer. Requests never call the registry, except ``PUT
+/v1/rollout``, which stores the new split there for every replica.
 """
 
 from __future__ import annotations
@@ -158,6 +160,38 @@ class ServiceState:
             # collector's full passes too (see ``lifespan``).
             gc.freeze()
             self.models_frozen = True
+        self.poll_rollout()
+
+    def poll_rollout(self) -> None:
+        """Take the rollout policy stored in the registry (set by the decision job, a
+        person's `driverscore models rollout`, or any replica's ``PUT /v1/rollout``), so
+        every replica serves the same split within one poll interval.
+
+        Without a stored policy the instance keeps the split of its settings. A rollout
+        file, when set, is this instance's explicit override and wins. A failed read keeps
+        the current split."""
+        if self.settings.service.rollout_file is not None:
+            return
+        try:
+            registry = self.holder.rollout_registry()
+            stored = registry.stored_rollout_policy() if registry is not None else None
+        except Exception as exc:
+            _log.error(
+                "rollout policy unreadable in the registry; keeping the current split",
+                extra={"error": type(exc).__name__},
+            )
+            self.metrics.errors.labels("rollout_policy").inc()
+            return
+        policy = stored if stored is not None else self.initial_policy
+        if policy != self.policy:
+            self.policy = policy
+            _log.info("rollout changed", extra={"rollout": policy.model_dump()})
+
+    @property
+    def initial_policy(self) -> RolloutPolicy:
+        """The split of the settings: served until the registry holds one."""
+        config = self.settings.service
+        return RolloutPolicy(mode=config.rollout_mode, challenger_percent=config.challenger_percent)
 
     def flush_logs(self) -> None:
         """Write out the prediction log and the request lines batched by the log handler."""

@@ -10,11 +10,12 @@ with those models: in process that is the domain's one scoring path,
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import polars as pl
 
@@ -31,14 +32,25 @@ __all__ = [
     "FixedModels",
     "ModelSource",
     "PolledModels",
+    "RolloutSource",
     "Scoring",
     "stream_models",
     "stream_scoring",
 ]
 
 
+_log = logging.getLogger("driverscore.stream.models")
+
+
 class ModelSource(Protocol):
     def current(self) -> ScoringModels: ...
+
+
+@runtime_checkable
+class RolloutSource(Protocol):
+    """A model source that also knows the rollout policy stored in the registry."""
+
+    def rollout(self, configured: RolloutPolicy) -> RolloutPolicy: ...
 
 
 class Scoring(Protocol):
@@ -81,18 +93,39 @@ class PolledModels:
         self.holder = holder
         self.poll_interval_s = poll_interval_s
         self.clock = clock
+        self._stored_rollout: RolloutPolicy | None = None
         holder.refresh()
         if holder.models is None:
             raise NoModelError(f"no champion model to stream with: {holder.last_error}")
+        self._poll_rollout()
         self._next_poll = clock() + poll_interval_s
 
     def current(self) -> ScoringModels:
         if self.clock() >= self._next_poll:
             self.holder.refresh()
+            self._poll_rollout()
             self._next_poll = self.clock() + self.poll_interval_s
         loaded = self.holder.models
         assert loaded is not None  # set at construction, never unset by a refresh
         return ScoringModels(loaded.champion, loaded.challenger)
+
+    def rollout(self, configured: RolloutPolicy) -> RolloutPolicy:
+        """The policy stored in the registry at the last poll; ``configured`` (the stream's
+        setting) while the registry holds none."""
+        return self._stored_rollout or configured
+
+    def _poll_rollout(self) -> None:
+        try:
+            registry = self.holder.rollout_registry()
+            self._stored_rollout = (
+                registry.stored_rollout_policy() if registry is not None else None
+            )
+        except Exception as exc:
+            # As with the models: a registry that fails keeps the split already in use.
+            _log.error(
+                "rollout policy unreadable in the registry; keeping the current split",
+                extra={"error": type(exc).__name__},
+            )
 
 
 def stream_models(settings: Settings, registry: Callable[[], RegistryReader]) -> ModelSource:

@@ -44,7 +44,7 @@ from driverscore.errors import ScoringServiceError
 from driverscore.services.live_monitor import LiveMonitor
 from driverscore.services.profile_writer import ProfileWriter
 from driverscore.services.stream.metrics import StreamMetrics
-from driverscore.services.stream.models import FixedModels, ModelSource, Scoring
+from driverscore.services.stream.models import FixedModels, ModelSource, RolloutSource, Scoring
 from driverscore.settings import KafkaTopics
 
 __all__ = [
@@ -146,6 +146,8 @@ class TripScoringStep:
         #: the runner); None when the scoring service scores them (it writes their parts).
         self.profile_writer = profile_writer
         self.policy = policy or RolloutPolicy()
+        #: The split of the settings, served while the registry holds none.
+        self.configured_policy = self.policy
         self.now = now
         self.scoring = scoring
         self._shown: set[tuple[str, str]] = set()
@@ -159,6 +161,7 @@ class TripScoringStep:
         """Prepare and score closed sessions' pings; None when they make no trip at all."""
         with self.metrics.scoring_seconds.time():
             models = self.models.current()
+            self._follow_rollout()
             self._show_models(models)
             result = self.scoring(pings_frame(pings), models, self.policy, self.now())
             scored = ScoredSession.of(result)
@@ -167,6 +170,15 @@ class TripScoringStep:
             self.metrics.trips.labels("set_aside").inc()  # a session too short for a trip
             return None
         return scored
+
+    def _follow_rollout(self) -> None:
+        """Take the registry's rollout policy when the model source polls it: a split
+        changed by the decision job or a person reaches the stream within one poll."""
+        if isinstance(self.models, RolloutSource):
+            policy = self.models.rollout(self.configured_policy)
+            if policy != self.policy:
+                log.info("rollout changed", extra={"rollout": policy.model_dump()})
+                self.policy = policy
 
     def _count(self, result: PingScoring, scored: ScoredSession) -> None:
         quarantined: dict[str, int] = {}
