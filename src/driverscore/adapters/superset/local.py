@@ -12,7 +12,6 @@ admin password, the imported bundle, ``superset.pid`` and ``superset.log``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import secrets
@@ -53,6 +52,9 @@ _MARKER: Final = ".driverscore-requirements"
 #: Metadata set up (migrations, admin, roles) for this Superset version: a second `up`
 #: skips the ~45 s of `db upgrade` and `init`.
 _SETUP_MARKER: Final = "setup-done"
+#: Supersets this process started, by pid: kept so the child is waited for when stopped
+#: (and not reported as a leaked subprocess when the handle would be dropped).
+_STARTED: Final[dict[int, subprocess.Popen[bytes]]] = {}
 
 
 class SupersetError(DriverscoreError):
@@ -311,10 +313,12 @@ class LocalSuperset:
                 cwd=self.state_dir,
             )
         self.pid_file.write_text(f"{process.pid}\n", encoding="utf-8")
+        _STARTED[process.pid] = process
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 self.pid_file.unlink(missing_ok=True)
+                _STARTED.pop(process.pid, None)
                 raise SupersetError(
                     f"superset exited with code {process.returncode} while starting: "
                     f"see {self.log_file}"
@@ -341,14 +345,17 @@ class LocalSuperset:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             # Reap it when this process started it (tests): a zombie still "exists".
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
+            if pid in _STARTED:
+                _STARTED[pid].poll()
             try:
                 os.killpg(pid, 0)
             except ProcessLookupError:
+                _STARTED.pop(pid, None)
                 return True
             time.sleep(0.2)
         os.killpg(pid, signal.SIGKILL)
+        if pid in _STARTED:
+            _STARTED.pop(pid).wait()
         return True
 
     def up(self, bundle: bytes) -> str:
