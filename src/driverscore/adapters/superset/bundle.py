@@ -293,7 +293,7 @@ CHARTS: Final[tuple[tuple[Chart, ...], ...]] = (
             "trips",
             2,
             50,
-            {"metric": "trips", "subheader": "latest record per trip"},
+            {"metric": "trips"},
             {"metrics": ["trips"]},
         ),
         Chart(
