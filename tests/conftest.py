@@ -1,17 +1,25 @@
-"""Fixtures shared by test folders: one Apache Superset for the whole run.
+"""Engines the whole suite shares: one Kafka broker and one Apache Superset per run.
+
+With ``DRIVERSCORE_KAFKA_BOOTSTRAP`` set (CI or a developer's `driverscore kafka up`), the
+tests use that broker; otherwise the first test that needs it starts a single-node KRaft
+broker with ``adapters/kafka/broker.sh`` (jars fetched from Maven Central once, then
+cached), and the session stops it at the end. The Kafka and the container tests use the
+same one.
 
 The Superset tests (marker ``superset``) live beside the engines they need: DuckDB in
 ``tests/integration``, Druid in ``tests/kafka`` (with the session's Druid). Both use this
 one Superset, started once: its environment is built from
 ``adapters/superset/requirements.txt`` the first time (~100-200 s, then cached under
 ``~/.cache/driverscore``, reused while the requirements file is unchanged), its metadata
-set up in the run's tmp dir (~30 s), and each test imports its bundle into it.
+set up in the run's tmp dir (30-150 s; later local runs copy a freshly set-up database kept
+beside the environment), and each test imports its bundle into it.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -24,6 +32,23 @@ from typing import Any
 
 import httpx
 import pytest
+
+from driverscore.adapters.kafka.broker import LocalKafkaBroker, wait_until_ready
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    given = os.environ.get("DRIVERSCORE_KAFKA_BOOTSTRAP")
+    if given:
+        wait_until_ready(given)
+        yield given
+        return
+    broker = LocalKafkaBroker(tmp_path_factory.mktemp("kafka"))
+    bootstrap = broker.up()
+    try:
+        yield bootstrap
+    finally:
+        broker.down()
 
 
 def _free_port() -> int:
