@@ -72,6 +72,11 @@ class ScenarioPlan:
     drifted_days_to_learn: int = 4
     #: Share of drivers the challenger answers (canary).
     canary_percent: float = 30.0
+    #: The decision's score-shift guardrail (PSI of the challenger's probabilities against
+    #: the champion's on the same trips). After a drift, the stale champion's scores are
+    #: the ones that are off, so a good challenger shifts them: the default 0.5 can reject
+    #: the very model the drift called for.
+    max_score_psi: float = 1.0
     #: Replayed days after the challenger started before the scenario gives up.
     max_canary_days: int = 16
 
@@ -170,6 +175,8 @@ def run_scenario(settings: Settings, console: Console, plan: ScenarioPlan) -> Sc
     from driverscore.pipelines.decision_run import challenger_evidence, run_decision
 
     began = time.monotonic()
+    decision = settings.decision.model_copy(update={"max_score_psi": plan.max_score_psi})
+    settings = settings.model_copy(update={"decision": decision})
     config = _simulation_config(plan)
     root = (settings.home / "demo" / f"scenario-{plan.scenario}-seed{plan.seed}").resolve()
     landing = root / "landing" / "pings"
@@ -216,6 +223,12 @@ def run_scenario(settings: Settings, console: Console, plan: ScenarioPlan) -> Sc
     )
 
     console.rule("[bold]3. replay the days: score, monitor, retrain, canary, decide")
+    console.print(
+        f"decision rules: {decision.primary_metric} must improve by at least "
+        f"{decision.min_effect:g} at {decision.confidence:.0%} confidence on at least "
+        f"{decision.min_labelled_trips} labelled paired trips; guardrail: the challenger's "
+        f"scores may shift from the champion's up to PSI {decision.max_score_psi:g}"
+    )
     retrain_requested: str | None = None
     challenger_since: int | None = None
     table = _day_table()
