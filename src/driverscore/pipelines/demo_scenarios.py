@@ -9,10 +9,11 @@ after a delay).
 
 - ``drift``: every device over-reports speed from ``drift_day`` on (a firmware update).
   The monitor flags it; a retraining is requested with the verdict as its reason and runs
-  once a week of drifted trips has matured claims in its training split (training only
-  learns from matured trips); its model passes the gate and becomes the challenger at a
-  canary share; once the canary's trips have matured claims, the decision job compares
-  both models on the same trips and promotes the challenger.
+  once ``drifted_days_to_learn`` drifted days have matured claims inside its training
+  split (training only learns from matured trips); its model passes the gate and
+  becomes the challenger at a canary share; once the canary's trips have matured
+  claims, the decision job compares both models on the same trips and promotes the
+  challenger.
 - ``bad-challenger``: no drift. The weekly retraining is misconfigured: its column
   mapping reads ``speed_mps`` as km/h while the devices send m/s. On its own holdout
   (read through the same mapping) the model beats the champion and passes the gate, and
