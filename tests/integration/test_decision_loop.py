@@ -486,3 +486,23 @@ def test_movers_racing_into_the_guard_at_once_move_the_alias_once(
     assert "is not the challenger" in sorted(results)[1], results
     moves = trial.registry.audit_log()
     assert [m.alias for m in moves if m.action == "promote"].count(CHAMPION) == 1
+
+
+def test_a_trip_keeps_its_fleet_when_a_later_scoring_does_not_carry_it(tmp_path: Path) -> None:
+    from driverscore.pipelines.decision_run import _trip_facts
+
+    store = DataStore(str(tmp_path / "data"), {})
+    trip = {"vehicle_id": ["V1"], "trip_id": ["T1"], "start_ts": [DAY0]}
+    end = DAY0 + timedelta(minutes=20)
+    store.write_dataset(
+        "scores",
+        pl.DataFrame({**trip, "end_ts": [end], "fleet_id": ["F1"], "scored_at": [end]}),
+        name="scores",
+    )
+    # Scored again later by a path that does not record the fleet.
+    later = end + timedelta(hours=1)
+    store.write_dataset(
+        "scores", pl.DataFrame({**trip, "end_ts": [end], "scored_at": [later]}), name="scores"
+    )
+    facts = _trip_facts(store, [], DAY0 + timedelta(days=1))
+    assert facts.select("vehicle_id", "trip_id", "fleet_id").rows() == [("V1", "T1", "F1")]
