@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -61,6 +62,8 @@ def _settings(home: Path, **env: str) -> Settings:
     fields: dict[str, object] = {"home": home}
     if "tracking" in env:
         fields["mlflow_tracking_uri"] = env["tracking"]
+    if "model" in env:
+        fields["model_name"] = env["model"]
     # Settle short: the test registry answers in milliseconds.
     return Settings(**fields).model_copy(
         update={
@@ -452,3 +455,54 @@ def test_people_move_aliases_from_the_command_line_guarded_and_audited(tmp_path:
     assert "has no previous champion to roll back to" in again.stderr
     actions = [(m.action, m.alias, m.actor) for m in trial.registry.audit_log()]
     assert actions[:2] == [("rollback", PREVIOUS, "alice"), ("rollback", CHAMPION, "alice")]
+
+
+@pytest.mark.slow
+def test_movers_racing_into_the_guard_at_once_move_the_alias_once(
+    tmp_path: Path, start_mlflow_server: Callable[[], MlflowServer]
+) -> None:
+    """Two registries (no shared in-process lock, a server backend: no database lock file)
+    enter the guard at the same moment: only the lease stands between them."""
+    server = start_mlflow_server()
+    trial = _trial(tmp_path, tracking=server.url, model="race")
+    barrier = threading.Barrier(2)
+    results: list[str] = []
+
+    def mover() -> None:
+        registry = open_registry(trial.settings)
+        barrier.wait()
+        try:
+            promote(registry, trial.challenger, actor="racer", reason="race")
+            results.append("moved")
+        except AliasMoveError as exc:
+            results.append(str(exc))
+
+    racers = [threading.Thread(target=mover) for _ in range(2)]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(timeout=120)
+    assert sorted(results)[0] == "moved", results
+    assert "is not the challenger" in sorted(results)[1], results
+    moves = trial.registry.audit_log()
+    assert [m.alias for m in moves if m.action == "promote"].count(CHAMPION) == 1
+
+
+def test_a_trip_keeps_its_fleet_when_a_later_scoring_does_not_carry_it(tmp_path: Path) -> None:
+    from driverscore.pipelines.decision_run import _trip_facts
+
+    store = DataStore(str(tmp_path / "data"), {})
+    trip = {"vehicle_id": ["V1"], "trip_id": ["T1"], "start_ts": [DAY0]}
+    end = DAY0 + timedelta(minutes=20)
+    store.write_dataset(
+        "scores",
+        pl.DataFrame({**trip, "end_ts": [end], "fleet_id": ["F1"], "scored_at": [end]}),
+        name="scores",
+    )
+    # Scored again later by a path that does not record the fleet.
+    later = end + timedelta(hours=1)
+    store.write_dataset(
+        "scores", pl.DataFrame({**trip, "end_ts": [end], "scored_at": [later]}), name="scores"
+    )
+    facts = _trip_facts(store, [], DAY0 + timedelta(days=1))
+    assert facts.select("vehicle_id", "trip_id", "fleet_id").rows() == [("V1", "T1", "F1")]

@@ -150,13 +150,15 @@ def _trip_facts(store: DataStore, versions: list[str], now: datetime) -> pl.Data
     if not frames:
         return pl.DataFrame(schema={c: pl.String() for c in _TRIP_KEY})
     facts = pl.concat(frames, how="diagonal_relaxed")
-    facts = facts.with_columns(
-        pl.col("start_ts").cast(_UTC_US), pl.col("end_ts").cast(_UTC_US)
-    ).with_columns(pl.col(_TRIP_KEY).cast(pl.String()))
+    times = [c for c in ("start_ts", "end_ts") if c in facts.columns]
+    facts = facts.with_columns(pl.col(times).cast(_UTC_US), pl.col(_TRIP_KEY).cast(pl.String()))
     if "scored_at" in facts.columns:
         facts = facts.sort("scored_at", nulls_last=False)
-    return facts.unique(subset=_TRIP_KEY, keep="last", maintain_order=True).select(
-        [c for c in _FACT_COLUMNS if c in facts.columns]
+    # Per trip, each fact from its latest scoring that has it: the service's keys carry no
+    # fleet or client, which a batch scoring of the same trip does.
+    others = [c for c in _FACT_COLUMNS if c in facts.columns and c not in _TRIP_KEY]
+    return facts.group_by(_TRIP_KEY, maintain_order=True).agg(
+        [pl.col(c).drop_nulls().last() for c in others]
     )
 
 
