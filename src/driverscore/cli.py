@@ -331,7 +331,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (default: settings).")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port (default: settings, 8080).")] = None,
 ) -> None:
-    """Serve scores over HTTP (REST and the SageMaker container contract)."""
+    """Serve scores over HTTP (REST and the SageMaker container contract), and the web
+    dashboard under /dashboard."""
+    from driverscore.pipelines.dashboard_run import mount_dashboard
     from driverscore.services.api.runner import run_service
 
     settings = _settings()
@@ -339,7 +341,30 @@ def serve(
     if overrides:
         service = settings.service.model_copy(update=overrides)
         settings = settings.model_copy(update={"service": service})
-    run_service(settings)
+    run_service(settings, lambda app: mount_dashboard(app, settings))
+
+
+@app.command()
+def dashboard(
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default: settings).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default: settings, 8080).")] = None,
+    engine: Annotated[
+        str, typer.Option(help="Score store to read: duckdb (the home's file) or druid.")
+    ] = "duckdb",
+) -> None:
+    """Serve the web dashboard alone (fleet overview, alerts, drivers, vehicles, model)."""
+    from driverscore.pipelines.dashboard_run import run_dashboard
+
+    if engine not in ("duckdb", "druid"):
+        raise ConfigError(f"--engine {engine!r}: use duckdb or druid")
+    settings = _settings()
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if overrides:
+        service = settings.service.model_copy(update=overrides)
+        settings = settings.model_copy(update={"service": service})
+    config = settings.service
+    typer.echo(f"dashboard: http://{config.host}:{config.port}/dashboard/ ({engine})")
+    run_dashboard(settings, engine)  # type: ignore[arg-type]
 
 
 @app.command()

@@ -21,6 +21,7 @@ from driverscore.adapters.score_store.queries import (
     LEVELS,
     QueryParams,
     StoreQuery,
+    filters,
     finish,
     query_named,
     render,
@@ -52,11 +53,13 @@ _NUMBERS: Final = ("distance_km", "score", "risk_probability")
 _MAX_BYTES: Final = {"reasons": 2048, "alert": 512}
 
 
-def _latest(columns: tuple[str, ...], extra: tuple[str, ...] = ()) -> str:
+def _latest(
+    columns: tuple[str, ...], extra: tuple[str, ...] = (), *, numbers: tuple[str, ...] = ()
+) -> str:
     strings = [
         f"LATEST_BY({c}, {_BY}, {_MAX_BYTES.get(c, 128)}) AS {c}" for c in (*columns, *extra)
     ]
-    numbers = [f"LATEST_BY({c}, {_BY}) AS {c}" for c in _NUMBERS]
+    latest_numbers = [f"LATEST_BY({c}, {_BY}) AS {c}" for c in (*_NUMBERS, *numbers)]
     return ", ".join(
         [
             "vehicle_id",
@@ -65,7 +68,7 @@ def _latest(columns: tuple[str, ...], extra: tuple[str, ...] = ()) -> str:
             f"MILLIS_TO_TIMESTAMP(LATEST_BY(start_ts_ms, {_BY})) AS start_ts",
             "MAX(scored_at_ms) AS scored_at_ms",
             *strings,
-            *numbers,
+            *latest_numbers,
         ]
     )
 
@@ -120,14 +123,18 @@ class DruidScoreStore:
         body, values = render(query, "druid", params)
         period: list[object] = [params.start, params.end]
         where = "__time > ? AND __time <= ?"
-        if query.name == "trip_history":
+        filtered, filter_values = filters(params)
+        where += filtered
+        period.extend(filter_values)
+        if query.params == ("entity_id",):
             # One vehicle's or driver's trips: taken before the latest per trip is, so Druid
             # groups that entity's trips only (a trip's vehicle and driver never change).
             where += f" AND {LEVELS[params.entity]} = ?"
             period.append(params.entity_id)
         if query.relation == "trips":
             relation = (
-                f'trips AS (SELECT {_latest(_STRINGS)} FROM "{self.trips_datasource}" '
+                f"trips AS (SELECT {_latest(_STRINGS, numbers=query.features)} "
+                f'FROM "{self.trips_datasource}" '
                 # Records without a score are never stored by DuckDB; here they are left
                 # out before the latest is taken, which gives the same trips.
                 f"WHERE {where} AND score IS NOT NULL GROUP BY vehicle_id, trip_id)"

@@ -30,10 +30,12 @@ import polars as pl
 from driverscore.domain.scoring import band_for_score
 
 __all__ = [
+    "BEHAVIOURS",
     "LEVELS",
     "QUERIES",
     "QueryParams",
     "StoreQuery",
+    "filters",
     "finish",
     "query_named",
     "render",
@@ -56,6 +58,15 @@ WEIGHTED_SCORE: Final = (
     f"CASE WHEN SUM({_WEIGHT}) > 0 THEN SUM(score * {_WEIGHT}) / SUM({_WEIGHT}) ELSE AVG(score) END"
 )
 _DISTANCE: Final = "SUM(COALESCE(distance_km, 0.0))"
+#: The behaviours a trip page shows: the feature values behind the reason codes.
+BEHAVIOURS: Final = (
+    "hard_brake_count",
+    "harsh_accel_count",
+    "harsh_corner_count",
+    "speeding_share",
+    "night_share",
+    "max_speed_kmh",
+)
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,9 @@ class QueryParams:
     #: ``trip_history``: whose trips (``driver`` or ``vehicle``) and which one.
     entity: Literal["driver", "vehicle"] = "driver"
     entity_id: str | None = None
+    #: Only this fleet's / client's trips (``None``: every one); a bound parameter.
+    fleet_id: str | None = None
+    client_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.start.tzinfo is None or self.end.tzinfo is None:
@@ -94,6 +108,9 @@ class StoreQuery:
     druid: str | None = None
     #: Names of the query's ``?`` parameters after the period's (``QueryParams`` fields).
     params: tuple[str, ...] = field(default=())
+    #: Feature columns the query reads besides the relation's own (``trip_behaviours``):
+    #: DuckDB joins them from ``trip_scores``, Druid takes their latest value per trip.
+    features: tuple[str, ...] = field(default=())
 
     def body(self, engine: Engine) -> str:
         return self.druid if engine == "druid" and self.druid is not None else self.duckdb
@@ -173,6 +190,15 @@ QUERIES: Final[dict[str, StoreQuery]] = {
             "WHERE {entity} = ? ORDER BY end_ts DESC, trip_id LIMIT {limit}",
             params=("entity_id",),
         ),
+        StoreQuery(
+            "trip_behaviours",
+            "one driver's or vehicle's trips with the behaviours the score read, newest first",
+            "trips",
+            f"SELECT trip_id, vehicle_id, end_ts, {', '.join(BEHAVIOURS)} FROM trips "
+            "WHERE {entity} = ? ORDER BY end_ts DESC, trip_id LIMIT {limit}",
+            params=("entity_id",),
+            features=BEHAVIOURS,
+        ),
     )
 }
 
@@ -198,7 +224,25 @@ def render(query: StoreQuery, engine: Engine, params: QueryParams) -> tuple[str,
     return sql, [getattr(params, name) for name in query.params]
 
 
-_INTEGERS: Final = ("trip_count", "high_risk_trips", "bucket")
+def filters(params: QueryParams) -> tuple[str, list[object]]:
+    """The fleet / client filter of a period's relation (``AND ...``) and its values."""
+    where, values = "", []
+    for column in ("fleet_id", "client_id"):
+        value = getattr(params, column)
+        if value is not None:
+            where += f" AND {column} = ?"
+            values.append(value)
+    return where, values
+
+
+_INTEGERS: Final = (
+    "trip_count",
+    "high_risk_trips",
+    "bucket",
+    "hard_brake_count",
+    "harsh_accel_count",
+    "harsh_corner_count",
+)
 
 
 def finish(query: StoreQuery, frame: pl.DataFrame) -> pl.DataFrame:
