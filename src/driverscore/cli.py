@@ -374,7 +374,7 @@ def scores(
         typer.Argument(
             help=(
                 "group_scores, score_histogram, daily_trend, worst_drivers, latest_alerts, "
-                "band_shares, model_versions or trip_history."
+                "band_shares, model_versions, trip_history or trip_behaviours."
             )
         ),
     ],
@@ -388,8 +388,12 @@ def scores(
     by: Annotated[
         str, typer.Option(help="group_scores, score_histogram: driver, vehicle, fleet, client.")
     ] = "fleet",
-    driver: Annotated[str | None, typer.Option(help="trip_history of this driver.")] = None,
-    vehicle: Annotated[str | None, typer.Option(help="trip_history of this vehicle.")] = None,
+    driver: Annotated[
+        str | None, typer.Option(help="trip_history, trip_behaviours of this driver.")
+    ] = None,
+    vehicle: Annotated[
+        str | None, typer.Option(help="trip_history, trip_behaviours of this vehicle.")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, help="Most rows (alerts, drivers, trips).")] = 20,
     min_trips: Annotated[
         int, typer.Option(min=1, help="worst_drivers: drivers with fewer trips are left out.")
