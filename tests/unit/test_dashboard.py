@@ -129,3 +129,21 @@ def test_a_session_is_valid_only_signed_by_this_app_and_until_it_expires() -> No
     assert not Sessions([b"t"], required=True).valid(cookie, 1030.0)
     assert not sessions.valid(None, 1030.0) and not sessions.valid("garbage", 1030.0)
     assert Sessions([], required=False).valid(None, 1030.0)
+
+
+def test_query_many_answers_as_each_query_alone(
+    stored: tuple[DuckDBScoreStore, pl.DataFrame],
+) -> None:
+    store, _frame = stored
+    asks = [
+        ("group_scores", QueryParams(start=PERIOD.start, end=PERIOD.end, level="client")),
+        ("band_shares", QueryParams(start=PERIOD.start, end=PERIOD.end, fleet_id="f2")),
+        (
+            "trip_history",
+            QueryParams(start=PERIOD.start, end=PERIOD.end, entity="driver", entity_id="d1"),
+        ),
+    ]
+    together = store.query_many(asks)
+    assert len(together) == len(asks)
+    for (name, params), answer in zip(asks, together, strict=True):
+        assert answer.equals(store.query(name, params)), name

@@ -11,6 +11,7 @@ the list order kept) and given back as a list.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -159,6 +160,9 @@ class DruidScoreStore:
                 .alias("reasons")
             )
         return finish(query, frame)
+
+    def query_many(self, asks: Sequence[tuple[str, QueryParams]]) -> list[pl.DataFrame]:
+        return [self.query(name, params) for name, params in asks]
 
     def newest_trip_end(self) -> datetime | None:
         frame = self.sql(f'SELECT MAX(__time) AS newest FROM "{self.trips_datasource}"')

@@ -30,7 +30,7 @@ offsets, ``driverscore score`` has its Parquet output).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -332,6 +332,18 @@ class DuckDBScoreStore:
         query = query_named(name)
         sql, values = self.render(query, params)
         return finish(query, self.sql(sql, [params.start, params.end, *values]))
+
+    def query_many(self, asks: Sequence[tuple[str, QueryParams]]) -> list[pl.DataFrame]:
+        """Several queries of the set on one opening of the file (a dashboard page's)."""
+        with self._connect(read_only=True) as (con, _attempts):
+            answers = []
+            for name, params in asks:
+                query = query_named(name)
+                sql, values = self.render(query, params)
+                answers.append(
+                    finish(query, con.execute(sql, [params.start, params.end, *values]).pl())
+                )
+        return answers
 
     def trip_route(self, vehicle_id: str, trip_id: str) -> pl.DataFrame | None:
         """:meth:`route`, or ``None`` when the store holds no route of that trip."""

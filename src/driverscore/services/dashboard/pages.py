@@ -130,13 +130,13 @@ def login_page(*, base: str, failed: bool, next_path: str) -> str:
     )
 
 
-def _link(base: str, entity: str, entity_id: object, **query: str) -> str:
+def _link(base: str, entity: str, entity_id: object, label: object = None, **query: str) -> str:
     if entity_id is None:
         return "—"
     href = f"{base}/{entity}s/{quote(str(entity_id), safe='')}"
     if query:
         href += "?" + urlencode(query)
-    return f'<a href="{escape(href)}">{escape(str(entity_id))}</a>'
+    return f'<a href="{escape(href)}">{escape(str(entity_id if label is None else label))}</a>'
 
 
 def _filters(period: Period, base: str) -> str:
@@ -181,7 +181,8 @@ def _histogram(frame: pl.DataFrame, title: str) -> dict[str, Any]:
 
 def overview_html(view: Overview, *, base: str, engine: str) -> str:
     period = view.period
-    band_rows = view.bands.sort("risk_band")
+    order = {name: i for i, (name, _floor) in enumerate(BAND_FLOORS)}
+    band_rows = view.bands.sort(pl.col("risk_band").replace_strict(order, default=len(order)))
     bands = {
         "data": [
             {
@@ -371,7 +372,7 @@ def entity_html(page: EntityPage, *, base: str, engine: str) -> str:
     rows = []
     for r in page.trips.iter_rows(named=True):
         selected = r["trip_id"] == page.trip_id and r["vehicle_id"] == page.vehicle_id
-        trip = _link(base, page.entity, page.entity_id, trip=str(r["trip_id"]))
+        trip = _link(base, page.entity, page.entity_id, r["trip_id"], trip=str(r["trip_id"]))
         rows.append(
             (
                 trip + (" ◀" if selected else ""),

@@ -157,17 +157,17 @@ class Overview:
 
 def fleet_overview(sources: DashboardSources, period: Period, *, worst: int = 15) -> Overview:
     """The fleet overview's answers over ``period`` (every one from the query set)."""
-    ask = sources.reader.query
-    return Overview(
-        period=period,
-        fleets=ask("group_scores", period.params(level="fleet")),
-        clients=ask("group_scores", period.params(level="client")),
-        fleet_histogram=ask("score_histogram", period.params(level="fleet")),
-        client_histogram=ask("score_histogram", period.params(level="client")),
-        trend=ask("daily_trend", period.params()),
-        bands=ask("band_shares", period.params()),
-        worst_drivers=ask("worst_drivers", period.params(limit=worst)),
-    )
+    asks = [
+        ("group_scores", period.params(level="fleet")),
+        ("group_scores", period.params(level="client")),
+        ("score_histogram", period.params(level="fleet")),
+        ("score_histogram", period.params(level="client")),
+        ("daily_trend", period.params()),
+        ("band_shares", period.params()),
+        ("worst_drivers", period.params(limit=worst)),
+    ]
+    answers = sources.reader.query_many(asks)
+    return Overview(period, *answers)
 
 
 def alert_window(sources: DashboardSources, days: float = 30.0) -> QueryParams:
@@ -209,10 +209,12 @@ def entity_page(
         entity_id=entity_id,
         limit=HISTORY_LIMIT,
     )
-    trips = sources.reader.query("trip_history", params)
+    trips, behaviours = sources.reader.query_many(
+        [("trip_history", params), ("trip_behaviours", params)]
+    )
     if trips.height == 0:
         return None
-    behaviours = sources.reader.query("trip_behaviours", params).drop("end_ts")
+    behaviours = behaviours.drop("end_ts")
     trips = trips.join(behaviours, on=["vehicle_id", "trip_id"], how="left")
     chosen = trips.filter(pl.col("trip_id") == trip_id) if trip_id is not None else trips.head(1)
     if chosen.height == 0:

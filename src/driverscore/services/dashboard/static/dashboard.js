@@ -5,7 +5,7 @@
 function drawCharts() {
   document.querySelectorAll("div[data-chart]").forEach((div) => {
     const spec = JSON.parse(document.getElementById(div.dataset.chart).textContent);
-    Plotly.newPlot(div, spec.data, spec.layout, { displaylogo: false, responsive: true });
+    Plotly.newPlot(div, spec.data, spec.layout, { displayModeBar: false, responsive: true });
   });
 }
 
