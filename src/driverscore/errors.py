@@ -36,6 +36,11 @@ class RegistryError(DriverscoreError):
     """The model registry's database cannot be opened (corrupt, or not an MLflow database)."""
 
 
+class AliasMoveError(DriverscoreError):
+    """An alias move was refused: the alias is not where the mover expected (someone moved
+    it first), the version is unknown, or another mover holds the lease too long."""
+
+
 class ScoringServiceError(DriverscoreError):
     """The scoring service cannot score for the stream (down, failing, or refusing its token).
 

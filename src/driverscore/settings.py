@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
+from driverscore.domain.decision import DecisionConfig
 from driverscore.domain.drift import MonitoringConfig
 from driverscore.domain.rollout import RolloutPolicy
 from driverscore.errors import ConfigError
@@ -361,6 +362,8 @@ class Settings(BaseSettings):
     kafka: KafkaConfig = KafkaConfig()
     service: ServiceConfig = ServiceConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
+    #: Champion/challenger decision, rollback watch and alias lease (domain/decision.py).
+    decision: DecisionConfig = DecisionConfig()
     monitoring_cron: str = Field(
         "0 * * * *", description="Schedule of the Dagster monitoring job (default: hourly)."
     )

@@ -13,13 +13,19 @@ the pickle-free serving export ``onnx/model.onnx``, ``model_card.json`` and
 from __future__ import annotations
 
 import fcntl
+import json
+import os
+import random
 import re
+import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -36,11 +42,15 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
 
 import driverscore
 from driverscore.adapters.onnx_model import OnnxRiskModel
+from driverscore.adapters.storage import DataStore
+from driverscore.domain.audit import AliasAction, AliasMove
+from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.scoring import ModelCard, TripScorer, feature_matrix
-from driverscore.errors import ConfigError, NoModelError, RegistryError
+from driverscore.errors import AliasMoveError, ConfigError, NoModelError, RegistryError
 from driverscore.settings import Settings
 
 __all__ = [
@@ -48,16 +58,40 @@ __all__ = [
     "CHALLENGER",
     "CHAMPION",
     "ONNX_ARTIFACT",
+    "PREVIOUS",
     "REFERENCE_PROFILE_ARTIFACT",
+    "ROLLOUT_TAG",
+    "UNCHECKED",
     "FittedModel",
     "GateOutcome",
+    "LeaseTiming",
     "ModelRegistry",
     "RegisteredVersion",
+    "audit_store_sink",
     "open_registry",
+    "policy_label",
+    "read_audit_store",
 ]
 
 CHAMPION: Final = "champion"
 CHALLENGER: Final = "challenger"
+#: The champion before the last promotion: where a rollback moves ``champion`` back to.
+PREVIOUS: Final = "previous"
+#: Registered-model tags: the rollout policy (JSON), the move lease (JSON owner + expiry)
+#: and the recent audit log (one tag per move, keyed by time so names sort by time).
+ROLLOUT_TAG: Final = "driverscore.rollout"
+LEASE_TAG: Final = "driverscore.lease"
+AUDIT_TAG_PREFIX: Final = "driverscore.audit."
+#: Audit tags kept on the registered model; older moves are only in the data store.
+AUDIT_TAGS_KEPT: Final = 200
+
+
+class _Unchecked:
+    """Marker type of :data:`UNCHECKED`."""
+
+
+#: ``move_alias(expect_from=UNCHECKED)``: move the alias wherever it points now.
+UNCHECKED: Final = _Unchecked()
 ONNX_ARTIFACT: Final = "onnx/model.onnx"
 CARD_ARTIFACT: Final = "model_card.json"
 #: The drift reference profile fitted at training (``domain/profiles.py``), beside the card.
@@ -161,15 +195,23 @@ class ModelRegistry:
         model_name: str,
         experiment_name: str,
         artifact_location: str | None = None,
+        *,
+        lease: LeaseTiming | None = None,
+        audit_sink: Callable[[AliasMove], None] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.registry_uri = registry_uri or tracking_uri
         self.model_name = model_name
         self.experiment_name = experiment_name
         self.artifact_location = artifact_location
+        self.lease = lease or LeaseTiming()
+        #: Receives every move after it is made (the data store's ``audit/`` log).
+        self.audit_sink = audit_sink
         self.client = self._open_client()
-        # Promotion reads then writes the champion alias; serialise it within this process.
-        self._lock = threading.Lock()
+        # Moves read then write aliases; serialise them within this process (re-entrant:
+        # a promotion moves several aliases under one guard).
+        self._lock = threading.RLock()
+        self._lease_owner: str | None = None
 
     def _open_client(self) -> MlflowClient:
         """The client, with the embedded SQLite database checked and its schema in place.
@@ -318,9 +360,20 @@ class ModelRegistry:
         version = str(model_version.version)
         alias: str | None = None
         if gate_report.passed:
-            with self._lock, self._database_locks():
+            with self.guard("training-job"):
                 alias = CHALLENGER if self.alias_version(CHAMPION) is not None else CHAMPION
-                self.set_alias(alias, version)
+                self.move_alias(
+                    alias,
+                    version,
+                    action="register",
+                    actor="training-job",
+                    reason=f"passed the gate; registered as {alias}",
+                    evidence={
+                        k: v
+                        for k, v in gate_report.candidate.flat().items()
+                        if isinstance(v, int | float) and np.isfinite(v)
+                    },
+                )
         return RegisteredVersion(self.model_name, version, run_id, gate_status, alias)
 
     def _log_run(
@@ -403,6 +456,224 @@ class ModelRegistry:
         """Remove ``alias``; no error when it is not set."""
         if self.alias_version(alias) is not None:
             self.client.delete_registered_model_alias(self.model_name, alias)
+
+    # -- guarded moves, rollout policy, audit log ----------------------------------------
+
+    @contextmanager
+    def guard(self, actor: str) -> Iterator[None]:
+        """Exclusive right to move this model's aliases and rollout policy, across processes.
+
+        MLflow aliases have no compare-and-set, so the guard is a lease in a registered-model
+        tag (owner id + expiry): the owner writes it, waits ``settle_s`` and reads it back;
+        only the owner whose write survived proceeds, and an expired lease may be taken.
+        Within one process a re-entrant lock serialises movers first, and on the embedded
+        SQLite registry the database lock file is held too. Movers check under the guard
+        that the alias is still where they expect (:meth:`move_alias` ``expect_from``).
+        """
+        with self._lock:
+            if self._lease_owner is not None:  # re-entered by this thread
+                yield
+                return
+            with self._database_locks():
+                owner = f"{actor}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+                self._ensure_registered_model()
+                self._acquire_lease(owner)
+                self._lease_owner = owner
+                try:
+                    yield
+                finally:
+                    self._lease_owner = None
+                    self._release_lease(owner)
+
+    def _read_lease(self) -> _Lease | None:
+        text = self._model_tags().get(LEASE_TAG)
+        if not text:
+            return None
+        try:
+            data = json.loads(text)
+            return _Lease(str(data["owner"]), float(data["expires_at"]))
+        except (ValueError, KeyError, TypeError):
+            return None  # an unreadable lease protects nothing: it may be taken
+
+    def _acquire_lease(self, owner: str) -> None:
+        timing = self.lease
+        deadline = time.monotonic() + timing.wait_s
+        while True:
+            current = self._read_lease()
+            if current is None or current.expires_at <= time.time():
+                lease = {"owner": owner, "expires_at": time.time() + timing.ttl_s}
+                self.client.set_registered_model_tag(self.model_name, LEASE_TAG, json.dumps(lease))
+                # A rival that read the old lease before our write writes its own within
+                # this settle time; the last write wins and everyone else backs off.
+                time.sleep(timing.settle_s)
+                after = self._read_lease()
+                if after is not None and after.owner == owner:
+                    return
+                current = after
+            if time.monotonic() >= deadline:
+                holder = current.owner if current else "another mover"
+                raise AliasMoveError(
+                    f"model {self.model_name!r}: the alias lease is held by {holder}; "
+                    f"waited {timing.wait_s:g}s — try again, or wait {timing.ttl_s:g}s for "
+                    "it to expire if that mover died"
+                )
+            # Jitter: rivals that collided do not retry in step.
+            time.sleep(timing.settle_s * (0.5 + random.random()))
+
+    def _release_lease(self, owner: str) -> None:
+        current = self._read_lease()
+        if current is not None and current.owner == owner:
+            self.client.delete_registered_model_tag(self.model_name, LEASE_TAG)
+
+    def _check_lease(self) -> None:
+        """A mover that outlived its lease must not move: another may have taken it."""
+        current = self._read_lease()
+        if current is None or current.owner != self._lease_owner:
+            raise AliasMoveError(
+                f"model {self.model_name!r}: the alias lease expired during the move "
+                f"(lease ttl {self.lease.ttl_s:g}s); nothing was moved — try again"
+            )
+
+    def _model_tags(self) -> dict[str, str]:
+        try:
+            return dict(self.client.get_registered_model(self.model_name).tags)
+        except MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:
+                return {}
+            raise
+
+    def move_alias(
+        self,
+        alias: str,
+        version: str | None,
+        *,
+        action: AliasAction,
+        actor: str,
+        reason: str,
+        evidence: dict[str, Any] | None = None,
+        expect_from: str | _Unchecked | None = UNCHECKED,
+        at: datetime | None = None,
+    ) -> AliasMove:
+        """Point ``alias`` at ``version`` (``None``: remove it) under the guard, and audit it.
+
+        ``expect_from`` is the version the mover saw when it decided (``None``: unset);
+        when the alias is elsewhere now, someone moved it first and :class:`AliasMoveError`
+        is raised with nothing moved. Pass ``UNCHECKED`` to move whatever it points to.
+        """
+        with self.guard(actor):
+            self._check_lease()
+            current = self.alias_version(alias)
+            if not isinstance(expect_from, _Unchecked) and current != expect_from:
+                raise AliasMoveError(
+                    f"alias {alias!r} of model {self.model_name!r} points to "
+                    f"{current or 'nothing'}, not {expect_from or 'nothing'}: it was moved "
+                    "meanwhile; nothing was moved"
+                )
+            if version is None:
+                if current is not None:
+                    self.client.delete_registered_model_alias(self.model_name, alias)
+            else:
+                self._require_version(version)
+                self.set_alias(alias, version)
+            move = AliasMove(
+                at=at or datetime.now(UTC),
+                actor=actor,
+                action=action,
+                alias=alias,
+                from_version=current,
+                to_version=version,
+                reason=reason,
+                evidence=evidence or {},
+            )
+            self._append_audit(move)
+            return move
+
+    def _require_version(self, version: str) -> None:
+        try:
+            self.client.get_model_version(self.model_name, version)
+        except MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:
+                raise AliasMoveError(
+                    f"model {self.model_name!r} has no version {version}; "
+                    "`driverscore models list` shows the versions"
+                ) from None
+            raise
+
+    def _append_audit(self, move: AliasMove) -> None:
+        # Keyed by when it was recorded, not by ``move.at``: a replayed day's move carries its
+        # simulated time, and the log must still read in the order the moves were made.
+        key = f"{AUDIT_TAG_PREFIX}{_recorded_stamp()}"
+        self.client.set_registered_model_tag(self.model_name, key, move.model_dump_json())
+        keys = sorted(k for k in self._model_tags() if k.startswith(AUDIT_TAG_PREFIX))
+        for old in keys[:-AUDIT_TAGS_KEPT]:
+            self.client.delete_registered_model_tag(self.model_name, old)
+        if self.audit_sink is not None:
+            self.audit_sink(move)
+
+    def audit_log(self, limit: int = 50) -> list[AliasMove]:
+        """The latest moves, newest first (the registry keeps the last ``AUDIT_TAGS_KEPT``)."""
+        tags = self._model_tags()
+        moves: list[AliasMove] = []
+        for key in sorted((k for k in tags if k.startswith(AUDIT_TAG_PREFIX)), reverse=True):
+            try:
+                moves.append(AliasMove.model_validate_json(tags[key]))
+            except ValidationError:
+                continue  # a tag edited by hand: the data store keeps the original
+            if len(moves) >= limit:
+                break
+        return moves
+
+    def rollout_policy(self, default: RolloutPolicy | None = None) -> RolloutPolicy:
+        """The rollout policy stored on the registered model; ``default`` (champion-only
+        unless given) when none was ever set or the model is not registered yet."""
+        return self.stored_rollout_policy() or default or RolloutPolicy()
+
+    def stored_rollout_policy(self) -> RolloutPolicy | None:
+        """The stored rollout policy, or None when none was set. An unreadable one (a tag
+        edited by hand) is an error: serving a guessed split would be worse."""
+        text = self._model_tags().get(ROLLOUT_TAG)
+        if not text:
+            return None
+        try:
+            return RolloutPolicy.model_validate_json(text)
+        except ValidationError as exc:
+            raise RegistryError(
+                f"model {self.model_name!r}: tag {ROLLOUT_TAG} is not a rollout policy "
+                f"({exc.errors()[0]['msg']}); set one with `driverscore models rollout`"
+            ) from None
+
+    def set_rollout_policy(
+        self,
+        policy: RolloutPolicy,
+        *,
+        actor: str,
+        reason: str,
+        evidence: dict[str, Any] | None = None,
+        at: datetime | None = None,
+    ) -> AliasMove:
+        """Store ``policy`` on the registered model (every replica polls it), audited."""
+        with self.guard(actor):
+            self._check_lease()
+            before = self.rollout_policy()
+            self.client.set_registered_model_tag(
+                self.model_name, ROLLOUT_TAG, policy.model_dump_json()
+            )
+            move = AliasMove(
+                at=at or datetime.now(UTC),
+                actor=actor,
+                action="rollout",
+                alias="rollout",
+                from_version=policy_label(before),
+                to_version=policy_label(policy),
+                reason=reason,
+                evidence={
+                    "from": before.model_dump(),
+                    "to": policy.model_dump(),
+                    **(evidence or {}),
+                },
+            )
+            self._append_audit(move)
+            return move
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -495,18 +766,83 @@ class ModelRegistry:
         return dict(self.client.get_model_version(self.model_name, version).tags)
 
 
-def open_registry(settings: Settings) -> ModelRegistry:
+@dataclass(frozen=True)
+class LeaseTiming:
+    """How the alias lease is held: its lifetime, the settle time before reading a write
+    back, and how long a mover waits for a busy lease (seconds)."""
+
+    ttl_s: float = 30.0
+    settle_s: float = 0.3
+    wait_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class _Lease:
+    owner: str
+    expires_at: float
+
+
+def _recorded_stamp() -> str:
+    """Sortable, unique name part for a move being recorded now (ns, then a random tail)."""
+    return f"{time.time_ns():020d}.{uuid.uuid4().hex[:8]}"
+
+
+def policy_label(policy: RolloutPolicy) -> str:
+    """``champion``, ``shadow`` or ``canary 10%``: a rollout policy in the audit log."""
+    if policy.mode == "canary":
+        return f"canary {policy.challenger_percent:g}%"
+    return policy.mode
+
+
+def audit_store_sink(store: DataStore, model_name: str) -> Callable[[AliasMove], None]:
+    """Writes each move as one JSON line under ``audit/<model>/`` of a data store (one
+    object per move, named by time: object stores have no append, and no two movers then
+    write the same object)."""
+
+    def write(move: AliasMove) -> None:
+        name = f"{_recorded_stamp()}.jsonl"
+        uri = store.object_uri("audit", _key(model_name).replace("/", "_"), name)
+        store.write_object(uri, (move.model_dump_json() + "\n").encode())
+
+    return write
+
+
+def read_audit_store(store: DataStore, model_name: str) -> list[AliasMove]:
+    """Every move the data store holds for ``model_name``, in the order recorded."""
+    folder = store.object_uri("audit", _key(model_name).replace("/", "_"))
+    moves = [
+        AliasMove.model_validate_json(line)
+        for uri in store.list_objects(folder, ".jsonl")
+        for line in store.read_object(uri).decode().splitlines()
+        if line.strip()
+    ]
+    return moves  # objects are listed by name: the order they were recorded in
+
+
+def open_registry(settings: Settings, *, audit: bool = True) -> ModelRegistry:
     """The registry the settings name: their tracking and registry URIs, model, experiment.
 
     The artifact root applies only to the embedded default (no tracking server): a server
-    keeps its own artifact location.
+    keeps its own artifact location. Moves are also written to the data store's ``audit/``
+    log unless ``audit`` is False (readers such as the service never move aliases).
     """
+    sink: Callable[[AliasMove], None] | None = None
+    if audit:
+        store = DataStore(settings.resolved_data_uri, settings.storage_options())
+        sink = audit_store_sink(store, settings.model_name)
+    decision = settings.decision
     return ModelRegistry(
         tracking_uri=settings.resolved_tracking_uri,
         registry_uri=settings.mlflow_registry_uri,
         model_name=settings.model_name,
         experiment_name=settings.experiment_name,
         artifact_location=None if settings.mlflow_tracking_uri else settings.mlflow_artifact_root,
+        lease=LeaseTiming(
+            ttl_s=decision.lease_ttl_s,
+            settle_s=decision.lease_settle_s,
+            wait_s=decision.lease_wait_s,
+        ),
+        audit_sink=sink,
     )
 
 
