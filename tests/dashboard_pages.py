@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from driverscore.adapters.registry import open_registry
 from driverscore.adapters.score_store.duckdb_store import open_score_store
+from driverscore.domain.rollout import RolloutPolicy
 from driverscore.services.stream import StreamMetrics, TripScoringStep
 from driverscore.services.stream_embedded import (
     MemoryScoreSink,
@@ -43,12 +44,18 @@ class ScoredFleet:
 
 
 def score_fleet(home: Path, *, vehicles: int = 8, days: int = 2, seed: int = 21) -> ScoredFleet:
-    """A home whose registry holds two versions and whose DuckDB store holds a simulated
-    fleet scored on the stream path (records, alerts and routes)."""
+    """A home whose registry holds two versions (champion 1, challenger 2 in a 10 % canary:
+    moves in its audit log) and whose DuckDB store holds a simulated fleet scored on the
+    stream path (records, alerts and routes)."""
     settings = Settings(home=home)
     registry = open_registry(settings)
     register_synthetic_model(registry, trips=2500, seed=3, max_iter=30, code_version="first")
     register_synthetic_model(registry, trips=2500, seed=4, max_iter=30, code_version="second")
+    registry.set_rollout_policy(
+        RolloutPolicy(mode="canary", challenger_percent=10.0),
+        actor="test",
+        reason="canary of version 2",
+    )
     scorer = registry.load_scorer("champion")
     pings = simulate(
         SimulationConfig(vehicles=vehicles, days=days, seed=seed, dirt=DirtConfig.clean())

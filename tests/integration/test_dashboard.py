@@ -100,6 +100,8 @@ def test_every_page_loads_in_headless_chromium_with_data(
     model = seen["/dashboard/model"]["text"]
     assert "champion" in model and "challenger" in model and "Versions" in model
     assert "drifted: speeding_share, night_share" in model
+    assert "canary, 10% of drivers answered by the challenger" in model
+    assert "canary of version 2" in model  # the audit log's newest move
     assert (tmp_path / "dashboard-0.png").stat().st_size > 20_000
     if (docs := Path(__file__).parents[2] / "docs" / "img").is_dir() and _refresh_docs():
         shutil.copy(tmp_path / "dashboard-0.png", docs / "dashboard.png")
@@ -236,6 +238,8 @@ def test_served_by_driverscore_serve_under_dashboard(fleet: ScoredFleet) -> None
     with serve(app) as url, httpx.Client(base_url=url) as client:
         overview = client.get("/dashboard/")
         assert overview.status_code == 200 and "Fleet overview" in overview.text
+        model = client.get("/dashboard/model").text
+        assert "in force on this service: <b>champion</b>" in model
         plotly = client.get("/dashboard/static/plotly.min.js")
         assert plotly.status_code == 200 and len(plotly.content) > 1_000_000
         assert client.get("/healthz").status_code == 200

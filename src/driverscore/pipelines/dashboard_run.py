@@ -1,9 +1,10 @@
 """`driverscore dashboard` and the dashboard of `driverscore serve`: what it reads, wired.
 
-The score store of the chosen engine (DuckDB file or Druid), routes from the DuckDB
-store's routes table (Druid keeps none: on Druid the routes come from the home's DuckDB
-file when there is one), the registry (opened once, on first use), the rollout split and
-the monitor's latest result from the data store.
+The score store of the chosen engine (DuckDB file or Druid); routes from the DuckDB
+store's routes table (Druid keeps none: on Druid they come from the home's DuckDB file
+when there is one); the registry, opened once on first use (versions, aliases, the
+rollout policy it holds, its audit log of moves); the monitor's latest result from the
+data store; and, served by `driverscore serve`, the split in force on that service.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ __all__ = [
     "dashboard_sources",
     "latest_monitoring_result",
     "mount_dashboard",
-    "rollout_from_settings",
     "run_dashboard",
 ]
 
@@ -50,26 +50,11 @@ def latest_monitoring_result(settings: Settings) -> dict[str, Any] | None:
     return None
 
 
-def rollout_from_settings(settings: Settings) -> RolloutPolicy:
-    """The service's split as configured: the rollout file when it is readable, else the
-    settings' mode and percent (what a freshly started service would use)."""
-    path = settings.service.rollout_file
-    if path is not None:
-        try:
-            return RolloutPolicy.model_validate_json(path.read_bytes())
-        except (OSError, ValueError):
-            pass
-    return RolloutPolicy(
-        mode=settings.service.rollout_mode,
-        challenger_percent=settings.service.challenger_percent,
-    )
-
-
 def dashboard_sources(
     settings: Settings,
     engine: Literal["duckdb", "druid"] = "duckdb",
     *,
-    rollout: Callable[[], RolloutPolicy] | None = None,
+    service_rollout: Callable[[], RolloutPolicy] | None = None,
 ) -> DashboardSources:
     """The dashboard's sources for ``settings`` (module docstring)."""
     routes_store = open_score_store(settings)
@@ -97,7 +82,7 @@ def dashboard_sources(
         engine=engine,
         route=route,
         registry=registry,
-        rollout=rollout or (lambda: rollout_from_settings(settings)),
+        service_rollout=service_rollout,
         drift=lambda: latest_monitoring_result(settings),
     )
 
@@ -110,7 +95,7 @@ def mount_dashboard(app: FastAPI, settings: Settings) -> None:
     """`driverscore serve`: the dashboard under ``/dashboard``, with the service's tokens
     and its live rollout split."""
     state: ServiceState = app.state.service
-    sources = dashboard_sources(settings, rollout=lambda: state.policy)
+    sources = dashboard_sources(settings, service_rollout=lambda: state.policy)
     dashboard = create_dashboard(
         sources, base=DASHBOARD_PATH, tokens=state.tokens, require_token=state.auth
     )

@@ -16,6 +16,8 @@ from urllib.parse import quote, urlencode
 
 import polars as pl
 
+from driverscore.domain.audit import AliasMove
+from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.scoring import BAND_FLOORS
 from driverscore.services.dashboard.sources import (
     GATE_METRICS,
@@ -445,16 +447,9 @@ def model_html(page: ModelPage, *, base: str, engine: str) -> str:
         ["champion", "challenger", "previous"],
         [[escape(by_alias.get(a, "—")) for a in ("champion", "challenger", "previous")]],
     )
-    policy = page.rollout
-    split = (
-        f"<p>rollout: <b>{escape(policy.mode)}</b>"
-        + (
-            f", {policy.challenger_percent:g}% of drivers answered by the challenger"
-            if policy.mode == "canary"
-            else ""
-        )
-        + "</p>"
-    )
+    split = f"<p>rollout policy (registry): {_policy(page.rollout)}</p>"
+    if page.service_rollout is not None:
+        split += f"<p>in force on this service: {_policy(page.service_rollout)}</p>"
     served = table(
         ["model", "version", "role", "trips (30 days)", "mean score"],
         (
@@ -479,14 +474,16 @@ def model_html(page: ModelPage, *, base: str, engine: str) -> str:
                 "type": "scatter",
                 "mode": "lines+markers",
                 "name": name.removeprefix("holdout."),
-                "x": [v.created_at for v in ordered],
+                # Versions in registration order, as categories: several may share a minute.
+                "x": [f"v{v.version}" for v in ordered],
                 "y": [v.metrics.get(name) for v in ordered],
-                "text": [f"version {v.version}" for v in ordered],
+                "text": [f"registered {v.created_at}" for v in ordered],
             }
             for name in GATE_METRICS
         ],
         "layout": {
-            "title": {"text": "gate metrics per version (holdout)"},
+            "title": {"text": "gate metrics per version, oldest first (holdout)"},
+            "xaxis": {"type": "category"},
             "legend": {"orientation": "h"},
         },
     }
@@ -530,18 +527,27 @@ def _drift(result: dict[str, Any] | None) -> str:
     )
 
 
-_AUDIT_FIELDS: Final = ("at", "actor", "action", "alias", "from_version", "to_version")
+def _policy(policy: RolloutPolicy | None) -> str:
+    if policy is None:
+        return "—"
+    text = f"<b>{escape(policy.mode)}</b>"
+    if policy.mode == "canary":
+        text += f", {policy.challenger_percent:g}% of drivers answered by the challenger"
+    return text
 
 
-def _audit(moves: list[Any] | None) -> str:
-    if moves is None:
-        return '<p class="empty">this registry keeps no audit log of alias moves</p>'
+def _audit(moves: list[AliasMove]) -> str:
     return table(
         ["at (UTC)", "actor", "action", "alias", "from", "to", "reason"],
         (
             (
-                *(escape(_cell(getattr(m, name, None))) for name in _AUDIT_FIELDS),
-                escape(str(getattr(m, "reason", ""))),
+                escape(_cell(m.at)),
+                escape(m.actor),
+                escape(m.action),
+                escape(m.alias),
+                escape(m.from_version or "—"),
+                escape(m.to_version or "—"),
+                escape(m.reason),
             )
             for m in moves
         ),

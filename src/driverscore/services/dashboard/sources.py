@@ -18,6 +18,7 @@ import polars as pl
 
 from driverscore.adapters.score_store import ScoreReader
 from driverscore.adapters.score_store.queries import QueryParams
+from driverscore.domain.audit import AliasMove
 from driverscore.domain.rollout import RolloutPolicy
 
 __all__ = [
@@ -59,6 +60,10 @@ class ModelCatalog(Protocol):
 
     def list_versions(self) -> list[Any]: ...
 
+    def audit_log(self, limit: int = 50) -> list[AliasMove]: ...
+
+    def rollout_policy(self, default: RolloutPolicy | None = None) -> RolloutPolicy: ...
+
 
 @dataclass(frozen=True)
 class DashboardSources:
@@ -71,8 +76,9 @@ class DashboardSources:
     route: Callable[[str, str], pl.DataFrame | None] = lambda _vehicle, _trip: None
     #: The registry (opened on first use by the caller's factory), or ``None``: no model page.
     registry: Callable[[], ModelCatalog] | None = None
-    #: The rollout split in force (the service's live one when served by it).
-    rollout: Callable[[], RolloutPolicy] = RolloutPolicy
+    #: The split in force on the scoring service serving the dashboard (``None``: served
+    #: alone; the registry's policy is what every replica polls).
+    service_rollout: Callable[[], RolloutPolicy] | None = None
     #: The monitor's latest result (``monitoring.json``), ``None`` before the first run.
     drift: Callable[[], dict[str, Any] | None] = lambda: None
     #: The clock (tests pin it).
@@ -229,35 +235,35 @@ class ModelPage:
     versions: list[Any]
     #: ``None`` when the registry could not be read, with why.
     registry_error: str | None
-    rollout: RolloutPolicy
+    #: The rollout policy held by the registry (``None``: the registry could not be read).
+    rollout: RolloutPolicy | None
+    #: The split in force on the service serving this page (``None``: served alone).
+    service_rollout: RolloutPolicy | None
     #: Trips per model version and role in the store over the last 30 days (observed split).
     served: pl.DataFrame
     drift: dict[str, Any] | None
-    #: The registry's audit log of alias moves, newest first (``None``: not kept).
-    audit: list[Any] | None
+    #: The registry's audit log of alias and rollout moves, newest first.
+    audit: list[AliasMove]
 
 
 def model_page(sources: DashboardSources) -> ModelPage:
     versions: list[Any] = []
+    audit: list[AliasMove] = []
     error: str | None = None
-    audit: list[Any] | None = None
-    rollout = sources.rollout()
+    rollout: RolloutPolicy | None = None
     if sources.registry is None:
         error = "no registry configured"
     else:
         try:
             registry = sources.registry()
             versions = registry.list_versions()
-            # The audit log and the registry-held split arrive with the closed loop.
-            audit_log = getattr(registry, "audit_log", None)
-            audit = list(audit_log(limit=50)) if callable(audit_log) else None
-            held = getattr(registry, "rollout_policy", None)
-            if callable(held):
-                rollout = held()
+            audit = registry.audit_log(limit=50)
+            rollout = registry.rollout_policy()
         except Exception as exc:  # a down registry must not take the page down
             error = f"the registry could not be read: {str(exc).splitlines()[0][:300]}"
     newest = sources.reader.newest_trip_end() or sources.now()
     served = sources.reader.query(
         "model_versions", QueryParams(start=newest - timedelta(days=30), end=newest)
     )
-    return ModelPage(versions, error, rollout, served, sources.drift(), audit)
+    service = sources.service_rollout() if sources.service_rollout is not None else None
+    return ModelPage(versions, error, rollout, service, served, sources.drift(), audit)
