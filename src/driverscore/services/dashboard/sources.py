@@ -176,7 +176,7 @@ def fleet_overview(sources: DashboardSources, period: Period, *, worst: int = 15
     return Overview(period, *answers)
 
 
-def alert_window(sources: DashboardSources, days: float = 30.0) -> QueryParams:
+def alert_window(sources: DashboardSources, days: float = 7.0) -> QueryParams:
     """The alerts feed's period: from ``days`` before the newest trip stored (or now, if
     earlier: a store of past days) to a day after now or that trip (clocks differ)."""
     now = sources.now()
