@@ -30,23 +30,19 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 import mlflow
-import mlflow.sklearn
 import numpy as np
 import numpy.typing as npt
-import onnx
 import polars as pl
-import skl2onnx
-import sklearn
 import sqlalchemy.exc
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
 import driverscore
 from driverscore.adapters.onnx_model import OnnxRiskModel
 from driverscore.adapters.storage import DataStore
+from driverscore.adapters.versions import CHALLENGER, CHAMPION, VersionSummary
 from driverscore.domain.audit import AliasAction, AliasMove
 from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.scoring import ModelCard, TripScorer, feature_matrix
@@ -73,8 +69,6 @@ __all__ = [
     "read_audit_store",
 ]
 
-CHAMPION: Final = "champion"
-CHALLENGER: Final = "challenger"
 #: The champion before the last promotion: where a rollback moves ``champion`` back to.
 PREVIOUS: Final = "previous"
 #: Registered-model tags: the rollout policy (JSON), the move lease (JSON owner + expiry)
@@ -165,18 +159,6 @@ class RegisteredVersion:
     @property
     def model_uri(self) -> str:
         return f"models:/{self.model_name}/{self.version}"
-
-
-@dataclass(frozen=True)
-class VersionSummary:
-    """One registered version as listed by `driverscore models`."""
-
-    version: str
-    aliases: tuple[str, ...]
-    gate_status: str
-    code_version: str
-    created_at: str
-    metrics: dict[str, float]
 
 
 class ModelRegistry:
@@ -386,6 +368,12 @@ class ModelRegistry:
         params: dict[str, Any],
         sample: pl.DataFrame,
     ) -> None:
+        # Registration only: the serving image, which reads versions, has none of these.
+        import mlflow.sklearn
+        import skl2onnx
+        import sklearn
+        from mlflow.models import infer_signature
+
         metrics = {f"holdout.{k}": v for k, v in gate_report.candidate.flat().items()}
         if gate_report.champion is not None:
             metrics.update(
@@ -901,5 +889,7 @@ def _exclusive(lock_file: Path) -> Iterator[None]:
 
 
 def _onnx_opset(onnx_bytes: bytes) -> int:
+    import onnx  # registration only, as above
+
     proto = onnx.load_from_string(onnx_bytes)
     return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
