@@ -331,8 +331,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (default: settings).")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port (default: settings, 8080).")] = None,
 ) -> None:
-    """Serve scores over HTTP (REST and the SageMaker container contract), and the web
-    dashboard under /dashboard."""
+    """Serve scores over HTTP (REST, SageMaker contract) and the web dashboard (/dashboard)."""
     from driverscore.pipelines.dashboard_run import mount_dashboard
     from driverscore.services.api.runner import run_service
 
@@ -362,9 +361,11 @@ def dashboard(
     if overrides:
         service = settings.service.model_copy(update=overrides)
         settings = settings.model_copy(update={"service": service})
-    config = settings.service
-    typer.echo(f"dashboard: http://{config.host}:{config.port}/dashboard/ ({engine})")
-    run_dashboard(settings, engine)  # type: ignore[arg-type]
+    run_dashboard(
+        settings,
+        engine,  # type: ignore[arg-type]
+        announce=lambda url: typer.echo(f"dashboard: {url} ({engine})"),
+    )
 
 
 @app.command("export-model")

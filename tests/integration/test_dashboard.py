@@ -243,3 +243,29 @@ def test_served_by_driverscore_serve_under_dashboard(fleet: ScoredFleet) -> None
         plotly = client.get("/dashboard/static/plotly.min.js")
         assert plotly.status_code == 200 and len(plotly.content) > 1_000_000
         assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--engine", "sqlite"], "--engine 'sqlite': use duckdb or druid"),
+        (["--host", "0.0.0.0"], "the dashboard binds to 0.0.0.0 so sign-in is on, but no token"),
+    ],
+)
+def test_a_wrong_dashboard_option_is_one_line(tmp_path: Path, args: list[str], line: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIVERSCORE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "driverscore", "dashboard", *args],
+        env={**env, "DRIVERSCORE_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert line in done.stderr and "Traceback" not in done.stderr
+    assert "dashboard: http" not in done.stdout

@@ -20,7 +20,6 @@ from fastapi import FastAPI
 from driverscore.adapters.score_store.duckdb_store import StoreMissingError, open_score_store
 from driverscore.adapters.storage import DataStore
 from driverscore.domain.rollout import RolloutPolicy
-from driverscore.pipelines.monitoring_run import MONITORING_KIND, RESULT_NAME
 from driverscore.pipelines.store_queries import open_reader
 from driverscore.services.api.auth import auth_enabled, load_tokens
 from driverscore.services.api.state import ServiceState
@@ -39,6 +38,10 @@ __all__ = [
 
 def latest_monitoring_result(settings: Settings) -> dict[str, Any] | None:
     """The newest ``monitoring.json`` in the data store, ``None`` before the first run."""
+    # Here, not at the top: the monitoring pipeline imports MLflow and scikit-learn (10 s
+    # on a busy machine), which the dashboard needs only once someone opens the model page.
+    from driverscore.pipelines.monitoring_run import MONITORING_KIND, RESULT_NAME
+
     store = DataStore(settings.resolved_data_uri, settings.storage_options())
     for uri in reversed(store.report_uris(MONITORING_KIND, RESULT_NAME)):
         try:
@@ -128,9 +131,16 @@ def build_dashboard_app(
     return standalone_app(dashboard, DASHBOARD_PATH)
 
 
-def run_dashboard(settings: Settings, engine: Literal["duckdb", "druid"] = "duckdb") -> None:
-    """Serve the dashboard alone until interrupted (`driverscore dashboard`)."""
+def run_dashboard(
+    settings: Settings,
+    engine: Literal["duckdb", "druid"] = "duckdb",
+    announce: Callable[[str], None] = lambda _url: None,
+) -> None:
+    """Serve the dashboard alone until interrupted (`driverscore dashboard`); ``announce``
+    gets its URL once the app is built (a wrong setting fails before)."""
     app = build_dashboard_app(settings, engine)
+    config = settings.service
+    announce(f"http://{config.host}:{config.port}{DASHBOARD_PATH}/")
     uvicorn.run(
         app,
         host=settings.service.host,
