@@ -119,14 +119,17 @@ def test_a_bad_filter_says_which_in_one_line(query: dict[str, str], message: str
     assert "\n" not in str(raised.value)
 
 
-def test_a_session_is_valid_only_signed_by_this_app_and_until_it_expires() -> None:
-    sessions = Sessions([b"t"], required=True, lifetime_s=60)
+def test_a_session_is_valid_under_the_same_tokens_and_until_it_expires() -> None:
+    sessions = Sessions([b"t", b"u"], required=True, lifetime_s=60)
     cookie = sessions.issue(1000.0)
     assert sessions.valid(cookie, 1030.0)
     assert not sessions.valid(cookie, 1061.0)
     expires, _, signature = cookie.partition(".")
     assert not sessions.valid(f"{int(expires) + 3600}.{signature}", 1030.0)
+    # Another replica (or a restart) with the same tokens accepts it; a changed set does not.
+    assert Sessions([b"u", b"t"], required=True).valid(cookie, 1030.0)
     assert not Sessions([b"t"], required=True).valid(cookie, 1030.0)
+    assert not Sessions([b"t", b"u", b"v"], required=True).valid(cookie, 1030.0)
     assert not sessions.valid(None, 1030.0) and not sessions.valid("garbage", 1030.0)
     assert Sessions([], required=False).valid(None, 1030.0)
 

@@ -7,9 +7,10 @@ the ones the page has not been sent go out, newest trip end first.
 
 **Sign-in.** When the scoring service requires tokens (``services/api/auth.py``), so do
 the pages: ``/login`` takes one of the service's tokens and answers with a session cookie
-(expiry and an HMAC-SHA256 of it under a key made when the app starts; HttpOnly,
-SameSite=Strict), which every page load and the feed present. A restart signs everyone
-out, and no token is ever stored in the browser.
+(expiry and an HMAC-SHA256 of it under a key derived from all accepted tokens; HttpOnly,
+SameSite=Strict), which every page load and the feed present. Replicas with the same
+tokens accept each other's sessions; a change of tokens ends them all; no token is ever
+stored in the browser.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from functools import cache
@@ -90,7 +90,12 @@ class Sessions:
         self.tokens = tokens
         self.required = required
         self.lifetime_s = lifetime_s
-        self._key = os.urandom(32)
+        # The key is derived from every accepted token: replicas behind one load balancer
+        # accept each other's cookies, a restart signs nobody out, and revoking or adding a
+        # token ends every session. Without tokens (no sign-in) it is never used.
+        self._key = hashlib.sha256(
+            b"driverscore-dashboard-session\0" + b"\0".join(sorted(tokens))
+        ).digest()
 
     def _sign(self, expires: int) -> str:
         return hmac.new(self._key, str(expires).encode(), hashlib.sha256).hexdigest()
