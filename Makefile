@@ -1,7 +1,7 @@
 .DEFAULT_GOAL := help
 VENV := .venv/bin
 
-.PHONY: help install lock lock-upgrade demo test lint typecheck unit bench bench-service bench-stream bench-store
+.PHONY: help install lock lock-upgrade demo test lint typecheck unit bench bench-service bench-stream bench-store bench-dashboard
 
 help: ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -42,3 +42,6 @@ bench-stream: install ## Kafka stream processor vs the Quix Streams ceiling (loc
 bench-store: install ## Score store: DuckDB ingest and queries at 1M/10M trips, Druid at 1M
 	$(VENV)/python bench/bench_store.py
 	$(VENV)/python bench/bench_store.py --trips 1000000 --druid
+
+bench-dashboard: install ## Web dashboard: each page's server time at 1M stored trips (DuckDB)
+	$(VENV)/python bench/bench_dashboard.py

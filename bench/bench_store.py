@@ -135,6 +135,7 @@ def params_for(frame: pl.DataFrame) -> dict[str, QueryParams]:
     out["trip_history"] = QueryParams(
         start=end - timedelta(days=DAYS), end=end, entity="vehicle", entity_id=vehicle
     )
+    out["trip_behaviours"] = out["trip_history"]
     return out
 
 

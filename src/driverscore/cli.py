@@ -471,7 +471,8 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (default: settings).")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port (default: settings, 8080).")] = None,
 ) -> None:
-    """Serve scores over HTTP (REST and the SageMaker container contract)."""
+    """Serve scores over HTTP (REST, SageMaker contract) and the web dashboard (/dashboard)."""
+    from driverscore.pipelines.dashboard_run import mount_dashboard
     from driverscore.services.api.runner import run_service
 
     settings = _settings()
@@ -479,7 +480,32 @@ def serve(
     if overrides:
         service = settings.service.model_copy(update=overrides)
         settings = settings.model_copy(update={"service": service})
-    run_service(settings)
+    run_service(settings, lambda app: mount_dashboard(app, settings))
+
+
+@app.command()
+def dashboard(
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default: settings).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default: settings, 8080).")] = None,
+    engine: Annotated[
+        str, typer.Option(help="Score store to read: duckdb (the home's file) or druid.")
+    ] = "duckdb",
+) -> None:
+    """Serve the web dashboard alone (fleet overview, alerts, drivers, vehicles, model)."""
+    from driverscore.pipelines.dashboard_run import run_dashboard
+
+    if engine not in ("duckdb", "druid"):
+        raise ConfigError(f"--engine {engine!r}: use duckdb or druid")
+    settings = _settings()
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if overrides:
+        service = settings.service.model_copy(update=overrides)
+        settings = settings.model_copy(update={"service": service})
+    run_dashboard(
+        settings,
+        engine,  # type: ignore[arg-type]
+        announce=lambda url: typer.echo(f"dashboard: {url} ({engine})"),
+    )
 
 
 @app.command("export-model")
@@ -514,7 +540,7 @@ def scores(
         typer.Argument(
             help=(
                 "group_scores, score_histogram, daily_trend, worst_drivers, latest_alerts, "
-                "band_shares, model_versions or trip_history."
+                "band_shares, model_versions, trip_history or trip_behaviours."
             )
         ),
     ],
@@ -528,8 +554,12 @@ def scores(
     by: Annotated[
         str, typer.Option(help="group_scores, score_histogram: driver, vehicle, fleet, client.")
     ] = "fleet",
-    driver: Annotated[str | None, typer.Option(help="trip_history of this driver.")] = None,
-    vehicle: Annotated[str | None, typer.Option(help="trip_history of this vehicle.")] = None,
+    driver: Annotated[
+        str | None, typer.Option(help="trip_history, trip_behaviours of this driver.")
+    ] = None,
+    vehicle: Annotated[
+        str | None, typer.Option(help="trip_history, trip_behaviours of this vehicle.")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, help="Most rows (alerts, drivers, trips).")] = 20,
     min_trips: Annotated[
         int, typer.Option(min=1, help="worst_drivers: drivers with fewer trips are left out.")

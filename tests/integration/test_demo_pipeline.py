@@ -72,6 +72,10 @@ def test_demo_prints_its_summary(demo: DemoRun) -> None:
         "where everything went",
     ):
         assert heading in demo.output
+    # It ends with the command that opens the dashboard on the demo's data.
+    last = demo.output.strip().splitlines()[-1]
+    assert last.startswith("dashboard: DRIVERSCORE_HOME=")
+    assert ".venv/bin/driverscore dashboard" in last and "/dashboard/" in last
 
 
 def test_every_input_row_is_kept_or_quarantined(demo: DemoRun) -> None:

@@ -7,11 +7,8 @@ features dataset, judges the window, writes the JSON result and the HTML report.
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,12 +16,10 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 import polars as pl
 import pytest
-from websockets.sync.client import connect
 
 from driverscore.adapters.registry import open_registry
 from driverscore.adapters.storage import DataStore
@@ -32,6 +27,7 @@ from driverscore.domain.profiles import TripProfile
 from driverscore.pipelines.monitoring_run import MonitoringRunResult, run_monitor
 from driverscore.settings import Settings
 from driverscore.training.synthetic import register_synthetic_model, synthetic_trips
+from headless_chromium import Chromium, outside_requests, page_problems
 
 pytestmark = [pytest.mark.integration]
 
@@ -194,116 +190,22 @@ def test_cli_without_a_champion_says_so_in_one_line(tmp_path: Path) -> None:
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-class Chromium:
-    """Headless Chromium driven over the DevTools protocol (no chromedriver needed)."""
-
-    def __init__(self, profile_dir: Path) -> None:
-        self._stack = contextlib.ExitStack()
-        self.process = subprocess.Popen(
-            [
-                _chromium(),
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--remote-debugging-port=0",
-                f"--user-data-dir={profile_dir}",
-                "--window-size=1400,2000",
-                "about:blank",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stderr is not None
-        deadline = time.monotonic() + 60
-        self.port = 0
-        while time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            if "DevTools listening on ws://" in line:
-                self.port = int(line.split("ws://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
-                break
-        assert self.port, "chromium did not open its DevTools port"
-        pages = httpx.get(f"http://127.0.0.1:{self.port}/json/list", timeout=10).json()
-        page = next(p for p in pages if p["type"] == "page")
-        self.ws = self._stack.enter_context(
-            connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
-        )
-        self._next_id = 0
-        self.events: list[dict[str, Any]] = []
-
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
-        self._next_id += 1
-        self.ws.send(json.dumps({"id": self._next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv(timeout=60))
-            if message.get("id") == self._next_id:
-                assert "error" not in message, message
-                result: dict[str, Any] = message["result"]
-                return result
-            self.events.append(message)
-
-    def wait_for(self, method: str, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not any(e.get("method") == method for e in self.events):
-            self.events.append(
-                json.loads(self.ws.recv(timeout=max(0.1, deadline - time.monotonic())))
-            )
-
-    def close(self) -> None:
-        self._stack.close()
-        self.process.terminate()
-        self.process.wait(timeout=20)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-
-
-def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        pytest.fail("headless Chromium is needed: apt-get install chromium (.ci/run installs it)")
-    return found
-
-
 def test_report_opens_offline_in_headless_chromium(monitored: Monitored, tmp_path: Path) -> None:
     browser = Chromium(tmp_path / "chromium-profile")
     try:
         for domain in ("Page", "Runtime", "Log", "Network"):
             browser.call(f"{domain}.enable")
-        browser.call("Page.navigate", url=Path(monitored.first.report_uri).as_uri())
-        browser.wait_for("Page.loadEventFired")
-        charts = browser.call(
-            "Runtime.evaluate",
-            expression=(
-                "Array.from(document.querySelectorAll('.js-plotly-plot'))"
-                ".filter(d => d.querySelector('svg.main-svg')).length"
-            ),
-            returnByValue=True,
-        )["result"]["value"]
-        shot = browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        browser.open(Path(monitored.first.report_uri).as_uri())
+        charts = browser.evaluate(
+            "Array.from(document.querySelectorAll('.js-plotly-plot'))"
+            ".filter(d => d.querySelector('svg.main-svg')).length"
+        )
+        screenshot = browser.screenshot(tmp_path / "monitoring-report.png")
     finally:
         browser.close()
-    screenshot = tmp_path / "monitoring-report.png"
-    screenshot.write_bytes(base64.b64decode(shot["data"]))
     print(f"screenshot: {screenshot}")
-    problems = [
-        e
-        for e in browser.events
-        if e.get("method") == "Runtime.exceptionThrown"
-        or (
-            e.get("method") == "Runtime.consoleAPICalled"
-            and e["params"]["type"] in ("error", "assert")
-        )
-        or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
-    ]
-    assert problems == []
-    fetched = [
-        e["params"]["request"]["url"]
-        for e in browser.events
-        if e.get("method") == "Network.requestWillBeSent"
-        and not e["params"]["request"]["url"].startswith(("file:", "data:"))
-    ]
-    assert fetched == []
+    assert page_problems(browser.events) == []
+    assert outside_requests(browser.events) == []
     # One histogram per profiled column, the band shares and the performance trend.
     columns = len(monitored.first.result["model"]["features"]) + 2
     assert charts == columns + 2

@@ -145,7 +145,17 @@ def test_duckdb_and_druid_give_equal_answers_on_a_day_published_with_duplicates(
                         QueryParams(start=period.start, end=period.end, level=level)
                         for level in ("driver", "vehicle", "fleet", "client")
                     ]
-                if name == "trip_history":
+                if name == "daily_trend":
+                    # The fleet and client filters of the dashboard.
+                    variants.append(
+                        QueryParams(
+                            start=period.start,
+                            end=period.end,
+                            fleet_id=records["fleet_id"][0],
+                            client_id=records["client_id"][0],
+                        )
+                    )
+                if name in ("trip_history", "trip_behaviours"):
                     variants = [
                         QueryParams(
                             start=period.start, end=period.end, entity="vehicle", entity_id=vehicle
@@ -159,7 +169,7 @@ def test_duckdb_and_druid_give_equal_answers_on_a_day_published_with_duplicates(
                     assert duck.height, (name, params)
                     assert_same(name, duck, engine.query(name, params))
                     compared += 1
-        assert compared == 2 * (len(QUERIES) + 3 + 3 + 1)
+        assert compared == 2 * (len(QUERIES) + 3 + 3 + 1 + 1 + 1)
         # The duplicates are in Druid, and counted once: the rescored trips by version 2.
         versions = store.query("model_versions", day)
         assert versions.filter(pl.col("model_version") == "2")["trip_count"].to_list() == [6]

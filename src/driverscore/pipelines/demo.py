@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -175,5 +176,13 @@ def run_demo(
             ),
             title="where everything went",
         )
+    )
+    # Last, so it is what the reader sees: the dashboard on the demo's store and registry.
+    service = settings.service
+    console.print(
+        f"dashboard: DRIVERSCORE_HOME={shlex.quote(str(settings.home.resolve()))} "
+        f".venv/bin/driverscore dashboard  → http://{service.host}:{service.port}/dashboard/",
+        soft_wrap=True,
+        highlight=False,
     )
     return DemoResult(simulation=simulation, training=training, scoring=scoring, live=live)

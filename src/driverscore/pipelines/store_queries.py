@@ -60,8 +60,8 @@ def run_store_query(
         raise ConfigError(f"--by {level!r}: use one of {', '.join(LEVELS)}")
     if driver is not None and vehicle is not None:
         raise ConfigError("give --driver or --vehicle, not both")
-    if name == "trip_history" and driver is None and vehicle is None:
-        raise ConfigError("trip_history needs --driver ID or --vehicle ID")
+    if QUERIES[name].params and driver is None and vehicle is None:
+        raise ConfigError(f"{name} needs --driver ID or --vehicle ID")
     reader = open_reader(settings, engine)
     if end is None:
         newest = reader.newest_trip_end()

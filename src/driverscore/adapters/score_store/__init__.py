@@ -8,6 +8,7 @@ Druid is written by its own Kafka ingestion), :class:`ScoreReader` answers the q
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -43,6 +44,10 @@ class ScoreReader(Protocol):
     every engine."""
 
     def query(self, name: str, params: QueryParams) -> pl.DataFrame: ...
+
+    def query_many(self, asks: Sequence[tuple[str, QueryParams]]) -> list[pl.DataFrame]:
+        """Several queries, in order (DuckDB: on one opening of the file)."""
+        ...
 
     def newest_trip_end(self) -> datetime | None:
         """The latest trip end stored (the default end of a period), ``None`` when empty."""

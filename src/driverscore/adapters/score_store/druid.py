@@ -11,6 +11,7 @@ the list order kept) and given back as a list.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -21,6 +22,7 @@ from driverscore.adapters.score_store.queries import (
     LEVELS,
     QueryParams,
     StoreQuery,
+    filters,
     finish,
     query_named,
     render,
@@ -58,11 +60,13 @@ _NUMBERS: Final = ("distance_km", "score", "risk_probability")
 _MAX_BYTES: Final = {"reasons": 2048, "alert": 512}
 
 
-def _latest(columns: tuple[str, ...], extra: tuple[str, ...] = ()) -> str:
+def _latest(
+    columns: tuple[str, ...], extra: tuple[str, ...] = (), *, numbers: tuple[str, ...] = ()
+) -> str:
     strings = [
         f"LATEST_BY({c}, {_BY}, {_MAX_BYTES.get(c, 128)}) AS {c}" for c in (*columns, *extra)
     ]
-    numbers = [f"LATEST_BY({c}, {_BY}) AS {c}" for c in _NUMBERS]
+    latest_numbers = [f"LATEST_BY({c}, {_BY}) AS {c}" for c in (*_NUMBERS, *numbers)]
     return ", ".join(
         [
             "vehicle_id",
@@ -71,15 +75,22 @@ def _latest(columns: tuple[str, ...], extra: tuple[str, ...] = ()) -> str:
             f"MILLIS_TO_TIMESTAMP(LATEST_BY(start_ts_ms, {_BY})) AS start_ts",
             "MAX(scored_at_ms) AS scored_at_ms",
             *strings,
-            *numbers,
+            *latest_numbers,
         ]
     )
 
 
-def latest_records_sql(datasource: str, where: str, *, alerts: bool = False) -> str:
+def latest_records_sql(
+    datasource: str, where: str, *, alerts: bool = False, numbers: tuple[str, ...] = ()
+) -> str:
     """The latest record per trip of ``datasource`` among the rows ``where`` selects: the
-    ``trips`` (or ``alerts``) relation of the query set, also Superset's datasets."""
-    columns = _latest(_STRINGS, ("alert",)) if alerts else _latest(_STRINGS)
+    ``trips`` (or ``alerts``) relation of the query set, also Superset's datasets.
+    ``numbers``: feature columns to take as well (``trip_behaviours``)."""
+    columns = (
+        _latest(_STRINGS, ("alert",), numbers=numbers)
+        if alerts
+        else _latest(_STRINGS, numbers=numbers)
+    )
     return f'SELECT {columns} FROM "{datasource}" WHERE {where} GROUP BY vehicle_id, trip_id'
 
 
@@ -133,7 +144,10 @@ class DruidScoreStore:
         body, values = render(query, "druid", params)
         period: list[object] = [params.start, params.end]
         where = "__time > ? AND __time <= ?"
-        if query.name == "trip_history":
+        filtered, filter_values = filters(params)
+        where += filtered
+        period.extend(filter_values)
+        if query.params == ("entity_id",):
             # One vehicle's or driver's trips: taken before the latest per trip is, so Druid
             # groups that entity's trips only (a trip's vehicle and driver never change).
             where += f" AND {LEVELS[params.entity]} = ?"
@@ -141,7 +155,9 @@ class DruidScoreStore:
         if query.relation == "trips":
             # Records without a score are never stored by DuckDB; here they are left out
             # before the latest is taken, which gives the same trips.
-            latest = latest_records_sql(self.trips_datasource, f"{where} AND score IS NOT NULL")
+            latest = latest_records_sql(
+                self.trips_datasource, f"{where} AND score IS NOT NULL", numbers=query.features
+            )
             relation = f"trips AS ({latest})"
         else:
             latest = latest_records_sql(self.alerts_datasource, where, alerts=True)
@@ -160,6 +176,9 @@ class DruidScoreStore:
                 .alias("reasons")
             )
         return finish(query, frame)
+
+    def query_many(self, asks: Sequence[tuple[str, QueryParams]]) -> list[pl.DataFrame]:
+        return [self.query(name, params) for name, params in asks]
 
     def newest_trip_end(self) -> datetime | None:
         frame = self.sql(f'SELECT MAX(__time) AS newest FROM "{self.trips_datasource}"')

@@ -30,7 +30,7 @@ offsets, ``driverscore score`` has its Parquet output).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,6 +44,7 @@ from polars.datatypes import DataTypeClass
 from driverscore.adapters.score_store.queries import (
     QueryParams,
     StoreQuery,
+    filters,
     finish,
     query_named,
     render,
@@ -332,22 +333,50 @@ class DuckDBScoreStore:
         sql, values = self.render(query, params)
         return finish(query, self.sql(sql, [params.start, params.end, *values]))
 
+    def query_many(self, asks: Sequence[tuple[str, QueryParams]]) -> list[pl.DataFrame]:
+        """Several queries of the set on one opening of the file (a dashboard page's)."""
+        with self._connect(read_only=True) as (con, _attempts):
+            answers = []
+            for name, params in asks:
+                query = query_named(name)
+                sql, values = self.render(query, params)
+                answers.append(
+                    finish(query, con.execute(sql, [params.start, params.end, *values]).pl())
+                )
+        return answers
+
+    def trip_route(self, vehicle_id: str, trip_id: str) -> pl.DataFrame | None:
+        """:meth:`route`, or ``None`` when the store holds no route of that trip."""
+        frame = self.route(vehicle_id, trip_id)
+        return frame if frame.height else None
+
     @staticmethod
     def render(query: StoreQuery, params: QueryParams) -> tuple[str, list[object]]:
         """The DuckDB form of ``query``: the period's relation, then the body."""
         body, values = render(query, "duckdb", params)
-        if query.relation == "trips":
+        where, filtered = filters(params)
+        if query.relation == "trips" and query.features:
+            # The feature values stay in ``trip_scores``: joined on the latest record's key.
+            features = ", ".join(f"s.{c}" for c in query.features)
+            relation = (
+                f"trips AS (SELECT l.*, {features} FROM trip_latest l JOIN trip_scores s "
+                "ON s.vehicle_id = l.vehicle_id AND s.trip_id = l.trip_id "
+                "AND s.model_version = l.model_version "
+                f"WHERE l.end_ts > ? AND l.end_ts <= ? AND l.score IS NOT NULL"
+                f"{where.replace(' AND ', ' AND l.')})"
+            )
+        elif query.relation == "trips":
             relation = (
                 "trips AS (SELECT * FROM trip_latest "
-                "WHERE end_ts > ? AND end_ts <= ? AND score IS NOT NULL)"
+                f"WHERE end_ts > ? AND end_ts <= ? AND score IS NOT NULL{where})"
             )
         else:
             relation = (
-                "alerts AS (SELECT * FROM trip_alerts WHERE end_ts > ? AND end_ts <= ? "
+                f"alerts AS (SELECT * FROM trip_alerts WHERE end_ts > ? AND end_ts <= ?{where} "
                 "QUALIFY row_number() OVER (PARTITION BY vehicle_id, trip_id "
                 "ORDER BY scored_at DESC, model_version DESC) = 1)"
             )
-        return f"WITH {relation} {body}", values
+        return f"WITH {relation} {body}", [*filtered, *values]
 
     def newest_trip_end(self) -> datetime | None:
         with self._connect(read_only=True) as (con, _attempts):

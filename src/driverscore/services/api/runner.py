@@ -9,6 +9,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from driverscore.adapters.registry_http import configure_registry_http
 from driverscore.services.api.app import create_app
@@ -46,9 +47,9 @@ def _flush_logs_on(signals: tuple[signal.Signals, ...]) -> None:
         signal.signal(sig, flush_then_resume)
 
 
-def run_service(settings: Settings) -> None:
+def run_service(settings: Settings, extend: Callable[[FastAPI], None] | None = None) -> None:
     """Serve until interrupted; the registry is opened lazily so a down registry only delays
-    readiness."""
+    readiness. ``extend`` adds to the app before it starts (the dashboard's mount)."""
     configure_json_logging()
     _flush_logs_on((signal.SIGTERM, signal.SIGINT))
     configure_registry_http(settings.service.registry_timeout_s, settings.service.registry_retries)
@@ -73,6 +74,8 @@ def run_service(settings: Settings) -> None:
             return open_registry(settings)
 
     app = create_app(settings, open_models)
+    if extend is not None:
+        extend(app)
     try:
         uvicorn.run(
             app,
