@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from driverscore.adapters.readers import list_sources, no_rows_error, table_format
 from driverscore.adapters.spark.jobs import import_on_spark, input_error, prepare_on_spark
@@ -21,6 +21,8 @@ from driverscore.pipelines.steps import (
     IngestedTelemetry,
     PreparedDataset,
     RunContext,
+    ingest,
+    prepare,
     quality_report,
     with_import_rejects,
 )
@@ -28,7 +30,11 @@ from driverscore.pipelines.steps import (
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["ingest_spark", "prepare_spark"]
+__all__ = ["ENGINES", "Engine", "ingest_and_prepare", "ingest_spark", "prepare_spark"]
+
+#: Where the prepare step runs: in this process (Polars) or on Spark.
+Engine = Literal["embedded", "spark"]
+ENGINES: tuple[Engine, ...] = ("embedded", "spark")
 
 
 @contextmanager
@@ -138,3 +144,22 @@ def prepare_spark(
         quality=quality,
         quality_uri=quality_uri,
     )
+
+
+def ingest_and_prepare(
+    ctx: RunContext,
+    engine: Engine,
+    pings_uri: str,
+    mapping: ColumnMapping | None,
+    configs: DomainConfigs | None = None,
+) -> tuple[IngestedTelemetry, PreparedDataset]:
+    """The ingest and prepare steps on ``engine``; the Spark session is built here, once."""
+    if engine == "embedded":
+        ingested = ingest(ctx, pings_uri, mapping)
+        return ingested, prepare(ctx, ingested, configs)
+    from driverscore.adapters.spark.session import spark_session
+
+    ctx.progress("start Spark")
+    spark = spark_session(ctx.settings)
+    ingested = ingest_spark(ctx, spark, pings_uri, mapping)
+    return ingested, prepare_spark(ctx, spark, ingested, configs)
