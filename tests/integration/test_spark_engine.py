@@ -14,6 +14,7 @@ from typing import Any
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
+from pydantic import SecretStr
 
 from driverscore.adapters.files import write_table
 from driverscore.pipelines.spark_steps import ingest_spark, prepare_spark
@@ -113,3 +114,36 @@ def test_csv_with_a_mapping_and_rejects_matches_the_embedded_import(
     assert on_spark.rejected_rows == embedded.rejected_rows == 1
     assert_frame_equal(on_spark.rejects, embedded.rejects)
     assert on_spark.rejects.item(0, "row") == 41
+
+
+def test_spark_reads_pings_from_s3_through_s3a(
+    spark: Any, spark_settings: Settings, fleet_files: Path, s3_server: Any
+) -> None:
+    from driverscore.adapters.spark.session import spark_session
+
+    prefix = s3_server.fresh_prefix("spark")
+    options = s3_server.storage_options()
+    for path in sorted(fleet_files.glob("*.parquet")):
+        write_table(pl.read_parquet(path), f"{prefix}/pings/{path.name}", options)
+    settings = spark_settings.model_copy(
+        update={
+            "s3_endpoint_url": s3_server.endpoint_url,
+            "aws_access_key_id": SecretStr(str(options["key"])),
+            "aws_secret_access_key": SecretStr(str(options["secret"])),
+        }
+    )
+    # The suite's session, given the S3 endpoint and keys of this test's server.
+    session = spark_session(settings)
+    ctx = RunContext.start(settings, REFERENCE)
+
+    from_s3 = ingest_spark(ctx, session, f"{prefix}/pings")
+    local = ingest(ctx, str(fleet_files))
+
+    assert from_s3.raw.version == local.raw.version
+    assert from_s3.canonical.rows == local.canonical.rows > 0
+    canonical = ctx.store.read_dataset(from_s3.canonical)
+    assert canonical.get_column("source").str.starts_with(f"{prefix}/pings/").all()
+    assert_frame_equal(
+        _sorted(canonical.drop("source")),
+        _sorted(ctx.store.read_dataset(local.canonical).drop("source")),
+    )
