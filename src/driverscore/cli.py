@@ -362,6 +362,31 @@ def serve(
     run_service(settings)
 
 
+@app.command("export-model")
+def export_model(
+    dest: Annotated[
+        Path,
+        typer.Argument(
+            help="New or empty directory, or a .tar.gz file (SageMaker's model.tar.gz)."
+        ),
+    ],
+    alias: Annotated[str, typer.Option(help="Registry alias of the version.")] = "champion",
+    version: Annotated[
+        str | None, typer.Option("--version", help="Version number (instead of --alias).")
+    ] = None,
+) -> None:
+    """Export a registered version (ONNX, model card, lineage) for `serve` to read from a
+    directory: DRIVERSCORE_SERVICE__MODEL_DIR, /opt/ml/model on SageMaker."""
+    from driverscore.adapters.model_dir import export_model as export
+    from driverscore.adapters.registry import open_registry
+
+    exported = export(open_registry(_settings()), dest, alias=alias, version=version)
+    typer.echo(
+        f"exported {exported.model_name} v{exported.version} → {dest} "
+        f"(onnx sha256 {exported.onnx_sha256[:12]}…)"
+    )
+
+
 @app.command()
 def scores(
     query: Annotated[

@@ -104,6 +104,13 @@ class ServiceConfig(BaseModel):
     max_future_s: float = Field(
         300.0, ge=0, description="Pings later than now plus this are refused (s)."
     )
+    model_dir: Path | None = Field(
+        None,
+        description=(
+            "Serve the version exported to this directory (driverscore export-model; "
+            "SageMaker mounts it at /opt/ml/model) instead of reading the registry."
+        ),
+    )
     poll_interval_s: float = Field(
         30.0, gt=0, description="How often the registry is checked for moved aliases (s)."
     )
