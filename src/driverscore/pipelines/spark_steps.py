@@ -113,6 +113,7 @@ def prepare_spark(
             feature_frame = job.features()
             quarantine = job.quarantine()
             counts, kept_per_source = job.counts()
+            costs = job.group_costs()
         finally:
             job.close()
     if feature_frame.height:
@@ -129,6 +130,13 @@ def prepare_spark(
         kept_per_source=dict(kept_per_source),
     )
     quality["engine"] = "spark"
+    # Where the executors' time went: the groups' own cost, apart from Spark's overhead.
+    quality["spark"] = {
+        "groups": len(costs),
+        "executor_seconds": round(sum(seconds for _, seconds in costs), 3),
+        "slowest_group_s": round(max((seconds for _, seconds in costs), default=0.0), 3),
+        "largest_group_pings": max((pings for pings, _ in costs), default=0),
+    }
     quality["datasets"] = {
         "raw": ingested.raw.version,
         "canonical": ingested.canonical.version,

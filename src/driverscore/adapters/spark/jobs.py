@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -112,6 +113,7 @@ def _group_preparer(configs_json: str, reference_time_iso: str) -> Callable[[pa.
 
 def _prepare_group(table: pa.Table, configs_json: str, reference_time_iso: str) -> pa.Table:
     """applyInArrow: one group of whole vehicles -> cleaned pings, features, quarantine, counts."""
+    started = time.perf_counter()
     configs = json.loads(configs_json)
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
@@ -127,9 +129,16 @@ def _prepare_group(table: pa.Table, configs_json: str, reference_time_iso: str) 
     if "source" in prepared.pings.columns:
         for source, n in prepared.pings.group_by("source").len().iter_rows():
             kept_per_source[str(source)] = int(n)
-    counts = pl.DataFrame(
-        {"json": [json.dumps({"counts": prepared.counts, "kept_per_source": kept_per_source})]}
-    )
+    # The group's own cost (Arrow in, prepare_trips, frames out): what a cluster
+    # projection scales from (bench/bench_spark.py).
+    seconds = time.perf_counter() - started
+    summary = {
+        "counts": prepared.counts,
+        "kept_per_source": kept_per_source,
+        "pings": pings.height,
+        "seconds": seconds,
+    }
+    counts = pl.DataFrame({"json": [json.dumps(summary)]})
     batch = _envelope(
         [
             ("cleaned", prepared.pings),
@@ -267,6 +276,13 @@ class SparkPrepared:
             counts.update(loaded["counts"])
             kept.update(loaded["kept_per_source"])
         return counts, kept
+
+    def group_costs(self) -> list[tuple[int, float]]:
+        """(pings, seconds in the executor's Python) of every vehicle group."""
+        return [
+            (int(loaded["pings"]), float(loaded["seconds"]))
+            for loaded in (json.loads(f.item(0, "json")) for f in self._collect("counts"))
+        ]
 
     def close(self) -> None:
         self.envelope.unpersist()
