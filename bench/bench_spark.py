@@ -8,10 +8,11 @@ Usage::
 Both engines run the whole import + prepare (read, map, clean, trips, features, quarantine,
 versioned datasets written) on the same Parquet files (``bench_features.generate``).
 Spark's start-up (JVM, session, the hadoop-aws package resolved from the local cache, a
-first Python worker) is timed apart from the run. The projection of cluster throughput scales the measured cost
-of a vehicle group in the executors' Python (``prepare_trips`` and Arrow in and out) to
-more cores: it is a projection, not a measurement — it leaves out the shuffle over a
-network, the reads from object storage and the driver's writes, which a cluster pays.
+first Python worker) is timed apart from the run. The projection of cluster throughput
+scales the measured cost of a vehicle group in the executors' Python (``prepare_trips``
+and Arrow in and out) to more cores: it is a projection, not a measurement — it leaves
+out the shuffle over a network, the reads from object storage and the driver's writes,
+which a cluster pays.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ _ENVELOPE: Final = pa.schema(
     [("kind", pa.string()), ("rows", pa.int64()), ("payload", pa.binary())]
 )
 _SOURCE: Final = "_source"
-_ROW: Final = "_row"
+_BLOCK: Final = "_block"
 _BUCKET: Final = "_bucket"
 #: The canonical pings as imported: the ping contract plus where each ping came from.
 _CANONICAL: Final[dict[str, pl.DataType]] = {**PING_SCHEMA, "source": pl.String()}
@@ -82,24 +82,44 @@ def _canonical_types(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _map_sources(batches: Iterator[pa.RecordBatch], mapping_json: str) -> Iterator[pa.RecordBatch]:
-    """mapInArrow: raw rows of one or more sources -> canonical pings and rejects."""
+    """mapInArrow: raw rows of one or more sources -> canonical pings and rejects.
+
+    A partition reads whole file splits, each in file order, so a row's position within
+    its split is a running count; the driver adds the rows of the splits before it
+    (``blocks``) to name a rejected row by its row in the source, as the embedded engine does.
+    """
     mapping = ColumnMapping.model_validate_json(mapping_json)
+    seen: Counter[tuple[str, int]] = Counter()
     for batch in batches:
         raw = pl.from_arrow(batch)
         assert isinstance(raw, pl.DataFrame)
         items: list[tuple[str, pl.DataFrame]] = []
-        for (source,), part in raw.partition_by(_SOURCE, as_dict=True, maintain_order=True).items():
-            rows = part.get_column(_ROW)
-            mapped = apply_mapping(part.drop(_SOURCE, _ROW), mapping, str(source))
+        splits = raw.partition_by(_SOURCE, _BLOCK, as_dict=True, maintain_order=True)
+        for (source, block), part in splits.items():
+            key = (str(source), int(block))
+            before = seen[key]
+            seen[key] += part.height
+            mapped = apply_mapping(part.drop(_SOURCE, _BLOCK), mapping, key[0])
             items.append(("pings", mapped.pings))
             if mapped.rejected.height:
-                # apply_mapping numbers the rows of the frame it got; the source's own row
-                # numbers were taken by Spark before the rows were split into batches.
-                numbered = mapped.rejected.with_columns(
-                    rows.gather(mapped.rejected.get_column("row") - 1).alias("row")
+                items.append(
+                    (
+                        "rejects",
+                        mapped.rejected.with_columns(
+                            pl.col("row") + before, pl.lit(key[1], dtype=pl.Int64).alias(_BLOCK)
+                        ),
+                    )
                 )
-                items.append(("rejects", numbered))
         yield _envelope(items)
+    blocks = pl.DataFrame(
+        {
+            "source": [source for source, _ in seen],
+            _BLOCK: [block for _, block in seen],
+            "rows": list(seen.values()),
+        },
+        schema={"source": pl.String(), _BLOCK: pl.Int64(), "rows": pl.Int64()},
+    )
+    yield _envelope([("blocks", blocks)])
 
 
 def _group_preparer(configs_json: str, reference_time_iso: str) -> Callable[[pa.Table], pa.Table]:
@@ -188,8 +208,24 @@ class SparkImport:
         return _frames(self.envelope, "pings")
 
     def rejects(self) -> pl.DataFrame:
+        """Rejected rows, numbered within their source and in the embedded engine's order."""
         parts = list(_frames(self.envelope, "rejects"))
-        return pl.concat(parts, how="diagonal_relaxed") if parts else pl.DataFrame()
+        if not parts:
+            return pl.DataFrame()
+        rejects = pl.concat(parts, how="diagonal_relaxed")
+        blocks = (
+            pl.concat(list(_frames(self.envelope, "blocks")))
+            .group_by("source", _BLOCK)
+            .agg(pl.col("rows").sum())
+            .sort("source", _BLOCK)
+            .with_columns(
+                (pl.col("rows").cum_sum() - pl.col("rows")).over("source").alias("_offset")
+            )
+        )
+        numbered = rejects.join(blocks, on=["source", _BLOCK], how="left").with_columns(
+            pl.col("row") + pl.col("_offset")
+        )
+        return numbered.select(rejects.drop(_BLOCK).columns).sort("source", "row")
 
     def close(self) -> None:
         self.envelope.unpersist()
@@ -205,10 +241,9 @@ def import_on_spark(
 ) -> SparkImport:
     """Read ``sources`` (all of one format) with Spark and map them to canonical pings.
 
-    CSV columns are read as text (as the embedded reader does); each row gets its 1-based
-    row number within its source, so a rejected row is named as the embedded engine names it.
+    CSV columns are read as text (as the embedded reader does); a rejected row is named by
+    its 1-based row within its source, as the embedded engine names it, without a shuffle.
     """
-    from pyspark.sql import Window
     from pyspark.sql import functions as sf
 
     reader = spark.read
@@ -227,13 +262,8 @@ def import_on_spark(
     # The name the embedded engine gives a source (store_uri), in Spark SQL: no Python per row.
     path = sf.url_decode(sf.col("_metadata.file_path"))
     source_name = sf.regexp_replace(sf.regexp_replace(path, "^s3a://", "s3://"), "^file:/+", "/")
-    order = Window.partitionBy(_SOURCE).orderBy(sf.col("_block"), sf.col("_seq"))
-    numbered = (
-        frame.withColumn(_SOURCE, source_name)
-        .withColumn("_block", sf.col("_metadata.file_block_start"))
-        .withColumn("_seq", sf.monotonically_increasing_id())
-        .withColumn(_ROW, sf.row_number().over(order).cast("long"))
-        .drop("_block", "_seq")
+    numbered = frame.withColumn(_SOURCE, source_name).withColumn(
+        _BLOCK, sf.col("_metadata.file_block_start")
     )
     mapped = numbered.mapInArrow(
         partial(_map_sources, mapping_json=(mapping or ColumnMapping()).model_dump_json()),
