@@ -343,6 +343,22 @@ class SparkConfig(BaseModel):
     )
 
 
+class SupersetConfig(BaseModel):
+    """The local Apache Superset of `driverscore superset up` (docs/superset.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    port: int = Field(8088, ge=1, le=65535, description="Port Superset listens on (127.0.0.1).")
+    admin_user: str = Field("admin", description="Superset's admin login.")
+    venv: Path | None = Field(
+        None,
+        description=(
+            "Superset's own environment (default: ~/.cache/driverscore/superset-<version>-"
+            "<requirements hash>, shared by every home)."
+        ),
+    )
+
+
 class Settings(BaseSettings):
     """All settings of one driverscore process."""
 
@@ -402,6 +418,7 @@ class Settings(BaseSettings):
     )
     store: StoreConfig = StoreConfig()
     spark: SparkConfig = SparkConfig()
+    superset: SupersetConfig = SupersetConfig()
 
     @property
     def resolved_data_uri(self) -> str:
