@@ -147,3 +147,34 @@ def test_spark_reads_pings_from_s3_through_s3a(
         _sorted(canonical.drop("source")),
         _sorted(ctx.store.read_dataset(local.canonical).drop("source")),
     )
+
+
+def test_dagster_prepare_engine_resource_runs_the_assets_on_spark(
+    spark: Any, spark_settings: Settings, fleet_files: Path
+) -> None:
+    import dagster as dg
+
+    from driverscore.pipelines.dagster_defs import (
+        PrepareEngine,
+        TelemetrySource,
+        build_definitions,
+    )
+
+    source = TelemetrySource(
+        pings_uri=str(fleet_files),
+        incidents_uri=str(fleet_files / "unused.parquet"),
+        reference_time=REFERENCE.isoformat(),
+    )
+    defs = build_definitions(spark_settings, source, engine=PrepareEngine(engine="spark"))
+    job = defs.resolve_implicit_global_asset_job_def()
+    with dg.DagsterInstance.ephemeral() as instance:
+        outcome = job.execute_in_process(
+            instance=instance,
+            asset_selection=[dg.AssetKey("raw_telemetry"), dg.AssetKey("prepared_trips")],
+        )
+    assert outcome.success
+    prepared = outcome.output_for_node("prepared_trips")
+    ctx = RunContext.start(spark_settings, REFERENCE)
+    embedded = prepare(ctx, ingest(ctx, str(fleet_files)))
+    assert prepared.quality["engine"] == "spark"
+    assert prepared.quality["datasets"] == embedded.quality["datasets"]

@@ -77,6 +77,9 @@ def spark_session(settings: Settings) -> SparkSession:
     conf: dict[str, str] = {
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
+        # Each Arrow batch is one call of the domain's frame functions: few large calls,
+        # not one per 10 000 rows (Spark's default).
+        "spark.sql.execution.arrow.maxRecordsPerBatch": "200000",
         # Spark's own progress bars would interleave with the command's progress lines.
         "spark.ui.showConsoleProgress": "false",
     }
