@@ -18,6 +18,7 @@ from driverscore.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from driverscore.adapters.superset.local import LocalSuperset
+    from driverscore.pipelines.spark_steps import Engine
 
 #: Demo fleet size: large enough for a stable holdout (hundreds of trips, dozens of claims),
 #: small enough to run in a few minutes on a laptop.
@@ -70,6 +71,15 @@ def _load_mapping(path: Path | None) -> ColumnMapping | None:
             f"offset {exc.start}) — save it as UTF-8"
         ) from None
     return ColumnMapping.from_yaml_text(text, where=str(path))
+
+
+def _engine(value: str) -> Engine:
+    from driverscore.pipelines.spark_steps import ENGINES
+
+    for engine in ENGINES:
+        if value == engine:
+            return engine
+    raise ConfigError(f"--engine: '{value}' is neither embedded nor spark")
 
 
 @app.command()
@@ -168,6 +178,9 @@ def train(
     reference_time: Annotated[
         str | None, typer.Option(help="Training 'now' (UTC ISO-8601); default: now.")
     ] = None,
+    engine: Annotated[
+        str, typer.Option(help="Where to prepare trips: embedded (this process) or spark.")
+    ] = "embedded",
 ) -> None:
     """Clean, cut trips, compute features, train, validate and register a candidate model."""
     from driverscore.pipelines.reporting import print_training
@@ -183,6 +196,7 @@ def train(
             mapping=_load_mapping(mapping),
             reference_time=_parse_time(reference_time, "--reference-time") or datetime.now(UTC),
             progress=lambda m: status.update(m),
+            engine=_engine(engine),
         )
     print_training(console, result)
     if not result.candidate.gate.passed:
@@ -214,6 +228,9 @@ def score(
     store: Annotated[
         bool, typer.Option(help="Also write the records to the score store (<home>/scores.duckdb).")
     ] = True,
+    engine: Annotated[
+        str, typer.Option(help="Where to prepare trips: embedded (this process) or spark.")
+    ] = "embedded",
 ) -> None:
     """Score every trip in a ping file with the registered model: one row per trip."""
     from driverscore.pipelines.reporting import print_scores
@@ -233,6 +250,7 @@ def score(
             reference_time=datetime.now(UTC),
             progress=lambda m: status.update(m),
             store_scores=store,
+            engine=_engine(engine),
         )
     print_scores(console, result)
 

@@ -339,6 +339,35 @@ class StoreConfig(BaseModel):
     druid: DruidConfig = DruidConfig()
 
 
+class SparkConfig(BaseModel):
+    """The Spark engine (``--engine spark``): how its session is built (``docs/spark.md``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    master: str | None = Field(
+        None, description="Spark master; default: spark-submit's --master, else local[*]."
+    )
+    app_name: str = Field("driverscore", description="Spark application name.")
+    hadoop_aws_version: str | None = Field(
+        None,
+        description=(
+            "org.apache.hadoop:hadoop-aws version for s3a:// (default: the Hadoop inside "
+            "pyspark); empty string: add no package (the cluster has it, as on EMR and Glue)."
+        ),
+    )
+    pings_per_group: int = Field(
+        1_000_000,
+        ge=1,
+        description="Pings per vehicle group handed to prepare_trips on an executor.",
+    )
+    shuffle_partitions: int | None = Field(
+        None, ge=1, description="spark.sql.shuffle.partitions (default: Spark's)."
+    )
+    conf: dict[str, str] = Field(
+        default_factory=dict, description="More Spark properties, e.g. spark.executor.memory."
+    )
+
+
 class SupersetConfig(BaseModel):
     """The local Apache Superset of `driverscore superset up` (docs/superset.md)."""
 
@@ -416,6 +445,7 @@ class Settings(BaseSettings):
     )
     store: StoreConfig = StoreConfig()
     triggers: TriggerConfig = TriggerConfig()
+    spark: SparkConfig = SparkConfig()
     superset: SupersetConfig = SupersetConfig()
 
     @property

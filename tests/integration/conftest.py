@@ -235,3 +235,28 @@ def start_mlflow_server(tmp_path: Path) -> Iterator[Callable[[], MlflowServer]]:
     finally:
         for server in started:
             _stop_group(server.process, signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def spark_settings(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """Settings of the Spark tests: local mode on 2 cores, few shuffle partitions."""
+    from driverscore.settings import Settings
+
+    return Settings(
+        home=tmp_path_factory.mktemp("spark-home"),
+        spark={"master": "local[2]", "shuffle_partitions": 4, "pings_per_group": 2_000},
+    )
+
+
+@pytest.fixture(scope="session")
+def spark(spark_settings: object) -> Iterator[object]:
+    """The one SparkSession of the test session (start-up costs tens of seconds)."""
+    from driverscore.adapters.spark.session import spark_session
+    from driverscore.settings import Settings
+
+    assert isinstance(spark_settings, Settings)
+    session = spark_session(spark_settings)
+    # Small input splits: the tests' few files still arrive in several Spark partitions.
+    session.conf.set("spark.sql.files.maxPartitionBytes", "65536")
+    yield session
+    session.stop()

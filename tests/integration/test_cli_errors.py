@@ -296,3 +296,11 @@ def test_a_mapping_file_that_is_not_utf8_is_one_line(trained: Trained, tmp_path:
     )
     line = _one_error_line(done, 2)
     assert f"{mapping}: the mapping file is not UTF-8 text" in line
+
+
+def test_an_unknown_engine_is_one_line_naming_the_choices(tmp_path: Path) -> None:
+    done = _cli(
+        tmp_path / "home", "score", "pings.parquet", "--out", "x.parquet", "--engine", "dask"
+    )
+    line = _one_error_line(done, 2)
+    assert "--engine: 'dask' is neither embedded nor spark" in line

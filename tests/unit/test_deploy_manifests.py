@@ -154,3 +154,21 @@ def test_dockerfile_builds_both_images_on_a_chosen_base() -> None:
     assert {"serving", "runtime"} <= names
     assert stages[-1][3] == "runtime"  # `docker build .` gives the full image
     assert "uv sync --frozen" in text  # installs from the lock
+
+
+def test_spark_training_job_submits_the_spark_engine_with_its_service_account() -> None:
+    path = K8S / "spark-train.yaml"
+    cron = _one(path, "CronJob")
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert container["command"] == ["/opt/spark/bin/spark-submit"]
+    assert "--deploy-mode=cluster" in args
+    assert args[args.index("train") - 1].endswith("driverscore_job.py")
+    assert "--engine=spark" in args
+    account = pod["serviceAccountName"]
+    assert f"--conf=spark.kubernetes.authenticate.driver.serviceAccountName={account}" in args
+    binding = _one(path, "RoleBinding")
+    assert binding["subjects"][0]["name"] == account
+    assert binding["roleRef"]["name"] == _one(path, "Role")["metadata"]["name"]
+    assert (ROOT / "deploy" / "spark" / "driverscore_job.py").exists()

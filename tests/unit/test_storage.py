@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from driverscore.adapters.storage import DatasetRef, DataStore
+from driverscore.adapters.storage import ContentDigest, DatasetRef, DataStore
 
 A = pl.DataFrame({"vehicle_id": ["v1", "v2", "v3"], "speed_mps": [1.0, 2.0, 3.0]})
 B = pl.DataFrame({"vehicle_id": ["v4", "v5"], "speed_mps": [4.0, 5.0]})
@@ -28,15 +28,17 @@ def test_layout_follows_the_design(store: DataStore, tmp_path: Path) -> None:
     cleaned = store.write_dataset("cleaned", [A, B])
     features = store.write_dataset("features", A, name="features")
 
-    assert _files(tmp_path / "data") == [
-        f"cleaned/{cleaned.version}/_dataset.json",
-        f"cleaned/{cleaned.version}/part-00000.parquet",
-        f"cleaned/{cleaned.version}/part-00001.parquet",
-        "cleaned/LATEST",
-        f"features/{features.version}/_dataset.json",
-        f"features/{features.version}/features.parquet",
-        "features/LATEST",
-    ]
+    assert _files(tmp_path / "data") == sorted(
+        [
+            f"cleaned/{cleaned.version}/_dataset.json",
+            f"cleaned/{cleaned.version}/part-00000.parquet",
+            f"cleaned/{cleaned.version}/part-00001.parquet",
+            "cleaned/LATEST",
+            f"features/{features.version}/_dataset.json",
+            f"features/{features.version}/features.parquet",
+            "features/LATEST",
+        ]
+    )
     assert cleaned == DatasetRef(
         kind="cleaned",
         version=cleaned.version,
@@ -46,19 +48,24 @@ def test_layout_follows_the_design(store: DataStore, tmp_path: Path) -> None:
     )
 
 
-def test_version_is_the_content_hash(store: DataStore, tmp_path: Path) -> None:
+def test_version_is_the_content_hash_not_the_file_bytes(store: DataStore, tmp_path: Path) -> None:
     one = store.write_dataset("features", A, name="features")
-    many = store.write_dataset("cleaned", [A, B])
 
     single_file = tmp_path / "data" / "features" / one.version / "features.parquet"
-    assert one.version == hashlib.sha256(single_file.read_bytes()).hexdigest()[:16]
-    # The multi-part version is what `sha256sum part-*.parquet | sha256sum` prints.
-    folder = tmp_path / "data" / "cleaned" / many.version
-    listing = "".join(
-        f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
-        for p in sorted(folder.glob("part-*.parquet"))
+    assert one.version != hashlib.sha256(single_file.read_bytes()).hexdigest()[:16]
+    assert one.version == ContentDigest().add(A).version()
+    # What an executor digests elsewhere merges into the driver's: the same version.
+    merged = (
+        ContentDigest()
+        .add(A.head(1))
+        .merge(
+            ContentDigest.from_json(
+                json.loads(json.dumps(ContentDigest().add(A.tail(2)).to_json()))
+            )
+        )
     )
-    assert many.version == hashlib.sha256(listing.encode()).hexdigest()[:16]
+    assert merged.version() == one.version
+    assert merged.rows == A.height
 
 
 def test_same_data_same_version_and_idempotent(store: DataStore, tmp_path: Path) -> None:
@@ -79,12 +86,26 @@ def test_chunking_in_memory_does_not_change_the_version(store: DataStore) -> Non
     assert store.write_dataset("x", chunked).version == store.write_dataset("x", A).version
 
 
-def test_different_data_or_order_is_a_different_version(store: DataStore) -> None:
+def test_same_rows_in_another_order_or_split_are_the_same_version(store: DataStore) -> None:
     base = store.write_dataset("cleaned", [A, B]).version
 
-    assert store.write_dataset("cleaned", [B, A]).version != base
+    assert store.write_dataset("cleaned", [B, A]).version == base
+    assert store.write_dataset("cleaned", [pl.concat([A, B]).reverse()]).version == base
+    assert store.write_dataset("cleaned", [A.tail(1), B, A.head(2)]).version == base
+    assert store.write_dataset("cleaned", [A.select("speed_mps", "vehicle_id"), B]).version == base
+
+
+def test_different_rows_or_types_are_a_different_version(store: DataStore) -> None:
+    base = store.write_dataset("cleaned", [A, B]).version
+
     assert store.write_dataset("cleaned", [A, B.head(1)]).version != base
-    assert store.write_dataset("cleaned", [pl.concat([A, B])]).version != base
+    # A row twice is not the row once.
+    assert store.write_dataset("cleaned", [A, B, B.head(1)]).version != base
+    assert (
+        store.write_dataset("cleaned", [A, B.with_columns(pl.col("speed_mps") + 1)]).version != base
+    )
+    as_float32 = [f.with_columns(pl.col("speed_mps").cast(pl.Float32)) for f in (A, B)]
+    assert store.write_dataset("cleaned", as_float32).version != base
 
 
 def test_parts_are_streamed_and_read_back_in_order(store: DataStore) -> None:

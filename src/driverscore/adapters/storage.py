@@ -19,13 +19,15 @@ already committed (its ``_dataset.json`` exists) the staged copy is deleted, oth
 parts are moved under ``<root>/<kind>/<version>/`` and ``_dataset.json`` is written last.
 A dataset directory without ``_dataset.json`` is an interrupted write and is never read.
 
-The version is the first 16 hex digits of a sha256: of the Parquet file for a one-part
-dataset (so ``sha256sum features.parquet`` shows it), and for several parts of the
-``sha256sum``-style listing ``"<sha256>  <file name>\\n"`` sorted by file name (so
-``sha256sum part-*.parquet | sha256sum`` shows it). File names carry the part order, so
-the same rows split or ordered differently are a different version. Parquet bytes are
-deterministic for a given Polars version; a Polars upgrade may change the bytes and so
-the versions of re-written data.
+The version is the first 16 hex digits of a sha256 of the dataset's content, not of its
+files: the column names and types, the row count and, for each of four seeds, the sum
+(mod 2^64) of every row's 64-bit hash (:class:`ContentDigest`). A sum does not depend on
+the order it is taken in, so the version is that of the rows as a sorted multiset: the
+same rows written in another order or split into other parts (one engine's vehicle
+buckets, another's Spark partitions) are the same version, and partial digests of parts
+written in different places merge into the whole one. Row hashes are Polars' and are
+stable within a Polars version; a Polars upgrade may change the versions of re-written
+data. Once a version is committed its files stay as first written.
 """
 
 from __future__ import annotations
@@ -43,11 +45,12 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import fsspec
+import numpy as np
 import polars as pl
 
 from driverscore.errors import StorageError
 
-__all__ = ["DataStore", "DatasetRef", "filesystem", "join_uri", "storage_failure"]
+__all__ = ["ContentDigest", "DataStore", "DatasetRef", "filesystem", "join_uri", "storage_failure"]
 
 _VERSION_CHARS: Final = 16
 _COMMIT_MARKER: Final = "_dataset.json"
@@ -57,6 +60,9 @@ _STAGING: Final = "_staging"
 _HASH_CHUNK_BYTES: Final = 8 * 1024 * 1024
 _NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
 _LOCAL_PROTOCOLS: Final = ("file", "local")
+#: One row hash per seed: four independent 64-bit sums make a 256-bit content digest.
+_ROW_HASH_SEEDS: Final = (0, 1, 2, 3)
+_SUM_MODULUS: Final = 2**64
 
 
 def _is_local(uri: str) -> bool:
@@ -158,6 +164,65 @@ def _parquet_bytes(frame: pl.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
+class ContentDigest:
+    """What a dataset version hashes: its rows as a multiset, whatever their order or parts.
+
+    ``add`` a frame, or ``merge`` the digest of frames added elsewhere (an executor's);
+    ``version`` is the same for the same rows however they were split and ordered. Columns
+    are taken in name order, so their order in a frame does not matter either. A frame
+    with no rows adds its schema: an empty dataset with columns is not one without.
+    """
+
+    __slots__ = ("_groups",)
+
+    def __init__(self) -> None:
+        #: schema (name, type) pairs -> [rows, sum per seed]
+        self._groups: dict[tuple[tuple[str, str], ...], list[int]] = {}
+
+    def add(self, frame: pl.DataFrame) -> ContentDigest:
+        ordered = frame.select(sorted(frame.columns))
+        schema = tuple((name, str(dtype)) for name, dtype in ordered.schema.items())
+        group = self._groups.setdefault(schema, [0] * (1 + len(_ROW_HASH_SEEDS)))
+        group[0] += ordered.height
+        if ordered.height == 0:
+            return self
+        for index, seed in enumerate(_ROW_HASH_SEEDS, start=1):
+            # numpy's uint64 sum wraps around: exactly the sum mod 2^64.
+            total = int(ordered.hash_rows(seed=seed).to_numpy().sum(dtype=np.uint64))
+            group[index] = (group[index] + total) % _SUM_MODULUS
+        return self
+
+    def merge(self, other: ContentDigest) -> ContentDigest:
+        for schema, values in other._groups.items():
+            group = self._groups.setdefault(schema, [0] * len(values))
+            group[0] += values[0]
+            for index in range(1, len(values)):
+                group[index] = (group[index] + values[index]) % _SUM_MODULUS
+        return self
+
+    def to_json(self) -> list[Any]:
+        """A JSON-able form (what an executor sends back to the driver)."""
+        return [[list(map(list, schema)), values] for schema, values in self._groups.items()]
+
+    @classmethod
+    def from_json(cls, data: list[Any]) -> ContentDigest:
+        digest = cls()
+        for schema, values in data:
+            key = tuple((str(name), str(dtype)) for name, dtype in schema)
+            digest._groups[key] = [int(v) for v in values]
+        return digest
+
+    @property
+    def rows(self) -> int:
+        return sum(values[0] for values in self._groups.values())
+
+    def version(self) -> str:
+        listing = sorted(
+            json.dumps([list(map(list, schema)), values]) for schema, values in self._groups.items()
+        )
+        return hashlib.sha256("\n".join(listing).encode()).hexdigest()[:_VERSION_CHARS]
+
+
 @dataclass(frozen=True, slots=True)
 class DatasetRef:
     """A committed dataset: ``uri`` is its version directory."""
@@ -242,16 +307,19 @@ class DataStore:
         """Write parts as one immutable dataset and return its reference.
 
         Parts are consumed one at a time (pass a generator to keep memory bounded) and
-        read back in the same order. Writing the same parts again returns the same
-        version and leaves the stored files untouched.
+        read back in the same order. The version is the content's (:class:`ContentDigest`):
+        writing the same rows again, in any order or split, returns the same version and
+        leaves the stored files untouched.
         """
         _check_name(kind, "kind")
         _check_name(name, "name")
         frames: Iterable[pl.DataFrame] = [parts] if isinstance(parts, pl.DataFrame) else parts
         staging = self._uri(_STAGING, uuid.uuid4().hex)
         staged: list[_Part] = []
+        digest = ContentDigest()
         try:
             for index, frame in enumerate(frames):
+                digest.add(frame)
                 data = _parquet_bytes(frame)
                 part = _Part(
                     name=f"{name}-{index:05d}.parquet",
@@ -262,7 +330,7 @@ class DataStore:
                 self._write_bytes(join_uri(staging, part.name), data)
                 staged.append(part)
             final = self._final_names(staged, name)
-            version = _dataset_version(final)
+            version = digest.version()
             target = self.dataset_uri(kind, version)
             if not self._exists(join_uri(target, _COMMIT_MARKER)):
                 for staged_part, final_part in zip(staged, final, strict=True):
@@ -514,10 +582,3 @@ class DataStore:
 
     def read_json(self, uri: str) -> Any:
         return json.loads(self._read_bytes(uri))
-
-
-def _dataset_version(parts: list[_Part]) -> str:
-    if len(parts) == 1:
-        return parts[0].sha256[:_VERSION_CHARS]
-    listing = "".join(f"{p.sha256}  {p.name}\n" for p in sorted(parts, key=lambda p: p.name))
-    return hashlib.sha256(listing.encode()).hexdigest()[:_VERSION_CHARS]

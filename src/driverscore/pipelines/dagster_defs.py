@@ -21,9 +21,12 @@ import dagster as dg
 from dagster import AssetExecutionContext
 
 from driverscore.adapters.registry import RegisteredVersion, open_registry
+from driverscore.adapters.spark.session import spark_session
 from driverscore.adapters.storage import DataStore
 from driverscore.domain.mapping import ColumnMapping
+from driverscore.errors import ConfigError
 from driverscore.pipelines.monitoring_run import run_monitor
+from driverscore.pipelines.spark_steps import ENGINES, ingest_spark, prepare_spark
 from driverscore.pipelines.steps import (
     IngestedTelemetry,
     PreparedDataset,
@@ -74,6 +77,30 @@ class TelemetrySource(dg.ConfigurableResource):  # type: ignore[type-arg]
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+class PrepareEngine(dg.ConfigurableResource):  # type: ignore[type-arg]
+    """Where the ingest and prepare assets run: ``embedded`` (in the Dagster worker) or
+    ``spark`` (a SparkSession from ``settings.spark``, or the one the worker runs in)."""
+
+    engine: str = "embedded"
+
+    def ingest(
+        self, ctx: RunContext, pings_uri: str, mapping: ColumnMapping | None
+    ) -> IngestedTelemetry:
+        if self._engine() == "embedded":
+            return ingest(ctx, pings_uri, mapping)
+        return ingest_spark(ctx, spark_session(ctx.settings), pings_uri, mapping)
+
+    def prepare(self, ctx: RunContext, ingested: IngestedTelemetry) -> PreparedDataset:
+        if self._engine() == "embedded":
+            return prepare(ctx, ingested)
+        return prepare_spark(ctx, spark_session(ctx.settings), ingested)
+
+    def _engine(self) -> str:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"prepare_engine: '{self.engine}' is neither embedded nor spark")
+        return self.engine
+
+
 class MonitoringWindow(dg.ConfigurableResource):  # type: ignore[type-arg]
     """Which window the monitoring job judges: ending now unless ``as_of`` is set."""
 
@@ -117,6 +144,7 @@ def build_definitions(
     settings: Settings,
     source: TelemetrySource,
     window: MonitoringWindow | None = None,
+    engine: PrepareEngine | None = None,
     *,
     evidence_of: EvidenceReader | None = None,
 ) -> dg.Definitions:
@@ -124,11 +152,13 @@ def build_definitions(
     their own (``evidence_of`` stands in for ``challenger_evidence``)."""
 
     @dg.asset(group_name="driverscore", description="Raw snapshot and canonical pings.")
-    def raw_telemetry(context: AssetExecutionContext, telemetry: TelemetrySource) -> IngestedRun:
+    def raw_telemetry(
+        context: AssetExecutionContext, telemetry: TelemetrySource, prepare_engine: PrepareEngine
+    ) -> IngestedRun:
         reference_time = telemetry.resolved_reference_time()
         run_id = new_run_id(reference_time)
         ctx = _context(settings, run_id, reference_time, context.log)
-        ingested = ingest(ctx, telemetry.pings_uri, telemetry.mapping())
+        ingested = prepare_engine.ingest(ctx, telemetry.pings_uri, telemetry.mapping())
         context.add_output_metadata(
             {
                 "raw_version": ingested.raw.version,
@@ -141,9 +171,9 @@ def build_definitions(
 
     @dg.asset(group_name="driverscore", description="Cleaned pings, trip features, quarantine.")
     def prepared_trips(
-        context: AssetExecutionContext, raw_telemetry: IngestedRun
+        context: AssetExecutionContext, raw_telemetry: IngestedRun, prepare_engine: PrepareEngine
     ) -> PreparedDataset:
-        prepared = prepare(
+        prepared = prepare_engine.prepare(
             _run_context(settings, raw_telemetry, context.log), raw_telemetry.telemetry
         )
         context.add_output_metadata(
@@ -318,7 +348,11 @@ def build_definitions(
         jobs=[job, monitor_job, *loop.jobs],
         schedules=[*loop.schedules, monitor_schedule],
         sensors=loop.sensors,
-        resources={"telemetry": source, "monitoring_window": window or MonitoringWindow()},
+        resources={
+            "telemetry": source,
+            "monitoring_window": window or MonitoringWindow(),
+            "prepare_engine": engine or PrepareEngine(),
+        },
     )
 
 
@@ -327,7 +361,8 @@ def defs() -> dg.Definitions:
     """Entry point for `dagster dev -m driverscore.pipelines.dagster_defs`.
 
     Sources come from ``DRIVERSCORE_PINGS_URI`` / ``DRIVERSCORE_INCIDENTS_URI`` (default:
-    the demo's simulated fleet under the home folder).
+    the demo's simulated fleet under the home folder); ``DRIVERSCORE_ENGINE=spark`` runs
+    ingest and prepare on Spark.
     """
     settings = Settings()
     demo = (settings.home / "demo" / "fleet-seed42").resolve()
@@ -339,4 +374,5 @@ def defs() -> dg.Definitions:
         or "",
         mapping_path=dg.EnvVar("DRIVERSCORE_MAPPING").get_value(None),
     )
-    return build_definitions(settings, source)
+    engine = PrepareEngine(engine=dg.EnvVar("DRIVERSCORE_ENGINE").get_value("embedded") or "")
+    return build_definitions(settings, source, engine=engine)

@@ -22,13 +22,12 @@ from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.routes import trip_routes
 from driverscore.domain.trip_scoring import ScoredTrips, ScoringModels, score_trip_features
 from driverscore.errors import ConfigError
+from driverscore.pipelines.spark_steps import Engine, ingest_and_prepare
 from driverscore.pipelines.steps import (
     DomainConfigs,
     IngestedTelemetry,
     PreparedDataset,
     RunContext,
-    ingest,
-    prepare,
 )
 from driverscore.services.prediction_log import open_prediction_log
 from driverscore.services.profile_writer import write_scores_profiles
@@ -137,6 +136,7 @@ def run_scoring(
     alias: str = "champion",
     policy: RolloutPolicy | None = None,
     progress: Callable[[str], None] | None = None,
+    engine: Engine = "embedded",
     store_scores: bool = True,
 ) -> ScoringRunResult:
     """Ingest, prepare with the model's cleaning/trip/feature configs, score and write.
@@ -166,8 +166,7 @@ def run_scoring(
     configs = DomainConfigs(
         cleaning=card.cleaning_config, trips=card.trip_config, features=card.feature_config
     )
-    ingested = ingest(ctx, pings_uri, mapping)
-    prepared = prepare(ctx, ingested, configs)
+    ingested, prepared = ingest_and_prepare(ctx, engine, pings_uri, mapping, configs)
     scored = score_prepared(ctx, models, policy, prepared)
     scores = scored.records_frame()
     set_aside = scored.set_aside_frame()

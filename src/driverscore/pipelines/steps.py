@@ -198,7 +198,7 @@ def prepare(
     feature_frame = (
         feature_frame.sort("trip_id", "vehicle_id") if feature_frame.height else feature_frame
     )
-    quarantine_frame = _with_import_rejects(
+    quarantine_frame = with_import_rejects(
         pl.concat(quarantine, how="diagonal_relaxed") if quarantine else pl.DataFrame(),
         ingested.rejects,
     )
@@ -242,7 +242,7 @@ def _read_partition(
     return pl.concat(frames, how="vertical_relaxed")
 
 
-def _with_import_rejects(quarantine: pl.DataFrame, rejects: pl.DataFrame) -> pl.DataFrame:
+def with_import_rejects(quarantine: pl.DataFrame, rejects: pl.DataFrame) -> pl.DataFrame:
     """Import rejects join the quarantine: one place lists every row that was set aside."""
     if rejects.height == 0:
         return quarantine

@@ -20,13 +20,12 @@ from driverscore.domain.mapping import ColumnMapping
 from driverscore.domain.profiles import TripProfile
 from driverscore.domain.scoring import ModelCard, feature_matrix
 from driverscore.errors import InputDataError, NoModelError
+from driverscore.pipelines.spark_steps import Engine, ingest_and_prepare
 from driverscore.pipelines.steps import (
     IngestedTelemetry,
     PreparedDataset,
     RunContext,
     code_version,
-    ingest,
-    prepare,
 )
 from driverscore.settings import Settings
 from driverscore.training.dataset import (
@@ -303,14 +302,14 @@ def run_training(
     reference_time: datetime,
     mapping: ColumnMapping | None = None,
     progress: Callable[[str], None] | None = None,
+    engine: Engine = "embedded",
 ) -> TrainingRunResult:
     """The whole training pipeline in process, with no server."""
     ctx = RunContext.start(settings, reference_time, progress)
     store, run_id = ctx.store, ctx.run_id
     registry = open_registry(settings)
     claims = check_claims(ctx, incidents_uri)
-    ingested = ingest(ctx, pings_uri, mapping)
-    prepared = prepare(ctx, ingested)
+    ingested, prepared = ingest_and_prepare(ctx, engine, pings_uri, mapping, None)
     data = label_and_split(ctx, prepared, claims)
     trained = train_candidate(ctx, data)
     candidate = validate_candidate(ctx, trained, data, prepared, registry)

@@ -1,0 +1,364 @@
+"""Import and prepare on Spark: the same domain functions, run on the executors through Arrow.
+
+Nothing here re-implements a domain rule. Spark reads the files, numbers each source's
+rows and shuffles pings by vehicle; the executors hand Arrow batches to the very
+:func:`~driverscore.domain.mapping.apply_mapping` and vehicle groups to the very
+:func:`~driverscore.domain.prepare.prepare_trips` the embedded engine calls, with the
+run's reference time and configurations fixed on the driver and shipped as JSON.
+
+Results travel back as an *envelope*: one row per output frame of a task (``kind``,
+``rows``, ``payload`` = the frame as Arrow IPC), so a frame keeps its exact Polars types
+(no round trip through Spark's type system) and the driver streams one payload at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final
+
+import polars as pl
+import pyarrow as pa
+
+from driverscore.adapters.spark.session import spark_path
+from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
+from driverscore.domain.mapping import ColumnMapping, apply_mapping
+from driverscore.domain.prepare import prepare_trips
+from driverscore.domain.schema import PING_SCHEMA
+from driverscore.errors import InputDataError
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+__all__ = ["SparkImport", "SparkPrepared", "import_on_spark", "prepare_on_spark"]
+
+_ENVELOPE_DDL: Final = "kind string, rows long, payload binary"
+_ENVELOPE: Final = pa.schema(
+    [("kind", pa.string()), ("rows", pa.int64()), ("payload", pa.binary())]
+)
+_SOURCE: Final = "_source"
+_BLOCK: Final = "_block"
+_BUCKET: Final = "_bucket"
+#: The canonical pings as imported: the ping contract plus where each ping came from.
+_CANONICAL: Final[dict[str, pl.DataType]] = {**PING_SCHEMA, "source": pl.String()}
+
+
+def _ipc(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.write_ipc(buffer, compression="lz4")
+    return buffer.getvalue()
+
+
+def _from_ipc(payload: bytes) -> pl.DataFrame:
+    return pl.read_ipc(io.BytesIO(payload))
+
+
+def _envelope(items: list[tuple[str, pl.DataFrame]]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict(
+        {
+            "kind": [kind for kind, _ in items],
+            "rows": [frame.height for _, frame in items],
+            "payload": [_ipc(frame) for _, frame in items],
+        },
+        schema=_ENVELOPE,
+    )
+
+
+def _canonical_types(frame: pl.DataFrame) -> pl.DataFrame:
+    """Spark hands strings and timestamps back in its own Arrow flavours: cast to the contract."""
+    return frame.with_columns(
+        pl.col(name).cast(dtype) for name, dtype in _CANONICAL.items() if name in frame.columns
+    )
+
+
+# -- executor side ---------------------------------------------------------------------
+
+
+def _map_sources(batches: Iterator[pa.RecordBatch], mapping_json: str) -> Iterator[pa.RecordBatch]:
+    """mapInArrow: raw rows of one or more sources -> canonical pings and rejects.
+
+    A partition reads whole file splits, each in file order, so a row's position within
+    its split is a running count; the driver adds the rows of the splits before it
+    (``blocks``) to name a rejected row by its row in the source, as the embedded engine does.
+    """
+    mapping = ColumnMapping.model_validate_json(mapping_json)
+    seen: Counter[tuple[str, int]] = Counter()
+    for batch in batches:
+        raw = pl.from_arrow(batch)
+        assert isinstance(raw, pl.DataFrame)
+        items: list[tuple[str, pl.DataFrame]] = []
+        splits = raw.partition_by(_SOURCE, _BLOCK, as_dict=True, maintain_order=True)
+        for (source, block), part in splits.items():
+            key = (str(source), int(block))
+            before = seen[key]
+            seen[key] += part.height
+            mapped = apply_mapping(part.drop(_SOURCE, _BLOCK), mapping, key[0])
+            items.append(("pings", mapped.pings))
+            if mapped.rejected.height:
+                items.append(
+                    (
+                        "rejects",
+                        mapped.rejected.with_columns(
+                            pl.col("row") + before, pl.lit(key[1], dtype=pl.Int64).alias(_BLOCK)
+                        ),
+                    )
+                )
+        yield _envelope(items)
+    blocks = pl.DataFrame(
+        {
+            "source": [source for source, _ in seen],
+            _BLOCK: [block for _, block in seen],
+            "rows": list(seen.values()),
+        },
+        schema={"source": pl.String(), _BLOCK: pl.Int64(), "rows": pl.Int64()},
+    )
+    yield _envelope([("blocks", blocks)])
+
+
+def _group_preparer(configs_json: str, reference_time_iso: str) -> Callable[[pa.Table], pa.Table]:
+    # A one-argument function: applyInArrow tells the (table) and (key, table) forms apart
+    # by the number of parameters.
+    def prepare_group(table: pa.Table) -> pa.Table:
+        return _prepare_group(table, configs_json, reference_time_iso)
+
+    return prepare_group
+
+
+def _prepare_group(table: pa.Table, configs_json: str, reference_time_iso: str) -> pa.Table:
+    """applyInArrow: one group of whole vehicles -> cleaned pings, features, quarantine, counts."""
+    started = time.perf_counter()
+    configs = json.loads(configs_json)
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    pings = _canonical_types(frame.drop(_BUCKET))
+    prepared = prepare_trips(
+        pings,
+        CleaningConfig.model_validate(configs["cleaning"]),
+        TripConfig.model_validate(configs["trips"]),
+        FeatureConfig.model_validate(configs["features"]),
+        reference_time=datetime.fromisoformat(reference_time_iso),
+    )
+    kept_per_source: dict[str, int] = {}
+    if "source" in prepared.pings.columns:
+        for source, n in prepared.pings.group_by("source").len().iter_rows():
+            kept_per_source[str(source)] = int(n)
+    # The group's own cost (Arrow in, prepare_trips, frames out): what a cluster
+    # projection scales from (bench/bench_spark.py).
+    seconds = time.perf_counter() - started
+    summary = {
+        "counts": prepared.counts,
+        "kept_per_source": kept_per_source,
+        "pings": pings.height,
+        "seconds": seconds,
+    }
+    counts = pl.DataFrame({"json": [json.dumps(summary)]})
+    batch = _envelope(
+        [
+            ("cleaned", prepared.pings),
+            ("features", prepared.features),
+            ("quarantine", prepared.quarantine),
+            ("counts", counts),
+        ]
+    )
+    return pa.Table.from_batches([batch])
+
+
+def _unpack(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """mapInArrow: envelope rows of canonical pings -> the pings as Spark rows."""
+    for batch in batches:
+        for payload in batch.column("payload").to_pylist():
+            frame = _from_ipc(payload).select(list(_CANONICAL))
+            yield from frame.to_arrow(compat_level=pl.CompatLevel.oldest()).to_batches()
+
+
+# -- driver side -----------------------------------------------------------------------
+
+
+def _frames(envelope: DataFrame, kind: str) -> Iterator[pl.DataFrame]:
+    """The payloads of one kind, streamed to the driver one at a time."""
+    from pyspark.sql import functions as sf
+
+    for row in envelope.filter(sf.col("kind") == kind).select("payload").toLocalIterator():
+        yield _from_ipc(row["payload"])
+
+
+def _spark_canonical_ddl() -> str:
+    types = {pl.String(): "string", pl.Float64(): "double"}
+    columns = [
+        f"`{name}` {'timestamp' if name == 'ts' else types[dtype]}"
+        for name, dtype in _CANONICAL.items()
+    ]
+    return ", ".join(columns)
+
+
+@dataclass
+class SparkImport:
+    """Sources read by Spark and mapped on the executors; payloads stay cached until closed."""
+
+    envelope: DataFrame
+
+    def canonical_parts(self) -> Iterator[pl.DataFrame]:
+        return _frames(self.envelope, "pings")
+
+    def rejects(self) -> pl.DataFrame:
+        """Rejected rows, numbered within their source and in the embedded engine's order."""
+        parts = list(_frames(self.envelope, "rejects"))
+        if not parts:
+            return pl.DataFrame()
+        rejects = pl.concat(parts, how="diagonal_relaxed")
+        blocks = (
+            pl.concat(list(_frames(self.envelope, "blocks")))
+            .group_by("source", _BLOCK)
+            .agg(pl.col("rows").sum())
+            .sort("source", _BLOCK)
+            .with_columns(
+                (pl.col("rows").cum_sum() - pl.col("rows")).over("source").alias("_offset")
+            )
+        )
+        numbered = rejects.join(blocks, on=["source", _BLOCK], how="left").with_columns(
+            pl.col("row") + pl.col("_offset")
+        )
+        return numbered.select(rejects.drop(_BLOCK).columns).sort("source", "row")
+
+    def close(self) -> None:
+        self.envelope.unpersist()
+
+
+def import_on_spark(
+    spark: SparkSession,
+    sources: list[str],
+    fmt: str,
+    mapping: ColumnMapping | None,
+    *,
+    delimiter: str = ",",
+) -> SparkImport:
+    """Read ``sources`` (all of one format) with Spark and map them to canonical pings.
+
+    CSV columns are read as text (as the embedded reader does); a rejected row is named by
+    its 1-based row within its source, as the embedded engine names it, without a shuffle.
+    """
+    from pyspark.sql import functions as sf
+
+    reader = spark.read
+    paths = [spark_path(uri) for uri in sources]
+    if fmt == "csv":
+        tsv = delimiter == "," and all(
+            uri.lower().split(".gz")[0].endswith(".tsv") for uri in sources
+        )
+        frame = reader.options(
+            header="true", inferSchema="false", sep="\t" if tsv else delimiter
+        ).csv(paths)
+    elif fmt == "parquet":
+        frame = reader.parquet(*paths)
+    else:
+        frame = reader.json(paths)
+    # The name the embedded engine gives a source (store_uri), in Spark SQL: no Python per row.
+    path = sf.url_decode(sf.col("_metadata.file_path"))
+    source_name = sf.regexp_replace(sf.regexp_replace(path, "^s3a://", "s3://"), "^file:/+", "/")
+    numbered = frame.withColumn(_SOURCE, source_name).withColumn(
+        _BLOCK, sf.col("_metadata.file_block_start")
+    )
+    mapped = numbered.mapInArrow(
+        partial(_map_sources, mapping_json=(mapping or ColumnMapping()).model_dump_json()),
+        _ENVELOPE_DDL,
+    )
+    return SparkImport(envelope=mapped.persist())
+
+
+@dataclass
+class SparkPrepared:
+    """What the executors prepared; the small outputs are collected once, on first use."""
+
+    envelope: DataFrame
+    groups: int
+    _collected: dict[str, Any] = field(default_factory=dict)
+
+    def cleaned_parts(self) -> Iterator[pl.DataFrame]:
+        return _frames(self.envelope, "cleaned")
+
+    def _collect(self, kind: str) -> list[pl.DataFrame]:
+        if kind not in self._collected:
+            self._collected[kind] = list(_frames(self.envelope, kind))
+        frames: list[pl.DataFrame] = self._collected[kind]
+        return frames
+
+    def features(self) -> pl.DataFrame:
+        frames = self._collect("features")
+        return pl.concat(frames, how="vertical") if frames else pl.DataFrame()
+
+    def quarantine(self) -> pl.DataFrame:
+        frames = self._collect("quarantine")
+        return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+
+    def counts(self) -> tuple[Counter[str], Counter[str]]:
+        """Stage counts summed over the groups, and kept pings per source."""
+        counts: Counter[str] = Counter()
+        kept: Counter[str] = Counter()
+        for frame in self._collect("counts"):
+            loaded = json.loads(frame.item(0, "json"))
+            counts.update(loaded["counts"])
+            kept.update(loaded["kept_per_source"])
+        return counts, kept
+
+    def group_costs(self) -> list[tuple[int, float]]:
+        """(pings, seconds in the executor's Python) of every vehicle group."""
+        return [
+            (int(loaded["pings"]), float(loaded["seconds"]))
+            for loaded in (json.loads(f.item(0, "json")) for f in self._collect("counts"))
+        ]
+
+    def close(self) -> None:
+        self.envelope.unpersist()
+
+
+def prepare_on_spark(
+    spark: SparkSession,
+    canonical_uris: list[str],
+    *,
+    cleaning: CleaningConfig,
+    trips: TripConfig,
+    features: FeatureConfig,
+    reference_time: datetime,
+    total_pings: int,
+    pings_per_group: int,
+) -> SparkPrepared:
+    """Prepare canonical ping parts on the executors, vehicle group by vehicle group.
+
+    Pings are shuffled by a hash of ``vehicle_id`` into groups of about
+    ``pings_per_group`` pings (at least one per core), so a vehicle's pings meet in one
+    group whichever files and partitions they came from, and each group goes to
+    ``prepare_trips`` whole.
+    """
+    from pyspark.sql import functions as sf
+
+    groups = max(spark.sparkContext.defaultParallelism, math.ceil(total_pings / pings_per_group))
+    pings = spark.read.schema(_spark_canonical_ddl()).parquet(*map(spark_path, canonical_uris))
+    configs = json.dumps(
+        {
+            "cleaning": cleaning.model_dump(mode="json"),
+            "trips": trips.model_dump(mode="json"),
+            "features": features.model_dump(mode="json"),
+        }
+    )
+    bucketed = pings.withColumn(_BUCKET, sf.pmod(sf.xxhash64("vehicle_id"), sf.lit(groups)))
+    prepared = bucketed.groupBy(_BUCKET).applyInArrow(
+        _group_preparer(configs, reference_time.isoformat()), _ENVELOPE_DDL
+    )
+    return SparkPrepared(envelope=prepared.persist(), groups=groups)
+
+
+def input_error(exc: BaseException) -> InputDataError | None:
+    """A user error raised on an executor (a column that does not parse) as the driver's
+    one-line error, or None when the failure is something else."""
+    text = str(exc)
+    marker = "driverscore.errors.InputDataError: "
+    if marker not in text:
+        return None
+    return InputDataError(text.split(marker, 1)[1].splitlines()[0].strip())
