@@ -19,9 +19,9 @@ a 50 s event-time window in one message) × runner, one process each:
 - ``driverscore``: ``python -m driverscore stream`` with ``DRIVERSCORE_HOME`` and
   ``DRIVERSCORE_KAFKA`` (fresh topics, consumer group and state folder per cell).
 
-Processing guarantee: at-least-once; ``--exactly-once`` adds batch-50 cells with
-exactly-once. Every cell gets its own output topics and consumer group; outputs are read
-with a ``confluent_kafka.Consumer`` at ``isolation.level=read_committed``.
+Processing guarantee: at-least-once; ``--exactly-once`` adds exactly-once cells for every
+mode (single-ping messages included). Every cell gets its own output topics and consumer
+group; outputs are read with a ``confluent_kafka.Consumer`` at ``isolation.level=read_committed``.
 
 Throughput phase (pings/s, messages/s). All pings are produced into a fresh topic first
 (``replay_pings``), followed by one clock message per partition (``send_clock``) at
@@ -117,6 +117,11 @@ MODES: dict[str, float] = {"single": 0.0, "batch-50": 50.0}  # mode -> batch_spa
 RUNNERS = ("ceiling", "driverscore")
 TARGET_PINGS_PER_S: dict[str, float] = {"single": 30_000.0, "batch-50": 100_000.0}
 TARGET_P99_MS = 500.0
+#: Single-ping messages against the same run's Quix Streams ceiling (issue 14).
+TARGET_VS_CEILING: dict[tuple[str, str], float] = {
+    ("single", "at-least-once"): 0.5,
+    ("single", "exactly-once"): 0.4,
+}
 AT_LEAST_ONCE = "at-least-once"
 EXACTLY_ONCE = "exactly-once"
 CEILING_SCRIPT = Path(__file__).with_name("stream_ceiling.py")
@@ -602,6 +607,13 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
                 f"{'PASS' if ok else 'MISS'}  {label}: {rate:,.0f} pings/s{partial}"
                 f" (target ≥ {target:,.0f})"
             )
+        ratio_target = TARGET_VS_CEILING.get((row["mode"], row["guarantee"]))
+        ratio = row.get("vs_ceiling")
+        if ratio_target is not None and ratio is not None:
+            lines.append(
+                f"{'PASS' if ratio >= ratio_target else 'MISS'}  {label}: {ratio:.1%} of the"
+                f" same run's ceiling (target ≥ {ratio_target:.0%})"
+            )
         p99 = row.get("p99_ms")
         if p99 is None:
             missing = row.get("missing_header")
@@ -678,7 +690,7 @@ def parse_args() -> argparse.Namespace:
         "--runners", default=",".join(RUNNERS), help="comma list of ceiling,driverscore"
     )
     parser.add_argument(
-        "--exactly-once", action="store_true", help="add batch-50 exactly-once cells"
+        "--exactly-once", action="store_true", help="add exactly-once cells for every mode"
     )
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--latency-s", type=float, default=20.0, help="live replay length (s)")
@@ -760,7 +772,7 @@ def main() -> None:
                     flush=True,
                 )
                 guarantees = [AT_LEAST_ONCE]
-                if args.exactly_once and mode == "batch-50":
+                if args.exactly_once:
                     guarantees.append(EXACTLY_ONCE)
                 for guarantee in guarantees:
                     measured: dict[str, dict[str, Any]] = {}

@@ -57,7 +57,8 @@ __all__ = [
 
 CloseReason = Literal["gap", "trip_id", "max_pings", "end"]
 
-_META: Final = "meta"
+#: Not "meta", the JSON record of earlier versions: a state they wrote is ignored, not misread.
+_META: Final = "m"
 _WATERMARK: Final = "wm"
 _OPEN: Final = "open"
 _PENDING: Final = "pending"
