@@ -785,7 +785,7 @@ class MemoryScope:
 
     def stored_pings(self, vehicle_id: str) -> int:
         """How many pings a vehicle's state holds, in chunks and in its sessions' tails."""
-        count = sum(session["tn"] for session in self.open_sessions(vehicle_id))
+        count = sum(int(session["tn"]) for session in self.open_sessions(vehicle_id))
         for key, value in self._vehicles.get(vehicle_id, {}).items():
             if key.startswith("c"):
                 count += len(_DECODER.decode(value))
