@@ -262,11 +262,17 @@ def aggregate(
 @app.command()
 def monitor(
     as_of: Annotated[
-        str | None, typer.Option(help="End of the window, UTC ISO-8601; default: now.")
+        str | None,
+        typer.Option(
+            help="The window ends at the start of this time's UTC hour (ISO-8601); default: now."
+        ),
     ] = None,
     window_hours: Annotated[
         float | None,
-        typer.Option(min=0.001, help="Window length (h); default: monitoring.window_hours."),
+        typer.Option(
+            min=0.001,
+            help="Window length in whole hours (rounded up); default: monitoring.window_hours.",
+        ),
     ] = None,
     labels: Annotated[
         str | None,
@@ -688,12 +694,21 @@ def stream(
     live_monitor = build_live_monitor(
         settings, lambda: open_registry(settings), lambda: models.current().champion.card
     ).register(metrics.registry)
+    from driverscore.services.profile_writer import build_profile_writer
+
+    # Trips scored through the service are in the service's profile parts already.
+    profile_writer = (
+        build_profile_writer(settings, lambda: open_registry(settings), "stream")
+        if settings.kafka.scoring_url is None
+        else None
+    )
     step = TripScoringStep(
         models,
         metrics,
         policy=settings.kafka.rollout,
         scoring=scoring,
         live_monitor=live_monitor,
+        profile_writer=profile_writer,
     )
     if metrics_port:
         from prometheus_client import start_http_server
@@ -728,6 +743,7 @@ def stream(
             sink,
             grace_s=settings.kafka.grace_s,
             prediction_log=prediction_log,
+            profile_flush_s=settings.monitoring.profile_flush_s,
             speed=speed,
         )
         typer.echo(
@@ -746,7 +762,13 @@ def stream(
     from driverscore.services.api.logs import configure_json_logging, flush_logs
 
     state_dir = settings.kafka.state_dir or (settings.home / "stream-state")
-    app_ = build_stream_application(settings.kafka, step, state_dir.resolve(), metrics)
+    app_ = build_stream_application(
+        settings.kafka,
+        step,
+        state_dir.resolve(),
+        metrics,
+        profile_flush_s=settings.monitoring.profile_flush_s,
+    )
     err_console.print(
         f"streaming with {scorer.model_name} v{scorer.model_version} from "
         f"{settings.kafka.topics.pings} at {settings.kafka.bootstrap_servers}",

@@ -83,6 +83,10 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Monitored:
 def test_reference_is_built_once_from_the_lineage_and_stored(monitored: Monitored) -> None:
     assert monitored.first.result["model"]["reference_source"] == "lineage"
     assert monitored.second.result["model"]["reference_source"] == "model_version"
+    # The scores dataset written before profile parts existed is profiled once, then merged.
+    assert len(monitored.first.result["profile_parts"]["scores_profiled_now"]) == 1
+    assert monitored.second.result["profile_parts"]["scores_profiled_now"] == []
+    assert monitored.second.result["profile_parts"]["current"] > 0
     registry = open_registry(monitored.settings)
     stored = registry.load_reference_profile(registry.alias_version("champion") or "")
     assert stored is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import polars as pl
@@ -20,6 +21,7 @@ from driverscore.domain.profiles import (
     TripProfile,
     merge_profiles,
     profile_trips,
+    profile_trips_by_hour,
 )
 
 NUMERIC = ("distance_km", "hard_brake_per_100km", "speeding_share")
@@ -91,6 +93,40 @@ def test_merge_of_parts_equals_profile_of_the_whole(
     assert merge_profiles(reversed([profile_trips(p, edges) for p in parts]), edges).equals(
         expected
     )
+
+
+@settings(derandomize=True, max_examples=100, deadline=None)
+@given(
+    rows, st.lists(st.one_of(st.none(), st.integers(min_value=0, max_value=4 * 3600)), max_size=60)
+)
+def test_hourly_profiles_are_the_profiles_of_each_hour(
+    edges: ProfileEdges, data: list[tuple[object, ...]], seconds: list[int | None]
+) -> None:
+    start = datetime(2026, 3, 1, 22, 0, tzinfo=UTC)
+    frame = _frame(data)
+    ends = [None if s is None else start + timedelta(seconds=s) for s in seconds]
+    ends = (ends + [None] * frame.height)[: frame.height]
+    frame = frame.with_columns(end_ts=pl.Series(ends, dtype=pl.Datetime("us", "UTC")))
+    hourly = profile_trips_by_hour(frame, edges)
+    hours = frame.with_columns(hour=pl.col("end_ts").dt.truncate("1h"))
+    expected = {
+        h: hours.filter(pl.col("hour") == h)
+        for h in hours.get_column("hour").drop_nulls().unique().to_list()
+    }
+    assert set(hourly) == set(expected)
+    for hour, rows_of_hour in expected.items():
+        assert hour.minute == 0 and hour.tzinfo is not None
+        assert hourly[hour].equals(profile_trips(rows_of_hour.drop("hour"), edges))
+    # Trips without an end time are in no hour; every other trip is in exactly one.
+    timed = frame.get_column("end_ts").is_not_null().sum()
+    assert merge_profiles(hourly.values(), edges).rows == timed
+
+
+def test_profile_counts_survive_json_on_the_reference_edges(edges: ProfileEdges) -> None:
+    profile = profile_trips(_reference(np.random.default_rng(4), 500), edges)
+    counts = json.loads(json.dumps(profile.counts_to_dict()))
+    assert "edges" not in counts
+    assert TripProfile.from_counts(counts, edges).equals(profile)
 
 
 def test_profile_survives_json(edges: ProfileEdges) -> None:

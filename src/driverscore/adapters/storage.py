@@ -10,6 +10,7 @@ strings (``/abs/path/...`` or ``s3://bucket/prefix/...``). The layout is the one
     <root>/raw/<version>/manifest.json           raw snapshot: source URIs, sizes, sha256
     <root>/<kind>/<run_id>/<name>.json           reports
     <root>/runs/<run_id>.json                    run manifest
+    <root>/profiles/<model_version>/...          profile parts (``adapters/profile_parts.py``)
 
 How a write stays bounded in memory and safe to repeat: each part is serialised to
 Parquet once, hashed and uploaded to ``<root>/_staging/<token>/``; only the part in hand
@@ -326,11 +327,23 @@ class DataStore:
             return [uri]
         return [join_uri(uri, str(part["name"])) for part in self._marker(uri)["parts"]]
 
-    def scan_dataset(self, ref_or_uri: DatasetRef | str) -> Iterator[pl.DataFrame]:
-        """The dataset part by part, in write order: memory holds one part at a time."""
+    def scan_dataset(
+        self, ref_or_uri: DatasetRef | str, columns: Iterable[str] | None = None
+    ) -> Iterator[pl.DataFrame]:
+        """The dataset part by part, in write order: memory holds one part at a time.
+
+        ``columns``: read only those of them a part has (Parquet reads no other column's
+        bytes); every column when None.
+        """
+        wanted = None if columns is None else list(columns)
         for part_uri in self.part_uris(ref_or_uri):
             with self._fs.open(self._path(part_uri), "rb") as handle:
-                yield pl.read_parquet(handle)
+                if wanted is None:
+                    yield pl.read_parquet(handle)
+                    continue
+                present = set(pl.read_parquet_schema(handle))
+                handle.seek(0)
+                yield pl.read_parquet(handle, columns=[c for c in wanted if c in present])
 
     def read_dataset(self, ref_or_uri: DatasetRef | str) -> pl.DataFrame:
         """The whole dataset as one frame (an empty frame for a dataset without parts)."""
@@ -394,6 +407,46 @@ class DataStore:
         )
         self._write_bytes(uri, text.encode("utf-8"))
         return uri
+
+    # -- plain objects (profile parts) ---------------------------------------------------
+
+    def object_uri(self, *parts: str) -> str:
+        """``<root>/<part>/<part>/...``, each part a plain name (no slashes)."""
+        return self._uri(*(_check_name(p, "path part") for p in parts))
+
+    def write_object(self, uri: str, data: bytes) -> None:
+        """Write ``data`` at ``uri`` so that no reader ever sees part of it: a local file is
+        written beside and renamed; an object store's put is whole already."""
+        if not self._local:
+            self._write_bytes(uri, data)
+            return
+        path = self._path(uri)
+        folder, name = path.rsplit("/", 1)
+        self._fs.makedirs(folder, exist_ok=True)
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+        with self._fs.open(tmp, "wb") as handle:
+            handle.write(data)
+        Path(tmp).replace(path)
+
+    def read_object(self, uri: str) -> bytes:
+        return self._read_bytes(uri)
+
+    def list_objects(self, uri: str, suffix: str = "") -> list[str]:
+        """URIs of the files directly under the folder ``uri`` whose name ends with
+        ``suffix``, by name (none when the folder does not exist; files being written are
+        not listed)."""
+        path = self._path(uri)
+        self._fs.invalidate_cache()
+        if not self._fs.exists(path):
+            return []
+        names = sorted(
+            str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in self._fs.ls(path, detail=False)
+        )
+        return [
+            join_uri(uri, name)
+            for name in names
+            if name.endswith(suffix) and not name.startswith(".")
+        ]
 
     # -- raw snapshots -----------------------------------------------------------------
 

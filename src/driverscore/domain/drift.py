@@ -155,6 +155,12 @@ class MonitoringConfig(BaseModel):
     min_performance_trips: int = Field(
         500, ge=1, description="Fewer matured (or scored) trips: performance is not judged."
     )
+    profile_flush_s: float = Field(
+        300.0,
+        gt=0,
+        description="How often the service and the stream processor write the profile parts "
+        "of the trips they scored to the data store (s); also when they stop.",
+    )
 
     def thresholds_for(self, column: str) -> DriftThresholds:
         return self.feature_thresholds.get(column, self.thresholds)

@@ -1,8 +1,10 @@
 """`driverscore monitor`: one window of scored trips against the champion's reference.
 
-Reads the trip score records of the window (every ``scores`` dataset of the data store,
-trips by end time, the champion's records only, each trip once), profiles them on the
-champion's reference edges, and judges the window (``domain/monitoring.py``): drift per
+The window's profile is the merge of the profile parts every writer of trip records
+stored for the champion's version and the window's hours of trip end
+(``adapters/profile_parts.py``: batch scoring, the service, the stream processor), never
+a rescan of the records; only performance reads the trips' key, time and probability
+columns. It judges the window (``domain/monitoring.py``): drift per
 feature and per slice, score shift and band shares, data quality (the scoring runs'
 quarantine and set-aside trips), realised performance on the trips whose claims matured
 (the training's label rule) and estimated performance (``domain/performance.py``) beside
@@ -10,11 +12,14 @@ it. Writes the versioned JSON result (``monitoring/<run_id>/monitoring.json``) a
 HTML report (``report.html``) next to it; the Dagster job calls the same function hourly.
 
 A champion registered before profiles existed gets its reference built here, once, from
-the features dataset its lineage names, and stored with the model version.
+the features dataset its lineage names, and stored with the model version; ``scores``
+datasets written before their parts (or while the version had no reference) are profiled
+here, once each.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +30,7 @@ import numpy as np
 import polars as pl
 
 import driverscore
+from driverscore.adapters.profile_parts import KEY_COLUMNS, ProfilePartStore, hour_of
 from driverscore.adapters.readers import read_table
 from driverscore.adapters.registry import CHAMPION, ModelRegistry, open_registry
 from driverscore.adapters.storage import DataStore
@@ -35,18 +41,29 @@ from driverscore.domain.monitoring import (
     judge_window,
 )
 from driverscore.domain.performance import estimate_performance
-from driverscore.domain.profiles import TripProfile, profile_trips
+from driverscore.domain.profiles import TripProfile, merge_profiles
 from driverscore.domain.scoring import ModelCard
 from driverscore.domain.trip_scoring import SET_ASIDE_INVALID
 from driverscore.errors import NoModelError
 from driverscore.pipelines.monitor_report import render_report
 from driverscore.pipelines.steps import new_run_id
+from driverscore.services.profile_writer import write_scores_profiles
 from driverscore.settings import Settings
 from driverscore.training.dataset import LABEL_COLUMN, check_labels, label_trips
 from driverscore.training.gate import evaluate
 from driverscore.training.reference import fit_reference_profile
 
-__all__ = ["MONITORING_KIND", "MonitoringRunResult", "load_reference", "run_monitor"]
+__all__ = [
+    "MONITORING_KIND",
+    "MonitoringRunResult",
+    "WindowProfile",
+    "load_reference",
+    "profile_scores_once",
+    "run_monitor",
+    "trip_keys",
+    "window_bounds",
+    "window_profile",
+]
 
 #: Data store kind of the monitoring results.
 MONITORING_KIND: Final = "monitoring"
@@ -108,32 +125,92 @@ def load_reference(
     return Reference(profile, "lineage")
 
 
-def _window_records(
-    store: DataStore, version: str, start: datetime, end: datetime
-) -> tuple[pl.DataFrame, list[str]]:
-    """The champion's score records of trips ending in [start, end), each trip once (the
-    latest scoring wins), and the scores datasets they came from."""
-    frames: list[pl.DataFrame] = []
-    sources: list[str] = []
+def window_bounds(as_of: datetime, hours: float) -> tuple[datetime, datetime]:
+    """The window of trip ends ``[start, end)``: whole UTC hours ending at the hour that
+    holds ``as_of`` (profile parts are per hour, so a window is a merge of whole parts),
+    at least one hour long."""
+    end = hour_of(as_of)
+    return end - timedelta(hours=max(1, math.ceil(hours))), end
+
+
+def profile_scores_once(
+    store: DataStore, parts: ProfilePartStore, version: str, reference: TripProfile
+) -> list[str]:
+    """Profile the ``scores`` datasets whose trips of ``version`` are not in parts yet
+    (written before profile parts existed, or while the version had no reference), once
+    each: the only place the monitor reads whole score records. The datasets' versions."""
+    done = parts.profiled_scores(version)
+    profiled: list[str] = []
     for ref in store.versions("scores"):
-        for part in store.scan_dataset(ref):
-            if "end_ts" not in part.columns or "model_version" not in part.columns:
-                continue
-            end_ts = pl.col("end_ts").cast(_UTC_US)
-            kept = part.filter(
-                (end_ts >= start) & (end_ts < end) & (pl.col("model_version") == version)
-            )
-            if kept.height:
-                frames.append(kept)
-                if ref.uri not in sources:
-                    sources.append(ref.uri)
+        if ref.version in done:
+            continue
+        frames = [
+            part.filter(pl.col("model_version") == version)
+            for part in store.scan_dataset(ref)
+            if "model_version" in part.columns and "end_ts" in part.columns
+        ]
+        frames = [f for f in frames if f.height]
+        rows = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+        write_scores_profiles(parts, rows, ref, {version: reference})
+        profiled.append(ref.version)
+    return profiled
+
+
+@dataclass(frozen=True)
+class WindowProfile:
+    """The merge of a window's profile parts, and what went into it."""
+
+    profile: TripProfile
+    #: ``scores`` datasets whose trips are in the window (their scoring runs' quality).
+    sources: list[str]
+    parts: int
+    #: Parts made on another reference of the version (not mergeable; left out, counted).
+    other_reference: int
+
+
+def window_profile(
+    parts: ProfilePartStore,
+    version: str,
+    reference: TripProfile,
+    start: datetime,
+    end: datetime,
+) -> WindowProfile:
+    """The profile of ``version``'s trips ending in ``[start, end)``: a merge of the stored
+    parts of those hours, never a read of trip records."""
+    sha = reference.sha256()
+    stored = parts.parts(version, start, end)
+    usable = [p for p in stored if p.reference_profile_sha256 == sha]
+    sources: list[str] = []
+    for part in usable:
+        uri = part.source.get("scores")
+        if uri and uri not in sources:
+            sources.append(str(uri))
+    merged = merge_profiles((p.profile(reference) for p in usable), reference.edges)
+    return WindowProfile(merged, sources, len(usable), len(stored) - len(usable))
+
+
+def trip_keys(
+    store: DataStore, parts: ProfilePartStore, version: str, start: datetime, end: datetime
+) -> pl.DataFrame:
+    """Key, time and probability columns of ``version``'s trips ending in ``[start, end)``,
+    each trip once (the latest scoring wins): from the ``scores`` datasets (those columns
+    only) and the keys the service and the stream store beside their parts."""
+    frames: list[pl.DataFrame] = []
+    for ref in store.versions("scores"):
+        for part in store.scan_dataset(ref, columns=KEY_COLUMNS):
+            if {"end_ts", "model_version"} <= set(part.columns):
+                frames.append(part)
+    frames.append(parts.keys(version, start, end))
+    frames = [f for f in frames if f.height]
     if not frames:
-        return pl.DataFrame(), sources
-    records = pl.concat(frames, how="diagonal_relaxed")
-    records = records.sort("scored_at").unique(
+        return pl.DataFrame(schema={"risk_probability": pl.Float64()})
+    end_ts = pl.col("end_ts").cast(_UTC_US)
+    keys = pl.concat(frames, how="diagonal_relaxed").filter(
+        (end_ts >= start) & (end_ts < end) & (pl.col("model_version") == version)
+    )
+    return keys.sort("scored_at").unique(
         subset=["vehicle_id", "trip_id"], keep="last", maintain_order=True
     )
-    return records, sources
 
 
 def _quality(store: DataStore, sources: list[str]) -> DataQualityInput:
@@ -195,26 +272,38 @@ def _metrics(values: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _ending_in(keys: pl.DataFrame, start: datetime, end: datetime) -> pl.DataFrame:
+    if keys.height == 0:
+        return keys
+    end_ts = pl.col("end_ts").cast(_UTC_US)
+    return keys.filter((end_ts >= start) & (end_ts < end))
+
+
 def _performance(
     settings: Settings,
     store: DataStore,
+    parts: ProfilePartStore,
     card: ModelCard,
     version: str,
-    records: pl.DataFrame,
     as_of: datetime,
     window: timedelta,
     labels_uri: str | None,
 ) -> dict[str, Any]:
     """Estimated performance of the window; realised and estimated side by side on the
-    latest window whose claims matured (the training's maturity rule)."""
+    latest window whose claims matured (the training's maturity rule). Both need each
+    trip's probability (and the matured trips' keys and times for the claims): the trips'
+    key columns are read, never their features."""
     threshold = card.decision_threshold
+    maturity = timedelta(days=settings.training.label_maturity_days)
+    matured_end = as_of - maturity
+    matured_start = matured_end - window
+    # One read of the key columns for both windows.
+    keys = trip_keys(store, parts, version, min(matured_start, as_of - window), as_of)
+    records = _ending_in(keys, as_of - window, as_of)
     probabilities = (
         records.get_column("risk_probability").to_numpy() if records.height else np.empty(0)
     )
     out: dict[str, Any] = {"estimated": _metrics(estimate_performance(probabilities, threshold))}
-    maturity = timedelta(days=settings.training.label_maturity_days)
-    matured_end = as_of - maturity
-    matured_start = matured_end - window
     out["matured_window"] = {"start": matured_start, "end": matured_end}
     out["label_maturity_days"] = settings.training.label_maturity_days
     out["realised"] = None
@@ -222,7 +311,7 @@ def _performance(
     if claims is None:
         out["realised_unavailable"] = "no claims: pass --labels or train once (labels dataset)"
         return out
-    matured, _ = _window_records(store, version, matured_start, matured_end)
+    matured = _ending_in(keys, matured_start, matured_end)
     if matured.height == 0:
         out["realised_unavailable"] = "no scored trips in the matured window"
         return out
@@ -276,8 +365,10 @@ def run_monitor(
     say = progress or (lambda _message: None)
     as_of = (as_of or datetime.now(UTC)).astimezone(UTC)
     config = settings.monitoring
-    window = timedelta(hours=window_hours or config.window_hours)
+    start, end = window_bounds(as_of, window_hours or config.window_hours)
+    window = end - start
     store = DataStore(settings.resolved_data_uri, settings.storage_options())
+    parts = ProfilePartStore(store)
     registry = open_registry(settings)
     version = registry.alias_version(CHAMPION)
     if version is None:
@@ -288,17 +379,20 @@ def run_monitor(
     card = registry.load_card(version)
     say(f"reference profile of version {version}")
     reference = load_reference(registry, version, card, settings)
-    edges = reference.profile.edges
-    say("read the window's score records")
-    records, sources = _window_records(store, version, as_of - window, as_of)
-    previous_records, _ = _window_records(store, version, as_of - 2 * window, as_of - window)
-    if records.height == 0 and not sources:
+    profiled_now = profile_scores_once(store, parts, version, reference.profile)
+    if profiled_now:
+        say(f"profiled {len(profiled_now)} scores datasets written before their profile parts")
+    say("merge the window's profile parts")
+    current_window = window_profile(parts, version, reference.profile, start, end)
+    previous_window = window_profile(parts, version, reference.profile, start - window, start)
+    current = current_window.profile
+    previous = previous_window.profile if previous_window.profile.rows else None
+    sources = current_window.sources
+    if current.rows == 0:
         say("no scored trips in the window")
-    current = profile_trips(records, edges)
-    previous = profile_trips(previous_records, edges) if previous_records.height else None
     quality = _quality(store, sources)
     say("performance")
-    performance = _performance(settings, store, card, version, records, as_of, window, labels_uri)
+    performance = _performance(settings, store, parts, card, version, end, window, labels_uri)
     judgement = judge_window(
         reference.profile,
         current,
@@ -310,13 +404,20 @@ def run_monitor(
         performance=performance,
     )
     run_id = new_run_id(as_of)
+    profile_parts = {
+        "current": current_window.parts,
+        "previous": previous_window.parts,
+        "other_reference": current_window.other_reference + previous_window.other_reference,
+        "scores_profiled_now": profiled_now,
+    }
     result: dict[str, Any] = {
         "result_schema_version": RESULT_SCHEMA_VERSION,
         "kind": MONITORING_KIND,
         "run_id": run_id,
         "created_at": datetime.now(UTC),
         "driverscore_version": driverscore.__version__,
-        "window": {"start": as_of - window, "end": as_of, "hours": window / timedelta(hours=1)},
+        "window": {"start": start, "end": end, "hours": window / timedelta(hours=1)},
+        "as_of": as_of,
         "model": {
             "name": settings.model_name,
             "version": version,
@@ -326,6 +427,7 @@ def run_monitor(
             "reference_trips": reference.profile.rows,
         },
         "sources": sources,
+        "profile_parts": profile_parts,
         "config": config.model_dump(mode="json"),
         **judgement.to_dict(),
     }

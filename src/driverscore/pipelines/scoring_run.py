@@ -10,12 +10,14 @@ from pathlib import Path
 import polars as pl
 
 from driverscore.adapters.files import write_table
-from driverscore.adapters.registry import open_registry
+from driverscore.adapters.profile_parts import ProfilePartStore
+from driverscore.adapters.registry import ModelRegistry, open_registry
 from driverscore.adapters.score_store import ScoreBatch
 from driverscore.adapters.score_store.duckdb_store import WriteReport, open_score_store
-from driverscore.adapters.storage import DatasetRef
+from driverscore.adapters.storage import DatasetRef, DataStore
 from driverscore.domain.features import trip_features
 from driverscore.domain.mapping import ColumnMapping
+from driverscore.domain.profiles import TripProfile
 from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.routes import trip_routes
 from driverscore.domain.trip_scoring import ScoredTrips, ScoringModels, score_trip_features
@@ -29,6 +31,7 @@ from driverscore.pipelines.steps import (
     prepare,
 )
 from driverscore.services.prediction_log import open_prediction_log
+from driverscore.services.profile_writer import write_scores_profiles
 from driverscore.settings import Settings
 
 
@@ -47,6 +50,9 @@ class ScoringRunResult:
     set_aside: pl.DataFrame
     set_aside_uri: str | None
     decisions: int
+    #: Profile parts written per model version (``adapters/profile_parts.py``); a version
+    #: without a reference profile has none (the monitor profiles its trips once, later).
+    profile_parts: dict[str, list[str]]
     #: What the score store took (records, alerts, routes), when the run stored its scores.
     stored: WriteReport | None = None
     store_path: str | None = None
@@ -82,6 +88,20 @@ def score_prepared(
     return score_trip_features(
         features, models, policy, ctx.reference_time, challenger_features=challenger_features
     )
+
+
+def write_profiles(
+    store: DataStore, registry: ModelRegistry, scores: pl.DataFrame, scores_ref: DatasetRef
+) -> dict[str, list[str]]:
+    """Profile parts of the scores just written, for each scoring model version that has
+    a reference profile: the monitor merges them and never reads these rows for drift."""
+    references: dict[str, TripProfile] = {}
+    if "model_version" in scores.columns:
+        for version in scores.get_column("model_version").drop_nulls().unique().sort():
+            stored = registry.load_reference_profile(str(version))
+            if stored is not None:
+                references[str(version)] = TripProfile.from_json(stored)
+    return write_scores_profiles(ProfilePartStore(store), scores, scores_ref, references)
 
 
 def rollout_policy(settings: Settings, path: Path | None) -> RolloutPolicy:
@@ -153,6 +173,7 @@ def run_scoring(
         if set_aside.height
         else None
     )
+    profile_parts = write_profiles(store, registry, scores, scores_ref)
     if scored.decisions:
         log = open_prediction_log(settings)
         log.setup()
@@ -183,6 +204,7 @@ def run_scoring(
             "set_aside": set_aside_uri,
             "trips_set_aside": set_aside.height,
             "decisions_logged": len(scored.decisions),
+            "profile_parts": {v: len(p) for v, p in profile_parts.items()},
             "rollout": policy.model_dump(),
             "output": out_uri,
             "score_store": str(settings.store_path) if stored is not None else None,
@@ -203,4 +225,5 @@ def run_scoring(
         decisions=len(scored.decisions),
         stored=stored,
         store_path=str(settings.store_path) if stored is not None else None,
+        profile_parts=profile_parts,
     )

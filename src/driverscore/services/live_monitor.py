@@ -40,7 +40,7 @@ from driverscore.domain.profiles import (
 from driverscore.domain.scoring import ModelCard
 from driverscore.settings import Settings
 
-__all__ = ["LiveMonitor", "build_live_monitor"]
+__all__ = ["LiveMonitor", "ReferenceSource", "build_live_monitor"]
 
 _log = logging.getLogger("driverscore.monitor")
 
@@ -355,7 +355,7 @@ class LiveMonitor(Collector):
         yield realised
 
 
-class _ReferenceSource:
+class ReferenceSource:
     """Reference profiles by version, from the registry the process already uses."""
 
     def __init__(self, registry_factory: Callable[[], Any]) -> None:
@@ -370,7 +370,13 @@ class _ReferenceSource:
 
 
 class _NewestResult:
-    """The newest scheduled monitoring result in the data store, re-read once a minute."""
+    """The newest scheduled monitoring result that measured realised performance, re-read
+    once a minute.
+
+    Newest by the time the run was made (``created_at``): run ids start with the window's
+    end, which many runs can share. A run without matured labels measures nothing and does
+    not hide the last realised value.
+    """
 
     def __init__(self, data_uri: str, storage_options: Mapping[str, object]) -> None:
         self._data_uri = data_uri
@@ -385,8 +391,13 @@ class _NewestResult:
 
             self._read_at = now
             store = DataStore(self._data_uri, self._storage_options)
-            uris = store.report_uris("monitoring", "monitoring.json")
-            self._result = store.read_json(uris[-1]) if uris else None
+            # Run ids sort by window end: the last two days of hourly runs are enough.
+            uris = store.report_uris("monitoring", "monitoring.json")[-48:]
+            results = [store.read_json(uri) for uri in uris]
+            measured = [
+                r for r in results if ((r.get("performance") or {}).get("realised") or None)
+            ]
+            self._result = max(measured, key=lambda r: str(r.get("created_at", "")), default=None)
         return self._result
 
 
@@ -405,7 +416,7 @@ def build_live_monitor(
 
     return LiveMonitor(
         settings.monitoring,
-        _ReferenceSource(registry_factory),
+        ReferenceSource(registry_factory),
         card_metrics=card_metrics,
         scheduled_result=_NewestResult(settings.resolved_data_uri, settings.storage_options()),
     )

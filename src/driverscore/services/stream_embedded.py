@@ -216,6 +216,7 @@ def run_embedded_stream(
     grace_s: float,
     prediction_log: PredictionLog | None = None,
     score_batch_trips: int = 200,
+    profile_flush_s: float = 300.0,
     speed: float = 0.0,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
@@ -226,7 +227,8 @@ def run_embedded_stream(
     0 as fast as possible. Trips are cut by the scoring model card's trip rules (``TripConfig``:
     gap, ``max_trip_pings``).
     ``prediction_log`` receives the rollout decisions (set up by the caller; flushed at the
-    end).
+    end). The step's profile writer, when it has one, writes its parts every
+    ``profile_flush_s`` of the replay and at the end.
     """
     card = step.scorer.card
     assembler = TripAssembler(SessionRules.of_trips(card.trip_config, grace_s))
@@ -239,9 +241,11 @@ def run_embedded_stream(
     # closed trips in batches, which costs a fraction per trip and gives the same rows.
     batch = 1 if speed > 0 else score_batch_trips
     waiting: list[ClosedSession] = []
+    profiles = step.profile_writer
+    flushed_at = started
 
     def close(closed: list[ClosedSession], *, final: bool = False) -> None:
-        nonlocal sessions, trips, alerts, set_aside
+        nonlocal sessions, trips, alerts, set_aside, flushed_at
         waiting.extend(closed)
         if not waiting or (len(waiting) < batch and not final):
             return
@@ -254,6 +258,9 @@ def run_embedded_stream(
             if prediction_log is not None and scored.decisions:
                 prediction_log.add(scored.decisions)
         waiting.clear()
+        if profiles is not None and clock() - flushed_at >= profile_flush_s:
+            profiles.flush()
+            flushed_at = clock()
 
     for ping in _ping_dicts(pings):
         if speed > 0:
@@ -270,4 +277,6 @@ def run_embedded_stream(
     sink.flush()
     if prediction_log is not None:
         prediction_log.flush()
+    if profiles is not None:
+        profiles.flush()
     return EmbeddedRunResult(count, sessions, trips, alerts, set_aside, late, clock() - started)

@@ -32,7 +32,7 @@ from driverscore.services.api.scoring import (
 )
 from driverscore.services.api.state import ServiceState
 
-__all__ = ["Scorer", "batch_response", "monitored_records"]
+__all__ = ["Scorer", "batch_response", "monitored_records", "trip_records"]
 
 
 class Scorer:
@@ -108,6 +108,9 @@ class Scorer:
 
     def _logged(self, request_state: dict[str, Any], scored: ScoredBatch) -> list[TripScore]:
         self.state.prediction_log.add(scored.records)
+        if self.state.profile_writer is not None:
+            # Profiled off the request path, when the parts are flushed.
+            self.state.profile_writer.observe_later(scored.scores, trip_records)
         versions = {s.model_version for s in scored.scores}
         request_state["model_version"] = ",".join(sorted(versions))
         counters = self._scored_counters
@@ -129,26 +132,41 @@ def batch_response(scores: list[TripScore]) -> BatchScoreResponse:
     return BatchScoreResponse(scores=scores, pings_set_aside=dict(sorted(total.items())))
 
 
-def monitored_records(
-    scores: Sequence[TripScore],
-) -> tuple[pl.DataFrame, dict[str, int]]:
-    """Answers as trip score records for the live monitor, and their pings set aside."""
+def trip_records(scores: Sequence[TripScore]) -> pl.DataFrame:
+    """Answers as trip score records (what profiles and the monitor's keys need): the
+    features, identity, times, probability, score, band and model."""
     rows = [
         {
             **s.features.model_dump(),
+            "trip_id": s.trip_id,
+            "vehicle_id": s.vehicle_id,
+            "driver_id": s.driver_id,
             "fleet_id": s.fleet_id,
             "client_id": s.client_id,
+            "start_ts": s.start_ts,
+            "end_ts": s.end_ts,
             "risk_probability": s.risk_probability,
             "score": s.score,
             "risk_band": s.risk_band,
             "model_version": s.model_version,
             "model_role": s.model_role,
+            "scored_at": s.scored_at,
         }
         for s in scores
     ]
+    if not rows:
+        return pl.DataFrame()
+    frame = pl.from_dicts(rows, infer_schema_length=None)
+    utc = pl.Datetime("us", "UTC")
+    return frame.with_columns(pl.col("start_ts", "end_ts", "scored_at").cast(utc))
+
+
+def monitored_records(
+    scores: Sequence[TripScore],
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """Answers as trip score records for the live monitor, and their pings set aside."""
     quarantined: dict[str, int] = {}
     for s in scores:
         for reason, n in s.pings_set_aside.items():
             quarantined[reason] = quarantined.get(reason, 0) + n
-    frame = pl.from_dicts(rows, infer_schema_length=None) if rows else pl.DataFrame()
-    return frame, quarantined
+    return trip_records(scores), quarantined

@@ -1,10 +1,10 @@
 """What a service instance shares between its requests, and the threads that keep it current.
 
 :class:`ServiceState` holds the settings, the models (``ModelHolder``), the rollout
-policy, the prediction log, the metrics and the accepted tokens. Three background threads,
-started and stopped by :meth:`ServiceState.lifespan`, keep it current, each on its own
-clock so that none can hold up another: the registry poller, the rollout-file watcher and
-the log flusher. Requests never call the registry.
+policy, the prediction log, the profile writer, the metrics and the accepted tokens. Four
+background threads, started and stopped by :meth:`ServiceState.lifespan`, keep it
+current, each on its own clock so that none can hold up another: the registry poller, the
+rollout-file watcher, the log flusher and the profile-part writer. Requests never call the registry.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from driverscore.services.api.metrics import ServiceMetrics
 from driverscore.services.api.scoring import RequestLimits
 from driverscore.services.live_monitor import LiveMonitor, build_live_monitor
 from driverscore.services.prediction_log import open_prediction_log
+from driverscore.services.profile_writer import ProfileWriter, build_profile_writer
 from driverscore.settings import Settings
 
 __all__ = ["ServiceState"]
@@ -62,6 +63,8 @@ class ServiceState:
     limits: RequestLimits
     #: This process's scored trips over a rolling window, as drift gauges on ``/metrics``.
     live_monitor: LiveMonitor | None = None
+    #: The trips this instance scored → profile parts in the data store, for the monitor.
+    profile_writer: ProfileWriter | None = None
     rollout_mtime: float | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     models_frozen: bool = False
@@ -89,6 +92,7 @@ class ServiceState:
             settings=settings,
             holder=holder,
             live_monitor=live_monitor,
+            profile_writer=build_profile_writer(settings, registry_factory, "service"),
             metrics=metrics,
             prediction_log=open_prediction_log(settings),
             policy=RolloutPolicy(
@@ -160,6 +164,16 @@ class ServiceState:
         self._flush_log()
         flush_logs()
 
+    def flush_profiles(self) -> None:
+        """Write the profile parts of the trips scored since the last flush."""
+        if self.profile_writer is None:
+            return
+        try:
+            self.profile_writer.flush()
+        except Exception:
+            _log.exception("profile parts could not be written; the trips wait for the next flush")
+            self.metrics.errors.labels("profile_parts").inc()
+
     def _flush_log(self) -> None:
         try:
             self.prediction_log.flush()
@@ -197,6 +211,14 @@ class ServiceState:
                 name="log-flusher",
                 daemon=True,
             ),
+            # Parts every few minutes, not every second: each flush writes one file per
+            # model version and hour of trip end, and the monitor reads them all.
+            threading.Thread(
+                target=self.every,
+                args=(self.settings.monitoring.profile_flush_s, self.flush_profiles),
+                name="profile-parts",
+                daemon=True,
+            ),
         ]
         for thread in (poller, *workers):
             thread.start()
@@ -209,6 +231,7 @@ class ServiceState:
             # A daemon thread: a registry call in flight must not hold up the stop.
             await asyncio.to_thread(poller.join, _REGISTRY_JOIN_S)
             self.prediction_log.flush()
+            await asyncio.to_thread(self.flush_profiles)
 
 
 def _record_models(metrics: ServiceMetrics) -> Callable[[LoadedModels], None]:

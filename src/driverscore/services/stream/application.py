@@ -1,4 +1,5 @@
-"""The Quix Streams application around the processor: topics, flush ticker, consumer lag."""
+"""The Quix Streams application around the processor: topics, flush ticker, consumer lag,
+profile parts."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, cast
 
 from driverscore.adapters.kafka.messages import CLOCK_KEY, encode_clock
 from driverscore.domain.sessions import SessionRules, TripAssembler
+from driverscore.services.profile_writer import PeriodicFlush
 from driverscore.services.stream.metrics import StreamMetrics
 from driverscore.services.stream.processor import OutMessage, PingProcessor, TripScoringStep
 from driverscore.settings import KafkaConfig
@@ -94,10 +96,13 @@ def build_stream_application(
     *,
     auto_offset_reset: str = "earliest",
     loglevel: str = "WARNING",
+    profile_flush_s: float = 300.0,
 ) -> StreamApplication:
     """The stream processor: the Quix Streams application and its flush ticker; ``.run()``.
 
-    ``step`` scores the closed trips (its models, rollout policy and scoring path).
+    ``step`` scores the closed trips (its models, rollout policy and scoring path); its
+    profile writer, when it has one, writes its parts every ``profile_flush_s`` and when
+    the application stops.
     """
     from quixstreams import Application
     from quixstreams.models.serializers import SerializationContext, Serializer
@@ -157,7 +162,12 @@ def build_stream_application(
         lambda message, _key, _ts, _headers: outputs[message.topic],
         key=lambda message: message.key,
     )
-    return StreamApplication(app, ticker)
+    profiles = (
+        PeriodicFlush(step.profile_writer, profile_flush_s)
+        if step.profile_writer is not None
+        else None
+    )
+    return StreamApplication(app, ticker, profiles)
 
 
 @dataclass(frozen=True)
@@ -166,10 +176,15 @@ class StreamApplication:
 
     app: Any
     ticker: FlushTicker
+    profiles: PeriodicFlush | None = None
 
     def run(self) -> None:
         self.ticker.start()
+        if self.profiles is not None:
+            self.profiles.start()
         try:
             self.app.run()
         finally:
             self.ticker.stop()
+            if self.profiles is not None:
+                self.profiles.stop()

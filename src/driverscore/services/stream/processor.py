@@ -42,6 +42,7 @@ from driverscore.domain.trip_scoring import (
 )
 from driverscore.errors import ScoringServiceError
 from driverscore.services.live_monitor import LiveMonitor
+from driverscore.services.profile_writer import ProfileWriter
 from driverscore.services.stream.metrics import StreamMetrics
 from driverscore.services.stream.models import FixedModels, ModelSource, Scoring
 from driverscore.settings import KafkaTopics
@@ -135,11 +136,15 @@ class TripScoringStep:
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         scoring: Scoring = score_trip_pings,
         live_monitor: LiveMonitor | None = None,
+        profile_writer: ProfileWriter | None = None,
     ) -> None:
         self.models: ModelSource = FixedModels(models) if isinstance(models, TripScorer) else models
         self.metrics = metrics
         #: Drift gauges of this processor's trips over a rolling window (on its /metrics).
         self.live_monitor = live_monitor
+        #: The trips this processor scored → profile parts in the data store (flushed by
+        #: the runner); None when the scoring service scores them (it writes their parts).
+        self.profile_writer = profile_writer
         self.policy = policy or RolloutPolicy()
         self.now = now
         self.scoring = scoring
@@ -175,6 +180,8 @@ class TripScoringStep:
                 pings_in=int(result.counts.get("rows_in", 0)),
                 quarantined=quarantined,
             )
+        if self.profile_writer is not None:
+            self.profile_writer.observe(scored.records)
         self.metrics.trips.labels("scored").inc(scored.records.height)
         self.metrics.alerts.inc(scored.alerts.height)
         for trip in result.scored.set_aside:
