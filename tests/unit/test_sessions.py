@@ -452,6 +452,20 @@ def test_an_assembler_sees_what_another_instance_did_since() -> None:
     assert scope.stored_keys() == 4  # metas of a, b, c and e
 
 
+def test_a_vehicles_record_is_read_again_after_another_instance_wrote_it() -> None:
+    # An assembler keeps the records it wrote for its next messages, but only until the
+    # partition may have been written by someone else (hand_over, as a Kafka rebalance).
+    scope = MemoryScope()
+    one, two = TripAssembler(RULES), TripAssembler(RULES)
+    one.add(scope, "v1", [ping(T0, "v1")])
+    scope.hand_over()
+    two.add(scope, "v1", [ping(T0 + S, "v1")])
+    scope.hand_over()
+    one.add(scope, "v1", [ping(T0 + 2 * S, "v1")])
+    (session,) = one.close_all(scope).closed
+    assert stamps(session) == [T0, T0 + S, T0 + 2 * S]
+
+
 def test_a_restart_keeps_pending_sessions_for_flush() -> None:
     scope = MemoryScope()
     TripAssembler(RULES, defer=True).add(scope, "a", [ping(T0, "a")])

@@ -34,6 +34,7 @@ after a restart or a rebalance.
 from __future__ import annotations
 
 import heapq
+import json
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
@@ -78,6 +79,8 @@ _DECODER: Final = msgspec.msgpack.Decoder()
 
 def _packed(pings: list[dict[str, Any]]) -> bytes:
     """Pings as concatenated MessagePack maps (an array's body, without its header)."""
+    if len(pings) == 1:  # a single-ping message
+        return _ENCODER.encode(pings[0])
     return b"".join([_ENCODER.encode(p) for p in pings])
 
 
@@ -200,6 +203,9 @@ class _Index:
     #: The watermark as last written to the shared state.
     persisted: int | None = None
     pending: int = 0
+    #: Vehicles' metadata records as last written under ``token``: every change is also
+    #: written to the state, so a vehicle's next message skips reading and decoding it.
+    metas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class TripAssembler:
@@ -224,7 +230,11 @@ class TripAssembler:
         index = self._index(scope, shared)
         watermark = index.watermark
         state = scope.vehicle(vehicle_id)
-        meta = _load_meta(state) or _empty_meta()
+        meta = self._meta(index, state, vehicle_id)
+        if watermark is not None and len(meta["open"]) == 1:
+            going_on = self._continue(scope, shared, index, state, meta, vehicle_id, pings)
+            if going_on is not None:
+                return going_on
         had_open = bool(meta["open"])
         out = Assembled()
         if watermark is not None and had_open:
@@ -256,6 +266,57 @@ class TripAssembler:
             out.closed.extend(self._expire(scope, shared, index, watermark))
         return self._finish(index, out)
 
+    def _continue(
+        self,
+        scope: PartitionScope,
+        shared: KeyValue,
+        index: _Index,
+        state: KeyValue,
+        meta: dict[str, Any],
+        vehicle_id: str,
+        pings: list[dict[str, Any]],
+    ) -> Assembled | None:
+        """What :meth:`add` does with the common message, without its general machinery:
+        every ping continues the vehicle's one open session, which is neither due nor full,
+        and none is late. None, with nothing changed, when that does not hold."""
+        watermark = index.watermark
+        assert watermark is not None
+        rules = self.rules
+        session = meta["open"][0]
+        wait = rules.gap_us + rules.grace_us
+        if session["last"] + wait < watermark:
+            return None  # due to close
+        too_old = watermark - wait
+        closed_until = meta["closed_until"]
+        if closed_until is not None and closed_until + 1 > too_old:
+            too_old = closed_until + 1
+        newest = watermark
+        for ping in pings:
+            ts = ping["ts"]
+            if ts < too_old:
+                return None
+            if ts > newest:
+                newest = ts
+        if session["n"] + len(pings) >= rules.max_trip_pings or not self._extend(session, pings):
+            return None
+        self._store_chunk(state, meta, session, pings)
+        if newest > watermark:
+            watermark = index.watermark = newest
+            if index.persisted is None or watermark - index.persisted >= _PERSIST_EVERY_US:
+                shared.set(_WATERMARK, watermark)
+                index.persisted = watermark
+        _save_meta(state, meta)
+        deadline = int(session["last"]) + wait
+        before = index.deadlines.get(vehicle_id)
+        index.deadlines[vehicle_id] = deadline
+        if before is None or deadline < before:
+            heapq.heappush(index.timers, (deadline, vehicle_id))
+        out = Assembled(pending=index.pending)
+        if index.timers and index.timers[0][0] < watermark:
+            out.closed = self._expire(scope, shared, index, watermark)
+            out.pending = index.pending
+        return out
+
     def advance(self, scope: PartitionScope, ts_us: int) -> Assembled:
         """A clock message: event time of the partition is at least ``ts_us``."""
         shared = scope.shared()
@@ -273,7 +334,7 @@ class TripAssembler:
         closed: list[ClosedSession] = []
         for vehicle_id in sorted(index.deadlines):
             state = scope.vehicle(vehicle_id)
-            meta = _load_meta(state) or _empty_meta()
+            meta = self._meta(index, state, vehicle_id)
             sessions = list(meta["open"])
             meta["open"] = []
             for session in sessions:
@@ -300,6 +361,14 @@ class TripAssembler:
             state = scope.vehicle(entry["vehicle"])
             closed.append(self._collect(state, entry["vehicle"], entry["session"], entry["reason"]))
         return closed
+
+    @staticmethod
+    def _meta(index: _Index, state: KeyValue, vehicle_id: str) -> dict[str, Any]:
+        """A vehicle's metadata record, changed in place and written back by the caller."""
+        meta = index.metas.get(vehicle_id)
+        if meta is None:
+            meta = index.metas[vehicle_id] = _load_meta(state) or _empty_meta()
+        return meta
 
     @staticmethod
     def _finish(index: _Index, out: Assembled) -> Assembled:
@@ -679,6 +748,7 @@ class TripAssembler:
         index.watermark = index.persisted = shared.get(_WATERMARK)
         index.pending = len(shared.get(_PENDING) or [])
         index.token = scope.token
+        index.metas = {}
         return index
 
     def _track(
@@ -716,7 +786,7 @@ class TripAssembler:
                 heapq.heappush(timers, (deadline, vehicle_id))  # it moved on: re-arm
                 continue
             state = scope.vehicle(vehicle_id)
-            meta = _load_meta(state) or _empty_meta()
+            meta = self._meta(index, state, vehicle_id)
             closed.extend(self._close_due(shared, index, state, meta, vehicle_id, watermark))
             _save_meta(state, meta)
             index.deadlines.pop(vehicle_id, None)
@@ -790,6 +860,16 @@ class MemoryScope:
             if key.startswith("c"):
                 count += len(_DECODER.decode(value))
         return count
+
+    def stored_bytes(self, vehicle_id: str) -> int:
+        """Bytes a vehicle's state holds: its values as a Quix store keeps them (bytes as
+        they are, other values as JSON), keys not counted."""
+        return sum(
+            len(value)
+            if isinstance(value, bytes)
+            else len(json.dumps(value, separators=(",", ":")))
+            for value in self._vehicles.get(vehicle_id, {}).values()
+        )
 
     def stored_keys(self) -> int:
         """How many keys the vehicles' state holds (bounded-state tests)."""
