@@ -7,7 +7,7 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.console import Console
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.errors import ConfigError, DriverscoreError, GateFailedError
 from driverscore.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from driverscore.adapters.superset.local import LocalSuperset
 
 #: Demo fleet size: large enough for a stable holdout (hundreds of trips, dozens of claims),
 #: small enough to run in a few minutes on a laptop.
@@ -342,6 +345,31 @@ def serve(
     run_service(settings)
 
 
+@app.command("export-model")
+def export_model(
+    dest: Annotated[
+        Path,
+        typer.Argument(
+            help="New or empty directory, or a .tar.gz file (SageMaker's model.tar.gz)."
+        ),
+    ],
+    alias: Annotated[str, typer.Option(help="Registry alias of the version.")] = "champion",
+    version: Annotated[
+        str | None, typer.Option("--version", help="Version number (instead of --alias).")
+    ] = None,
+) -> None:
+    """Export a registered version (ONNX, model card, lineage) for `serve` to read from a
+    directory: DRIVERSCORE_SERVICE__MODEL_DIR, /opt/ml/model on SageMaker."""
+    from driverscore.adapters.model_dir import export_model as export
+    from driverscore.adapters.registry import open_registry
+
+    exported = export(open_registry(_settings()), dest, alias=alias, version=version)
+    typer.echo(
+        f"exported {exported.model_name} v{exported.version} → {dest} "
+        f"(onnx sha256 {exported.onnx_sha256[:12]}…)"
+    )
+
+
 @app.command()
 def scores(
     query: Annotated[
@@ -636,6 +664,118 @@ def druid_status() -> None:
     for d in datasource_health(druid_url(settings)):
         datasources.add_row(d.name, f"{d.segments:,}", f"{d.rows:,}", f"{d.size_bytes / 1e6:,.1f}")
     console.print(datasources)
+
+
+superset_app = typer.Typer(
+    help="A local Apache Superset with the score store's dashboards (see docs/superset.md).",
+    no_args_is_help=True,
+)
+app.add_typer(superset_app, name="superset")
+
+SupersetEngine = Annotated[
+    str,
+    typer.Option(
+        "--engine",
+        help="Stores to point the bundle at: auto (DuckDB, and Druid when a Druid URL is "
+        "configured or recorded), duckdb, druid, both.",
+    ),
+]
+
+
+def _local_superset(settings: Settings) -> LocalSuperset:
+    from driverscore.adapters.superset.local import (
+        LocalSuperset,
+        default_venv_dir,
+        superset_state_dir,
+    )
+
+    return LocalSuperset(
+        superset_state_dir(settings.home),
+        settings.superset.venv or default_venv_dir(),
+        port=settings.superset.port,
+        admin_user=settings.superset.admin_user,
+    )
+
+
+@superset_app.command("up")
+def superset_up(engine: SupersetEngine = "auto") -> None:
+    """Install Superset in its own environment (once), set it up, import the bundle pointed
+    at this home's store, start it in the background; prints the URL and the login."""
+    from driverscore.adapters.superset.bundle import bundle_zip
+    from driverscore.adapters.superset.local import ensure_venv, store_targets, venv_ready
+
+    settings = _settings()
+    targets = store_targets(settings, engine)
+    local = _local_superset(settings)
+    if not venv_ready(local.venv):
+        err_console.print(
+            f"building Superset's environment in {local.venv} (pip, ~800 MB, a few minutes; once)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    ensure_venv(local.venv)
+    if any(t.engine == "duckdb" for t in targets) and not settings.store_path.is_file():
+        err_console.print(
+            f"note: no score store at {settings.store_path} yet: the DuckDB charts fill once "
+            "`driverscore score`, `demo` or `sink` writes it",
+            highlight=False,
+            soft_wrap=True,
+        )
+    url = local.up(bundle_zip(targets))
+    from driverscore.adapters.superset.bundle import DASHBOARD_SLUGS
+
+    for target in targets:
+        typer.echo(f"{url}/superset/dashboard/{DASHBOARD_SLUGS[target.engine]}/")
+    err_console.print(
+        f"Superset at {url}: login {local.admin_user} / {local.admin_password()} "
+        f"(kept in {local.state_dir}); log {local.log_file}; stop: `driverscore superset down`",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@superset_app.command("down")
+def superset_down() -> None:
+    """Stop the local Superset (its metadata, config and environment are kept)."""
+    local = _local_superset(_settings())
+    if local.stop():
+        typer.echo(f"stopped Superset at {local.url}")
+    else:
+        typer.echo("Superset was not running")
+
+
+@superset_app.command("status")
+def superset_status() -> None:
+    """Whether the local Superset runs and answers, where its environment and state are."""
+    from driverscore.adapters.superset.local import venv_ready
+
+    local = _local_superset(_settings())
+    pid = local.pid()
+    if pid is None:
+        state = "not running"
+    else:
+        state = f"running (pid {pid}), " + ("healthy" if local.healthy() else "not answering")
+    typer.echo(f"superset: {state} at {local.url}")
+    typer.echo(f"environment: {local.venv} ({'ready' if venv_ready(local.venv) else 'not built'})")
+    typer.echo(f"state: {local.state_dir}")
+    if pid is None:
+        raise typer.Exit(code=EXIT_ERROR)
+
+
+@superset_app.command("bundle")
+def superset_bundle(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the zips.")] = Path(),
+    engine: SupersetEngine = "both",
+) -> None:
+    """Write the bundle as importable zips (one per engine), pointed at this home's store."""
+    from driverscore.adapters.superset.bundle import bundle_zip
+    from driverscore.adapters.superset.local import store_targets
+
+    out.mkdir(parents=True, exist_ok=True)
+    for target in store_targets(_settings(), engine):
+        path = out / f"driverscore_superset_{target.engine}.zip"
+        path.write_bytes(bundle_zip([target]))
+        typer.echo(str(path))
 
 
 @app.command()

@@ -104,6 +104,13 @@ class ServiceConfig(BaseModel):
     max_future_s: float = Field(
         300.0, ge=0, description="Pings later than now plus this are refused (s)."
     )
+    model_dir: Path | None = Field(
+        None,
+        description=(
+            "Serve the version exported to this directory (driverscore export-model; "
+            "SageMaker mounts it at /opt/ml/model) instead of reading the registry."
+        ),
+    )
     poll_interval_s: float = Field(
         30.0, gt=0, description="How often the registry is checked for moved aliases (s)."
     )
@@ -307,6 +314,22 @@ class StoreConfig(BaseModel):
     druid: DruidConfig = DruidConfig()
 
 
+class SupersetConfig(BaseModel):
+    """The local Apache Superset of `driverscore superset up` (docs/superset.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    port: int = Field(8088, ge=1, le=65535, description="Port Superset listens on (127.0.0.1).")
+    admin_user: str = Field("admin", description="Superset's admin login.")
+    venv: Path | None = Field(
+        None,
+        description=(
+            "Superset's own environment (default: ~/.cache/driverscore/superset-<version>-"
+            "<requirements hash>, shared by every home)."
+        ),
+    )
+
+
 class Settings(BaseSettings):
     """All settings of one driverscore process."""
 
@@ -365,6 +388,7 @@ class Settings(BaseSettings):
         "0 * * * *", description="Schedule of the Dagster monitoring job (default: hourly)."
     )
     store: StoreConfig = StoreConfig()
+    superset: SupersetConfig = SupersetConfig()
 
     @property
     def resolved_data_uri(self) -> str:

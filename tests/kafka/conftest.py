@@ -1,10 +1,6 @@
-"""A real Kafka broker for the suite.
-
-With ``DRIVERSCORE_KAFKA_BOOTSTRAP`` set (CI or a developer's `driverscore kafka up`), the
-tests use that broker; otherwise the session starts a single-node KRaft broker with
-``adapters/kafka/broker.sh`` (jars fetched from Maven Central once, then cached) and stops
-it at the end. Every test uses topics and consumer groups of its own.
-"""
+"""Kafka topics, models and stream processes for the tests that need the suite's broker
+(``kafka_bootstrap``, tests/conftest.py). Every test uses topics and consumer groups of its
+own."""
 
 from __future__ import annotations
 
@@ -21,27 +17,11 @@ import polars as pl
 import pytest
 
 from driverscore.adapters.kafka.admin import create_topics
-from driverscore.adapters.kafka.broker import LocalKafkaBroker, wait_until_ready
 from driverscore.adapters.registry import CHAMPION, ModelRegistry, open_registry
 from driverscore.domain.scoring import TripScorer
 from driverscore.settings import KafkaConfig, KafkaTopics, Settings
 from driverscore.simulation import DirtConfig, SimulationConfig, simulate
 from driverscore.training.synthetic import register_synthetic_model
-
-
-@pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    given = os.environ.get("DRIVERSCORE_KAFKA_BOOTSTRAP")
-    if given:
-        wait_until_ready(given)
-        yield given
-        return
-    broker = LocalKafkaBroker(tmp_path_factory.mktemp("kafka"))
-    bootstrap = broker.up()
-    try:
-        yield bootstrap
-    finally:
-        broker.down()
 
 
 @pytest.fixture

@@ -24,21 +24,17 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 import mlflow
-import mlflow.sklearn
 import numpy as np
 import numpy.typing as npt
-import onnx
 import polars as pl
-import skl2onnx
-import sklearn
 import sqlalchemy.exc
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import driverscore
 from driverscore.adapters.onnx_model import OnnxRiskModel
+from driverscore.adapters.versions import CHALLENGER, CHAMPION, VersionSummary
 from driverscore.domain.scoring import ModelCard, TripScorer, feature_matrix
 from driverscore.errors import ConfigError, NoModelError, RegistryError
 from driverscore.settings import Settings
@@ -56,8 +52,6 @@ __all__ = [
     "open_registry",
 ]
 
-CHAMPION: Final = "champion"
-CHALLENGER: Final = "challenger"
 ONNX_ARTIFACT: Final = "onnx/model.onnx"
 CARD_ARTIFACT: Final = "model_card.json"
 #: The drift reference profile fitted at training (``domain/profiles.py``), beside the card.
@@ -131,18 +125,6 @@ class RegisteredVersion:
     @property
     def model_uri(self) -> str:
         return f"models:/{self.model_name}/{self.version}"
-
-
-@dataclass(frozen=True)
-class VersionSummary:
-    """One registered version as listed by `driverscore models`."""
-
-    version: str
-    aliases: tuple[str, ...]
-    gate_status: str
-    code_version: str
-    created_at: str
-    metrics: dict[str, float]
 
 
 class ModelRegistry:
@@ -333,6 +315,12 @@ class ModelRegistry:
         params: dict[str, Any],
         sample: pl.DataFrame,
     ) -> None:
+        # Registration only: the serving image, which reads versions, has none of these.
+        import mlflow.sklearn
+        import skl2onnx
+        import sklearn
+        from mlflow.models import infer_signature
+
         metrics = {f"holdout.{k}": v for k, v in gate_report.candidate.flat().items()}
         if gate_report.champion is not None:
             metrics.update(
@@ -565,5 +553,7 @@ def _exclusive(lock_file: Path) -> Iterator[None]:
 
 
 def _onnx_opset(onnx_bytes: bytes) -> int:
+    import onnx  # registration only, as above
+
     proto = onnx.load_from_string(onnx_bytes)
     return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)

@@ -28,7 +28,13 @@ from driverscore.adapters.score_store.queries import (
 from driverscore.errors import DriverscoreError
 from driverscore.settings import Settings
 
-__all__ = ["REASONS_SEPARATOR", "DruidError", "DruidScoreStore", "open_druid_store"]
+__all__ = [
+    "REASONS_SEPARATOR",
+    "DruidError",
+    "DruidScoreStore",
+    "latest_records_sql",
+    "open_druid_store",
+]
 
 #: How ``reasons`` lists are stored in Druid: one string, the lines joined.
 REASONS_SEPARATOR: Final = "\n"
@@ -68,6 +74,13 @@ def _latest(columns: tuple[str, ...], extra: tuple[str, ...] = ()) -> str:
             *numbers,
         ]
     )
+
+
+def latest_records_sql(datasource: str, where: str, *, alerts: bool = False) -> str:
+    """The latest record per trip of ``datasource`` among the rows ``where`` selects: the
+    ``trips`` (or ``alerts``) relation of the query set, also Superset's datasets."""
+    columns = _latest(_STRINGS, ("alert",)) if alerts else _latest(_STRINGS)
+    return f'SELECT {columns} FROM "{datasource}" WHERE {where} GROUP BY vehicle_id, trip_id'
 
 
 class DruidError(DriverscoreError):
@@ -126,18 +139,13 @@ class DruidScoreStore:
             where += f" AND {LEVELS[params.entity]} = ?"
             period.append(params.entity_id)
         if query.relation == "trips":
-            relation = (
-                f'trips AS (SELECT {_latest(_STRINGS)} FROM "{self.trips_datasource}" '
-                # Records without a score are never stored by DuckDB; here they are left
-                # out before the latest is taken, which gives the same trips.
-                f"WHERE {where} AND score IS NOT NULL GROUP BY vehicle_id, trip_id)"
-            )
+            # Records without a score are never stored by DuckDB; here they are left out
+            # before the latest is taken, which gives the same trips.
+            latest = latest_records_sql(self.trips_datasource, f"{where} AND score IS NOT NULL")
+            relation = f"trips AS ({latest})"
         else:
-            relation = (
-                f"alerts AS (SELECT {_latest(_STRINGS, ('alert',))} "
-                f'FROM "{self.alerts_datasource}" '
-                f"WHERE {where} GROUP BY vehicle_id, trip_id)"
-            )
+            latest = latest_records_sql(self.alerts_datasource, where, alerts=True)
+            relation = f"alerts AS ({latest})"
         return f"WITH {relation} {body}", [*period, *values]
 
     def query(self, name: str, params: QueryParams) -> pl.DataFrame:

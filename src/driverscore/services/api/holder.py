@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from driverscore.domain.scoring import TripScorer
 
 if TYPE_CHECKING:
-    from driverscore.adapters.registry import VersionSummary
+    from driverscore.adapters.versions import VersionSummary
 
 __all__ = ["LoadedModels", "ModelHolder", "RegistryReader"]
 

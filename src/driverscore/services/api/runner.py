@@ -1,4 +1,5 @@
-"""``driverscore serve``: JSON logs, the app on uvicorn, models from the configured registry."""
+"""``driverscore serve``: JSON logs, the app on uvicorn, models from the configured registry
+or from an exported model directory."""
 
 from __future__ import annotations
 
@@ -52,12 +53,24 @@ def run_service(settings: Settings) -> None:
     _flush_logs_on((signal.SIGTERM, signal.SIGINT))
     configure_registry_http(settings.service.registry_timeout_s, settings.service.registry_retries)
 
-    def open_models() -> RegistryReader:
-        # Imported at the first poll, in the registry thread: MLflow takes seconds to import,
-        # and the service listens (answers /healthz, says why on /readyz) before that.
-        from driverscore.adapters.registry import open_registry
+    model_dir = settings.service.model_dir
+    if model_dir is not None:
+        from driverscore.adapters.model_dir import ModelDirectory
 
-        return open_registry(settings)
+        # Read before listening: a directory without a complete export is a deployment
+        # error, said in one line at start (SageMaker then fails the endpoint with it).
+        directory = ModelDirectory(model_dir)
+
+        def open_models() -> RegistryReader:
+            return directory
+    else:
+
+        def open_models() -> RegistryReader:
+            # Imported at the first poll, in the registry thread: MLflow takes seconds to
+            # import, and the service listens (answers /healthz, says why on /readyz) before.
+            from driverscore.adapters.registry import open_registry
+
+            return open_registry(settings)
 
     app = create_app(settings, open_models)
     try:
