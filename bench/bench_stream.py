@@ -767,7 +767,11 @@ def verdicts(rows: list[dict[str, Any]], states: list[dict[str, Any]] | None = N
                 f" (target < {TARGET_P99_MS:.0f} ms)"
             )
             ceiling = by_key.get((row["mode"], row["guarantee"], "ceiling"), {}).get("p99_ms")
-            if row["mode"] == "single" and ceiling is not None:
+            if (
+                row["mode"] == "single"
+                and row["guarantee"] == AT_LEAST_ONCE
+                and ceiling is not None
+            ):
                 # Issue 14: single pings wait for their trip's batch, at most the scoring wait.
                 bound = ceiling + KafkaConfig().score_batch_wait_s * 1000
                 lines.append(
