@@ -19,9 +19,9 @@ a 50 s event-time window in one message) × runner, one process each:
 - ``driverscore``: ``python -m driverscore stream`` with ``DRIVERSCORE_HOME`` and
   ``DRIVERSCORE_KAFKA`` (fresh topics, consumer group and state folder per cell).
 
-Processing guarantee: at-least-once; ``--exactly-once`` adds batch-50 cells with
-exactly-once. Every cell gets its own output topics and consumer group; outputs are read
-with a ``confluent_kafka.Consumer`` at ``isolation.level=read_committed``.
+Processing guarantee: at-least-once; ``--exactly-once`` adds exactly-once cells for every
+mode (single-ping messages included). Every cell gets its own output topics and consumer
+group; outputs are read with a ``confluent_kafka.Consumer`` at ``isolation.level=read_committed``.
 
 Throughput phase (pings/s, messages/s). All pings are produced into a fresh topic first
 (``replay_pings``), followed by one clock message per partition (``send_clock``) at
@@ -72,6 +72,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,6 +99,7 @@ from confluent_kafka.admin import AdminClient  # type: ignore[import-untyped]
 
 from driverscore.adapters.kafka.admin import create_topics
 from driverscore.adapters.kafka.broker import LocalKafkaBroker, wait_until_ready
+from driverscore.adapters.kafka.messages import decode_message, encode_batch, encode_ping
 from driverscore.adapters.kafka.producer import (
     ReplayResult,
     clock_after,
@@ -108,6 +110,7 @@ from driverscore.adapters.kafka.producer import (
 from driverscore.adapters.registry import CHAMPION, open_registry
 from driverscore.domain.prepare import prepare_trips
 from driverscore.domain.scoring import TripScorer
+from driverscore.domain.sessions import TAIL_PINGS, MemoryScope, SessionRules, TripAssembler
 from driverscore.settings import KafkaConfig, KafkaTopics, Settings
 from driverscore.simulation import DirtConfig, SimulationConfig, simulate
 from driverscore.training.synthetic import register_synthetic_model
@@ -117,6 +120,13 @@ MODES: dict[str, float] = {"single": 0.0, "batch-50": 50.0}  # mode -> batch_spa
 RUNNERS = ("ceiling", "driverscore")
 TARGET_PINGS_PER_S: dict[str, float] = {"single": 30_000.0, "batch-50": 100_000.0}
 TARGET_P99_MS = 500.0
+#: Single-ping messages against the same run's Quix Streams ceiling (issue 14).
+TARGET_VS_CEILING: dict[tuple[str, str], float] = {
+    ("single", "at-least-once"): 0.5,
+    ("single", "exactly-once"): 0.4,
+}
+#: State a vehicle holds per open trip, against its pings' message bytes (issue 14).
+TARGET_STATE_RATIO = 2.0
 AT_LEAST_ONCE = "at-least-once"
 EXACTLY_ONCE = "exactly-once"
 CEILING_SCRIPT = Path(__file__).with_name("stream_ceiling.py")
@@ -177,6 +187,9 @@ class Bench:
     partitions: int
     gap_s: float
     timeout_s: float
+    #: > 0: each driverscore runner runs under ``py-spy record`` for that many seconds.
+    py_spy_s: float = 0.0
+    py_spy_dir: Path = Path("bench/out")
 
 
 def cell_config(bench: Bench, name: str, guarantee: str, pings_topic: str | None) -> KafkaConfig:
@@ -204,6 +217,7 @@ class Runner:
     group: str
     output: str
     spawned: float  # time.monotonic()
+    profiled: bool = False  # runs under py-spy
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:
@@ -212,7 +226,8 @@ class Runner:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.terminate()
+            # py-spy writes its profile on Ctrl-C (and stops the processor), not on SIGTERM.
+            self.process.send_signal(signal.SIGINT if self.profiled else signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -225,6 +240,20 @@ def start_runner(bench: Bench, kind: str, name: str, config: KafkaConfig) -> Run
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRIVERSCORE_")}
     if kind == "driverscore":
         command = [sys.executable, "-m", "driverscore", "stream"]
+        if bench.py_spy_s > 0:
+            # Collapsed stacks of the processor (py-spy on PyPI), one file per cell.
+            command = [
+                str(Path(sys.executable).with_name("py-spy")),
+                "record",
+                "--format",
+                "raw",
+                "--duration",
+                str(round(bench.py_spy_s)),
+                "-o",
+                str(bench.py_spy_dir / f"{name}.pyspy.txt"),
+                "--",
+                *command,
+            ]
         env.update(
             {"DRIVERSCORE_HOME": str(bench.home), "DRIVERSCORE_KAFKA": config.model_dump_json()}
         )
@@ -250,7 +279,28 @@ def start_runner(bench: Bench, kind: str, name: str, config: KafkaConfig) -> Run
     log = bench.work / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    return Runner(kind, process, log, config.consumer_group, config.topics.scores, time.monotonic())
+    return Runner(
+        kind,
+        process,
+        log,
+        config.consumer_group,
+        config.topics.scores,
+        time.monotonic(),
+        profiled=kind == "driverscore" and bench.py_spy_s > 0,
+    )
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) a process has used; None off Linux.
+
+    On a machine shared with other work the runner's wall-clock rate follows the load of
+    the moment; its CPU time per ping does much less.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def commit_interval_s(config: KafkaConfig) -> float:
@@ -355,6 +405,70 @@ def produce_all(bench: Bench, mode: str, pings: pl.DataFrame) -> PingsTopic:
     )
 
 
+def state_per_open_trip(pings: pl.DataFrame, mode: str, rules: SessionRules) -> dict[str, Any]:
+    """Peak state bytes of a vehicle against the raw bytes of its open trip's pings.
+
+    The mode's messages (as ``replay_pings`` makes them) go through the processor's
+    assembler on an in-memory state of the same layout as the Quix store (MessagePack
+    records and chunks; no broker). After each message, the message's vehicle's state bytes
+    are compared with the bytes of the input messages its open sessions hold (a batch
+    message's bytes shared equally by its pings). Reported: the vehicle state's peak with
+    the raw bytes at that moment, and the highest ratio once a trip holds at least
+    ``TAIL_PINGS`` pings (a trip's first pings carry the fixed cost of the record).
+    """
+    ordered = pings.with_row_index("_row").sort(["ts", "_row"]).drop("_row")
+    if MODES[mode] > 0:
+        span_us = int(MODES[mode] * 1e6)
+        window = pl.col("ts").dt.epoch("us") // span_us
+        groups = ordered.with_columns(window.alias("_window")).group_by(
+            ["_window", "vehicle_id"], maintain_order=True
+        )
+        messages: Iterator[tuple[str, bytes]] = (
+            (str(v), encode_batch(str(v), part.drop("_window").iter_rows(named=True)))
+            for (_, v), part in groups
+        )
+    else:
+        messages = ((str(r["vehicle_id"]), encode_ping(r)) for r in ordered.iter_rows(named=True))
+    assembler, scope = TripAssembler(rules), MemoryScope()
+    raw: dict[str, float] = {}
+    count: dict[str, int] = {}
+    size: dict[tuple[str, int], float] = {}
+    peak = {"state_bytes": 0, "raw_bytes": 0.0, "pings": 0}
+    worst = {"ratio": 0.0, "state_bytes": 0, "raw_bytes": 0.0, "pings": 0}
+    for vehicle, value in messages:
+        decoded = decode_message(value, vehicle)
+        out = assembler.add(scope, vehicle, decoded.pings)
+        share = len(value) / len(decoded.pings)
+        late = {int(p["ts"]) for p in out.late}
+        for ping in decoded.pings:
+            if int(ping["ts"]) not in late:
+                size[(vehicle, int(ping["ts"]))] = share
+                raw[vehicle] = raw.get(vehicle, 0.0) + share
+                count[vehicle] = count.get(vehicle, 0) + 1
+        for session in out.closed:
+            for ping in session.pings:
+                raw[session.vehicle_id] -= size.pop((session.vehicle_id, int(ping["ts"])), 0.0)
+            count[session.vehicle_id] -= len(session.pings)
+        held = count.get(vehicle, 0)
+        if not held:
+            continue
+        state_bytes = scope.stored_bytes(vehicle)
+        if state_bytes > peak["state_bytes"]:
+            peak = {"state_bytes": state_bytes, "raw_bytes": raw[vehicle], "pings": held}
+        ratio = state_bytes / raw[vehicle]
+        if held >= TAIL_PINGS and ratio > worst["ratio"]:
+            worst = {"ratio": ratio, "state_bytes": state_bytes, "raw_bytes": raw[vehicle]}
+            worst["pings"] = held
+    return {
+        "mode": mode,
+        "peak": peak,
+        "peak_ratio": round(peak["state_bytes"] / peak["raw_bytes"], 3)
+        if peak["raw_bytes"]
+        else None,
+        "worst": worst,
+    }
+
+
 def send_closing_clocks(bench: Bench, producer: Any, topic: str, result: ReplayResult) -> None:
     if result.last_ts is None:
         raise BenchError("no pings were sent")
@@ -374,6 +488,7 @@ def measure_throughput(
     start: float | None = None
     first_out: float | None = None
     last_out: float | None = None
+    cpu_start = cpu_last = None
     received = 0
     next_check = 0.0
     deadline = runner.spawned + bench.timeout_s
@@ -387,9 +502,11 @@ def measure_throughput(
                 received += good
                 first_out = first_out if first_out is not None else now
                 last_out = now
+                cpu_last = process_cpu_s(runner.process.pid)
             if start is None and now >= next_check:
                 if group_assigned(admin, runner.group):
                     start = time.monotonic()
+                    cpu_start = process_cpu_s(runner.process.pid)
                 next_check = time.monotonic() + 0.05
         complete = received >= expected
         if start is None:  # outputs came before the Stable state was seen
@@ -416,6 +533,11 @@ def measure_throughput(
                 pings_per_s=round(source.pings / elapsed),
                 messages_per_s=round(source.messages / elapsed),
             )
+            if cpu_start is not None and cpu_last is not None and cpu_last > cpu_start:
+                cell.update(
+                    cpu_s=round(cpu_last - cpu_start, 2),
+                    pings_per_cpu_s=round(source.pings / (cpu_last - cpu_start)),
+                )
         else:
             now = time.monotonic()
             consumed = committed_messages(bench, runner.group, source.name)
@@ -585,8 +707,26 @@ def _num(value: float | None, digits: int = 0) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
-def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+def state_line(state: dict[str, Any]) -> str:
+    peak, worst = state["peak"], state["worst"]
+    return (
+        f"state per open trip, {state['mode']}: peak {peak['state_bytes']:,} B holding "
+        f"{peak['pings']:,} pings that came in {peak['raw_bytes']:,.0f} B of messages "
+        f"({state['peak_ratio']}x); highest ratio from {TAIL_PINGS} pings on "
+        f"{worst['ratio']:.2f}x ({worst['state_bytes']:,} B for {worst['pings']:,} pings)"
+    )
+
+
+def verdicts(rows: list[dict[str, Any]], states: list[dict[str, Any]] | None = None) -> list[str]:
     lines = []
+    for state in states or []:
+        ratio = state["worst"]["ratio"]
+        lines.append(
+            f"{'PASS' if ratio <= TARGET_STATE_RATIO else 'MISS'}  {state['mode']}: state per "
+            f"open trip at most {ratio:.2f}x its pings' message bytes (target ≤ "
+            f"{TARGET_STATE_RATIO:.0f}x)"
+        )
+    by_key = {(r["mode"], r["guarantee"], r["runner"]): r for r in rows}
     for row in rows:
         if row["runner"] != "driverscore":
             continue
@@ -601,6 +741,15 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(
                 f"{'PASS' if ok else 'MISS'}  {label}: {rate:,.0f} pings/s{partial}"
                 f" (target ≥ {target:,.0f})"
+            )
+        ratio_target = TARGET_VS_CEILING.get((row["mode"], row["guarantee"]))
+        ratio = row.get("vs_ceiling")
+        if ratio_target is not None and ratio is not None:
+            cpu = row.get("vs_ceiling_cpu")
+            lines.append(
+                f"{'PASS' if ratio >= ratio_target else 'MISS'}  {label}: {ratio:.1%} of the"
+                f" same run's ceiling (target ≥ {ratio_target:.0%})"
+                + ("" if cpu is None else f"; per CPU second {cpu:.1%}")
             )
         p99 = row.get("p99_ms")
         if p99 is None:
@@ -617,6 +766,19 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
                 f"{'PASS' if ok else 'MISS'}  {label}: p99 {p99:,.1f} ms"
                 f" (target < {TARGET_P99_MS:.0f} ms)"
             )
+            ceiling = by_key.get((row["mode"], row["guarantee"], "ceiling"), {}).get("p99_ms")
+            if (
+                row["mode"] == "single"
+                and row["guarantee"] == AT_LEAST_ONCE
+                and ceiling is not None
+            ):
+                # Issue 14: single pings wait for their trip's batch, at most the scoring wait.
+                bound = ceiling + KafkaConfig().score_batch_wait_s * 1000
+                lines.append(
+                    f"{'PASS' if p99 <= bound else 'MISS'}  {label}: p99 {p99:,.1f} ms"
+                    f" (target ≤ the ceiling's {ceiling:,.1f} ms + the scoring wait ="
+                    f" {bound:,.1f} ms)"
+                )
     return lines
 
 
@@ -627,7 +789,15 @@ def merge_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (cell["mode"], cell["guarantee"], cell["runner"])
         row = rows.setdefault(key, {"mode": key[0], "guarantee": key[1], "runner": key[2]})
         if cell["phase"] == "throughput":
-            for field in ("pings_per_s", "messages_per_s", "complete", "basis", "elapsed_s"):
+            for field in (
+                "pings_per_s",
+                "messages_per_s",
+                "complete",
+                "basis",
+                "elapsed_s",
+                "cpu_s",
+                "pings_per_cpu_s",
+            ):
                 row[field] = cell.get(field)
         else:
             for field in ("p50_ms", "p99_ms", "with_header", "missing_header", "rate_achieved"):
@@ -638,24 +808,35 @@ def merge_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["vs_ceiling"] = (
             round(own / ceiling, 3) if runner != "ceiling" and own and ceiling else None
         )
+        ceiling_cpu = rows.get((mode, guarantee, "ceiling"), {}).get("pings_per_cpu_s")
+        own_cpu = row.get("pings_per_cpu_s")
+        row["vs_ceiling_cpu"] = (
+            round(own_cpu / ceiling_cpu, 3)
+            if runner != "ceiling" and own_cpu and ceiling_cpu
+            else None
+        )
     return list(rows.values())
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = (
         f"{'mode':<9} {'guarantee':<14} {'runner':<12} {'pings/s':>10} {'msgs/s':>9} "
-        f"{'elapsed':>8} {'vs ceil':>8} {'lat rate':>9} {'p50 ms':>8} {'p99 ms':>8} {'n':>7}"
+        f"{'elapsed':>8} {'vs ceil':>8} {'cpu s':>6} {'vs cpu':>7} {'lat rate':>9} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'n':>7}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         flag = "" if row.get("complete", True) else "*"
         ratio = row.get("vs_ceiling")
+        cpu_ratio = row.get("vs_ceiling_cpu")
         print(
             f"{row['mode']:<9} {row['guarantee']:<14} {row['runner']:<12} "
             f"{_num(row.get('pings_per_s')) + flag:>10} {_num(row.get('messages_per_s')):>9} "
             f"{_num(row.get('elapsed_s'), 1):>8} "
             f"{'' if ratio is None else f'{ratio:.1%}':>8} "
+            f"{_num(row.get('cpu_s'), 1):>6} "
+            f"{'' if cpu_ratio is None else f'{cpu_ratio:.1%}':>7} "
             f"{_num(row.get('rate_achieved')):>9} {_num(row.get('p50_ms'), 1):>8} "
             f"{_num(row.get('p99_ms'), 1):>8} {_num(row.get('with_header')):>7}"
         )
@@ -678,9 +859,16 @@ def parse_args() -> argparse.Namespace:
         "--runners", default=",".join(RUNNERS), help="comma list of ceiling,driverscore"
     )
     parser.add_argument(
-        "--exactly-once", action="store_true", help="add batch-50 exactly-once cells"
+        "--exactly-once", action="store_true", help="add exactly-once cells for every mode"
     )
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument(
+        "--py-spy-s",
+        type=float,
+        default=0.0,
+        help="profile each driverscore runner with py-spy for this many seconds (collapsed "
+        "stacks beside --out)",
+    )
     parser.add_argument("--latency-s", type=float, default=20.0, help="live replay length (s)")
     parser.add_argument(
         "--latency-rate", type=float, default=0.0, help="pings/s of the live replay (0: auto)"
@@ -722,6 +910,7 @@ def main() -> None:
         SimulationConfig(vehicles=args.vehicles, days=1, seed=args.seed, dirt=DirtConfig.clean())
     ).pings
     cells: list[dict[str, Any]] = []
+    states: list[dict[str, Any]] = []
     errors: list[str] = []
     with (
         tempfile.TemporaryDirectory(prefix="bench-stream-") as folder,
@@ -743,13 +932,20 @@ def main() -> None:
             partitions=args.partitions,
             gap_s=scorer.card.trip_config.gap_s,
             timeout_s=args.timeout,
+            py_spy_s=args.py_spy_s,
+            py_spy_dir=args.out.parent,
         )
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         trips = batch_trip_count(pings, scorer)
         print(
             f"{pings.height:,} pings, {pings['vehicle_id'].n_unique()} vehicles, {trips:,} trips;"
             f" broker {bootstrap} ({origin}), {args.partitions} partition(s), run {tag}",
             flush=True,
         )
+        rules = SessionRules.of_trips(scorer.card.trip_config, KafkaConfig().grace_s)
+        for mode in args.modes:
+            states.append(state_per_open_trip(pings, mode, rules))
+            print(f"[{mode}] state per open trip {json.dumps(states[-1])}", flush=True)
         try:
             for mode in args.modes:
                 source = produce_all(bench, mode, pings)
@@ -760,7 +956,7 @@ def main() -> None:
                     flush=True,
                 )
                 guarantees = [AT_LEAST_ONCE]
-                if args.exactly_once and mode == "batch-50":
+                if args.exactly_once:
                     guarantees.append(EXACTLY_ONCE)
                 for guarantee in guarantees:
                     measured: dict[str, dict[str, Any]] = {}
@@ -809,7 +1005,10 @@ def main() -> None:
     )
     print_table(rows)
     print()
-    for line in verdicts(rows):
+    for state in states:
+        print(state_line(state))
+    print()
+    for line in verdicts(rows, states):
         print(line)
     for error in errors:
         print(f"ERROR {error.splitlines()[0]}")
@@ -843,7 +1042,8 @@ def main() -> None:
         },
         "rows": rows,
         "cells": cells,
-        "verdicts": verdicts(rows),
+        "state_per_open_trip": states,
+        "verdicts": verdicts(rows, states),
         "errors": errors,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")

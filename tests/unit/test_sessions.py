@@ -11,6 +11,7 @@ import pytest
 from driverscore.domain.config import TripConfig
 from driverscore.domain.sessions import (
     PART_MEMORY,
+    TAIL_PINGS,
     Assembled,
     ClosedSession,
     MemoryScope,
@@ -52,9 +53,9 @@ def stamps(session: ClosedSession) -> list[int]:
     return [int(p["ts"]) for p in session.pings]
 
 
-def chunk_keys(scope: MemoryScope, vehicle: str) -> int:
-    """Chunks of a vehicle's state (every key but its meta record)."""
-    return sum(1 for k in scope._vehicles.get(vehicle, {}) if k != "meta")
+def stored_pings(scope: MemoryScope, vehicle: str) -> int:
+    """Pings a vehicle's state holds (in chunks and in its meta record's session tails)."""
+    return scope.stored_pings(vehicle)
 
 
 def test_rules_are_kept_in_microseconds() -> None:
@@ -110,7 +111,7 @@ def test_a_ping_bridging_two_sessions_merges_them_and_every_ping_comes_back_once
     (session,) = assembler.close_all(scope).closed
     assert stamps(session) == [*a, *b, bridge]
     assert (session.start_us, session.last_us) == (a[0], b[-1])
-    assert chunk_keys(scope, "v1") == 0
+    assert stored_pings(scope, "v1") == 0
 
 
 def test_a_batch_bridging_two_sessions_merges_them_with_its_other_pings() -> None:
@@ -210,10 +211,11 @@ def test_pings_more_than_gap_plus_grace_behind_the_watermark_are_late() -> None:
     too_late = ping(watermark - GAP - GRACE - 1, "slow")
     out = assembler.add(scope, "slow", [too_late])
     assert out.late == [too_late]
-    assert chunk_keys(scope, "slow") == 0
+    assert stored_pings(scope, "slow") == 0
     just_in = ping(watermark - GAP - GRACE, "slow")
     assert assembler.add(scope, "slow", [just_in]).late == []
-    assert scope.stored_keys() == keys + 2  # the slow vehicle's meta and one chunk
+    assert scope.stored_keys() == keys + 1  # the slow vehicle's meta, holding its ping
+    assert stored_pings(scope, "slow") == 1
     sessions = {s.vehicle_id: stamps(s) for s in assembler.close_all(scope).closed}
     assert sessions == {"lead": [watermark], "slow": [watermark - GAP - GRACE]}
 
@@ -266,7 +268,7 @@ def test_max_trip_pings_force_closes_and_the_next_ping_starts_a_new_session() ->
     assert closed == [] and late == []
     (full,) = assembler.add(scope, "v1", [ping(T0 + 4 * S)]).closed
     assert (full.reason, stamps(full)) == ("max_pings", [T0 + i * S for i in range(5)])
-    assert chunk_keys(scope, "v1") == 0
+    assert stored_pings(scope, "v1") == 0
     nxt = assembler.add(scope, "v1", [ping(T0 + 5 * S)])
     assert nxt.late == [] and nxt.closed == []
     (rest,) = assembler.close_all(scope).closed
@@ -361,7 +363,7 @@ def test_a_closed_session_returns_its_pings_in_arrival_order_and_deletes_its_chu
     for m in messages:
         assembler.add(scope, "v1", m)
         assembler.add(scope, "w", [ping(T0 + 41 * S, "w")])
-    assert chunk_keys(scope, "v1") == 3
+    assert stored_pings(scope, "v1") == 6
     (session, _w) = assembler.advance(scope, T0 + 41 * S + GAP + GRACE + 1).closed
     assert session.vehicle_id == "v1"
     assert [p["lat"] for p in session.pings] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
@@ -450,6 +452,20 @@ def test_an_assembler_sees_what_another_instance_did_since() -> None:
     assert scope.stored_keys() == 4  # metas of a, b, c and e
 
 
+def test_a_vehicles_record_is_read_again_after_another_instance_wrote_it() -> None:
+    # An assembler keeps the records it wrote for its next messages, but only until the
+    # partition may have been written by someone else (hand_over, as a Kafka rebalance).
+    scope = MemoryScope()
+    one, two = TripAssembler(RULES), TripAssembler(RULES)
+    one.add(scope, "v1", [ping(T0, "v1")])
+    scope.hand_over()
+    two.add(scope, "v1", [ping(T0 + S, "v1")])
+    scope.hand_over()
+    one.add(scope, "v1", [ping(T0 + 2 * S, "v1")])
+    (session,) = one.close_all(scope).closed
+    assert stamps(session) == [T0, T0 + S, T0 + 2 * S]
+
+
 def test_a_restart_keeps_pending_sessions_for_flush() -> None:
     scope = MemoryScope()
     TripAssembler(RULES, defer=True).add(scope, "a", [ping(T0, "a")])
@@ -468,7 +484,7 @@ def test_deferred_closing_keeps_pings_in_state_until_flush_returns_each_session_
     feed(assembler, scope, [ping(T0, "a"), ping(T0 + S, "a"), ping(T0 + 2 * S, "b")])
     out = assembler.advance(scope, T0 + S + GAP + GRACE + 1)
     assert out == Assembled(closed=[], late=[], pending=1)
-    assert chunk_keys(scope, "a") == 2  # still in state
+    assert stored_pings(scope, "a") == 2  # still in state
     # The closed trip is closed even before it is collected: its late pings stay out.
     behind = assembler.add(scope, "a", [ping(T0 + 5 * S, "a")])
     assert len(behind.late) == 1 and behind.pending == 1
@@ -493,7 +509,7 @@ def test_deferred_pending_sessions_and_new_ones_of_the_same_vehicle_stay_apart()
     assert closed == [] and late == []
     (old,) = assembler.flush(scope)
     assert stamps(old) == [T0, T0 + S]
-    assert chunk_keys(scope, "v1") == 2  # the open session's chunks only
+    assert stored_pings(scope, "v1") == 2  # the open session's pings only
     out = assembler.close_all(scope)
     assert out.closed == [] and out.pending == 1
     (new,) = assembler.flush(scope)
@@ -513,14 +529,15 @@ def test_deferred_force_close_is_pending_too() -> None:
 # -- scale and the batch rule --------------------------------------------------------------
 
 
-def test_work_is_linear_one_chunk_per_message_and_one_session() -> None:
+def test_work_is_linear_one_chunk_per_tail_of_pings_and_one_session() -> None:
     n = 20_000
     assembler, scope = TripAssembler(RULES), MemoryScope()
     for i in range(n):
         out = assembler.add(scope, "v1", [ping(T0 + i * S)])
         assert not out.closed and not out.late
-    assert chunk_keys(scope, "v1") == n
-    assert scope.stored_keys() == n + 1
+    assert stored_pings(scope, "v1") == n
+    # The meta record (with the latest pings) and one chunk per TAIL_PINGS pings before them.
+    assert scope.stored_keys() == n // TAIL_PINGS + 1
     (session,) = assembler.close_all(scope).closed
     assert len(session.pings) == n
     assert stamps(session) == [T0 + i * S for i in range(n)]

@@ -334,7 +334,8 @@ def test_a_message_of_only_late_pings_goes_to_the_dlq_with_its_original_bytes(
     assert headers[SOURCE] == b"pings/0/2"
     assert rig.sample("driverscore_stream_late_pings_total") == 3
     assert rig.sample("driverscore_stream_messages_total", outcome="accepted") == 2
-    assert rig.scope.stored_keys() == 3  # lead's meta and chunk, slow's meta: no ping
+    assert rig.scope.stored_keys() == 2  # lead's meta (holding its ping), slow's meta
+    assert rig.scope.stored_pings("slow") == 0
 
 
 def test_late_pings_behind_a_closed_trip_go_to_the_dlq_as_a_batch_of_just_them(
@@ -362,8 +363,8 @@ def test_late_pings_behind_a_closed_trip_go_to_the_dlq_as_a_batch_of_just_them(
     assert dict(out.headers)[REASON].decode().startswith("late_ping: 2 ping(s)")
     assert rig.sample("driverscore_stream_late_pings_total") == 2
     # The fresh ping opened a session of its own: the next close hands it on alone.
-    meta = rig.scope.vehicle("v1").get("meta")
-    assert [(s["start"], s["n"]) for s in meta["open"]] == [(us(fresh[0]["ts"]), 1)]
+    sessions = rig.scope.open_sessions("v1")
+    assert [(s["start"], s["n"]) for s in sessions] == [(us(fresh[0]["ts"]), 1)]
 
 
 # -- trip outputs --------------------------------------------------------------------------
@@ -679,7 +680,7 @@ def test_with_batch_trips_three_nothing_is_published_until_the_third_trip_closes
         assert score == lines(records)[0]
         assert feature == lines(features)[0]
     assert rig.processor.waiting == {}
-    assert rig.scope.stored_keys() == 5  # four vehicles' metas and d's one chunk
+    assert rig.scope.stored_keys() == 4  # four vehicles' metas (d's holds its open trip)
     assert rig.sample("driverscore_stream_trips_total", outcome="scored") == 3
 
 
@@ -715,8 +716,8 @@ def test_a_clock_message_flushes_pending_trips_even_from_1970(scorer: TripScorer
     assert rig.processor.waiting == {}
     # The flush tick moved no event time: b's trip goes on.
     assert rig.drive("b", trips["b"][30:]) == []
-    meta = rig.scope.vehicle("b").get("meta")
-    assert [s["n"] for s in meta["open"]] == [len(trips["b"])]
+    sessions = rig.scope.open_sessions("b")
+    assert [s["n"] for s in sessions] == [len(trips["b"])]
 
 
 def test_batch_wait_flushes_on_the_next_message_once_the_first_trip_waited_long_enough(

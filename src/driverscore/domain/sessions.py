@@ -34,15 +34,19 @@ after a restart or a rebalance.
 from __future__ import annotations
 
 import heapq
+import json
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
+
+import msgspec
 
 from driverscore.domain.config import TripConfig
 from driverscore.domain.trips import continues_trip, forced_cuts, part_name
 
 __all__ = [
     "PART_MEMORY",
+    "TAIL_PINGS",
     "Assembled",
     "ClosedSession",
     "KeyValue",
@@ -54,7 +58,8 @@ __all__ = [
 
 CloseReason = Literal["gap", "trip_id", "max_pings", "end"]
 
-_META: Final = "meta"
+#: Not "meta", the JSON record of earlier versions: a state they wrote is ignored, not misread.
+_META: Final = "m"
 _WATERMARK: Final = "wm"
 _OPEN: Final = "open"
 _PENDING: Final = "pending"
@@ -62,14 +67,61 @@ _PARTS: Final = "parts"
 #: How many given trip ids per vehicle the assembler remembers the closed parts of.
 PART_MEMORY: Final = 64
 _PERSIST_EVERY_US: Final = 1_000_000
+#: Pings a session keeps in its metadata record before they are sealed into a chunk key of
+#: their own: a single-ping message then rewrites one record (the metadata, once per
+#: checkpoint in the changelog) instead of adding a key per message; bounded so rewriting
+#: it stays cheap (~64 pings, a few kB).
+TAIL_PINGS: Final = 64
+
+_ENCODER: Final = msgspec.msgpack.Encoder()
+_DECODER: Final = msgspec.msgpack.Decoder()
+
+
+def _packed(pings: list[dict[str, Any]]) -> bytes:
+    """Pings as concatenated MessagePack maps (an array's body, without its header)."""
+    if len(pings) == 1:  # a single-ping message
+        return _ENCODER.encode(pings[0])
+    return b"".join([_ENCODER.encode(p) for p in pings])
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 65_536:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _unpacked(body: bytes, n: int) -> list[dict[str, Any]]:
+    pings: list[dict[str, Any]] = _DECODER.decode(_array_header(n) + body) if n else []
+    return pings
 
 
 class KeyValue(Protocol):
-    """Get/set/delete of JSON-able values (a Quix ``State``, or a dict wrapper)."""
+    """Get/set/delete of JSON-able values and of bytes (a Quix ``State``, or a dict wrapper)."""
 
     def get(self, key: str, default: Any = None) -> Any: ...
     def set(self, key: str, value: Any) -> None: ...
+    def get_bytes(self, key: str, default: bytes | None = None) -> bytes | None: ...
+    def set_bytes(self, key: str, value: bytes) -> None: ...
     def delete(self, key: str) -> None: ...
+
+
+def _load_meta(state: KeyValue) -> dict[str, Any] | None:
+    """A vehicle's metadata record (MessagePack: its sessions' recent pings are bytes)."""
+    data = state.get_bytes(_META)
+    if data is None:
+        return None
+    meta: dict[str, Any] = _DECODER.decode(data)
+    return meta
+
+
+def _empty_meta() -> dict[str, Any]:
+    return {"seq": 0, "closed_until": None, "open": []}
+
+
+def _save_meta(state: KeyValue, meta: dict[str, Any]) -> None:
+    state.set_bytes(_META, _ENCODER.encode(meta))
 
 
 class PartitionScope(Protocol):
@@ -151,6 +203,9 @@ class _Index:
     #: The watermark as last written to the shared state.
     persisted: int | None = None
     pending: int = 0
+    #: Vehicles' metadata records as last written under ``token``: every change is also
+    #: written to the state, so a vehicle's next message skips reading and decoding it.
+    metas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class TripAssembler:
@@ -175,7 +230,11 @@ class TripAssembler:
         index = self._index(scope, shared)
         watermark = index.watermark
         state = scope.vehicle(vehicle_id)
-        meta = state.get(_META) or {"seq": 0, "closed_until": None, "open": []}
+        meta = self._meta(index, state, vehicle_id)
+        if watermark is not None and len(meta["open"]) == 1:
+            going_on = self._continue(scope, shared, index, state, meta, vehicle_id, pings)
+            if going_on is not None:
+                return going_on
         had_open = bool(meta["open"])
         out = Assembled()
         if watermark is not None and had_open:
@@ -201,11 +260,62 @@ class TripAssembler:
                 if index.persisted is None or watermark - index.persisted >= _PERSIST_EVERY_US:
                     shared.set(_WATERMARK, watermark)
                     index.persisted = watermark
-        state.set(_META, meta)
+        _save_meta(state, meta)
         self._track(shared, index, vehicle_id, meta, had_open)
         if watermark is not None:
             out.closed.extend(self._expire(scope, shared, index, watermark))
         return self._finish(index, out)
+
+    def _continue(
+        self,
+        scope: PartitionScope,
+        shared: KeyValue,
+        index: _Index,
+        state: KeyValue,
+        meta: dict[str, Any],
+        vehicle_id: str,
+        pings: list[dict[str, Any]],
+    ) -> Assembled | None:
+        """What :meth:`add` does with the common message, without its general machinery:
+        every ping continues the vehicle's one open session, which is neither due nor full,
+        and none is late. None, with nothing changed, when that does not hold."""
+        watermark = index.watermark
+        assert watermark is not None
+        rules = self.rules
+        session = meta["open"][0]
+        wait = rules.gap_us + rules.grace_us
+        if session["last"] + wait < watermark:
+            return None  # due to close
+        too_old = watermark - wait
+        closed_until = meta["closed_until"]
+        if closed_until is not None and closed_until + 1 > too_old:
+            too_old = closed_until + 1
+        newest = watermark
+        for ping in pings:
+            ts = ping["ts"]
+            if ts < too_old:
+                return None
+            if ts > newest:
+                newest = ts
+        if session["n"] + len(pings) >= rules.max_trip_pings or not self._extend(session, pings):
+            return None
+        self._store_chunk(state, meta, session, pings)
+        if newest > watermark:
+            watermark = index.watermark = newest
+            if index.persisted is None or watermark - index.persisted >= _PERSIST_EVERY_US:
+                shared.set(_WATERMARK, watermark)
+                index.persisted = watermark
+        _save_meta(state, meta)
+        deadline = int(session["last"]) + wait
+        before = index.deadlines.get(vehicle_id)
+        index.deadlines[vehicle_id] = deadline
+        if before is None or deadline < before:
+            heapq.heappush(index.timers, (deadline, vehicle_id))
+        out = Assembled(pending=index.pending)
+        if index.timers and index.timers[0][0] < watermark:
+            out.closed = self._expire(scope, shared, index, watermark)
+            out.pending = index.pending
+        return out
 
     def advance(self, scope: PartitionScope, ts_us: int) -> Assembled:
         """A clock message: event time of the partition is at least ``ts_us``."""
@@ -224,7 +334,7 @@ class TripAssembler:
         closed: list[ClosedSession] = []
         for vehicle_id in sorted(index.deadlines):
             state = scope.vehicle(vehicle_id)
-            meta = state.get(_META)
+            meta = self._meta(index, state, vehicle_id)
             sessions = list(meta["open"])
             meta["open"] = []
             for session in sessions:
@@ -232,7 +342,7 @@ class TripAssembler:
                 closed.extend(
                     self._close(shared, index, state, meta, vehicle_id, session, "end", until)
                 )
-            state.set(_META, meta)
+            _save_meta(state, meta)
             self._track(shared, index, vehicle_id, meta, had_open=True)
         closed.sort(key=lambda s: (s.last_us, s.vehicle_id))
         return self._finish(index, Assembled(closed=closed))
@@ -251,6 +361,14 @@ class TripAssembler:
             state = scope.vehicle(entry["vehicle"])
             closed.append(self._collect(state, entry["vehicle"], entry["session"], entry["reason"]))
         return closed
+
+    @staticmethod
+    def _meta(index: _Index, state: KeyValue, vehicle_id: str) -> dict[str, Any]:
+        """A vehicle's metadata record, changed in place and written back by the caller."""
+        meta = index.metas.get(vehicle_id)
+        if meta is None:
+            meta = index.metas[vehicle_id] = _load_meta(state) or _empty_meta()
+        return meta
 
     @staticmethod
     def _finish(index: _Index, out: Assembled) -> Assembled:
@@ -320,7 +438,7 @@ class TripAssembler:
         if before is not None and joins_before:
             session = before
             if after is not None and joins_after:  # the ping bridges them: one trip after all
-                self._merge(before, after)
+                self._merge(state, meta, before, after)
                 sessions.remove(after)
                 for entry in assigned:
                     if entry[0] is after:
@@ -328,7 +446,7 @@ class TripAssembler:
         elif after is not None and joins_after:
             session = after
         else:
-            session = {"start": ts, "last": ts, "n": 0, "trip": trip, "chunks": []}
+            session = _new_session(ts, ts, 0, trip)
             sessions.append(session)
             sessions.sort(key=lambda s: s["start"])
         self._take(session, ts)
@@ -357,13 +475,7 @@ class TripAssembler:
             pings = [p for p in stored if (int(p["ts"]) > ts) is later]
             mine = [e for e in assigned if e[0] is session and (int(e[1]["ts"]) > ts) is later]
             stamps = [int(p["ts"]) for p in pings] + [int(e[1]["ts"]) for e in mine]
-            part = {
-                "start": min(stamps),
-                "last": max(stamps),
-                "n": len(stamps),
-                "trip": session["trip"],
-                "chunks": [],
-            }
+            part = _new_session(min(stamps), max(stamps), len(stamps), session["trip"])
             if pings:
                 self._store_chunk(state, meta, part, pings)
             for entry in mine:
@@ -400,23 +512,48 @@ class TripAssembler:
     def _store_chunk(
         state: KeyValue, meta: dict[str, Any], session: dict[str, Any], chunk: list[dict[str, Any]]
     ) -> None:
+        """Append pings to the session's tail (in its metadata); a full tail becomes a chunk."""
+        session["tail"] = session.get("tail", b"") + _packed(chunk)
+        session["tn"] = session.get("tn", 0) + len(chunk)
+        if session["tn"] >= TAIL_PINGS:
+            TripAssembler._seal(state, meta, session)
+
+    @staticmethod
+    def _seal(state: KeyValue, meta: dict[str, Any], session: dict[str, Any]) -> None:
+        """Move the session's tail into a chunk key of its own (a MessagePack array)."""
+        count = session.get("tn", 0)
+        if not count:
+            return
         chunk_id = meta["seq"]
         meta["seq"] = chunk_id + 1
-        state.set(f"c{chunk_id}", chunk)
+        state.set_bytes(f"c{chunk_id}", _array_header(count) + session["tail"])
         session["chunks"].append(chunk_id)
+        session["tail"] = b""
+        session["tn"] = 0
 
     @staticmethod
     def _read_chunks(state: KeyValue, session: dict[str, Any]) -> list[dict[str, Any]]:
         """The session's stored pings in arrival order; their chunks are deleted."""
         pings: list[dict[str, Any]] = []
         for chunk_id in session["chunks"]:
-            pings.extend(state.get(f"c{chunk_id}") or [])
+            data = state.get_bytes(f"c{chunk_id}")
+            if data is not None:
+                pings.extend(_DECODER.decode(data))
             state.delete(f"c{chunk_id}")
         session["chunks"] = []
+        pings.extend(_unpacked(session.get("tail", b""), session.get("tn", 0)))
+        session["tail"] = b""
+        session["tn"] = 0
         return pings
 
     @staticmethod
-    def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    def _merge(
+        state: KeyValue, meta: dict[str, Any], into: dict[str, Any], other: dict[str, Any]
+    ) -> None:
+        # Tails are the latest pings of each: sealed, every ping is in a chunk numbered in
+        # arrival order.
+        TripAssembler._seal(state, meta, into)
+        TripAssembler._seal(state, meta, other)
         into["start"] = min(into["start"], other["start"])
         into["last"] = max(into["last"], other["last"])
         into["n"] += other["n"]
@@ -523,13 +660,7 @@ class TripAssembler:
             if not chunk:
                 break
             stamps = [int(p["ts"]) for p in chunk]
-            half = {
-                "start": min(stamps),
-                "last": max(stamps),
-                "n": len(chunk),
-                "trip": session["trip"],
-                "chunks": [],
-            }
+            half = _new_session(min(stamps), max(stamps), len(chunk), session["trip"])
             self._store_chunk(state, meta, half, chunk)
             halves.append(half)
         return halves[0], halves[1] if len(halves) > 1 else None
@@ -550,6 +681,10 @@ class TripAssembler:
         if session["trip"] is not None:
             session["name"] = self._part_name(state, session["trip"])
         if self.defer:
+            # The pending list is JSON in the partition's state: the tail goes to a chunk.
+            self._seal(state, meta, session)
+            session.pop("tail", None)
+            session.pop("tn", None)
             pending: list[dict[str, Any]] = shared.get(_PENDING) or []
             pending.append({"vehicle": vehicle_id, "session": session, "reason": reason})
             shared.set(_PENDING, pending)
@@ -581,10 +716,7 @@ class TripAssembler:
     def _collect(
         state: KeyValue, vehicle_id: str, session: dict[str, Any], reason: CloseReason
     ) -> ClosedSession:
-        pings: list[dict[str, Any]] = []
-        for chunk_id in session["chunks"]:
-            pings.extend(state.get(f"c{chunk_id}") or [])
-            state.delete(f"c{chunk_id}")
+        pings = TripAssembler._read_chunks(state, session)
         start = int(session["start"])
         trip = session["trip"]
         name = session.get("name") or (str(trip) if trip is not None else None)
@@ -606,7 +738,7 @@ class TripAssembler:
             # First use, a restart or a rebalance: rebuild from the vehicles' own state.
             deadlines: dict[str, int] = {}
             for vehicle_id in persisted["vehicles"]:
-                meta = scope.vehicle(vehicle_id).get(_META)
+                meta = _load_meta(scope.vehicle(vehicle_id))
                 if meta and meta["open"]:
                     deadlines[vehicle_id] = min(self._deadlines(meta["open"]))
             timers = [(d, v) for v, d in deadlines.items()]
@@ -616,6 +748,7 @@ class TripAssembler:
         index.watermark = index.persisted = shared.get(_WATERMARK)
         index.pending = len(shared.get(_PENDING) or [])
         index.token = scope.token
+        index.metas = {}
         return index
 
     def _track(
@@ -653,12 +786,17 @@ class TripAssembler:
                 heapq.heappush(timers, (deadline, vehicle_id))  # it moved on: re-arm
                 continue
             state = scope.vehicle(vehicle_id)
-            meta = state.get(_META)
+            meta = self._meta(index, state, vehicle_id)
             closed.extend(self._close_due(shared, index, state, meta, vehicle_id, watermark))
-            state.set(_META, meta)
+            _save_meta(state, meta)
             index.deadlines.pop(vehicle_id, None)
             self._track(shared, index, vehicle_id, meta, had_open=True)
         return closed
+
+
+def _new_session(start: int, last: int, n: int, trip: Any) -> dict[str, Any]:
+    """An open session: its span, ping count, trip id, sealed chunk ids and recent pings."""
+    return {"start": start, "last": last, "n": n, "trip": trip, "chunks": [], "tail": b"", "tn": 0}
 
 
 class _DictState:
@@ -669,6 +807,13 @@ class _DictState:
         return self._data.get(key, default)
 
     def set(self, key: str, value: Any) -> None:
+        self._data[key] = value
+
+    def get_bytes(self, key: str, default: bytes | None = None) -> bytes | None:
+        value: bytes | None = self._data.get(key, default)
+        return value
+
+    def set_bytes(self, key: str, value: bytes) -> None:
         self._data[key] = value
 
     def delete(self, key: str) -> None:
@@ -701,6 +846,30 @@ class MemoryScope:
 
     def shared(self) -> KeyValue:
         return _DictState(self._shared)
+
+    def open_sessions(self, vehicle_id: str) -> list[dict[str, Any]]:
+        """A vehicle's open sessions as its metadata record holds them (tests)."""
+        meta = _load_meta(self.vehicle(vehicle_id)) or _empty_meta()
+        sessions: list[dict[str, Any]] = meta["open"]
+        return sessions
+
+    def stored_pings(self, vehicle_id: str) -> int:
+        """How many pings a vehicle's state holds, in chunks and in its sessions' tails."""
+        count = sum(int(session["tn"]) for session in self.open_sessions(vehicle_id))
+        for key, value in self._vehicles.get(vehicle_id, {}).items():
+            if key.startswith("c"):
+                count += len(_DECODER.decode(value))
+        return count
+
+    def stored_bytes(self, vehicle_id: str) -> int:
+        """Bytes a vehicle's state holds: its values as a Quix store keeps them (bytes as
+        they are, other values as JSON), keys not counted."""
+        return sum(
+            len(value)
+            if isinstance(value, bytes)
+            else len(json.dumps(value, separators=(",", ":")))
+            for value in self._vehicles.get(vehicle_id, {}).values()
+        )
 
     def stored_keys(self) -> int:
         """How many keys the vehicles' state holds (bounded-state tests)."""

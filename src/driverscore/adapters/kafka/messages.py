@@ -66,6 +66,7 @@ _FIELD_KINDS: Final[dict[str, str]] = {
 _US_PER_MS: Final = 1000
 # Epoch values below this are seconds, not milliseconds (1973 in ms, year 33658 in s).
 _EPOCH_MS_FLOOR: Final = 100_000_000_000
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class _InvalidMessageError(Exception):
@@ -88,12 +89,7 @@ class DecodedMessage:
 
 
 def _ts_us(value: Any) -> int:
-    if isinstance(value, bool):
-        raise _InvalidMessageError("invalid_ping", "ts is a boolean")
-    if isinstance(value, int | float):
-        if not math.isfinite(value) or abs(value) < _EPOCH_MS_FLOOR:
-            raise _InvalidMessageError("invalid_ping", f"ts {value!r} is not epoch milliseconds")
-        return round(value * _US_PER_MS)
+    # Text first: it is what devices send, and this runs once per ping.
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.strip())
@@ -101,8 +97,14 @@ def _ts_us(value: Any) -> int:
             raise _InvalidMessageError("invalid_ping", f"ts {value!r} is not ISO-8601") from None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=UTC)
-        delta = parsed - datetime(1970, 1, 1, tzinfo=UTC)
+        delta = parsed - _EPOCH
         return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    if isinstance(value, bool):
+        raise _InvalidMessageError("invalid_ping", "ts is a boolean")
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or abs(value) < _EPOCH_MS_FLOOR:
+            raise _InvalidMessageError("invalid_ping", f"ts {value!r} is not epoch milliseconds")
+        return round(value * _US_PER_MS)
     raise _InvalidMessageError(
         "invalid_ping", "ts is missing" if value is None else "ts is not a time"
     )

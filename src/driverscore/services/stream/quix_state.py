@@ -40,13 +40,19 @@ def vehicle_prefix(vehicle_id: str) -> bytes:
 
 
 class QuixScope:
-    """The partition state of the message being processed, as a ``PartitionScope``."""
+    """The partition state of the message being processed, as a ``PartitionScope``.
 
-    __slots__ = ("_partition", "_transaction")
+    One scope serves every message of its transaction (:func:`quix_step` keeps it): the
+    state objects it hands out are made once per vehicle and transaction, not per message.
+    """
+
+    __slots__ = ("_partition", "_shared", "_transaction", "_vehicles")
 
     def __init__(self, state: Any, partition: tuple[str, int]) -> None:
         self._transaction = state._transaction
         self._partition = partition
+        self._shared: KeyValue | None = None
+        self._vehicles: dict[str, KeyValue] = {}
 
     @property
     def partition(self) -> tuple[str, int]:
@@ -58,22 +64,32 @@ class QuixScope:
         return self._transaction
 
     def vehicle(self, vehicle_id: str) -> KeyValue:
-        state: KeyValue = self._transaction.as_state(prefix=vehicle_prefix(vehicle_id))
+        state = self._vehicles.get(vehicle_id)
+        if state is None:
+            state = self._transaction.as_state(prefix=vehicle_prefix(vehicle_id))
+            self._vehicles[vehicle_id] = state
         return state
 
     def shared(self) -> KeyValue:
-        state: KeyValue = self._transaction.as_state(prefix=PARTITION_PREFIX)
-        return state
+        if self._shared is None:
+            self._shared = self._transaction.as_state(prefix=PARTITION_PREFIX)
+        return self._shared
 
 
 def quix_step(processor: PingProcessor) -> Callable[..., list[OutMessage]]:
     """The stateful function of the Quix dataframe: one message through ``processor``."""
 
+    # The scope of each partition's current transaction (a new transaction, a new scope).
+    scopes: dict[tuple[str, int], QuixScope] = {}
+
     def process(
         value: Any, key: Any, timestamp_ms: int, headers: Any, state: Any
     ) -> list[OutMessage]:
         ctx = message_context()
-        scope = QuixScope(state, (ctx.topic, ctx.partition))
+        partition = (ctx.topic, ctx.partition)
+        scope = scopes.get(partition)
+        if scope is None or scope.token is not state._transaction:
+            scope = scopes[partition] = QuixScope(state, partition)
         source = f"{ctx.topic}/{ctx.partition}/{ctx.offset}"
         return processor.process(value, key, timestamp_ms, list(headers or []), scope, source)
 

@@ -1,0 +1,95 @@
+"""Where a single-ping message's time goes in the processor, without a broker.
+
+Single-ping messages of a simulated day go through ``PingProcessor.process`` with the
+partition state in a real Quix RocksDB store (``QuixScope``), checkpointed like the Kafka
+processor does (every ``--checkpoint`` messages: ``prepare`` + ``flush``). Trips that close
+are not scored (scoring is per trip, not per ping). Prints µs per message, the changed
+keys per message (each is one changelog record at a checkpoint), and with ``--profile``
+a pyinstrument profile of the loop.
+
+    .venv/bin/python bench/profile_stream_single.py --vehicles 30 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from quixstreams.state.rocksdb import RocksDBStorePartition
+
+from driverscore.adapters.kafka.messages import encode_ping
+from driverscore.domain.sessions import ClosedSession, SessionRules, TripAssembler
+from driverscore.services.stream.metrics import StreamMetrics
+from driverscore.services.stream.processor import PingProcessor
+from driverscore.services.stream.quix_state import QuixScope
+from driverscore.settings import KafkaTopics
+from driverscore.simulation import DirtConfig, SimulationConfig, simulate
+
+
+class _NoScoring:
+    def close_sessions(self, sessions: list[ClosedSession]) -> list[Any]:
+        return []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vehicles", type=int, default=30)
+    parser.add_argument("--checkpoint", type=int, default=7000, help="messages per checkpoint")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    pings = simulate(
+        SimulationConfig(vehicles=args.vehicles, days=1, seed=7, dirt=DirtConfig.clean())
+    ).pings.sort("ts")
+    messages = [(encode_ping(row), str(row["vehicle_id"])) for row in pings.iter_rows(named=True)]
+    processor = PingProcessor(
+        _NoScoring(),  # type: ignore[arg-type]
+        TripAssembler(SessionRules.of(300.0, 60.0), defer=True),
+        KafkaTopics(),
+        StreamMetrics(),
+        batch_trips=200,
+        batch_wait_s=0.1,
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        store = RocksDBStorePartition(str(Path(folder) / "state"))
+        profiler = None
+        if args.profile:
+            from pyinstrument import Profiler
+
+            profiler = Profiler(interval=0.0005)
+            profiler.start()
+        changed = 0
+        started, cpu = time.perf_counter(), time.process_time()
+        transaction = store.begin()
+        scope = None
+        for i, (value, key) in enumerate(messages):
+            state = transaction.as_state(prefix=key)
+            if scope is None:  # one per transaction, as ``quix_step`` keeps it
+                scope = QuixScope(state, ("pings", 0))
+            processor.process(value, key, 0, [], scope, "pings/0/0")
+            if (i + 1) % args.checkpoint == 0 or i + 1 == len(messages):
+                updates = transaction._update_cache.get_updates()
+                changed += sum(len(v) for v in updates.values())
+                changed += len(transaction._update_cache.get_deletes())
+                transaction.prepare()
+                transaction.flush()
+                transaction = store.begin()
+                scope = None
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+        if profiler is not None:
+            profiler.stop()
+        store.close()
+    print(
+        f"{len(messages):,} single-ping messages: {elapsed / len(messages) * 1e6:.1f} µs/message "
+        f"({cpu / len(messages) * 1e6:.1f} µs CPU), "
+        f"{changed / len(messages):.3f} changed keys/message (changelog records)"
+    )
+    if profiler is not None:
+        print(profiler.output_text(unicode=False, color=False, show_all=False))
+
+
+if __name__ == "__main__":
+    main()
