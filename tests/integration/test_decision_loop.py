@@ -214,6 +214,7 @@ def test_guarded_moves_check_where_the_alias_is_and_audit_every_move(tmp_path: P
     # The lease is released: nothing is left on the registered model but policy and log.
     tags = registry.client.get_registered_model(registry.model_name).tags
     assert "driverscore.lease" not in tags
+    assert registry._read_lease() is None
 
 
 def test_batch_scoring_splits_traffic_by_the_policy_in_the_registry(tmp_path: Path) -> None:
@@ -227,13 +228,13 @@ def test_an_expired_lease_is_taken_and_a_live_one_waited_for(tmp_path: Path) -> 
     trial = _trial(tmp_path)
     registry = trial.registry
     lease = {"owner": "dead-job", "expires_at": 0}
-    registry.client.set_registered_model_tag(
-        registry.model_name, "driverscore.lease", json.dumps(lease)
+    registry.client.create_registered_model(
+        registry.lease_model_name, tags={"driverscore.lease": json.dumps(lease)}
     )
     registry.move_alias(PREVIOUS, trial.champion, action="promote", actor="me", reason="r")
     live = {"owner": "busy-job", "expires_at": 4e9}
-    registry.client.set_registered_model_tag(
-        registry.model_name, "driverscore.lease", json.dumps(live)
+    registry.client.create_registered_model(
+        registry.lease_model_name, tags={"driverscore.lease": json.dumps(live)}
     )
     impatient = ModelRegistry(
         registry.tracking_uri,

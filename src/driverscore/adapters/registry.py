@@ -75,6 +75,8 @@ PREVIOUS: Final = "previous"
 #: and the recent audit log (one tag per move, keyed by time so names sort by time).
 ROLLOUT_TAG: Final = "driverscore.rollout"
 LEASE_TAG: Final = "driverscore.lease"
+#: The lease is a registered model of this name beside the model (created to take it).
+LEASE_SUFFIX: Final = ".alias-lease"
 AUDIT_TAG_PREFIX: Final = "driverscore.audit."
 #: Audit tags kept on the registered model; older moves are only in the data store.
 AUDIT_TAGS_KEPT: Final = 200
@@ -452,9 +454,10 @@ class ModelRegistry:
     def guard(self, actor: str) -> Iterator[None]:
         """Exclusive right to move this model's aliases and rollout policy, across processes.
 
-        MLflow aliases have no compare-and-set, so the guard is a lease in a registered-model
-        tag (owner id + expiry): the owner writes it, waits ``settle_s`` and reads it back;
-        only the owner whose write survived proceeds, and an expired lease may be taken.
+        MLflow aliases have no compare-and-set, so the guard is a lease: a registered model
+        named after this one (``LEASE_SUFFIX``) with the owner id and expiry as a tag. The
+        registry refuses a second model of the same name, so of two movers creating it at
+        once exactly one succeeds; an expired lease may be removed and taken.
         Within one process a re-entrant lock serialises movers first, and on the embedded
         SQLite registry the database lock file is held too. Movers check under the guard
         that the alias is still where they expect (:meth:`move_alias` ``expect_from``).
@@ -474,31 +477,51 @@ class ModelRegistry:
                     self._lease_owner = None
                     self._release_lease(owner)
 
+    @property
+    def lease_model_name(self) -> str:
+        """The registered model whose existence is the move lease of this model's aliases."""
+        return f"{self.model_name}{LEASE_SUFFIX}"
+
     def _read_lease(self) -> _Lease | None:
-        text = self._model_tags().get(LEASE_TAG)
-        if not text:
-            return None
         try:
-            data = json.loads(text)
+            tags = self.client.get_registered_model(self.lease_model_name).tags
+        except MlflowException as exc:
+            if exc.error_code in _NOT_FOUND:
+                return None
+            raise
+        try:
+            data = json.loads(tags.get(LEASE_TAG) or "")
             return _Lease(str(data["owner"]), float(data["expires_at"]))
         except (ValueError, KeyError, TypeError):
-            return None  # an unreadable lease protects nothing: it may be taken
+            # An unreadable lease protects nothing: it counts as expired and may be taken.
+            return _Lease("an unreadable lease", 0.0)
 
     def _acquire_lease(self, owner: str) -> None:
+        """Create the lease model: the registry's unique name is the compare-and-set (two
+        creations at once, one fails), which a tag written and read back is not."""
         timing = self.lease
         deadline = time.monotonic() + timing.wait_s
         while True:
             current = self._read_lease()
-            if current is None or current.expires_at <= time.time():
+            if current is not None and current.expires_at <= time.time():
+                # Its mover died: remove it, but only if it is still the lease we judged
+                # expired (a rival may have taken it over meanwhile), then race to create.
+                if self._read_lease() == current:
+                    self._delete_lease()
+                current = None
+            if current is None:
                 lease = {"owner": owner, "expires_at": time.time() + timing.ttl_s}
-                self.client.set_registered_model_tag(self.model_name, LEASE_TAG, json.dumps(lease))
-                # A rival that read the old lease before our write writes its own within
-                # this settle time; the last write wins and everyone else backs off.
-                time.sleep(timing.settle_s)
-                after = self._read_lease()
-                if after is not None and after.owner == owner:
+                try:
+                    self.client.create_registered_model(
+                        self.lease_model_name,
+                        tags={LEASE_TAG: json.dumps(lease)},
+                        description=f"Move lease of {self.model_name!r}'s aliases (driverscore).",
+                    )
                     return
-                current = after
+                except MlflowException as exc:
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                current = self._read_lease()
             if time.monotonic() >= deadline:
                 holder = current.owner if current else "another mover"
                 raise AliasMoveError(
@@ -509,10 +532,17 @@ class ModelRegistry:
             # Jitter: rivals that collided do not retry in step.
             time.sleep(timing.settle_s * (0.5 + random.random()))
 
+    def _delete_lease(self) -> None:
+        try:
+            self.client.delete_registered_model(self.lease_model_name)
+        except MlflowException as exc:
+            if exc.error_code not in _NOT_FOUND:
+                raise
+
     def _release_lease(self, owner: str) -> None:
         current = self._read_lease()
         if current is not None and current.owner == owner:
-            self.client.delete_registered_model_tag(self.model_name, LEASE_TAG)
+            self._delete_lease()
 
     def _check_lease(self) -> None:
         """A mover that outlived its lease must not move: another may have taken it."""
@@ -757,8 +787,8 @@ class ModelRegistry:
 
 @dataclass(frozen=True)
 class LeaseTiming:
-    """How the alias lease is held: its lifetime, the settle time before reading a write
-    back, and how long a mover waits for a busy lease (seconds)."""
+    """How the alias lease is held: its lifetime, the mean pause between tries for a busy
+    lease (jittered), and how long a mover waits for it (seconds)."""
 
     ttl_s: float = 30.0
     settle_s: float = 0.3

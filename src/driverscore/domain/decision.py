@@ -136,10 +136,7 @@ class DecisionConfig(BaseModel):
     lease_settle_s: float = Field(
         0.3,
         ge=0,
-        description=(
-            "Wait between writing the lease and reading it back (s): longer than a registry "
-            "write takes."
-        ),
+        description=("Mean pause between tries for a busy alias lease (s, jittered)."),
     )
     lease_wait_s: float = Field(
         60.0, ge=0, description="How long a mover waits for a busy lease before giving up (s)."
