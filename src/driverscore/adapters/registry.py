@@ -519,7 +519,10 @@ class ModelRegistry:
                     )
                     return
                 except MlflowException as exc:
-                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    # Already exists: a rival holds it. Does not exist: the registry found
+                    # the rival's row on insert, then the rival released it before the
+                    # error was built (MLflow reads the model back to word it). Both: retry.
+                    if exc.error_code not in {"RESOURCE_ALREADY_EXISTS", *_NOT_FOUND}:
                         raise
                 current = self._read_lease()
             if time.monotonic() >= deadline:
