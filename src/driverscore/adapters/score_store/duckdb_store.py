@@ -81,6 +81,7 @@ _DUCK_TYPES: Final[dict[type[pl.DataType], str]] = {
     pl.Float64: "DOUBLE",
     pl.Int64: "BIGINT",
     pl.Datetime: "TIMESTAMPTZ",
+    pl.Boolean: "BOOLEAN",
 }
 
 
