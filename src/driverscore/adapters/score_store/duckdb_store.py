@@ -238,11 +238,22 @@ class DuckDBScoreStore:
         fields = ", ".join(f"{name} := p.{name}" for name in ("ts", "lat", "lon")) + "".join(
             f", {name} := false" for name in EVENT_COLUMNS
         )
-        con.execute(
-            f"ALTER TABLE trip_routes ALTER route SET DATA TYPE {_duck_type(ROUTE_POINT)}[] "
-            f"USING list_transform(route, lambda p: struct_pack({fields}))"
-        )
-        con.execute("UPDATE store_meta SET schema_version = ? WHERE schema_version < ?", [2, 2])
+        # Rebuilt rather than altered (inserts take the table's columns by position), in one
+        # transaction: a failed upgrade leaves the version-1 table, tried again next write.
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(
+                "CREATE TABLE trip_routes_v2 AS SELECT vehicle_id, trip_id, point_count, "
+                f"CAST(list_transform(route, lambda p: struct_pack({fields})) "
+                f"AS {_duck_type(ROUTE_POINT)}[]) AS route, source, stored_at FROM trip_routes"
+            )
+            con.execute("DROP TABLE trip_routes")
+            con.execute("ALTER TABLE trip_routes_v2 RENAME TO trip_routes")
+            con.execute("UPDATE store_meta SET schema_version = ? WHERE schema_version < ?", [2, 2])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
 
     def write(self, batch: ScoreBatch) -> WriteReport:
         """Store one batch in one transaction (module docstring: idempotent, retried)."""
