@@ -341,14 +341,16 @@ def _route_figure(route: pl.DataFrame) -> dict[str, Any]:
     ]
 
     def points(name: str, rows: list[int], colour: str, size: int, rank: int) -> dict[str, Any]:
+        # Plotly leaves a series without points out of the legend: an empty series gets one
+        # point without position, so the legend always lists every event.
         return {
             "type": "scatter",
             "mode": "markers",
             "name": name,
             "legendrank": rank,
-            "x": [lon[i] for i in rows],
-            "y": [lat[i] for i in rows],
-            "text": [text[i] for i in rows],
+            "x": [lon[i] for i in rows] or [None],
+            "y": [lat[i] for i in rows] or [None],
+            "text": [text[i] for i in rows] or [""],
             "hoverinfo": "text",
             "marker": {"color": colour, "size": size},
         }
