@@ -41,7 +41,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=15)
     args = parser.parse_args()
     pings = simulate(
-        SimulationConfig(vehicles=args.vehicles, days=1, seed=7, dirt=DirtConfig.clean())
+        SimulationConfig(
+            vehicles=args.vehicles, days=1, seed=7, dirt=DirtConfig.clean(), include_trip_id=True
+        )
     ).pings
     first_trip = pings.filter(
         (pl.col("vehicle_id") == pings["vehicle_id"][0])
