@@ -15,7 +15,7 @@ from driverscore.adapters.registry import ModelRegistry, open_registry
 from driverscore.adapters.score_store import ScoreBatch
 from driverscore.adapters.score_store.duckdb_store import WriteReport, open_score_store
 from driverscore.adapters.storage import DatasetRef, DataStore
-from driverscore.domain.features import trip_features
+from driverscore.domain.features import ping_events, trip_features
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.domain.profiles import TripProfile
 from driverscore.domain.rollout import RolloutPolicy
@@ -186,7 +186,8 @@ def run_scoring(
     stored = None
     if store_scores:
         ctx.progress(f"store {scores.height:,} trips in {settings.store_path}")
-        routes = trip_routes(ctx.store.read_dataset(prepared.cleaned))
+        cleaned = ctx.store.read_dataset(prepared.cleaned)
+        routes = trip_routes(ping_events(cleaned, champion.card.feature_config))
         if routes.height:
             routes = routes.join(
                 scores.select("vehicle_id", "trip_id"), on=["vehicle_id", "trip_id"], how="semi"

@@ -11,6 +11,11 @@ every column it holds is written twice. ``trip_alerts``: alert records, keyed li
 ``store_rejects``: input the store did not take, with the reason. Every row carries
 ``source`` (who wrote it) and ``stored_at``.
 
+**Schema versions** (``store_meta``). 2: route points carry their event flags
+(``hard_brake``, ``harsh_accel``, ``harsh_corner``, ``speeding``). A writer upgrades a
+version-1 file in place (its stored points get no event); a reader of a file not yet
+upgraded reads missing or null flags as no event.
+
 **Idempotent writes.** A batch first keeps, per key, its newest record; a stored record
 is replaced only by a newer one (later ``scored_at``) of the same key, and a record that
 is already there, or older, changes nothing. So a replayed batch, a restarted sink or a
@@ -56,7 +61,7 @@ from driverscore.adapters.score_store.records import (
     ScoreBatch,
     split_storable,
 )
-from driverscore.domain.routes import ROUTE_SCHEMA
+from driverscore.domain.routes import EVENT_COLUMNS, ROUTE_POINT, ROUTE_SCHEMA
 from driverscore.domain.trip_scoring import TRIP_RECORD_SCHEMA
 from driverscore.errors import DriverscoreError
 from driverscore.settings import Settings
@@ -69,13 +74,14 @@ __all__ = [
     "open_score_store",
 ]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 _DUCK_TYPES: Final[dict[type[pl.DataType], str]] = {
     pl.String: "VARCHAR",
     pl.Float64: "DOUBLE",
     pl.Int64: "BIGINT",
     pl.Datetime: "TIMESTAMPTZ",
+    pl.Boolean: "BOOLEAN",
 }
 
 
@@ -218,6 +224,36 @@ class DuckDBScoreStore:
         con.execute("CREATE TABLE IF NOT EXISTS store_meta (schema_version INTEGER)")
         if con.execute("SELECT count(*) FROM store_meta").fetchone() == (0,):
             con.execute("INSERT INTO store_meta VALUES (?)", [SCHEMA_VERSION])
+        self._upgrade_routes(con)
+
+    @staticmethod
+    def _upgrade_routes(con: duckdb.DuckDBPyConnection) -> None:
+        """Version 1 → 2: route points gain their event flags, false on stored points."""
+        row = con.execute(
+            "SELECT data_type FROM information_schema.columns "
+            "WHERE table_name = 'trip_routes' AND column_name = 'route'"
+        ).fetchone()
+        if row is not None and all(f" {name} " in f" {row[0]} " for name in EVENT_COLUMNS):
+            return
+        fields = ", ".join(f"{name} := p.{name}" for name in ("ts", "lat", "lon")) + "".join(
+            f", {name} := false" for name in EVENT_COLUMNS
+        )
+        # Rebuilt rather than altered (inserts take the table's columns by position), in one
+        # transaction: a failed upgrade leaves the version-1 table, tried again next write.
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(
+                "CREATE TABLE trip_routes_v2 AS SELECT vehicle_id, trip_id, point_count, "
+                f"CAST(list_transform(route, lambda p: struct_pack({fields})) "
+                f"AS {_duck_type(ROUTE_POINT)}[]) AS route, source, stored_at FROM trip_routes"
+            )
+            con.execute("DROP TABLE trip_routes")
+            con.execute("ALTER TABLE trip_routes_v2 RENAME TO trip_routes")
+            con.execute("UPDATE store_meta SET schema_version = ? WHERE schema_version < ?", [2, 2])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
 
     def write(self, batch: ScoreBatch) -> WriteReport:
         """Store one batch in one transaction (module docstring: idempotent, retried)."""
@@ -392,13 +428,19 @@ class DuckDBScoreStore:
             }
 
     def route(self, vehicle_id: str, trip_id: str) -> pl.DataFrame:
-        """One trip's route points (``ts``, ``lat``, ``lon``), in time order."""
+        """One trip's route points (``ts``, ``lat``, ``lon`` and the event flags), in time
+        order; a flag the file does not hold yet (schema version 1) or a null one is false."""
         frame = self.sql(
             "SELECT unnest(route, recursive := true) FROM trip_routes "
             "WHERE vehicle_id = ? AND trip_id = ?",
             [vehicle_id, trip_id],
         )
-        return frame
+        return frame.with_columns(
+            pl.col(name).fill_null(value=False)
+            if name in frame.columns
+            else pl.lit(value=False).alias(name)
+            for name in EVENT_COLUMNS
+        )
 
 
 def _newest_per_key(frame: pl.DataFrame, key: tuple[str, ...]) -> pl.DataFrame:
