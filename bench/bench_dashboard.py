@@ -4,6 +4,9 @@ Usage::
 
     .venv/bin/python bench/bench_dashboard.py                  # 1M trips, 5 requests a page
     .venv/bin/python bench/bench_dashboard.py --trips 200000 --repeat 3
+    # the same run on another version's package first, then this one, with ratios:
+    git archive main src | tar -x -C /tmp/base
+    .venv/bin/python bench/bench_dashboard.py --baseline /tmp/base
 
 The store is written once (``DuckDBScoreStore.write``, one batch) with synthetic but
 realistic trips: 30 days, 50 fleets under 10 clients, one vehicle per 50 trips and one
@@ -16,19 +19,31 @@ Then each page is requested over HTTP from the app served by uvicorn (the app of
 median and slowest of ``--repeat`` requests after one warm-up, beside the target of
 500 ms. Measured, not asserted. The model page has no registry here:
 its time is the store's part (the registry's listing is MLflow's, see bench_service.py).
+
+The write cost is printed too: the one batch of all trips (scores, alerts, routes), and a
+stream-sized batch on the full store: ``--rescore`` trips of one day scored again by a
+newer model version (median of three such batches, each a different day's trips).
+
+``--baseline DIR`` runs this script first on the package under ``DIR/src`` (the
+``PYTHONPATH`` of a child process: same data, same machine, back to back) and then on this
+checkout's, and prints both with the ratio baseline / this (above 1: this is faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -36,6 +51,7 @@ import numpy as np
 import polars as pl
 import uvicorn
 
+import driverscore
 from driverscore.adapters.score_store.duckdb_store import DuckDBScoreStore
 from driverscore.adapters.score_store.records import ScoreBatch
 from driverscore.domain.routes import ROUTE_SCHEMA
@@ -135,16 +151,38 @@ def alerts_of(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def build_store(path: Path, n: int) -> tuple[pl.DataFrame, float]:
+    """The store of ``n`` trips; the seconds its one write took."""
     frame = trips(n)
-    started = time.perf_counter()
-    store = DuckDBScoreStore(path)
     worst = frame.sort("score").row(0, named=True)
     measured = frame.filter(
         (pl.col("driver_id") == worst["driver_id"]) | (pl.col("vehicle_id") == worst["vehicle_id"])
     )
     sample = pl.concat([frame.gather_every(50), measured]).unique(["vehicle_id", "trip_id"])
-    store.write(ScoreBatch("bench", scores=frame, alerts=alerts_of(frame), routes=routes(sample)))
+    batch = ScoreBatch("bench", scores=frame, alerts=alerts_of(frame), routes=routes(sample))
+    started = time.perf_counter()
+    DuckDBScoreStore(path).write(batch)
     return frame, time.perf_counter() - started
+
+
+def rescore_ms(path: Path, frame: pl.DataFrame, count: int) -> float:
+    """Median ms of three writes of ``count`` trips of one day, scored again later by a
+    newer version with other scores (so they move between bands and buckets)."""
+    store = DuckDBScoreStore(path)
+    times = []
+    for day in (5, 15, 25):
+        lo = START + timedelta(days=day)
+        picked = frame.filter(pl.col("end_ts").is_between(lo, lo + timedelta(days=1))).head(count)
+        again = picked.with_columns(
+            pl.lit("2").alias("model_version"),
+            (pl.col("scored_at") + timedelta(days=1)).alias("scored_at"),
+            (100.0 - pl.col("score")).alias("score"),
+        ).with_columns(
+            pl.Series("risk_band", [band_for_score(s) for s in (100.0 - picked["score"]).to_list()])
+        )
+        started = time.perf_counter()
+        store.write(ScoreBatch("bench", scores=again))
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
 
 
 def serve(app: object) -> tuple[str, uvicorn.Server, threading.Thread]:
@@ -161,15 +199,13 @@ def serve(app: object) -> tuple[str, uvicorn.Server, threading.Thread]:
     return f"http://127.0.0.1:{port}", server, thread
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trips", type=int, default=1_000_000)
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
+def measure(n: int, repeat: int, rescore: int) -> dict[str, object]:
+    """Write the store, time each page, then the re-scored batches; print as it goes."""
     folder = Path(tempfile.mkdtemp(prefix="bench-dashboard-"))
-    frame, seconds = build_store(folder / "scores.duckdb", args.trips)
+    frame, seconds = build_store(folder / "scores.duckdb", n)
     store = DuckDBScoreStore(folder / "scores.duckdb")
-    print(f"{args.trips:,} trips written in {seconds:.1f} s ({store.counts()})")
+    print(f"package: {Path(driverscore.__file__).parent}")
+    print(f"{n:,} trips written in {seconds:.1f} s ({store.counts()})")
     worst = frame.sort("score").row(0, named=True)
     fleet = frame["fleet_id"][1]
     pages = {
@@ -185,28 +221,67 @@ def main() -> None:
     }
     sources = DashboardSources(reader=store, engine="duckdb", route=store.trip_route, registry=None)
     url, server, thread = serve(standalone_app(create_dashboard(sources)))
-    print(
-        f"\npage server time at {args.trips:,} stored trips (DuckDB), target < {TARGET_MS:.0f} ms"
-    )
+    print(f"\npage server time at {n:,} stored trips (DuckDB), target < {TARGET_MS:.0f} ms")
     print(f"{'page':<38} {'p50 ms':>8} {'max ms':>8} {'KiB':>7}  target")
+    timed: dict[str, float] = {}
     try:
         with httpx.Client(base_url=url, timeout=60) as client:
             for name, path in pages.items():
                 client.get(path)  # warm: the OS cache of the file
                 times, size = [], 0
-                for _ in range(args.repeat):
+                for _ in range(repeat):
                     started = time.perf_counter()
                     answer = client.get(path)
                     times.append((time.perf_counter() - started) * 1000)
                     size = len(answer.content)
                     assert answer.status_code in (200, 404), (path, answer.status_code)
                 p50 = statistics.median(times)
+                timed[name] = p50
                 verdict = "ok" if p50 < TARGET_MS else "over"
                 print(f"{name:<38} {p50:>8.1f} {max(times):>8.1f} {size / 1024:>7.0f}  {verdict}")
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+    small = rescore_ms(folder / "scores.duckdb", frame, rescore)
+    print(f"\nwrite of {rescore:,} re-scored trips into the {n:,}-trip store: {small:.1f} ms")
     sys.stdout.flush()
+    return {"write_s": seconds, "rescore_ms": small, "pages": timed}
+
+
+def compare(base: dict[str, Any], this: dict[str, Any], n: int, rescore: int) -> None:
+    print(f"\nbaseline vs this checkout at {n:,} trips (ratio = baseline / this)")
+    print(f"{'measure':<46} {'baseline':>10} {'this':>10} {'ratio':>7}")
+    rows = [(f"{name} (p50 ms)", base["pages"][name], ms) for name, ms in this["pages"].items()]
+    rows.append((f"write {n:,} trips, one batch (s)", base["write_s"], this["write_s"]))
+    rows.append((f"write {rescore:,} re-scored trips (ms)", base["rescore_ms"], this["rescore_ms"]))
+    for name, before, after in rows:
+        print(f"{name:<46} {before:>10.1f} {after:>10.1f} {before / after:>6.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trips", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--rescore", type=int, default=1_000)
+    parser.add_argument("--baseline", type=Path, help="a checkout whose src/ is run first")
+    parser.add_argument("--json", type=Path, help="also write the measures here")
+    args = parser.parse_args()
+    base: dict[str, Any] | None = None
+    if args.baseline is not None:
+        answer = Path(tempfile.mkdtemp(prefix="bench-dashboard-")) / "baseline.json"
+        print(f"== baseline: {args.baseline}/src")
+        sys.stdout.flush()
+        env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve() / "src")}
+        command = [sys.executable, __file__, "--trips", str(args.trips), "--repeat"]
+        command += [str(args.repeat), "--rescore", str(args.rescore), "--json", str(answer)]
+        subprocess.run(command, env=env, check=True)
+        base = json.loads(answer.read_text())
+        print("\n== this checkout")
+    this = measure(args.trips, args.repeat, args.rescore)
+    if args.json is not None:
+        args.json.write_text(json.dumps(this))
+    if base is not None:
+        compare(base, this, args.trips, args.rescore)
 
 
 if __name__ == "__main__":

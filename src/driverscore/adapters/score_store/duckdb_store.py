@@ -192,11 +192,16 @@ _SAME_GROUP: Final = (
 _DAILY_GROUP: Final = ("utc_day", "fleet_id", "client_id", "risk_band", "bucket")
 
 
-def _daily_rows(trips: str) -> str:
-    """The rollup's rows of the trips ``trips`` selects (``trip_latest`` rows)."""
+def _daily_rows(trips: str, *, groups: str | None = None) -> str:
+    """The rollup's rows of the trips ``trips`` selects (``trip_latest`` rows); with
+    ``groups`` (a relation of groups), of those groups only."""
     values = ", ".join(f"{v} AS {c}" for c, v in DAILY_OF_TRIP.items())
     sums = ", ".join(c if c in _DAILY_GROUP else f"SUM({c}) AS {c}" for c in DAILY_COLUMNS)
-    return f"SELECT {sums} FROM (SELECT {values} FROM {trips}) GROUP BY {', '.join(_DAILY_GROUP)}"
+    only = f" SEMI JOIN {groups} g ON {_SAME_GROUP.replace('d.', 't.')}" if groups else ""
+    return (
+        f"SELECT {sums} FROM (SELECT {values} FROM {trips}) t{only} "
+        f"GROUP BY {', '.join(_DAILY_GROUP)}"
+    )
 
 
 def _is_lock_conflict(exc: duckdb.Error) -> bool:
@@ -334,7 +339,13 @@ class DuckDBScoreStore:
         alerts, alert_rejects = split_storable(batch.alerts, ALERT_SCHEMA, batch.source)
         rejects = pl.concat([batch.rejects.cast(REJECT_SCHEMA), score_rejects, alert_rejects])  # type: ignore[arg-type]
         scores = _newest_per_key(scores, KEY_COLUMNS)
-        latest = _newest_per_key(scores, ("vehicle_id", "trip_id")).select(LATEST_COLUMNS)
+        # In trip-end order: a file written in time order lets a period's scan skip the
+        # row groups outside it (DuckDB's min/max per row group), a big batch too.
+        latest = (
+            _newest_per_key(scores, ("vehicle_id", "trip_id"))
+            .select(LATEST_COLUMNS)
+            .sort("end_ts", nulls_last=True)
+        )
         alerts = _newest_per_key(alerts, KEY_COLUMNS)
         routes = batch.routes.unique(["vehicle_id", "trip_id"], keep="last", maintain_order=True)
         now = datetime.now(UTC)
@@ -406,10 +417,18 @@ class DuckDBScoreStore:
                     f"WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {same})"
                 ).fetchone()
                 return (int(row[0]) if row else 0), None
+            # The rows about to be replaced, found once (one scan of the key columns), then
+            # deleted by row id.
             removed = con.execute(
-                f"DELETE FROM {table} t USING b_frame b WHERE {same} AND {newer} "
-                f"RETURNING {returning}"
+                f"SELECT t.rowid AS row_id, {returning} FROM {table} t JOIN b_frame b "
+                f"ON {same} WHERE {newer}"
             ).pl()
+            if removed.height:
+                con.register("r_frame", removed.select("row_id").to_arrow())
+                try:
+                    con.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT row_id FROM r_frame)")
+                finally:
+                    con.unregister("r_frame")
             added = con.execute(
                 f"INSERT INTO {table} BY NAME SELECT b.* FROM b_frame b "
                 f"WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {same}) "
@@ -418,7 +437,7 @@ class DuckDBScoreStore:
             ).pl()
         finally:
             con.unregister("b_frame")
-        return added.height, pl.concat([removed, added], how="vertical_relaxed")
+        return added.height, pl.concat([removed.drop("row_id"), added], how="vertical_relaxed")
 
     @staticmethod
     def _refresh_daily(con: duckdb.DuckDBPyConnection, changed: pl.DataFrame | None) -> None:
@@ -434,11 +453,10 @@ class DuckDBScoreStore:
         con.register("g_frame", groups.to_arrow())
         try:
             con.execute(f"DELETE FROM trip_daily d USING g_frame g WHERE {_SAME_GROUP}")
-            # The days' trips first (a range the file's zone maps prune), then the groups.
-            rows = _daily_rows("trip_latest WHERE end_ts >= ? AND end_ts < ? AND score IS NOT NULL")
+            # The days' trips (a range the row groups' min/max prune), of the groups only.
+            trips = "trip_latest WHERE end_ts >= ? AND end_ts < ? AND score IS NOT NULL"
             con.execute(
-                f"INSERT INTO trip_daily BY NAME SELECT d.* FROM ({rows}) d "
-                f"JOIN g_frame g ON {_SAME_GROUP}",
+                f"INSERT INTO trip_daily BY NAME {_daily_rows(trips, groups='g_frame')}",
                 [_EPOCH + timedelta(days=first), _EPOCH + timedelta(days=last + 1)],
             )
         finally:
