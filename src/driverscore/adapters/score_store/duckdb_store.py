@@ -581,18 +581,20 @@ def _daily_relation(
     end_us = (params.end - _EPOCH) // timedelta(microseconds=1)
     # Whole days: their midnight after ``start``, their next midnight at or before ``end``.
     first, last = start_us // _DAY_US + 1, end_us // _DAY_US
-    edges = _daily_rows(
-        "trip_latest WHERE end_ts > ? AND end_ts <= ? AND score IS NOT NULL "
-        f"AND NOT (end_ts >= ? AND end_ts < ?){where}"
-    )
+    trips = "trip_latest WHERE end_ts {} ? AND end_ts {} ? AND score IS NOT NULL" + where
+    if first >= last:
+        relation = f"daily AS ({_daily_rows(trips.format('>', '<='))})"
+        return relation, [params.start, params.end, *filtered]
+    first_ts, last_ts = _EPOCH + timedelta(days=first), _EPOCH + timedelta(days=last)
+    # Each edge is a plain range of its own, so the row groups' min/max skip the rest.
     relation = (
         f"daily AS (SELECT {', '.join(DAILY_COLUMNS)} FROM trip_daily "
         f"WHERE utc_day >= ? AND utc_day < ?{where} "
-        f"UNION ALL {edges})"
+        f"UNION ALL {_daily_rows(trips.format('>', '<'))} "
+        f"UNION ALL {_daily_rows(trips.format('>=', '<='))})"
     )
-    values: list[object] = [first, last, *filtered, params.start, params.end]
-    values += [_EPOCH + timedelta(days=first), _EPOCH + timedelta(days=last), *filtered]
-    return relation, values
+    values: list[object] = [first, last, *filtered, params.start, first_ts, *filtered]
+    return relation, [*values, last_ts, params.end, *filtered]
 
 
 def _newest_per_key(frame: pl.DataFrame, key: tuple[str, ...]) -> pl.DataFrame:
