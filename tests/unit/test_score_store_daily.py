@@ -101,22 +101,25 @@ def written(tmp_path: Path) -> tuple[DuckDBScoreStore, pl.DataFrame]:
 
 
 PERIODS = [
-    # every trip; whole days only; edges inside days; less than a day; a midnight start.
-    (T0 - timedelta(days=1), T0 + timedelta(days=9)),
-    (T0 + timedelta(days=1), T0 + timedelta(days=4)),
-    (T0 + timedelta(days=1, hours=7, microseconds=3), T0 + timedelta(days=5, hours=2)),
-    (T0 + timedelta(days=2, hours=3), T0 + timedelta(days=2, hours=21)),
-    (T0 + timedelta(days=3), T0 + timedelta(days=3, hours=30)),
+    # (start, end, whole UTC days inside): every trip; whole days only; edges inside days;
+    # less than a day; from a midnight (its trips ending at that instant are not in it).
+    (T0 - timedelta(days=1), T0 + timedelta(days=9), True),
+    (T0 + timedelta(days=1), T0 + timedelta(days=4), True),
+    (T0 + timedelta(days=1, hours=7, microseconds=3), T0 + timedelta(days=5, hours=2), True),
+    (T0 + timedelta(days=2, hours=3), T0 + timedelta(days=2, hours=21), False),
+    (T0 + timedelta(days=3), T0 + timedelta(days=3, hours=30), False),
+    (T0 + timedelta(days=3), T0 + timedelta(days=5), True),
 ]
 FILTERS = [(None, None), ("f1", None), (None, "c2"), ("f2", "c0")]
 
 
-@pytest.mark.parametrize(("start", "end"), PERIODS)
+@pytest.mark.parametrize(("start", "end", "whole_days"), PERIODS)
 @pytest.mark.parametrize(("fleet", "client"), FILTERS)
 def test_rollup_answers_equal_the_answers_over_the_trips(
     written: tuple[DuckDBScoreStore, pl.DataFrame],
     start: datetime,
     end: datetime,
+    whole_days: bool,
     fleet: str | None,
     client: str | None,
 ) -> None:
@@ -128,7 +131,7 @@ def test_rollup_answers_equal_the_answers_over_the_trips(
             )
             assert reads_daily(QUERIES[name], params)
             sql, _values = store.render(QUERIES[name], params)
-            assert "trip_daily" in sql
+            assert ("trip_daily" in sql) == whole_days
             assert_same(store.query(name, params), trips_answer(store, name, params), name)
 
 
