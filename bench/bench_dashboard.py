@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python bench/bench_dashboard.py                  # 1M trips, 5 requests a page
     .venv/bin/python bench/bench_dashboard.py --trips 200000 --repeat 3
     # the same run on another version's package first, then this one, with ratios:
-    git archive main src | tar -x -C /tmp/base
+    mkdir -p /tmp/base && git archive main src | tar -x -C /tmp/base
     .venv/bin/python bench/bench_dashboard.py --baseline /tmp/base
 
 The store is written once (``DuckDBScoreStore.write``, one batch) with synthetic but
