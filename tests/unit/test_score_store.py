@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 
 from driverscore.adapters.score_store.duckdb_store import (
+    SCHEMA_VERSION,
     DuckDBScoreStore,
     StoreBusyError,
     StoreMissingError,
@@ -295,7 +296,7 @@ def test_a_version_1_store_stays_readable_and_its_first_write_upgrades_it(tmp_pa
     assert old.select(EVENT_COLUMNS).rows() == [(False,) * 4] * 2  # no flags: no event
 
     store.write(ScoreBatch("test", routes=_flagged_route()))
-    assert store.sql("SELECT schema_version FROM store_meta").item() == 2
+    assert store.sql("SELECT schema_version FROM store_meta").item() == SCHEMA_VERSION
     assert store.route("v1", "old").equals(old)
     new = store.route("v1", "new")
     assert new["hard_brake"].to_list() == [False, False, True, False, False]
