@@ -8,11 +8,25 @@ keys per message (each is one changelog record at a checkpoint), and with ``--pr
 a pyinstrument profile of the loop.
 
     .venv/bin/python bench/profile_stream_single.py --vehicles 30 --profile
+
+``--against REF`` compares with another commit in the same command: the commit's
+``src/`` (``git archive``) and this tree's each run the loop in a fresh process, taking
+turns ``--rounds`` times, so both meet the same load of a shared machine; it prints each
+round, the median CPU µs per message of each and their ratio.
+
+    .venv/bin/python bench/profile_stream_single.py --vehicles 20 --against main --rounds 5
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -34,12 +48,59 @@ class _NoScoring:
         return []
 
 
+def _run(src: Path | None, args: argparse.Namespace) -> dict[str, float]:
+    """One measurement in a fresh process, with ``src`` first on the path (None: this tree)."""
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-W", "ignore", __file__, "--json"]
+    command += ["--vehicles", str(args.vehicles), "--checkpoint", str(args.checkpoint)]
+    done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _compare(args: argparse.Namespace) -> None:
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as folder:
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", args.against, "src"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(folder, filter="data")
+        baseline_src = Path(folder) / "src"
+        runs: dict[str, list[dict[str, float]]] = {args.against: [], "this tree": []}
+        for round_ in range(args.rounds):
+            for name, src in ((args.against, baseline_src), ("this tree", None)):
+                result = _run(src, args)
+                runs[name].append(result)
+                print(
+                    f"round {round_ + 1}  {name:>12}: {result['cpu_us']:.2f} µs CPU/message, "
+                    f"{result['wall_us']:.2f} µs wall, {result['changed']:.3f} changed keys",
+                    flush=True,
+                )
+    base = statistics.median(r["cpu_us"] for r in runs[args.against])
+    mine = statistics.median(r["cpu_us"] for r in runs["this tree"])
+    print(
+        f"median CPU per message: {args.against} {base:.2f} µs, this tree {mine:.2f} µs: "
+        f"{mine / base:.3f}× ({(1 - mine / base) * 100:+.1f} % less CPU)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vehicles", type=int, default=30)
     parser.add_argument("--checkpoint", type=int, default=7000, help="messages per checkpoint")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--against", help="a git commit to compare with (its src/)")
+    parser.add_argument("--rounds", type=int, default=5, help="turns each with --against")
+    parser.add_argument("--json", action="store_true", help="print one JSON line (for --against)")
     args = parser.parse_args()
+    if args.against:
+        _compare(args)
+        return
     pings = simulate(
         SimulationConfig(vehicles=args.vehicles, days=1, seed=7, dirt=DirtConfig.clean())
     ).pings.sort("ts")
@@ -82,6 +143,17 @@ def main() -> None:
         if profiler is not None:
             profiler.stop()
         store.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "cpu_us": cpu / len(messages) * 1e6,
+                    "wall_us": elapsed / len(messages) * 1e6,
+                    "changed": changed / len(messages),
+                }
+            )
+        )
+        return
     print(
         f"{len(messages):,} single-ping messages: {elapsed / len(messages) * 1e6:.1f} µs/message "
         f"({cpu / len(messages) * 1e6:.1f} µs CPU), "
