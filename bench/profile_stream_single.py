@@ -83,10 +83,11 @@ class _Replay:
                 self.scope = QuixScope(state, ("pings", 0))
             self.processor.process(value, key, 0, [], self.scope, "pings/0/0")
             if (i + 1) % self.checkpoint == 0 or i + 1 == len(self.messages):
+                # Counted once prepared: the processor may write at that moment too.
+                self.transaction.prepare()
                 updates = self.transaction._update_cache.get_updates()
                 self.changed += sum(len(v) for v in updates.values())
                 self.changed += len(self.transaction._update_cache.get_deletes())
-                self.transaction.prepare()
                 self.transaction.flush()
                 self.transaction = self.store.begin()
                 self.scope = None
