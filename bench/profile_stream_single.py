@@ -5,7 +5,7 @@ partition state in a real Quix RocksDB store (``QuixScope``), checkpointed like 
 processor does (every ``--checkpoint`` messages: ``prepare`` + ``flush``). Trips that close
 are not scored (scoring is per trip, not per ping). Prints µs per message, the changed
 keys per message (each is one changelog record at a checkpoint), and with ``--profile``
-a pyinstrument profile of the loop.
+a pyinstrument profile of the loop (``cProfile``'s when pyinstrument is not installed).
 
     .venv/bin/python bench/profile_stream_single.py --vehicles 30 --profile
 
@@ -20,9 +20,11 @@ falls on both alike; per round it prints the CPU µs per message of each and the
 from __future__ import annotations
 
 import argparse
+import cProfile
 import io
 import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -200,18 +202,26 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as folder:
         replay = _Replay(args.vehicles, args.checkpoint, folder)
-        profiler = None
+        profiler = cprofiler = None
         if args.profile:
-            from pyinstrument import Profiler
-
-            profiler = Profiler(interval=0.0005)
-            profiler.start()
+            try:
+                from pyinstrument import Profiler
+            except ImportError:  # not in the lock file: the standard library's profiler
+                cprofiler = cProfile.Profile()
+            else:
+                profiler = Profiler(interval=0.0005)
         started, cpu = time.perf_counter(), time.process_time()
+        if profiler is not None:
+            profiler.start()
+        if cprofiler is not None:
+            cprofiler.enable()
         replay.step(len(replay.messages))
-        elapsed = time.perf_counter() - started
-        cpu = time.process_time() - cpu
+        if cprofiler is not None:
+            cprofiler.disable()
         if profiler is not None:
             profiler.stop()
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
         replay.store.close()
     n = len(replay.messages)
     print(
@@ -221,6 +231,8 @@ def main() -> None:
     )
     if profiler is not None:
         print(profiler.output_text(unicode=False, color=False, show_all=False))
+    if cprofiler is not None:  # deterministic, so calls weigh more than in a sampler
+        pstats.Stats(cprofiler).sort_stats("cumulative").print_stats(30)
 
 
 if __name__ == "__main__":
