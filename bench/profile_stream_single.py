@@ -164,6 +164,11 @@ def _compare(args: argparse.Namespace) -> None:
         for round_ in range(args.rounds):
             base = _Runner(args.against, Path(folder) / "src", args)
             mine = _Runner("this tree", None, args)
+            if base.messages != mine.messages:  # each simulates with its own code
+                raise SystemExit(
+                    f"error: {args.against} simulates {base.messages:,} messages, this tree "
+                    f"{mine.messages:,}: compare with a commit whose simulator gives the same day"
+                )
             ratios: list[float] = []
             step = 0
             while step * args.step < base.messages:
