@@ -69,6 +69,7 @@ def test_public_api_is_explicit() -> None:
             "Simulation",
             "SimulationConfig",
             "constant_turn",
+            "hard_stop",
             "iter_simulation",
             "simulate",
             "straight_drive",
