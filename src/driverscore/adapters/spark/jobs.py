@@ -27,17 +27,36 @@ from typing import TYPE_CHECKING, Any, Final
 import polars as pl
 import pyarrow as pa
 
+from driverscore.adapters.prediction_log import PREDICTION_LOG_SCHEMA, records_frame
+from driverscore.adapters.spark.models import ShippedScoring
 from driverscore.adapters.spark.session import spark_path
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
 from driverscore.domain.mapping import ColumnMapping, apply_mapping
 from driverscore.domain.prepare import prepare_trips
+from driverscore.domain.routes import ROUTE_SCHEMA, trip_routes
 from driverscore.domain.schema import PING_SCHEMA
+from driverscore.domain.trip_scoring import (
+    ALERT_COLUMN,
+    SET_ASIDE_NON_FINITE,
+    SET_ASIDE_SCHEMA,
+    TRIP_RECORD_SCHEMA,
+    score_trip_pings,
+)
 from driverscore.errors import InputDataError
 
 if TYPE_CHECKING:
+    from pyspark import Broadcast
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["SparkImport", "SparkPrepared", "import_on_spark", "prepare_on_spark"]
+__all__ = [
+    "SparkImport",
+    "SparkPrepared",
+    "SparkScores",
+    "import_on_spark",
+    "in_scoring_order",
+    "prepare_on_spark",
+    "score_on_spark",
+]
 
 _ENVELOPE_DDL: Final = "kind string, rows long, payload binary"
 _ENVELOPE: Final = pa.schema(
@@ -122,38 +141,68 @@ def _map_sources(batches: Iterator[pa.RecordBatch], mapping_json: str) -> Iterat
     yield _envelope([("blocks", blocks)])
 
 
-def _group_preparer(configs_json: str, reference_time_iso: str) -> Callable[[pa.Table], pa.Table]:
+def _group_preparer(
+    configs_json: str, reference_time_iso: str, scoring: Broadcast[ShippedScoring] | None = None
+) -> Callable[[pa.Table], pa.Table]:
     # A one-argument function: applyInArrow tells the (table) and (key, table) forms apart
     # by the number of parameters.
     def prepare_group(table: pa.Table) -> pa.Table:
-        return _prepare_group(table, configs_json, reference_time_iso)
+        return _prepare_group(table, configs_json, reference_time_iso, scoring)
 
     return prepare_group
 
 
-def _prepare_group(table: pa.Table, configs_json: str, reference_time_iso: str) -> pa.Table:
-    """applyInArrow: one group of whole vehicles -> cleaned pings, features, quarantine, counts."""
+def _prepare_group(
+    table: pa.Table,
+    configs_json: str,
+    reference_time_iso: str,
+    scoring: Broadcast[ShippedScoring] | None = None,
+) -> pa.Table:
+    """applyInArrow: one group of whole vehicles -> cleaned pings, features, quarantine,
+    counts; with ``scoring``, also the group's score records, alerts, set-asides,
+    prediction-log rows and routes, scored on the one scoring path."""
     started = time.perf_counter()
-    configs = json.loads(configs_json)
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     pings = _canonical_types(frame.drop(_BUCKET))
-    prepared = prepare_trips(
-        pings,
-        CleaningConfig.model_validate(configs["cleaning"]),
-        TripConfig.model_validate(configs["trips"]),
-        FeatureConfig.model_validate(configs["features"]),
-        reference_time=datetime.fromisoformat(reference_time_iso),
-    )
+    reference_time = datetime.fromisoformat(reference_time_iso)
+    scored_items: list[tuple[str, pl.DataFrame]] = []
+    if scoring is None:
+        configs = json.loads(configs_json)
+        prepared = prepare_trips(
+            pings,
+            CleaningConfig.model_validate(configs["cleaning"]),
+            TripConfig.model_validate(configs["trips"]),
+            FeatureConfig.model_validate(configs["features"]),
+            reference_time=reference_time,
+        )
+        cleaned, features = prepared.pings, prepared.features
+        quarantine, stage_counts = prepared.quarantine, prepared.counts
+    else:
+        # The function the stream and the embedded runner score pings with: trips cut with
+        # the champion card's configurations, each model fed its own card's features.
+        shipped = scoring.value
+        result = score_trip_pings(pings, shipped.models(), shipped.policy(), reference_time)
+        cleaned, features = result.pings, result.features
+        quarantine, stage_counts = result.quarantine, result.counts
+        scored = result.scored
+        scored_items = [
+            ("scores", scored.records_frame()),
+            ("alerts", scored.alerts_frame()),
+            ("set_aside", scored.set_aside_frame()),
+            ("decisions", records_frame(scored.decisions)),
+            # A group holds whole vehicles, so whole trips: its routes are the trips' routes.
+            ("routes", trip_routes(cleaned)),
+        ]
     kept_per_source: dict[str, int] = {}
-    if "source" in prepared.pings.columns:
-        for source, n in prepared.pings.group_by("source").len().iter_rows():
+    if "source" in cleaned.columns:
+        for source, n in cleaned.group_by("source").len().iter_rows():
             kept_per_source[str(source)] = int(n)
-    # The group's own cost (Arrow in, prepare_trips, frames out): what a cluster
-    # projection scales from (bench/bench_spark.py).
+    # The group's own cost (Arrow in, prepare_trips and scoring, frames out): what a
+    # cluster projection scales from (bench/bench_spark.py).
     seconds = time.perf_counter() - started
     summary = {
-        "counts": prepared.counts,
+        "counts": stage_counts,
         "kept_per_source": kept_per_source,
         "pings": pings.height,
         "seconds": seconds,
@@ -161,10 +210,11 @@ def _prepare_group(table: pa.Table, configs_json: str, reference_time_iso: str) 
     counts = pl.DataFrame({"json": [json.dumps(summary)]})
     batch = _envelope(
         [
-            ("cleaned", prepared.pings),
-            ("features", prepared.features),
-            ("quarantine", prepared.quarantine),
+            ("cleaned", cleaned),
+            ("features", features),
+            ("quarantine", quarantine),
             ("counts", counts),
+            *scored_items,
         ]
     )
     return pa.Table.from_batches([batch])
@@ -278,6 +328,8 @@ class SparkPrepared:
 
     envelope: DataFrame
     groups: int
+    #: The models broadcast to the executors, when they scored too.
+    scoring: Broadcast[ShippedScoring] | None = None
     _collected: dict[str, Any] = field(default_factory=dict)
 
     def cleaned_parts(self) -> Iterator[pl.DataFrame]:
@@ -314,8 +366,57 @@ class SparkPrepared:
             for loaded in (json.loads(f.item(0, "json")) for f in self._collect("counts"))
         ]
 
+    def scores(self) -> SparkScores:
+        """What the executors scored, in the order the embedded engine gives it."""
+        return SparkScores(
+            records=in_scoring_order(self._concat("scores", TRIP_RECORD_SCHEMA)),
+            alerts=in_scoring_order(
+                self._concat("alerts", {**TRIP_RECORD_SCHEMA, ALERT_COLUMN: pl.String()})
+            ),
+            set_aside=in_scoring_order(self._concat("set_aside", SET_ASIDE_SCHEMA)),
+            decisions=in_scoring_order(self._concat("decisions", PREDICTION_LOG_SCHEMA)),
+            routes=self._concat("routes", ROUTE_SCHEMA).sort("vehicle_id", "trip_id"),
+        )
+
+    def _concat(self, kind: str, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+        frames = [frame for frame in self._collect(kind) if frame.height]
+        return pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=schema)
+
     def close(self) -> None:
         self.envelope.unpersist()
+        if self.scoring is not None:
+            self.scoring.unpersist()
+
+
+@dataclass(frozen=True)
+class SparkScores:
+    """Trip scores made on the executors, collected on the driver (one row per trip)."""
+
+    #: Answer records (:data:`TRIP_RECORD_SCHEMA`).
+    records: pl.DataFrame
+    #: Answer records that alert, with the ``alert`` text.
+    alerts: pl.DataFrame
+    #: Trips not scored, with the reason (:data:`SET_ASIDE_SCHEMA`).
+    set_aside: pl.DataFrame
+    #: Prediction-log rows (:data:`PREDICTION_LOG_SCHEMA`), aligned with ``records``.
+    decisions: pl.DataFrame
+    #: The trips' thinned routes (:data:`ROUTE_SCHEMA`), sorted by vehicle and trip.
+    routes: pl.DataFrame
+
+
+def in_scoring_order(frame: pl.DataFrame) -> pl.DataFrame:
+    """Rows of per-trip outputs in the order embedded scoring gives them.
+
+    Embedded scoring walks the trips sorted by ``trip_id``, ``vehicle_id``; its set-asides
+    list the trips with invalid features first, then those whose model output was not a
+    probability (a trip is set aside once at most). Scored groups arrive in any order.
+    """
+    if frame.height == 0:
+        return frame
+    keys: list[pl.Expr] = [pl.col("trip_id"), pl.col("vehicle_id")]
+    if "reason" in frame.columns:
+        keys.insert(0, pl.col("reason") == SET_ASIDE_NON_FINITE)
+    return frame.sort(keys, nulls_last=False, maintain_order=True)
 
 
 def prepare_on_spark(
@@ -336,10 +437,6 @@ def prepare_on_spark(
     group whichever files and partitions they came from, and each group goes to
     ``prepare_trips`` whole.
     """
-    from pyspark.sql import functions as sf
-
-    groups = max(spark.sparkContext.defaultParallelism, math.ceil(total_pings / pings_per_group))
-    pings = spark.read.schema(_spark_canonical_ddl()).parquet(*map(spark_path, canonical_uris))
     configs = json.dumps(
         {
             "cleaning": cleaning.model_dump(mode="json"),
@@ -347,11 +444,47 @@ def prepare_on_spark(
             "features": features.model_dump(mode="json"),
         }
     )
-    bucketed = pings.withColumn(_BUCKET, sf.pmod(sf.xxhash64("vehicle_id"), sf.lit(groups)))
+    bucketed, groups = _vehicle_groups(spark, canonical_uris, total_pings, pings_per_group)
     prepared = bucketed.groupBy(_BUCKET).applyInArrow(
         _group_preparer(configs, reference_time.isoformat()), _ENVELOPE_DDL
     )
     return SparkPrepared(envelope=prepared.persist(), groups=groups)
+
+
+def score_on_spark(
+    spark: SparkSession,
+    canonical_uris: list[str],
+    scoring: ShippedScoring,
+    *,
+    reference_time: datetime,
+    total_pings: int,
+    pings_per_group: int,
+) -> SparkPrepared:
+    """Prepare and score canonical ping parts on the executors, vehicle group by group.
+
+    The models' ONNX exports and cards are broadcast once; each executor builds their
+    scorers once (``adapters/spark/models.py``) and scores its groups with the function
+    the stream and the embedded runner use, the champion card's configurations cutting
+    the trips. Only score records, set-asides and prediction-log rows need the driver.
+    """
+    shipped = spark.sparkContext.broadcast(scoring)
+    bucketed, groups = _vehicle_groups(spark, canonical_uris, total_pings, pings_per_group)
+    scored = bucketed.groupBy(_BUCKET).applyInArrow(
+        _group_preparer("", reference_time.isoformat(), shipped), _ENVELOPE_DDL
+    )
+    return SparkPrepared(envelope=scored.persist(), groups=groups, scoring=shipped)
+
+
+def _vehicle_groups(
+    spark: SparkSession, canonical_uris: list[str], total_pings: int, pings_per_group: int
+) -> tuple[DataFrame, int]:
+    """The canonical pings with their vehicle group (a hash of ``vehicle_id``)."""
+    from pyspark.sql import functions as sf
+
+    groups = max(spark.sparkContext.defaultParallelism, math.ceil(total_pings / pings_per_group))
+    pings = spark.read.schema(_spark_canonical_ddl()).parquet(*map(spark_path, canonical_uris))
+    bucketed = pings.withColumn(_BUCKET, sf.pmod(sf.xxhash64("vehicle_id"), sf.lit(groups)))
+    return bucketed, groups
 
 
 def input_error(exc: BaseException) -> InputDataError | None:
