@@ -64,6 +64,8 @@ class Backend:
                 "mlflow_tracking_uri": f"sqlite:///{self.root / 'mlflow.db'}",
                 "model_name": self.model_name,
                 "experiment_name": "spark-scoring",
+                # A few vehicle groups of this small fleet, not dozens: each costs a task.
+                "spark": spark_settings.spark.model_copy(update={"pings_per_group": 15_000}),
             }
         )
 
