@@ -16,6 +16,7 @@ from driverscore.adapters.readers import list_sources, no_rows_error, table_form
 from driverscore.adapters.spark.jobs import (
     SparkPrepared,
     SparkScores,
+    StagingArea,
     import_on_spark,
     input_error,
     prepare_on_spark,
@@ -65,6 +66,16 @@ def _executor_errors() -> Iterator[None]:
         raise error from None
 
 
+@contextmanager
+def _staging_area(ctx: RunContext) -> Iterator[StagingArea]:
+    """A staging folder of the run's data store for the executors' parts, removed after."""
+    staging = ctx.store.new_staging()
+    try:
+        yield StagingArea(ctx.store.root_uri, ctx.settings.storage_options(), staging)
+    finally:
+        ctx.store.discard_staging(staging)
+
+
 def ingest_spark(
     ctx: RunContext, spark: SparkSession, source_uri: str, mapping: ColumnMapping | None = None
 ) -> IngestedTelemetry:
@@ -80,16 +91,18 @@ def ingest_spark(
     ctx.progress(f"snapshot {len(sources)} raw file(s)")
     raw = ctx.store.snapshot_raw(sources)
     ctx.progress(f"read and map {len(sources)} file(s) on Spark")
-    with _executor_errors():
+    with _executor_errors(), _staging_area(ctx) as area:
         job = import_on_spark(
             spark,
             sources,
             formats.pop(),
             mapping,
+            area,
             delimiter=mapping.delimiter if mapping else ",",
         )
         try:
-            canonical = ctx.store.write_dataset("canonical", job.canonical_parts())
+            # The executors wrote the pings; only their parts' names and digests come here.
+            canonical = ctx.store.commit_staged("canonical", area.staging, job.canonical_parts())
             rejected = job.rejects()
         finally:
             job.close()
@@ -110,7 +123,7 @@ def prepare_spark(
     configs = configs or DomainConfigs.from_settings(ctx.settings)
     _require_pings(ingested)
     ctx.progress("clean, trips and features on Spark")
-    with _executor_errors():
+    with _executor_errors(), _staging_area(ctx) as area:
         job = prepare_on_spark(
             spark,
             ctx.store.part_uris(ingested.canonical),
@@ -120,9 +133,10 @@ def prepare_spark(
             reference_time=ctx.reference_time,
             total_pings=ingested.canonical.rows,
             pings_per_group=ctx.settings.spark.pings_per_group,
+            area=area,
         )
         try:
-            return _write_prepared(ctx, ingested, job)
+            return _write_prepared(ctx, ingested, job, area)
         finally:
             job.close()
 
@@ -141,7 +155,7 @@ def score_spark(
     """
     _require_pings(ingested)
     ctx.progress("clean, trips, features and scores on Spark")
-    with _executor_errors():
+    with _executor_errors(), _staging_area(ctx) as area:
         job = score_on_spark(
             spark,
             ctx.store.part_uris(ingested.canonical),
@@ -149,10 +163,11 @@ def score_spark(
             reference_time=ctx.reference_time,
             total_pings=ingested.canonical.rows,
             pings_per_group=ctx.settings.spark.pings_per_group,
+            area=area,
         )
         try:
             scores = job.scores()
-            prepared = _write_prepared(ctx, ingested, job)
+            prepared = _write_prepared(ctx, ingested, job, area)
         finally:
             job.close()
     return prepared, scores
@@ -166,10 +181,11 @@ def _require_pings(ingested: IngestedTelemetry) -> None:
 
 
 def _write_prepared(
-    ctx: RunContext, ingested: IngestedTelemetry, job: SparkPrepared
+    ctx: RunContext, ingested: IngestedTelemetry, job: SparkPrepared, area: StagingArea
 ) -> PreparedDataset:
-    """Write what the executors prepared as the embedded prepare step writes it."""
-    cleaned = ctx.store.write_dataset("cleaned", job.cleaned_parts())
+    """Write what the executors prepared as the embedded prepare step writes it; the
+    cleaned pings are already in the store, staged by the executors."""
+    cleaned = ctx.store.commit_staged("cleaned", area.staging, job.cleaned_parts())
     feature_frame = job.features()
     quarantine = job.quarantine()
     counts, kept_per_source = job.counts()

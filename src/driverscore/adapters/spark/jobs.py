@@ -19,7 +19,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
@@ -30,6 +30,7 @@ import pyarrow as pa
 from driverscore.adapters.prediction_log import PREDICTION_LOG_SCHEMA, records_frame
 from driverscore.adapters.spark.models import ShippedScoring
 from driverscore.adapters.spark.session import spark_path
+from driverscore.adapters.storage import DataStore, StagedPart
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
 from driverscore.domain.mapping import ColumnMapping, apply_mapping
 from driverscore.domain.prepare import prepare_trips
@@ -52,6 +53,7 @@ __all__ = [
     "SparkImport",
     "SparkPrepared",
     "SparkScores",
+    "StagingArea",
     "import_on_spark",
     "in_scoring_order",
     "prepare_on_spark",
@@ -97,18 +99,58 @@ def _canonical_types(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+@dataclass(frozen=True)
+class StagingArea:
+    """Where executors write a dataset's parts: a staging folder of the run's data store.
+
+    Parts then travel from the executors to the store directly; the driver gets their
+    names and content digests (a few hundred bytes each) and commits the dataset.
+    """
+
+    root_uri: str
+    storage_options: dict[str, Any]
+    staging: str
+
+    def stage(self, stem: str, frame: pl.DataFrame) -> tuple[str, pl.DataFrame]:
+        """Write ``frame`` as a part and return the envelope item that names it."""
+        part = DataStore(self.root_uri, self.storage_options).stage_part(self.staging, stem, frame)
+        return (_PART, pl.DataFrame({"json": [json.dumps(asdict(part))]}))
+
+
+#: Envelope kind of a part staged by an executor (its StagedPart as JSON).
+_PART: Final = "part"
+
+
+def _staged_parts(envelope: DataFrame) -> list[StagedPart]:
+    """The parts the executors staged, in part-name order (their partition and batch)."""
+    parts = [StagedPart(**json.loads(frame.item(0, "json"))) for frame in _frames(envelope, _PART)]
+    return sorted(parts, key=lambda part: part.name)
+
+
+def _task_partition() -> int:
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    return context.partitionId() if context is not None else 0
+
+
 # -- executor side ---------------------------------------------------------------------
 
 
-def _map_sources(batches: Iterator[pa.RecordBatch], mapping_json: str) -> Iterator[pa.RecordBatch]:
-    """mapInArrow: raw rows of one or more sources -> canonical pings and rejects.
+def _map_sources(
+    batches: Iterator[pa.RecordBatch], mapping_json: str, area: StagingArea
+) -> Iterator[pa.RecordBatch]:
+    """mapInArrow: raw rows of one or more sources -> canonical ping parts (staged in the
+    data store) and rejects.
 
     A partition reads whole file splits, each in file order, so a row's position within
     its split is a running count; the driver adds the rows of the splits before it
     (``blocks``) to name a rejected row by its row in the source, as the embedded engine does.
     """
     mapping = ColumnMapping.model_validate_json(mapping_json)
+    partition = _task_partition()
     seen: Counter[tuple[str, int]] = Counter()
+    parts = 0
     for batch in batches:
         raw = pl.from_arrow(batch)
         assert isinstance(raw, pl.DataFrame)
@@ -119,7 +161,9 @@ def _map_sources(batches: Iterator[pa.RecordBatch], mapping_json: str) -> Iterat
             before = seen[key]
             seen[key] += part.height
             mapped = apply_mapping(part.drop(_SOURCE, _BLOCK), mapping, key[0])
-            items.append(("pings", mapped.pings))
+            # Named by partition and order: a retried task rewrites the same parts.
+            items.append(area.stage(f"part-{partition:06d}-{parts:06d}", mapped.pings))
+            parts += 1
             if mapped.rejected.height:
                 items.append(
                     (
@@ -142,12 +186,15 @@ def _map_sources(batches: Iterator[pa.RecordBatch], mapping_json: str) -> Iterat
 
 
 def _group_preparer(
-    configs_json: str, reference_time_iso: str, scoring: Broadcast[ShippedScoring] | None = None
+    configs_json: str,
+    reference_time_iso: str,
+    area: StagingArea,
+    scoring: Broadcast[ShippedScoring] | None = None,
 ) -> Callable[[pa.Table], pa.Table]:
     # A one-argument function: applyInArrow tells the (table) and (key, table) forms apart
     # by the number of parameters.
     def prepare_group(table: pa.Table) -> pa.Table:
-        return _prepare_group(table, configs_json, reference_time_iso, scoring)
+        return _prepare_group(table, configs_json, reference_time_iso, area, scoring)
 
     return prepare_group
 
@@ -156,14 +203,17 @@ def _prepare_group(
     table: pa.Table,
     configs_json: str,
     reference_time_iso: str,
+    area: StagingArea,
     scoring: Broadcast[ShippedScoring] | None = None,
 ) -> pa.Table:
-    """applyInArrow: one group of whole vehicles -> cleaned pings, features, quarantine,
-    counts; with ``scoring``, also the group's score records, alerts, set-asides,
-    prediction-log rows and routes, scored on the one scoring path."""
+    """applyInArrow: one group of whole vehicles -> cleaned pings (a part staged in the
+    data store), features, quarantine, counts; with ``scoring``, also the group's score
+    records, alerts, set-asides, prediction-log rows and routes, scored on the one
+    scoring path."""
     started = time.perf_counter()
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
+    group = int(frame.item(0, _BUCKET)) if frame.height else 0
     pings = _canonical_types(frame.drop(_BUCKET))
     reference_time = datetime.fromisoformat(reference_time_iso)
     scored_items: list[tuple[str, pl.DataFrame]] = []
@@ -210,7 +260,7 @@ def _prepare_group(
     counts = pl.DataFrame({"json": [json.dumps(summary)]})
     batch = _envelope(
         [
-            ("cleaned", cleaned),
+            area.stage(f"part-{group:06d}", cleaned),
             ("features", features),
             ("quarantine", quarantine),
             ("counts", counts),
@@ -254,8 +304,9 @@ class SparkImport:
 
     envelope: DataFrame
 
-    def canonical_parts(self) -> Iterator[pl.DataFrame]:
-        return _frames(self.envelope, "pings")
+    def canonical_parts(self) -> list[StagedPart]:
+        """The canonical ping parts the executors staged, for the driver to commit."""
+        return _staged_parts(self.envelope)
 
     def rejects(self) -> pl.DataFrame:
         """Rejected rows, numbered within their source and in the embedded engine's order."""
@@ -286,6 +337,7 @@ def import_on_spark(
     sources: list[str],
     fmt: str,
     mapping: ColumnMapping | None,
+    area: StagingArea,
     *,
     delimiter: str = ",",
 ) -> SparkImport:
@@ -316,7 +368,11 @@ def import_on_spark(
         _BLOCK, sf.col("_metadata.file_block_start")
     )
     mapped = numbered.mapInArrow(
-        partial(_map_sources, mapping_json=(mapping or ColumnMapping()).model_dump_json()),
+        partial(
+            _map_sources,
+            mapping_json=(mapping or ColumnMapping()).model_dump_json(),
+            area=area,
+        ),
         _ENVELOPE_DDL,
     )
     return SparkImport(envelope=mapped.persist())
@@ -332,8 +388,9 @@ class SparkPrepared:
     scoring: Broadcast[ShippedScoring] | None = None
     _collected: dict[str, Any] = field(default_factory=dict)
 
-    def cleaned_parts(self) -> Iterator[pl.DataFrame]:
-        return _frames(self.envelope, "cleaned")
+    def cleaned_parts(self) -> list[StagedPart]:
+        """The cleaned ping parts the executors staged, for the driver to commit."""
+        return _staged_parts(self.envelope)
 
     def _collect(self, kind: str) -> list[pl.DataFrame]:
         if kind not in self._collected:
@@ -429,6 +486,7 @@ def prepare_on_spark(
     reference_time: datetime,
     total_pings: int,
     pings_per_group: int,
+    area: StagingArea,
 ) -> SparkPrepared:
     """Prepare canonical ping parts on the executors, vehicle group by vehicle group.
 
@@ -446,7 +504,7 @@ def prepare_on_spark(
     )
     bucketed, groups = _vehicle_groups(spark, canonical_uris, total_pings, pings_per_group)
     prepared = bucketed.groupBy(_BUCKET).applyInArrow(
-        _group_preparer(configs, reference_time.isoformat()), _ENVELOPE_DDL
+        _group_preparer(configs, reference_time.isoformat(), area), _ENVELOPE_DDL
     )
     return SparkPrepared(envelope=prepared.persist(), groups=groups)
 
@@ -459,6 +517,7 @@ def score_on_spark(
     reference_time: datetime,
     total_pings: int,
     pings_per_group: int,
+    area: StagingArea,
 ) -> SparkPrepared:
     """Prepare and score canonical ping parts on the executors, vehicle group by group.
 
@@ -470,7 +529,7 @@ def score_on_spark(
     shipped = spark.sparkContext.broadcast(scoring)
     bucketed, groups = _vehicle_groups(spark, canonical_uris, total_pings, pings_per_group)
     scored = bucketed.groupBy(_BUCKET).applyInArrow(
-        _group_preparer("", reference_time.isoformat(), shipped), _ENVELOPE_DDL
+        _group_preparer("", reference_time.isoformat(), area, shipped), _ENVELOPE_DDL
     )
     return SparkPrepared(envelope=scored.persist(), groups=groups, scoring=shipped)
 
