@@ -100,12 +100,9 @@ def ingest_spark(
             area,
             delimiter=mapping.delimiter if mapping else ",",
         )
-        try:
-            # The executors wrote the pings; only their parts' names and digests come here.
-            canonical = ctx.store.commit_staged("canonical", area.staging, job.canonical_parts())
-            rejected = job.rejects()
-        finally:
-            job.close()
+        # The executors wrote the pings; only their parts' names and digests come here.
+        canonical = ctx.store.commit_staged("canonical", area.staging, job.canonical_parts())
+        rejected = job.rejects()
     if canonical.rows + rejected.height == 0:
         raise no_rows_error(source_uri, sources)
     return IngestedTelemetry(

@@ -8,7 +8,9 @@ run's reference time and configurations fixed on the driver and shipped as JSON.
 
 Results travel back as an *envelope*: one row per output frame of a task (``kind``,
 ``rows``, ``payload`` = the frame as Arrow IPC), so a frame keeps its exact Polars types
-(no round trip through Spark's type system) and the driver streams one payload at a time.
+(no round trip through Spark's type system). Pings never travel in it: the executors
+write canonical and cleaned pings into a staging folder of the data store and send back
+each part's name and content digest, for the driver to commit.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
@@ -67,6 +69,8 @@ _ENVELOPE: Final = pa.schema(
 _SOURCE: Final = "_source"
 _BLOCK: Final = "_block"
 _BUCKET: Final = "_bucket"
+#: A job's output frames by kind (``cleaned``-part names, ``features``, ``scores`` …).
+Frames = dict[str, list[pl.DataFrame]]
 #: The canonical pings as imported: the ping contract plus where each ping came from.
 _CANONICAL: Final[dict[str, pl.DataType]] = {**PING_SCHEMA, "source": pl.String()}
 
@@ -121,9 +125,9 @@ class StagingArea:
 _PART: Final = "part"
 
 
-def _staged_parts(envelope: DataFrame) -> list[StagedPart]:
+def _staged_parts(frames: Frames) -> list[StagedPart]:
     """The parts the executors staged, in part-name order (their partition and batch)."""
-    parts = [StagedPart(**json.loads(frame.item(0, "json"))) for frame in _frames(envelope, _PART)]
+    parts = [StagedPart(**json.loads(frame.item(0, "json"))) for frame in frames.get(_PART, [])]
     return sorted(parts, key=lambda part: part.name)
 
 
@@ -281,12 +285,17 @@ def _unpack(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
 # -- driver side -----------------------------------------------------------------------
 
 
-def _frames(envelope: DataFrame, kind: str) -> Iterator[pl.DataFrame]:
-    """The payloads of one kind, streamed to the driver one at a time."""
-    from pyspark.sql import functions as sf
+def _collect(envelope: DataFrame) -> Frames:
+    """Every output frame of a job, by kind, in partition order.
 
-    for row in envelope.filter(sf.col("kind") == kind).select("payload").toLocalIterator():
-        yield _from_ipc(row["payload"])
+    One action, so Spark runs the job's tasks side by side (``toLocalIterator`` ran them
+    one partition after another). The pings stay in the data store, written by the
+    executors: what comes back is small (parts' digests, features, quarantine, scores).
+    """
+    frames: Frames = {}
+    for row in envelope.collect():
+        frames.setdefault(str(row["kind"]), []).append(_from_ipc(row["payload"]))
+    return frames
 
 
 def _spark_canonical_ddl() -> str:
@@ -302,20 +311,20 @@ def _spark_canonical_ddl() -> str:
 class SparkImport:
     """Sources read by Spark and mapped on the executors; payloads stay cached until closed."""
 
-    envelope: DataFrame
+    frames: Frames
 
     def canonical_parts(self) -> list[StagedPart]:
         """The canonical ping parts the executors staged, for the driver to commit."""
-        return _staged_parts(self.envelope)
+        return _staged_parts(self.frames)
 
     def rejects(self) -> pl.DataFrame:
         """Rejected rows, numbered within their source and in the embedded engine's order."""
-        parts = list(_frames(self.envelope, "rejects"))
+        parts = self.frames.get("rejects", [])
         if not parts:
             return pl.DataFrame()
         rejects = pl.concat(parts, how="diagonal_relaxed")
         blocks = (
-            pl.concat(list(_frames(self.envelope, "blocks")))
+            pl.concat(self.frames["blocks"])
             .group_by("source", _BLOCK)
             .agg(pl.col("rows").sum())
             .sort("source", _BLOCK)
@@ -327,9 +336,6 @@ class SparkImport:
             pl.col("row") + pl.col("_offset")
         )
         return numbered.select(rejects.drop(_BLOCK).columns).sort("source", "row")
-
-    def close(self) -> None:
-        self.envelope.unpersist()
 
 
 def import_on_spark(
@@ -375,28 +381,24 @@ def import_on_spark(
         ),
         _ENVELOPE_DDL,
     )
-    return SparkImport(envelope=mapped.persist())
+    return SparkImport(frames=_collect(mapped))
 
 
 @dataclass
 class SparkPrepared:
     """What the executors prepared; the small outputs are collected once, on first use."""
 
-    envelope: DataFrame
+    frames: Frames
     groups: int
     #: The models broadcast to the executors, when they scored too.
     scoring: Broadcast[ShippedScoring] | None = None
-    _collected: dict[str, Any] = field(default_factory=dict)
 
     def cleaned_parts(self) -> list[StagedPart]:
         """The cleaned ping parts the executors staged, for the driver to commit."""
-        return _staged_parts(self.envelope)
+        return _staged_parts(self.frames)
 
     def _collect(self, kind: str) -> list[pl.DataFrame]:
-        if kind not in self._collected:
-            self._collected[kind] = list(_frames(self.envelope, kind))
-        frames: list[pl.DataFrame] = self._collected[kind]
-        return frames
+        return self.frames.get(kind, [])
 
     def features(self) -> pl.DataFrame:
         frames = self._collect("features")
@@ -440,7 +442,6 @@ class SparkPrepared:
         return pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=schema)
 
     def close(self) -> None:
-        self.envelope.unpersist()
         if self.scoring is not None:
             self.scoring.unpersist()
 
@@ -506,7 +507,7 @@ def prepare_on_spark(
     prepared = bucketed.groupBy(_BUCKET).applyInArrow(
         _group_preparer(configs, reference_time.isoformat(), area), _ENVELOPE_DDL
     )
-    return SparkPrepared(envelope=prepared.persist(), groups=groups)
+    return SparkPrepared(frames=_collect(prepared), groups=groups)
 
 
 def score_on_spark(
@@ -531,7 +532,12 @@ def score_on_spark(
     scored = bucketed.groupBy(_BUCKET).applyInArrow(
         _group_preparer("", reference_time.isoformat(), area, shipped), _ENVELOPE_DDL
     )
-    return SparkPrepared(envelope=scored.persist(), groups=groups, scoring=shipped)
+    try:
+        frames = _collect(scored)
+    except BaseException:
+        shipped.unpersist()
+        raise
+    return SparkPrepared(frames=frames, groups=groups, scoring=shipped)
 
 
 def _vehicle_groups(
