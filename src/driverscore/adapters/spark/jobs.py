@@ -1,10 +1,12 @@
-"""Import and prepare on Spark: the same domain functions, run on the executors through Arrow.
+"""Import, prepare and score on Spark: the same domain functions, run on the executors.
 
 Nothing here re-implements a domain rule. Spark reads the files, numbers each source's
 rows and shuffles pings by vehicle; the executors hand Arrow batches to the very
 :func:`~driverscore.domain.mapping.apply_mapping` and vehicle groups to the very
 :func:`~driverscore.domain.prepare.prepare_trips` the embedded engine calls, with the
-run's reference time and configurations fixed on the driver and shipped as JSON.
+run's reference time and configurations fixed on the driver and shipped as JSON. To score,
+the groups call :func:`~driverscore.domain.trip_scoring.score_trip_pings` with the models'
+ONNX exports and cards, broadcast once (``adapters/spark/models.py``).
 
 Results travel back as an *envelope*: one row per output frame of a task (``kind``,
 ``rows``, ``payload`` = the frame as Arrow IPC), so a frame keeps its exact Polars types
