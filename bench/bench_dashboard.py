@@ -4,6 +4,9 @@ Usage::
 
     .venv/bin/python bench/bench_dashboard.py                  # 1M trips, 5 requests a page
     .venv/bin/python bench/bench_dashboard.py --trips 200000 --repeat 3
+    # the same run on another version's package first, then this one, with ratios:
+    mkdir -p /tmp/base && git archive main src | tar -x -C /tmp/base
+    .venv/bin/python bench/bench_dashboard.py --baseline /tmp/base
 
 The store is written once (``DuckDBScoreStore.write``, one batch) with synthetic but
 realistic trips: 30 days, 50 fleets under 10 clients, one vehicle per 50 trips and one
@@ -16,19 +19,34 @@ Then each page is requested over HTTP from the app served by uvicorn (the app of
 median and slowest of ``--repeat`` requests after one warm-up, beside the target of
 500 ms. Measured, not asserted. The model page has no registry here:
 its time is the store's part (the registry's listing is MLflow's, see bench_service.py).
+
+The write cost is printed too: the one batch of all trips (scores, alerts, routes), and a
+stream-sized batch on the full store: ``--rescore`` trips of one day scored again by a
+newer model version (median of three such batches, each a different day's trips).
+
+Each store is written and served by a child process running this script (``--serve``).
+``--baseline DIR`` adds a second one on the package under ``DIR/src`` (its
+``PYTHONPATH``): the same data, written first; then every request alternates between
+the two servers, so a busy machine slows both alike, and the ratio baseline / this is
+printed (above 1: this checkout is faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -36,6 +54,7 @@ import numpy as np
 import polars as pl
 import uvicorn
 
+import driverscore
 from driverscore.adapters.score_store.duckdb_store import DuckDBScoreStore
 from driverscore.adapters.score_store.records import ScoreBatch
 from driverscore.domain.routes import ROUTE_SCHEMA
@@ -135,16 +154,34 @@ def alerts_of(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def build_store(path: Path, n: int) -> tuple[pl.DataFrame, float]:
+    """The store of ``n`` trips; the seconds its one write took."""
     frame = trips(n)
-    started = time.perf_counter()
-    store = DuckDBScoreStore(path)
     worst = frame.sort("score").row(0, named=True)
     measured = frame.filter(
         (pl.col("driver_id") == worst["driver_id"]) | (pl.col("vehicle_id") == worst["vehicle_id"])
     )
     sample = pl.concat([frame.gather_every(50), measured]).unique(["vehicle_id", "trip_id"])
-    store.write(ScoreBatch("bench", scores=frame, alerts=alerts_of(frame), routes=routes(sample)))
+    batch = ScoreBatch("bench", scores=frame, alerts=alerts_of(frame), routes=routes(sample))
+    started = time.perf_counter()
+    DuckDBScoreStore(path).write(batch)
     return frame, time.perf_counter() - started
+
+
+def rescore_ms(store: DuckDBScoreStore, frame: pl.DataFrame, count: int, day: int) -> float:
+    """ms of one write of ``count`` trips of day ``day``, scored again later by a newer
+    version with other scores (so they move between bands and buckets)."""
+    lo = START + timedelta(days=day)
+    picked = frame.filter(pl.col("end_ts").is_between(lo, lo + timedelta(days=1))).head(count)
+    again = picked.with_columns(
+        pl.lit("2").alias("model_version"),
+        (pl.col("scored_at") + timedelta(days=1)).alias("scored_at"),
+        (100.0 - pl.col("score")).alias("score"),
+    ).with_columns(
+        pl.Series("risk_band", [band_for_score(s) for s in (100.0 - picked["score"]).to_list()])
+    )
+    started = time.perf_counter()
+    store.write(ScoreBatch("bench", scores=again))
+    return (time.perf_counter() - started) * 1000
 
 
 def serve(app: object) -> tuple[str, uvicorn.Server, threading.Thread]:
@@ -161,18 +198,10 @@ def serve(app: object) -> tuple[str, uvicorn.Server, threading.Thread]:
     return f"http://127.0.0.1:{port}", server, thread
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trips", type=int, default=1_000_000)
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="bench-dashboard-"))
-    frame, seconds = build_store(folder / "scores.duckdb", args.trips)
-    store = DuckDBScoreStore(folder / "scores.duckdb")
-    print(f"{args.trips:,} trips written in {seconds:.1f} s ({store.counts()})")
+def pages_of(frame: pl.DataFrame) -> dict[str, str]:
     worst = frame.sort("score").row(0, named=True)
     fleet = frame["fleet_id"][1]
-    pages = {
+    return {
         "fleet overview (30 days)": "/dashboard/",
         "fleet overview, one fleet": f"/dashboard/?fleet={fleet}",
         "fleet overview, one client, 7 days": "/dashboard/?client=c3&days=7",
@@ -183,29 +212,148 @@ def main() -> None:
         "model page (store part)": "/dashboard/model",
         "unknown driver (404)": "/dashboard/drivers/nobody",
     }
-    sources = DashboardSources(reader=store, engine="duckdb", route=store.trip_route, registry=None)
-    url, server, thread = serve(standalone_app(create_dashboard(sources)))
-    print(
-        f"\npage server time at {args.trips:,} stored trips (DuckDB), target < {TARGET_MS:.0f} ms"
-    )
-    print(f"{'page':<38} {'p50 ms':>8} {'max ms':>8} {'KiB':>7}  target")
+
+
+def served(n: int, rescore: int) -> None:
+    """The child: write the store, serve the dashboard on it, say where (one JSON line),
+    then write a re-scored day for each ``rescore DAY`` line read, until stdin closes."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-dashboard-"))
     try:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            for name, path in pages.items():
-                client.get(path)  # warm: the OS cache of the file
-                times, size = [], 0
-                for _ in range(args.repeat):
-                    started = time.perf_counter()
-                    answer = client.get(path)
-                    times.append((time.perf_counter() - started) * 1000)
-                    size = len(answer.content)
-                    assert answer.status_code in (200, 404), (path, answer.status_code)
-                p50 = statistics.median(times)
-                verdict = "ok" if p50 < TARGET_MS else "over"
-                print(f"{name:<38} {p50:>8.1f} {max(times):>8.1f} {size / 1024:>7.0f}  {verdict}")
-    finally:
+        frame, seconds = build_store(folder / "scores.duckdb", n)
+        store = DuckDBScoreStore(folder / "scores.duckdb")
+        sources = DashboardSources(
+            reader=store, engine="duckdb", route=store.trip_route, registry=None
+        )
+        url, server, thread = serve(standalone_app(create_dashboard(sources)))
+        ready = {
+            "url": url,
+            "package": str(Path(driverscore.__file__).parent),
+            "write_s": seconds,
+            "counts": store.counts(),
+            "pages": pages_of(frame),
+        }
+        print(json.dumps(ready), flush=True)
+        for line in sys.stdin:
+            day = int(line.split()[1])
+            print(json.dumps({"rescore_ms": rescore_ms(store, frame, rescore, day)}), flush=True)
         server.should_exit = True
         thread.join(timeout=30)
+    finally:
+        shutil.rmtree(folder)
+
+
+class Target:
+    """One served store: this checkout's package, or a baseline's (``PYTHONPATH``)."""
+
+    def __init__(self, name: str, n: int, rescore: int, source: Path | None) -> None:
+        env = dict(os.environ)
+        if source is not None:
+            env["PYTHONPATH"] = str(source.resolve() / "src")
+        command = [sys.executable, __file__, "--serve", "--trips", str(n)]
+        self.name = name
+        self.process = subprocess.Popen(
+            [*command, "--rescore", str(rescore)],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.ready: dict[str, Any] = json.loads(self._line())
+        self.http = httpx.Client(base_url=self.ready["url"], timeout=120)
+        self.times: dict[str, list[float]] = {}
+        self.rescores: list[float] = []
+        print(
+            f"{name}: {self.ready['package']}: {n:,} trips written in "
+            f"{self.ready['write_s']:.1f} s ({self.ready['counts']})",
+            flush=True,
+        )
+
+    def _line(self) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"{self.name}: the serving process ended ({self.process.wait()})")
+        return line
+
+    def get(self, page: str, path: str, *, timed: bool = True) -> None:
+        started = time.perf_counter()
+        answer = self.http.get(path)
+        elapsed = (time.perf_counter() - started) * 1000
+        assert answer.status_code in (200, 404), (self.name, path, answer.status_code)
+        if timed:
+            self.times.setdefault(page, []).append(elapsed)
+
+    def rescore(self, day: int) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"rescore {day}\n")
+        self.process.stdin.flush()
+        self.rescores.append(json.loads(self._line())["rescore_ms"])
+
+    def close(self) -> None:
+        self.http.close()
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trips", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--rescore", type=int, default=1_000)
+    parser.add_argument("--baseline", type=Path, help="a checkout whose src/ is measured too")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        served(args.trips, args.rescore)
+        return
+    # Written one after the other; then each request alternates between the two servers,
+    # so both see the same load from the rest of the machine.
+    targets = [Target("baseline", args.trips, args.rescore, args.baseline)] if args.baseline else []
+    targets.append(Target("this", args.trips, args.rescore, None))
+    try:
+        pages = targets[-1].ready["pages"]
+        for page, path in pages.items():
+            for target in targets:
+                target.get(page, path, timed=False)  # warm: the OS cache of the file
+            for _ in range(args.repeat):
+                for target in targets:
+                    target.get(page, path)
+        for day in (5, 15, 25):
+            for target in targets:
+                target.rescore(day)
+    finally:
+        for target in targets:
+            target.close()
+    print(
+        f"\npage server time at {args.trips:,} stored trips (DuckDB), median and slowest of "
+        f"{args.repeat}, target < {TARGET_MS:.0f} ms"
+    )
+    head = "".join(f" {t.name + ' p50':>14} {'max':>7}" for t in targets)
+    ratio = f" {'ratio':>7}" if len(targets) == 2 else ""
+    print(f"{'page':<36}{head}{ratio}  target")
+    for page in pages:
+        cells = "".join(
+            f" {statistics.median(t.times[page]):>14.1f} {max(t.times[page]):>7.1f}"
+            for t in targets
+        )
+        p50s = [statistics.median(t.times[page]) for t in targets]
+        verdict = "ok" if p50s[-1] < TARGET_MS else "over"
+        factor = f" {p50s[0] / p50s[1]:>6.2f}x" if len(targets) == 2 else ""
+        print(f"{page:<36}{cells}{factor}  {verdict}")
+    print(f"\nwrites (re-scored: {args.rescore:,} trips of one day, median of 3)")
+    for target in targets:
+        print(
+            f"{target.name:<9} {args.trips:,} trips in one batch {target.ready['write_s']:6.1f} s"
+            f"   re-scored batch {statistics.median(target.rescores):7.1f} ms"
+        )
+    if len(targets) == 2:
+        base, this = targets
+        print(
+            f"ratio baseline / this: one batch {base.ready['write_s'] / this.ready['write_s']:.2f}x"
+            f", re-scored batch "
+            f"{statistics.median(base.rescores) / statistics.median(this.rescores):.2f}x"
+        )
     sys.stdout.flush()
 
 

@@ -4,6 +4,7 @@ with data and no console error, hostile ids and filters, and sign-in with a toke
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from dashboard_pages import ScoredFleet, check_page, entity_paths, score_fleet, 
 from driverscore.adapters.score_store import ScoreBatch
 from driverscore.adapters.score_store.duckdb_store import open_score_store
 from driverscore.adapters.storage import DataStore
+from driverscore.domain.features import EVENT_COLUMNS
 from driverscore.pipelines.dashboard_run import build_dashboard_app
 from driverscore.pipelines.monitoring_run import MONITORING_KIND, RESULT_NAME
 from driverscore.services.dashboard.app import SESSION_COOKIE
@@ -78,6 +80,15 @@ def test_every_page_loads_in_headless_chromium_with_data(
                 browser.call(f"{domain}.enable")
             for i, path in enumerate(paths):
                 seen[path] = check_page(browser, url, path, tmp_path / f"dashboard-{i}.png")
+                if i == 2:  # the driver page of the riskiest trip: its route as drawn
+                    route_traces = browser.evaluate(
+                        "JSON.stringify(document.getElementById('route').data"
+                        ".map(t => [t.name, t.mode, t.x.filter(x => x !== null).length]))"
+                    )
+                    legend = browser.evaluate(
+                        "Array.from(document.querySelectorAll('#route .legendtext'))"
+                        ".map(t => t.textContent).join('|')"
+                    )
             # The live feed connected and lists the stored alerts.
             browser.open(url + "/dashboard/alerts")
             deadline = time.monotonic() + 10
@@ -97,6 +108,26 @@ def test_every_page_loads_in_headless_chromium_with_data(
     driver_page = seen[paths[2]]
     assert driver_page["title"].startswith("Driver ")
     assert "no route stored" not in driver_page["text"]
+    # The route: the line in time order, then its points coloured by event, with a legend;
+    # each event's points are the trip's counted events.
+    worst = records.sort("score").row(0, named=True)
+    stored = open_score_store(fleet.settings).route(worst["vehicle_id"], worst["trip_id"])
+    traces = {name: (mode, n) for name, mode, n in json.loads(route_traces)}
+    assert traces.pop("route (time order)") == ("lines", stored.height)
+    assert legend.split("|") == [
+        "no event",
+        "hard brake",
+        "harsh acceleration",
+        "harsh cornering",
+        "speeding",
+    ]
+    assert traces["hard brake"] == ("markers", worst["hard_brake_count"])
+    assert traces["harsh acceleration"] == ("markers", worst["harsh_accel_count"])
+    assert traces["harsh cornering"] == ("markers", worst["harsh_corner_count"])
+    assert (traces["speeding"][1] > 0) == ((worst["speeding_share"] or 0.0) > 0)
+    flagged = stored.select(pl.any_horizontal(EVENT_COLUMNS)).to_series()
+    assert traces["no event"] == ("markers", stored.height - flagged.sum())
+    assert worst["hard_brake_count"] + worst["harsh_accel_count"] + worst["harsh_corner_count"] > 0
     model = seen["/dashboard/model"]["text"]
     assert "champion" in model and "challenger" in model and "Versions" in model
     assert "drifted: speeding_share, night_share" in model

@@ -10,7 +10,9 @@ Every path must give the same records (identity, probability, score, band, reaso
 version and role) and the same prediction-log decisions. Independent expectations: the
 trips are the ones the input was built with (ids repeat across vehicles; a too-short trip
 is set aside by every path), the answering model follows the canary bucket computed here,
-and each trip's distance is within a few percent of the path the generator drove.
+and each trip's distance is within a few percent of the path the generator drove. The
+batch routes' event points are the trips' event counts, and every stream path draws the
+batch's routes.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ from driverscore.adapters.prediction_log import (
     ParquetPredictionLog,
 )
 from driverscore.adapters.registry import CHALLENGER, CHAMPION, ModelRegistry
+from driverscore.adapters.score_store.duckdb_store import DuckDBScoreStore
+from driverscore.adapters.score_store.records import decode_lines
 from driverscore.domain.features import MODEL_FEATURES
 from driverscore.domain.rollout import RolloutPolicy
+from driverscore.domain.routes import ROUTE_SCHEMA
 from driverscore.domain.sessions import MemoryScope, SessionRules, TripAssembler
 from driverscore.domain.trip_scoring import TRIP_RECORD_SCHEMA
 from driverscore.pipelines.scoring_run import run_scoring
@@ -220,6 +225,8 @@ def _expected_role(mode: str, driver: str) -> str:
 class PathResult:
     records: pl.DataFrame
     decisions: pl.DataFrame
+    #: The trips' routes (``ROUTE_SCHEMA``), on the paths that draw them.
+    routes: pl.DataFrame | None = None
 
 
 def _batch(backend: Backend, data: Input, tmp: Path, policy: RolloutPolicy) -> PathResult:
@@ -234,7 +241,10 @@ def _batch(backend: Backend, data: Input, tmp: Path, policy: RolloutPolicy) -> P
         policy=policy,
     )
     log = ParquetPredictionLog(settings.home / "prediction_log").read()
-    return PathResult(result.scores, log)
+    routes = DuckDBScoreStore(settings.store_path).sql(
+        f"SELECT {', '.join(ROUTE_SCHEMA)} FROM trip_routes"
+    )
+    return PathResult(result.scores, log, routes)
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +397,11 @@ def _embedded(backend: Backend, data: Input, policy: RolloutPolicy) -> PathResul
     sink, log = MemoryScoreSink(), MemoryPredictionLog()
     step = _stream_step(backend, policy)
     run_embedded_stream(_in_time_order(data), step, sink, grace_s=GRACE_S, prediction_log=log)
-    return PathResult(sink.scores, log.read())
+    return PathResult(sink.scores, log.read(), _sink_routes(sink))
+
+
+def _sink_routes(sink: MemoryScoreSink) -> pl.DataFrame:
+    return pl.concat([s.routes for s in sink.sessions])
 
 
 def _processor(backend: Backend, data: Input, policy: RolloutPolicy) -> PathResult:
@@ -419,7 +433,12 @@ def _processor(backend: Backend, data: Input, policy: RolloutPolicy) -> PathResu
     decisions = [m.value for m in out if m.topic == topics.predictions]
     records = pl.read_ndjson(io.BytesIO(b"\n".join(scores)), schema=TRIP_RECORD_SCHEMA)
     logged = pl.read_ndjson(io.BytesIO(b"\n".join(decisions)))
-    return PathResult(records, logged)
+    # Routes as the score sink reads their messages.
+    routes, rejects = decode_lines(
+        [("routes", m.value) for m in out if m.topic == topics.routes], ROUTE_SCHEMA
+    )
+    assert rejects.height == 0
+    return PathResult(records, logged, routes)
 
 
 def _through_service(
@@ -434,7 +453,9 @@ def _through_service(
         run_embedded_stream(_in_time_order(data), step, sink, grace_s=GRACE_S)
     finally:
         remote.close()
-    return PathResult(sink.scores, _logged_since(log_dir, before, sink.scores.height))
+    return PathResult(
+        sink.scores, _logged_since(log_dir, before, sink.scores.height), _sink_routes(sink)
+    )
 
 
 @pytest.mark.parametrize("mode", list(POLICIES))
@@ -472,6 +493,25 @@ def test_every_path_scores_and_logs_the_same(
         # Both models scored every trip, whichever answered; they differ.
         assert decisions["challenger_score"].null_count() == 0
         assert (decisions["champion_score"] != decisions["challenger_score"]).any()
+
+    # Routes: the batch's event points are its trips' counted events, and every stream
+    # path draws the same routes from the same pings.
+    assert batch.routes is not None
+    batch_routes = batch.routes.sort("vehicle_id", "trip_id")
+    points = batch_routes.explode("route").unnest("route")
+    per_trip = points.group_by("vehicle_id", "trip_id").agg(
+        *(pl.col(c).sum().cast(pl.Int64) for c in ("hard_brake", "harsh_accel", "harsh_corner"))
+    )
+    counted = batch.records.join(per_trip, on=["vehicle_id", "trip_id"], how="left")
+    assert counted.height == len(data.driven_km)
+    assert counted["hard_brake"].to_list() == counted["hard_brake_count"].to_list()
+    assert counted["harsh_accel"].to_list() == counted["harsh_accel_count"].to_list()
+    assert counted["harsh_corner"].to_list() == counted["harsh_corner_count"].to_list()
+    assert counted["hard_brake"].sum() > 0 and points["speeding"].any()
+    for name in ("embedded_runner", "stream_processor", "stream_through_service"):
+        got_routes = paths[name].routes
+        assert got_routes is not None
+        assert got_routes.sort("vehicle_id", "trip_id").equals(batch_routes), name
 
     expected_records = _compared(batch.records)
     for name, result in paths.items():

@@ -7,6 +7,7 @@ store ends with every trip exactly once.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,8 @@ from driverscore.adapters.kafka.admin import create_topics
 from driverscore.adapters.kafka.producer import make_producer
 from driverscore.adapters.score_store.duckdb_store import DuckDBScoreStore
 from driverscore.adapters.score_store.queries import QueryParams
+from driverscore.domain.config import FeatureConfig
+from driverscore.domain.features import EVENT_COLUMNS, ping_events
 from driverscore.domain.routes import trip_routes
 from driverscore.settings import KafkaConfig
 from driverscore.simulation.score_records import random_score_records
@@ -69,7 +72,10 @@ def routes_of(frame: pl.DataFrame) -> pl.DataFrame:
         )
         for row in frame.iter_rows(named=True)
     )
-    return trip_routes(pings)
+    flagged = ping_events(pings, FeatureConfig())
+    # One flag set on each route, to see flags travel through the topic into the store.
+    third = pl.int_range(pl.len()).over("vehicle_id", "trip_id") == 2
+    return trip_routes(flagged.with_columns(third.alias("hard_brake")))
 
 
 def sink(
@@ -113,18 +119,41 @@ def test_a_replayed_or_restarted_sink_leaves_the_counts_unchanged(
     # At-least-once: 30 trips published twice, as a restarted stream would.
     produce(kafka_config, topics.scores, pl.concat([frame, frame.head(30)]), [b"not json"])
     produce(kafka_config, topics.alerts, alerts_of(frame))
-    produce(kafka_config, topics.routes, routes_of(frame.head(10)))
+    routes = routes_of(frame.head(12))
+    # A route published before points carried event flags, and one with a flag that is
+    # not a boolean.
+    (old_line, bad_line) = routes.tail(2).write_ndjson().splitlines()
+    old, bad = json.loads(old_line), json.loads(bad_line)
+    for point in old["route"]:
+        for name in EVENT_COLUMNS:
+            del point[name]
+    bad["route"][0]["speeding"] = "yes"
+    produce(
+        kafka_config,
+        topics.routes,
+        routes.head(10),
+        [json.dumps(old).encode(), json.dumps(bad).encode()],
+    )
     group = f"sink-{uuid.uuid4().hex[:8]}"
     text = finished(sink(tmp_path, kafka_config, group))
-    assert "1 rejected" in text
+    assert "2 rejected" in text
     store = DuckDBScoreStore(tmp_path / "scores.duckdb")
     counts = store.counts()
     assert counts["trip_latest"] == counts["trip_scores"] == frame.height
     assert counts["trip_alerts"] == alerts_of(frame).height
-    assert counts["trip_routes"] == 10
-    rejected = store.sql("SELECT reason, value, source FROM store_rejects")
-    assert rejected.row(0)[:2] == ("not_json", "not json")
-    assert rejected.row(0)[2].startswith(f"{topics.scores}/")
+    assert counts["trip_routes"] == 11
+    rejected = store.sql("SELECT reason, value, source FROM store_rejects ORDER BY reason")
+    assert rejected["reason"].to_list() == ["bad_route", "not_json"]
+    assert json.loads(rejected["value"][0]) == bad
+    assert rejected.row(1)[:2] == ("not_json", "not json")
+    assert rejected.row(1)[2].startswith(f"{topics.scores}/")
+    for row in routes.head(10).iter_rows(named=True):
+        stored = store.route(row["vehicle_id"], row["trip_id"])
+        assert stored.to_dicts() == row["route"]
+        assert stored["hard_brake"].sum() == 1
+    unflagged = store.route(old["vehicle_id"], old["trip_id"])
+    assert unflagged.height == old["point_count"]
+    assert not unflagged.select(pl.any_horizontal(EVENT_COLUMNS)).to_series().any()
     answers = {q: store.query(q, PERIOD) for q in ("group_scores", "band_shares", "daily_trend")}
     assert answers["band_shares"]["trip_count"].sum() == frame.height
 
@@ -133,7 +162,7 @@ def test_a_replayed_or_restarted_sink_leaves_the_counts_unchanged(
     assert "stored 0 messages" in restarted
     # Replay: a new group reads every message again; the store takes nothing twice.
     replayed = finished(sink(tmp_path, kafka_config, f"{group}-replay"))
-    assert f"stored {frame.height + 30 + 1 + alerts_of(frame).height + 10:,} messages" in replayed
+    assert f"stored {frame.height + 30 + 1 + alerts_of(frame).height + 12:,} messages" in replayed
     assert "0 new or newer trip records" in replayed
     assert {k: v for k, v in store.counts().items() if k != "store_rejects"} == {
         k: v for k, v in counts.items() if k != "store_rejects"

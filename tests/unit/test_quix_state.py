@@ -116,3 +116,42 @@ def test_the_prefix_cache_is_bounded() -> None:
     for i in range(PREFIX_CACHE_SIZE + 10):
         vehicle_prefix(f"vehicle-{i}")
     assert vehicle_prefix.cache_info().currsize <= PREFIX_CACHE_SIZE
+
+
+def test_the_committed_watermark_is_the_event_time_of_the_last_committed_ping(
+    store: RocksDBStorePartition,
+) -> None:
+    grace_s = 30.0
+    rules = SessionRules.of(GAP_S, grace_s)
+    first = ping("v1", 0)
+    last = {**ping("v1", 0), "ts": first["ts"] + 400_000}  # 0.4 s later
+    transaction = store.begin()
+    scope = QuixScope(message_state(transaction, "v1"), PARTITION)
+    assembler = TripAssembler(rules)
+    assembler.add(scope, "v1", [first])
+    assembler.add(scope, "v1", [last])
+    commit(transaction)
+
+    # A fresh processor on the committed state judges lateness against the last ping,
+    # not a watermark persisted up to a second behind it.
+    horizon = last["ts"] - rules.gap_us - rules.grace_us
+    again = QuixScope(message_state(store.begin(), "v2"), PARTITION)
+    late = TripAssembler(rules).add(again, "v2", [{**ping("v2", 0), "ts": horizon - 1}]).late
+    assert [p["ts"] for p in late] == [horizon - 1]
+
+
+def test_a_transaction_that_never_commits_leaves_the_committed_watermark(
+    store: RocksDBStorePartition,
+) -> None:
+    rules = SessionRules.of(GAP_S, 30.0)
+    transaction = store.begin()
+    assembler = TripAssembler(rules)
+    assembler.add(QuixScope(message_state(transaction, "v1"), PARTITION), "v1", [ping("v1", 0)])
+    commit(transaction)
+    abandoned = store.begin()  # e.g. a checkpoint aborted by backpressure: never prepared
+    assembler.add(QuixScope(message_state(abandoned, "v1"), PARTITION), "v1", [ping("v1", 200)])
+
+    # The same processor's next transaction starts from what was committed.
+    scope = QuixScope(message_state(store.begin(), "v2"), PARTITION)
+    out = assembler.add(scope, "v2", [ping("v2", 100 - int(GAP_S) - 30)])
+    assert out.late == []  # within gap + grace of the committed 0 s, though not of 200 s

@@ -3,25 +3,30 @@ the query set against ``aggregate_scores``, routes and rejects."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import polars as pl
 import pytest
 
 from driverscore.adapters.score_store.duckdb_store import (
+    SCHEMA_VERSION,
     DuckDBScoreStore,
     StoreBusyError,
     StoreMissingError,
 )
 from driverscore.adapters.score_store.queries import QUERIES, QueryParams
 from driverscore.adapters.score_store.records import ALERT_SCHEMA, ScoreBatch, decode_lines
+from driverscore.domain.config import FeatureConfig
+from driverscore.domain.features import EVENT_COLUMNS, ping_events
 from driverscore.domain.routes import ROUTE_SCHEMA, trip_routes
 from driverscore.domain.scoring import aggregate_scores
 from driverscore.domain.trip_scoring import TRIP_RECORD_SCHEMA
@@ -215,7 +220,7 @@ def test_routes_are_stored_with_the_trip_and_read_back_in_time_order(
         },
         schema_overrides={"ts": pl.Datetime("us", "UTC")},
     )
-    routes = trip_routes(pings)
+    routes = trip_routes(ping_events(pings, FeatureConfig()))
     assert routes.schema == pl.Schema(ROUTE_SCHEMA)
     (count,) = routes["point_count"].to_list()
     # 11 m a second, a point every 25 m at least: about one fix in 2.3, first and last kept.
@@ -243,9 +248,101 @@ def test_long_trips_are_thinned_to_the_point_cap() -> None:
     parked = pings.head(50).with_columns(
         pl.lit("parked").alias("trip_id"), pl.lit(50.0).alias("lat")
     )
-    routes = trip_routes(pl.concat([pings, parked])).sort("trip_id")
+    routes = trip_routes(ping_events(pl.concat([pings, parked]), FeatureConfig())).sort("trip_id")
     long, still = routes["point_count"].to_list()
     assert (490 <= long <= 500, still) == (True, 2)
+
+
+def _flagged_route() -> pl.DataFrame:
+    """One trip's route whose 3rd point is a hard brake and 4th speeding."""
+    points = [
+        {
+            "ts": T0 + timedelta(seconds=i),
+            "lat": 52.0 + i * 1e-3,
+            "lon": 13.0,
+            **{name: False for name in EVENT_COLUMNS},
+            "hard_brake": i == 2,
+            "speeding": i == 3,
+        }
+        for i in range(5)
+    ]
+    return pl.DataFrame(
+        {"vehicle_id": ["v1"], "trip_id": ["new"], "point_count": [5], "route": [points]},
+        schema=ROUTE_SCHEMA,
+    )
+
+
+def test_a_version_1_store_stays_readable_and_its_first_write_upgrades_it(tmp_path: Path) -> None:
+    path = tmp_path / "old.duckdb"
+    # The store as version 1 wrote it: route points of time and position only.
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE trip_routes (vehicle_id VARCHAR, trip_id VARCHAR, point_count BIGINT, "
+        "route STRUCT(ts TIMESTAMPTZ, lat DOUBLE, lon DOUBLE)[], source VARCHAR, "
+        "stored_at TIMESTAMPTZ)"
+    )
+    con.execute(
+        "INSERT INTO trip_routes VALUES ('v1', 'old', 2, "
+        "[{'ts': TIMESTAMPTZ '2026-03-01 00:00:00+00', 'lat': 52.0, 'lon': 13.0}, "
+        "{'ts': TIMESTAMPTZ '2026-03-01 00:01:00+00', 'lat': 52.1, 'lon': 13.0}], 'score', now())"
+    )
+    con.execute("CREATE TABLE store_meta (schema_version INTEGER)")
+    con.execute("INSERT INTO store_meta VALUES (1)")
+    con.close()
+    store = DuckDBScoreStore(path, lock_timeout_s=20)
+
+    old = store.route("v1", "old")
+    assert old["lat"].to_list() == [52.0, 52.1]
+    assert old.select(EVENT_COLUMNS).rows() == [(False,) * 4] * 2  # no flags: no event
+
+    store.write(ScoreBatch("test", routes=_flagged_route()))
+    assert store.sql("SELECT schema_version FROM store_meta").item() == SCHEMA_VERSION
+    assert store.route("v1", "old").equals(old)
+    new = store.route("v1", "new")
+    assert new["hard_brake"].to_list() == [False, False, True, False, False]
+    assert new["speeding"].to_list() == [False, False, False, True, False]
+    store.write(ScoreBatch("test", routes=_flagged_route()))  # an upgraded file stays as is
+    assert store.route("v1", "new").equals(new)
+
+
+def test_route_messages_without_flags_read_as_no_event_and_bad_flags_are_rejects(
+    store: DuckDBScoreStore,
+) -> None:
+    (line,) = _flagged_route().write_ndjson().splitlines()
+    message = json.loads(line)
+    assert message["route"][2]["hard_brake"] is True
+    old = json.loads(line)
+    for point in old["route"]:
+        for name in ("hard_brake", "harsh_accel"):
+            del point[name]
+        point["speeding"] = None
+    bad_text, bad_number = json.loads(line), json.loads(line)
+    bad_text["route"][1]["harsh_corner"] = "yes"
+    bad_number["route"][1]["hard_brake"] = 1
+    decoded, rejects = decode_lines(
+        [
+            ("routes/0/1", line.encode()),
+            ("routes/0/2", json.dumps(old).encode()),
+            ("routes/0/3", json.dumps(bad_text).encode()),
+            ("routes/0/4", json.dumps(bad_number).encode()),
+        ],
+        ROUTE_SCHEMA,
+    )
+    assert decoded.height == 2 and decoded.head(1).equals(_flagged_route())
+    assert _no_events(decoded["route"][1])
+    assert rejects.select("source", "reason").rows() == [
+        ("routes/0/3", "bad_route"),
+        ("routes/0/4", "bad_route"),
+    ]
+    store.write(ScoreBatch("sink", routes=decoded.tail(1), rejects=rejects))
+    assert _no_events(store.route("v1", "new").to_dicts())
+    kept = store.sql("SELECT reason, value FROM store_rejects ORDER BY value")
+    assert kept["reason"].to_list() == ["bad_route", "bad_route"]
+    assert json.loads(kept["value"][0])["route"][1]["hard_brake"] == 1
+
+
+def _no_events(points: Iterable[dict[str, object]] | pl.Series) -> bool:
+    return all(point[name] is False for point in points for name in EVENT_COLUMNS)
 
 
 HOLD = textwrap.dedent(

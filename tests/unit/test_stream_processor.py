@@ -420,6 +420,16 @@ def test_a_closed_trip_publishes_features_score_alert_and_decision_like_batch_sc
     assert (route_msg["vehicle_id"], route_msg["trip_id"]) == ("v1", trip_id)
     assert 2 <= route_msg["point_count"] == len(route_msg["route"]) <= len(rows)
     assert route_msg["route"][0]["lat"] == rows[0]["lat"]
+    # Its points carry the event flags; the flagged ones are the trip's counted events.
+    for flag, count in (
+        ("hard_brake", "hard_brake_count"),
+        ("harsh_accel", "harsh_accel_count"),
+        ("harsh_corner", "harsh_corner_count"),
+    ):
+        assert all(isinstance(p[flag], bool) for p in route_msg["route"])
+        assert sum(p[flag] for p in route_msg["route"]) == feature_msg[count], flag
+    assert feature_msg["speeding_share"] > 0  # 10-15 m/s, limit 8 m/s
+    assert any(p["speeding"] for p in route_msg["route"])
     assert score_msg == lines(records)[0]
     assert alert_msg == {
         **score_msg,

@@ -15,6 +15,14 @@ for throughput and for parity at once:
 Time shares are time-weighted: a fix's state holds until the next fix, and steps longer
 than ``max_dt_s`` (dropouts) carry no weight. Accelerations beyond
 ``max_plausible_accel_mps2`` are glitches: they are neither events nor part of the jerk.
+
+The same pass hands out the per-fix event flags it counts (:func:`ping_events`,
+:data:`EVENT_COLUMNS`): ``hard_brake``, ``harsh_accel`` and ``harsh_corner`` are true on
+the fix where each event is counted (the first fix of a run over the threshold, or of a
+harsh GPS turn), so a trip's flags add up to its ``*_count`` features; ``speeding`` is
+true on every fix whose time counts as speeding in ``speeding_share`` (moving, a known
+limit exceeded by more than ``speeding_tolerance_mps``, and a step to the next fix that
+carries weight). Flags and features come from one set of arrays: they cannot disagree.
 """
 
 from __future__ import annotations
@@ -83,6 +91,9 @@ FEATURE_SCHEMA: Final[dict[str, pl.DataType]] = {
 
 #: Output column order of :func:`trip_features`.
 FEATURE_COLUMNS: Final = tuple(FEATURE_SCHEMA)
+
+#: The per-fix event flags of :func:`ping_events` (module docstring: what each one means).
+EVENT_COLUMNS: Final = ("hard_brake", "harsh_accel", "harsh_corner", "speeding")
 
 _MPS_TO_KMH: Final = 3.6
 _KMH_TO_MPS: Final = 1.0 / 3.6
@@ -490,8 +501,11 @@ def _windowed_limit(
     return result
 
 
-def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> pl.DataFrame:
-    """Per-trip sums, counts and extremes (one row per trip, in row order of the trips).
+def _trip_sums(
+    frame: pl.DataFrame, first: BoolArray, config: FeatureConfig
+) -> tuple[pl.DataFrame, dict[str, BoolArray]]:
+    """Per-trip sums, counts and extremes (one row per trip, in row order of the trips),
+    and the per-fix event flags those counts are taken from (:data:`EVENT_COLUMNS`).
 
     Every per-row quantity is computed on numpy arrays; every value taken from the
     previous row is masked at trip starts, so no value mixes two trips.
@@ -544,12 +558,15 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
         lateral = np.abs(_plausible_np(lateral, config))
 
     columns: dict[str, IntArray | FloatArray | BoolArray] = {}
-    for kind, hit in (
-        ("brake", longitudinal <= -config.hard_brake_mps2),
-        ("accel", longitudinal >= config.harsh_accel_mps2),
-        ("corner", lateral >= config.harsh_corner_mps2),
+    # The fix where each event is counted: handed out as the fixes' event flags.
+    events: dict[str, BoolArray] = {}
+    for kind, flag, hit in (
+        ("brake", "hard_brake", longitudinal <= -config.hard_brake_mps2),
+        ("accel", "harsh_accel", longitudinal >= config.harsh_accel_mps2),
+        ("corner", "harsh_corner", lateral >= config.harsh_corner_mps2),
     ):
-        columns[kind] = trips.count_sparse(_run_starts(hit, first))
+        events[flag] = _run_starts(hit, first)
+        columns[kind] = trips.count_sparse(events[flag])
     if windowed:
         # Trips without an IMU take their cornering events from the GPS course, by turns.
         gps_rows = ~trips.rows(imu_lat)
@@ -562,6 +579,7 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
             first[on_gps],
             config,
         )
+        events["harsh_corner"] = corners
         columns["corner"] = trips.count_sparse(corners)
     # Jerk between consecutive accelerations of one trip, only while moving.
     with np.errstate(invalid="ignore"):
@@ -630,18 +648,22 @@ def _trip_sums(frame: pl.DataFrame, first: BoolArray, config: FeatureConfig) -> 
         ("w_speeding_moderate", config.speeding_moderate_kmh * _KMH_TO_MPS),
         ("w_speeding_severe", config.speeding_severe_kmh * _KMH_TO_MPS),
     ):
-        columns[name] = trips.sum(weight * (limited_moving & (over > margin)))
+        speeding = limited_moving & (over > margin)
+        if name == "w_speeding":
+            events["speeding"] = speeding & (weight > 0)
+        columns[name] = trips.sum(weight * speeding)
     columns["imu"] = imu_long
 
     heads = pl.Series(starts, dtype=pl.Int64)
     identity = frame.select(*_IDENTITY, pl.col("ts").alias("start_ts")).gather(heads)
-    return identity.with_columns(
+    sums = identity.with_columns(
         frame["ts"].gather(pl.Series(trips.ends, dtype=pl.Int64)).alias("end_ts"),
         pl.Series("ping_count", trips.ends - starts + 1, dtype=pl.Int64),
         pl.Series("max_speed", trips.max(speed)).fill_nan(None),
         pl.Series("p95_speed", trips.quantile(speed, 0.95)).fill_nan(None),
         *(pl.Series(name, values) for name, values in columns.items()),
     )
+    return sums, events
 
 
 def trip_features(pings: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
@@ -657,14 +679,44 @@ def trip_features(pings: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
     """
     if pings.height == 0:
         return empty_features()
+    frame, first = _trip_ordered(pings, "trip_features")
+    return features_in_trip_order(frame, first, config)
+
+
+def _trip_ordered(pings: pl.DataFrame, caller: str) -> tuple[pl.DataFrame, BoolArray]:
+    """Canonical pings (missing columns null) in trip order, and their trip starts."""
     if pings["trip_id"].null_count():
-        raise ValueError("trip_features needs a trip_id on every ping; run assign_trips first")
+        raise ValueError(f"{caller} needs a trip_id on every ping; run assign_trips first")
     missing = [name for name in PING_SCHEMA if name not in pings.columns]
     frame = _in_trip_order(
         pings.with_columns(pl.lit(None, dtype=PING_SCHEMA[name]).alias(name) for name in missing)
     )
-    first = frame.select(_trip_starts().fill_null(True)).to_series().to_numpy()
-    return features_in_trip_order(frame, first, config)
+    first: BoolArray = frame.select(_trip_starts().fill_null(True)).to_series().to_numpy()
+    return frame, first
+
+
+def trip_features_and_events(
+    pings: pl.DataFrame, config: FeatureConfig
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """:func:`trip_features`, and the pings in trip order (``vehicle_id``, ``trip_id``,
+    ``ts``; columns the canonical schema names but the input lacks added as null) with
+    the event flags of :data:`EVENT_COLUMNS` appended, from one pass."""
+    if pings.height == 0:
+        return empty_features(), pings.with_columns(
+            pl.lit(None, dtype=pl.Boolean()).alias(name) for name in EVENT_COLUMNS
+        )
+    frame, first = _trip_ordered(pings, "trip_features_and_events")
+    return features_and_events_in_trip_order(frame, first, config)
+
+
+def ping_events(pings: pl.DataFrame, config: FeatureConfig) -> pl.DataFrame:
+    """The pings in trip order with one boolean column per event (:data:`EVENT_COLUMNS`):
+    the fixes where :func:`trip_features` counts its events (module docstring).
+
+    ``pings`` as for :func:`trip_features`. A trip's ``hard_brake`` flags add up to its
+    ``hard_brake_count``, and so on: both come from one computation.
+    """
+    return trip_features_and_events(pings, config)[1]
 
 
 def features_in_trip_order(
@@ -675,7 +727,25 @@ def features_in_trip_order(
     """
     if frame.height == 0:
         return empty_features()
-    trips = _trip_sums(frame, first, config)
+    return _features(_trip_sums(frame, first, config)[0])
+
+
+def features_and_events_in_trip_order(
+    frame: pl.DataFrame, first: BoolArray, config: FeatureConfig
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """:func:`features_in_trip_order`, and ``frame`` with the event flags of
+    :data:`EVENT_COLUMNS` appended (row for row)."""
+    if frame.height == 0:
+        return trip_features_and_events(frame, config)
+    sums, events = _trip_sums(frame, first, config)
+    flagged = frame.with_columns(
+        pl.Series(name, events[name], dtype=pl.Boolean()) for name in EVENT_COLUMNS
+    )
+    return _features(sums), flagged
+
+
+def _features(trips: pl.DataFrame) -> pl.DataFrame:
+    """The feature rows from the per-trip sums of :func:`_trip_sums`."""
 
     distance_km = pl.col("step_um").cast(pl.Float64) * 1e-9
     moving_n = pl.col("moving_n").cast(pl.Float64)

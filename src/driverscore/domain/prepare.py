@@ -16,7 +16,13 @@ import polars as pl
 
 from driverscore.domain.cleaning import QUARANTINE_REASONS, clean_with_keys
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
-from driverscore.domain.features import FEATURE_COLUMNS, features_in_trip_order, trip_features
+from driverscore.domain.features import (
+    FEATURE_COLUMNS,
+    features_and_events_in_trip_order,
+    features_in_trip_order,
+    trip_features,
+    trip_features_and_events,
+)
 from driverscore.domain.trips import assign_trips_sorted
 
 __all__ = [
@@ -45,8 +51,14 @@ def prepare_trips(
     trips: TripConfig,
     features: FeatureConfig,
     reference_time: datetime,
+    *,
+    events: bool = False,
 ) -> PreparedTrips:
     """Clean canonical pings, cut them into trips and compute one feature row per trip.
+
+    With ``events``, the kept pings carry the fixes' event flags
+    (``features.EVENT_COLUMNS``) from the same feature pass: what the stream draws its
+    trips' routes with. Without, they keep the cleaned columns only (batch writes them).
 
     Cleaning never looks across a gap longer than ``trips.gap_s``, so a trip's features
     are the same whether its pings come alone or among millions of others.
@@ -61,10 +73,16 @@ def prepare_trips(
     # Each trip is a run of rows in time order: trip cutting names every run of a given id
     # apart (id~k), so a (vehicle, trip id) pair heads one run only; checked on the heads.
     heads = cut.pings.select("vehicle_id", "trip_id").gather(pl.Series(starts, dtype=pl.Int64))
+    kept = cut.pings
     if not heads.is_duplicated().any():
         first = np.zeros(cut.pings.height, dtype=bool)
         first[starts] = True
-        rows = features_in_trip_order(cut.pings, first, features)
+        if events:
+            rows, kept = features_and_events_in_trip_order(cut.pings, first, features)
+        else:
+            rows = features_in_trip_order(cut.pings, first, features)
+    elif events:
+        rows, kept = trip_features_and_events(cut.pings, features)
     else:
         rows = trip_features(cut.pings, features)
 
@@ -83,4 +101,4 @@ def prepare_trips(
     for stage, stage_counts in zip(_STAGES, (cleaned.counts, cut.counts), strict=True):
         for name, value in stage_counts.items():
             counts[f"{stage}.{name}"] = value
-    return PreparedTrips(pings=cut.pings, features=rows, quarantine=quarantine, counts=counts)
+    return PreparedTrips(pings=kept, features=rows, quarantine=quarantine, counts=counts)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
@@ -124,6 +124,18 @@ def _save_meta(state: KeyValue, meta: dict[str, Any]) -> None:
     state.set_bytes(_META, _ENCODER.encode(meta))
 
 
+def _load_watermark(shared: KeyValue) -> int | None:
+    data = shared.get_bytes(_WATERMARK)
+    return None if data is None else int(data)
+
+
+def _save_watermark(shared: KeyValue, watermark: int) -> None:
+    # The bytes a JSON ``set`` of the int stores (the state layout is unchanged), written
+    # as bytes: a Quix store's ``set`` serialises the value and takes a slower path to the
+    # same write, and the watermark moves on a good share of single-ping messages.
+    shared.set_bytes(_WATERMARK, b"%d" % watermark)
+
+
 class PartitionScope(Protocol):
     """The state of one input partition: one store per vehicle and one shared by all."""
 
@@ -137,6 +149,11 @@ class PartitionScope(Protocol):
 
     def vehicle(self, vehicle_id: str) -> KeyValue: ...
     def shared(self) -> KeyValue: ...
+    def on_commit(self, write: Callable[[], None]) -> bool:
+        """Have ``write`` run just before the state written under the current ``token``
+        commits, its own writes committed with it; False when the scope has no such moment
+        (every write is final at once) and ``write`` will not run."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -202,6 +219,9 @@ class _Index:
     watermark: int | None = None
     #: The watermark as last written to the shared state.
     persisted: int | None = None
+    #: Whether the scope writes the watermark once, when its state commits
+    #: (:meth:`TripAssembler._commit_watermark`), instead of as it moves.
+    at_commit: bool = False
     pending: int = 0
     #: Vehicles' metadata records as last written under ``token``: every change is also
     #: written to the state, so a vehicle's next message skips reading and decoding it.
@@ -254,12 +274,7 @@ class TripAssembler:
             newest = max(p["ts"] for p in fresh)
             if watermark is None or newest > watermark:
                 watermark = index.watermark = newest
-                # Persisted once per second of event time, not per message (one state write
-                # and changelog record less per ping): after a restart event time resumes at
-                # most a second behind, which only makes the late test that much lenient.
-                if index.persisted is None or watermark - index.persisted >= _PERSIST_EVERY_US:
-                    shared.set(_WATERMARK, watermark)
-                    index.persisted = watermark
+                self._moved(shared, index, watermark)
         _save_meta(state, meta)
         self._track(shared, index, vehicle_id, meta, had_open)
         if watermark is not None:
@@ -302,9 +317,7 @@ class TripAssembler:
         self._store_chunk(state, meta, session, pings)
         if newest > watermark:
             watermark = index.watermark = newest
-            if index.persisted is None or watermark - index.persisted >= _PERSIST_EVERY_US:
-                shared.set(_WATERMARK, watermark)
-                index.persisted = watermark
+            self._moved(shared, index, watermark)
         _save_meta(state, meta)
         deadline = int(session["last"]) + wait
         before = index.deadlines.get(vehicle_id)
@@ -324,7 +337,7 @@ class TripAssembler:
         watermark = index.watermark
         if watermark is None or ts_us > watermark:
             watermark = index.watermark = index.persisted = ts_us
-            shared.set(_WATERMARK, watermark)
+            _save_watermark(shared, watermark)
         return self._finish(index, Assembled(closed=self._expire(scope, shared, index, watermark)))
 
     def close_all(self, scope: PartitionScope) -> Assembled:
@@ -369,6 +382,32 @@ class TripAssembler:
         if meta is None:
             meta = index.metas[vehicle_id] = _load_meta(state) or _empty_meta()
         return meta
+
+    @staticmethod
+    def _moved(shared: KeyValue, index: _Index, watermark: int) -> None:
+        """Event time moved to ``watermark``: persist it, when the scope does not at commit.
+
+        Without a commit moment it is persisted once per second of event time, not per
+        message (one state write and changelog record less per ping): after a restart event
+        time resumes at most a second behind, which only makes the late test that much
+        lenient.
+        """
+        if index.at_commit:
+            return
+        if index.persisted is None or watermark - index.persisted >= _PERSIST_EVERY_US:
+            _save_watermark(shared, watermark)
+            index.persisted = watermark
+
+    @staticmethod
+    def _commit_watermark(index: _Index, shared: KeyValue, token: object) -> None:
+        """At the commit of ``token``'s state: its last watermark, one write per commit.
+
+        What was committed is then exactly the event time of the messages committed with
+        it, and the watermark no longer costs a state write on the messages that move it."""
+        watermark = index.watermark
+        if index.token is token and watermark is not None and watermark != index.persisted:
+            _save_watermark(shared, watermark)
+            index.persisted = watermark
 
     @staticmethod
     def _finish(index: _Index, out: Assembled) -> Assembled:
@@ -745,10 +784,11 @@ class TripAssembler:
             heapq.heapify(timers)
             index = _Index(int(persisted["version"]), deadlines, timers)
             self._indexes[scope.partition] = index
-        index.watermark = index.persisted = shared.get(_WATERMARK)
+        index.watermark = index.persisted = _load_watermark(shared)
         index.pending = len(shared.get(_PENDING) or [])
-        index.token = scope.token
+        index.token = token = scope.token
         index.metas = {}
+        index.at_commit = scope.on_commit(lambda: self._commit_watermark(index, shared, token))
         return index
 
     def _track(
@@ -836,6 +876,9 @@ class MemoryScope:
     @property
     def token(self) -> object:
         return self._token
+
+    def on_commit(self, write: Callable[[], None]) -> bool:
+        return False  # dicts: every write is final at once
 
     def hand_over(self) -> None:
         """What a Kafka rebalance does: another processor may write this state from now on."""

@@ -483,9 +483,15 @@ class PreparedPings:
 
 
 def prepare_for_models(
-    pings: pl.DataFrame, models: ScoringModels, policy: RolloutPolicy, now: datetime
+    pings: pl.DataFrame,
+    models: ScoringModels,
+    policy: RolloutPolicy,
+    now: datetime,
+    *,
+    events: bool = False,
 ) -> PreparedPings:
-    """Clean, cut and featurise canonical pings for the models of a rollout.
+    """Clean, cut and featurise canonical pings for the models of a rollout (``events``:
+    the kept pings carry the champion configuration's event flags, for routes).
 
     Trips are cut once, with the champion card's cleaning and trip configurations, so both
     models of a rollout score the same trips and the prediction log pairs them; each model
@@ -493,7 +499,7 @@ def prepare_for_models(
     """
     card = models.champion.card
     prepared = prepare_trips(
-        pings, card.cleaning_config, card.trip_config, card.feature_config, now
+        pings, card.cleaning_config, card.trip_config, card.feature_config, now, events=events
     )
     challenger_features: pl.DataFrame | None = None
     challenger = models.challenger
@@ -527,15 +533,17 @@ class PingScoring:
     quarantine: pl.DataFrame
     #: Preparation counts (``rows_in``, ``kept``, ``quarantined``, one per reason, ``trips``).
     counts: dict[str, int]
-    #: The kept (cleaned) pings with their ``trip_id``: where the trips' routes come from.
+    #: The kept (cleaned) pings with their ``trip_id`` and event flags
+    #: (``features.EVENT_COLUMNS``): where the trips' routes come from.
     pings: pl.DataFrame = field(default_factory=pl.DataFrame)
 
 
 def score_trip_pings(
     pings: pl.DataFrame, models: ScoringModels, policy: RolloutPolicy, now: datetime
 ) -> PingScoring:
-    """:func:`prepare_for_models`, then :func:`score_trip_features` on its trips."""
-    prepared = prepare_for_models(pings, models, policy, now)
+    """:func:`prepare_for_models` (with the event flags its routes are drawn with), then
+    :func:`score_trip_features` on its trips."""
+    prepared = prepare_for_models(pings, models, policy, now, events=True)
     scored = score_trip_features(
         prepared.features,
         models,

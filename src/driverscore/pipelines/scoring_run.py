@@ -16,7 +16,7 @@ from driverscore.adapters.score_store import ScoreBatch
 from driverscore.adapters.score_store.duckdb_store import WriteReport, open_score_store
 from driverscore.adapters.spark.models import ShippedModel, ShippedScoring
 from driverscore.adapters.storage import DatasetRef, DataStore
-from driverscore.domain.features import trip_features
+from driverscore.domain.features import ping_events, trip_features
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.domain.profiles import TripProfile
 from driverscore.domain.rollout import RolloutPolicy
@@ -254,7 +254,9 @@ def run_scoring(
         routes = (
             scored.routes
             if scored.routes is not None
-            else trip_routes(ctx.store.read_dataset(prepared.cleaned))
+            else trip_routes(
+                ping_events(ctx.store.read_dataset(prepared.cleaned), champion.card.feature_config)
+            )
         )
         if routes.height:
             routes = routes.join(

@@ -11,7 +11,7 @@ from driverscore.simulation.config import (
     vehicles_per_chunk_for,
 )
 from driverscore.simulation.gps import PHONE, TRACKER, GpsProfile
-from driverscore.simulation.scenarios import constant_turn, straight_drive
+from driverscore.simulation.scenarios import constant_turn, hard_stop, straight_drive
 from driverscore.simulation.simulator import Simulation, iter_simulation, simulate
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "Simulation",
     "SimulationConfig",
     "constant_turn",
+    "hard_stop",
     "iter_simulation",
     "simulate",
     "straight_drive",

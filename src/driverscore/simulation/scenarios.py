@@ -1,10 +1,11 @@
 """Small driving scenarios with known geometry, seen through the simulator's device model.
 
-For tests of the feature rules elsewhere: a straight drive at constant speed and a turn at
-constant lateral acceleration, each one trip of one vehicle at 1 Hz in canonical pings
-(``trip_id`` filled), reported by a :class:`~driverscore.simulation.gps.GpsProfile`
-through the same noise model as the fleet simulator (:func:`report_fixes`). A tracker
-profile also fills the accelerometer columns; a phone leaves them null.
+For tests of the feature rules elsewhere: a straight drive at constant speed, a turn at
+constant lateral acceleration and a hard stop (one braking), each one trip of one vehicle
+at 1 Hz in canonical pings (``trip_id`` filled), reported by a
+:class:`~driverscore.simulation.gps.GpsProfile` through the same noise model as the fleet
+simulator (:func:`report_fixes`). A tracker profile also fills the accelerometer columns;
+a phone leaves them null.
 """
 
 from __future__ import annotations
@@ -135,6 +136,51 @@ def constant_turn(
     )
 
 
+def hard_stop(
+    speed_kmh: float,
+    decel_mps2: float,
+    profile: GpsProfile | str,
+    seed: int,
+    *,
+    lead_s: float = 30.0,
+    standstill_s: float = 10.0,
+    heading_deg: float = 30.0,
+    vehicle_id: str = "veh-scenario",
+    start: datetime = DEFAULT_START,
+) -> pl.DataFrame:
+    """A straight drive at constant speed for ``lead_s``, one braking at a constant
+    ``decel_mps2`` to a standstill, then ``standstill_s`` standing: one hard brake when
+    the deceleration is beyond the threshold, none otherwise."""
+    if speed_kmh <= 0 or decel_mps2 <= 0 or lead_s < 0 or standstill_s < 0:
+        raise ValueError(
+            "hard_stop needs a positive speed_kmh and decel_mps2, and a lead_s and "
+            "standstill_s of at least 0"
+        )
+    v = speed_kmh / 3.6
+    brake_s = v / decel_mps2
+    t = np.arange(int(np.floor(lead_s + brake_s + standstill_s)) + 1, dtype=np.float64)
+    braking = np.clip(t - lead_s, 0.0, brake_s)
+    speed = v - decel_mps2 * braking
+    travelled = v * np.minimum(t, lead_s) + v * braking - 0.5 * decel_mps2 * braking**2
+    heading = np.full(len(t), np.deg2rad(heading_deg))
+    in_brake = (t > lead_s) & (t < lead_s + brake_s)
+    return _pings(
+        t,
+        travelled * np.sin(heading),
+        travelled * np.cos(heading),
+        heading,
+        speed,
+        np.zeros(len(t)),
+        _profile(profile),
+        seed,
+        speed_limit_mps=None,
+        urban=False,
+        vehicle_id=vehicle_id,
+        start=start,
+        accel_long_mps2=np.where(in_brake, -decel_mps2, 0.0),
+    )
+
+
 def _profile(profile: GpsProfile | str) -> GpsProfile:
     if isinstance(profile, GpsProfile):
         return profile
@@ -157,6 +203,7 @@ def _pings(
     urban: bool,
     vehicle_id: str,
     start: datetime,
+    accel_long_mps2: np.ndarray | None = None,
 ) -> pl.DataFrame:
     rng = np.random.default_rng([seed, 0x5CE9A])
     n = len(t)
@@ -172,9 +219,10 @@ def _pings(
     fixes = report_fixes(rng, track, [profile])
     if profile.has_imu:
         bias = rng.normal(0.0, profile.imu_bias_sigma_mps2, 2)
-        # Constant speed: the true longitudinal acceleration is zero.
+        # Without a given one, constant speed: the true longitudinal acceleration is zero.
+        true_long = np.zeros(n) if accel_long_mps2 is None else accel_long_mps2
         accel_long, accel_lat = report_imu(
-            rng, profile, np.zeros(n), accel_lat_mps2, bias[:1], bias[1:]
+            rng, profile, true_long, accel_lat_mps2, bias[:1], bias[1:]
         )
     else:
         accel_long = accel_lat = np.full(n, np.nan)

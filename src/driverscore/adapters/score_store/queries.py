@@ -14,6 +14,14 @@ puts its own ``WITH trips AS (...)`` in front (``DuckDBScoreStore``, ``DruidScor
 What the SQL does not do identically on both engines - the band of an aggregate score,
 shares, integer types, the reasons list - :func:`finish` does once, in Python, for both.
 
+**The per-day rollup.** The fleet overview's aggregates (``group_scores`` and
+``score_histogram`` by fleet or client, ``daily_trend``, ``band_shares``) also carry a
+form over a third relation, ``daily``: trips, km, weight and score sums per UTC day,
+fleet, client, risk band and 10-point score bucket (:data:`DAILY_COLUMNS`). An engine
+that keeps such a rollup (the DuckDB store's ``trip_daily``) answers these queries from
+it: the whole days of the period from the rollup, the partial days at its edges from the
+trips, summed the same way, so the answers are those of the ``trips`` form.
+
 Distance-weighted scores use the rule of ``aggregate_scores``: weight = distance (km,
 missing or negative counts 0); a group whose trips all have zero distance gets their
 plain mean. A test checks the two give equal results on the same records.
@@ -31,6 +39,8 @@ from driverscore.domain.scoring import band_for_score
 
 __all__ = [
     "BEHAVIOURS",
+    "DAILY_COLUMNS",
+    "DAILY_LEVELS",
     "LEVELS",
     "QUERIES",
     "QueryParams",
@@ -38,6 +48,7 @@ __all__ = [
     "filters",
     "finish",
     "query_named",
+    "reads_daily",
     "render",
 ]
 
@@ -58,6 +69,43 @@ WEIGHTED_SCORE: Final = (
     f"CASE WHEN SUM({_WEIGHT}) > 0 THEN SUM(score * {_WEIGHT}) / SUM({_WEIGHT}) ELSE AVG(score) END"
 )
 _DISTANCE: Final = "SUM(COALESCE(distance_km, 0.0))"
+#: The same two over the ``daily`` relation, whose rows hold sums already.
+_DAILY_SCORE: Final = (
+    "CASE WHEN SUM(weight_km) > 0 THEN SUM(weighted_score) / SUM(weight_km) "
+    "ELSE SUM(score_sum) / SUM(trip_count) END"
+)
+_DAILY_COUNT: Final = "CAST(SUM(trip_count) AS BIGINT)"
+#: The score bucket of ``score_histogram``.
+SCORE_BUCKET: Final = "LEAST(FLOOR(score / 10), 9) * 10"
+#: A row of the ``daily`` relation: the group, then the sums of its trips.
+DAILY_COLUMNS: Final = {
+    "utc_day": "days since 1970-01-01 of the trip end (UTC)",
+    "fleet_id": "fleet",
+    "client_id": "client",
+    "risk_band": "the trips' band",
+    "bucket": "the trips' 10-point score bucket",
+    "trip_count": "trips",
+    "distance_km": "sum of distance (missing: 0)",
+    "weight_km": "sum of the score weight (distance, missing or negative: 0)",
+    "weighted_score": "sum of score x weight",
+    "score_sum": "sum of score",
+}
+#: The per-trip values of the ``daily`` columns, over rows of the ``trips`` relation.
+DAILY_OF_TRIP: Final = {
+    "utc_day": "CAST(FLOOR(epoch_us(end_ts) / 86400000000) AS BIGINT)",
+    "fleet_id": "fleet_id",
+    "client_id": "client_id",
+    "risk_band": "risk_band",
+    "bucket": SCORE_BUCKET,
+    "trip_count": "1",
+    "distance_km": "COALESCE(distance_km, 0.0)",
+    "weight_km": _WEIGHT,
+    "weighted_score": f"score * {_WEIGHT}",
+    "score_sum": "score",
+}
+#: Group levels the rollup holds (``group_scores`` / ``score_histogram`` at other levels
+#: read the trips).
+DAILY_LEVELS: Final = ("fleet", "client")
 #: The behaviours a trip page shows: the feature values behind the reason codes.
 BEHAVIOURS: Final = (
     "hard_brake_count",
@@ -111,6 +159,8 @@ class StoreQuery:
     #: Feature columns the query reads besides the relation's own (``trip_behaviours``):
     #: DuckDB joins them from ``trip_scores``, Druid takes their latest value per trip.
     features: tuple[str, ...] = field(default=())
+    #: The body over the ``daily`` relation (the per-day rollup), for engines keeping one.
+    daily: str | None = None
 
     def body(self, engine: Engine) -> str:
         return self.druid if engine == "druid" and self.druid is not None else self.duckdb
@@ -125,14 +175,23 @@ QUERIES: Final[dict[str, StoreQuery]] = {
             "trips",
             f"SELECT {{group}} AS group_id, {WEIGHTED_SCORE} AS score, COUNT(*) AS trip_count, "
             f"{_DISTANCE} AS distance_km FROM trips GROUP BY {{group}} ORDER BY {{group}}",
+            daily=(
+                f"SELECT {{group}} AS group_id, {_DAILY_SCORE} AS score, "
+                f"{_DAILY_COUNT} AS trip_count, SUM(distance_km) AS distance_km "
+                "FROM daily GROUP BY {group} ORDER BY {group}"
+            ),
         ),
         StoreQuery(
             "score_histogram",
             "score distribution: trips per 10-point score bucket per group",
             "trips",
-            "SELECT {group} AS group_id, LEAST(FLOOR(score / 10), 9) * 10 AS bucket, "
+            f"SELECT {{group}} AS group_id, {SCORE_BUCKET} AS bucket, "
             "COUNT(*) AS trip_count FROM trips "
-            "GROUP BY {group}, LEAST(FLOOR(score / 10), 9) * 10 ORDER BY {group}, bucket",
+            f"GROUP BY {{group}}, {SCORE_BUCKET} ORDER BY {{group}}, bucket",
+            daily=(
+                f"SELECT {{group}} AS group_id, bucket, {_DAILY_COUNT} AS trip_count "
+                "FROM daily GROUP BY {group}, bucket ORDER BY {group}, bucket"
+            ),
         ),
         StoreQuery(
             "daily_trend",
@@ -151,6 +210,13 @@ QUERIES: Final[dict[str, StoreQuery]] = {
                 "AVG(score) AS mean_score, "
                 "SUM(CASE WHEN risk_band = 'high' THEN 1 ELSE 0 END) AS high_risk_trips "
                 "FROM trips GROUP BY TIME_FLOOR(end_ts, 'P1D') ORDER BY \"day\""
+            ),
+            daily=(
+                f"SELECT to_timestamp(utc_day * 86400) AS day, {_DAILY_COUNT} AS trip_count, "
+                f"SUM(distance_km) AS distance_km, {_DAILY_SCORE} AS score, "
+                "SUM(score_sum) / SUM(trip_count) AS mean_score, "
+                "CAST(SUM(CASE WHEN risk_band = 'high' THEN trip_count ELSE 0 END) AS BIGINT) "
+                "AS high_risk_trips FROM daily GROUP BY utc_day ORDER BY day"
             ),
         ),
         StoreQuery(
@@ -175,6 +241,10 @@ QUERIES: Final[dict[str, StoreQuery]] = {
             "trips",
             f"SELECT risk_band, COUNT(*) AS trip_count, {_DISTANCE} AS distance_km "
             "FROM trips GROUP BY risk_band ORDER BY risk_band",
+            daily=(
+                f"SELECT risk_band, {_DAILY_COUNT} AS trip_count, "
+                "SUM(distance_km) AS distance_km FROM daily GROUP BY risk_band ORDER BY risk_band"
+            ),
         ),
         StoreQuery(
             "model_versions",
@@ -213,12 +283,23 @@ def query_named(name: str) -> StoreQuery:
         raise ValueError(f"no query {name!r}; the query set is {', '.join(QUERIES)}") from None
 
 
-def render(query: StoreQuery, engine: Engine, params: QueryParams) -> tuple[str, list[object]]:
-    """The query's body for ``engine`` with identifiers and limits filled in, and the
-    values of its ``?`` parameters (the period's come first, from the engine's relation)."""
+def reads_daily(query: StoreQuery, params: QueryParams) -> bool:
+    """Whether an engine keeping the per-day rollup answers ``query`` from it."""
+    if query.daily is None:
+        return False
+    return "{group}" not in query.daily or params.level in DAILY_LEVELS
+
+
+def render(
+    query: StoreQuery, engine: Engine, params: QueryParams, *, daily: bool = False
+) -> tuple[str, list[object]]:
+    """The query's body for ``engine`` (``daily``: its form over the rollup) with
+    identifiers and limits filled in, and the values of its ``?`` parameters (the period's
+    come first, from the engine's relation)."""
     if query.params and params.entity_id is None:
         raise ValueError(f"{query.name} needs an entity id (a driver or vehicle id)")
-    sql = query.body(engine).format(
+    body = query.daily if daily and query.daily is not None else query.body(engine)
+    sql = body.format(
         group=LEVELS[params.level],
         entity=LEVELS[params.entity],
         limit=int(params.limit),

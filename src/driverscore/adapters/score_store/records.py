@@ -14,7 +14,7 @@ from typing import Any, Final
 import orjson
 import polars as pl
 
-from driverscore.domain.routes import ROUTE_SCHEMA
+from driverscore.domain.routes import EVENT_COLUMNS, ROUTE_SCHEMA
 from driverscore.domain.trip_scoring import ALERT_COLUMN, TRIP_RECORD_SCHEMA
 
 __all__ = [
@@ -207,7 +207,11 @@ def _typed(rows: list[dict[str, object]], schema: dict[str, pl.DataType]) -> pl.
 
 def _list_value(value: object, dtype: pl.List) -> tuple[object, bool]:
     """A JSON list as the value of a list column (strings, or route points); ``ok`` is
-    False when it is not one (the value is then null)."""
+    False when it is not one (the value is then null).
+
+    A route point's event flag that is missing or null is no event (routes published
+    before points carried flags stay readable); one that is not a JSON boolean makes the
+    route a reject."""
     if value is None:
         return None, True
     if not isinstance(value, list):
@@ -220,11 +224,15 @@ def _list_value(value: object, dtype: pl.List) -> tuple[object, bool]:
         try:
             assert isinstance(point, dict)
             ts = datetime.fromisoformat(str(point["ts"]).replace("Z", "+00:00"))
+            flags = {name: point.get(name) for name in EVENT_COLUMNS}
+            if not all(flag is None or isinstance(flag, bool) for flag in flags.values()):
+                raise TypeError("an event flag is not a boolean")
             points.append(
                 {
                     "ts": ts if ts.tzinfo else ts.replace(tzinfo=UTC),
                     "lat": float(point["lat"]),
                     "lon": float(point["lon"]),
+                    **{name: flag is True for name, flag in flags.items()},
                 }
             )
         except (AssertionError, KeyError, TypeError, ValueError):

@@ -36,6 +36,7 @@ from driverscore.adapters.spark.models import ShippedScoring
 from driverscore.adapters.spark.session import spark_path
 from driverscore.adapters.storage import DataStore, StagedPart
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
+from driverscore.domain.features import ping_events
 from driverscore.domain.mapping import ColumnMapping, apply_mapping
 from driverscore.domain.prepare import prepare_trips
 from driverscore.domain.routes import ROUTE_SCHEMA, trip_routes
@@ -247,8 +248,9 @@ def _prepare_group(
             ("alerts", scored.alerts_frame()),
             ("set_aside", scored.set_aside_frame()),
             ("decisions", records_frame(scored.decisions)),
-            # A group holds whole vehicles, so whole trips: its routes are the trips' routes.
-            ("routes", trip_routes(cleaned)),
+            # A group holds whole vehicles, so whole trips: its routes are the trips'
+            # routes, their points flagged by the champion's events as embedded scoring does.
+            ("routes", trip_routes(ping_events(cleaned, shipped.champion_feature_config()))),
         ]
     kept_per_source: dict[str, int] = {}
     if "source" in cleaned.columns:

@@ -301,51 +301,84 @@ def alerts_page(alerts: pl.DataFrame, *, base: str, engine: str) -> str:
     return layout("High-risk alerts", body, base=base, active="alerts", engine=engine)
 
 
+#: The route chart's legend: each event flag of a route point (``domain/routes.py``; the
+#: definitions are the trip features'), its name, colour, marker size and legend place.
+#: Drawn in this order: instant events over speeding, which colours stretches.
+_ROUTE_EVENTS: Final = (
+    ("speeding", "speeding", "#ef6c00", 8, 5),
+    ("harsh_corner", "harsh cornering", "#1565c0", 12, 4),
+    ("harsh_accel", "harsh acceleration", "#6a1b9a", 12, 3),
+    ("hard_brake", "hard brake", "#c62828", 12, 2),
+)
+
+
 def _route_figure(route: pl.DataFrame) -> dict[str, Any]:
-    """The route's points on plain lon/lat axes (no map tiles), each coloured by what the
-    vehicle did to reach it: its speed from the previous point, and stops."""
+    """The route on plain lon/lat axes (no map tiles): the line through its points in
+    time order, and the points coloured by event with a legend (a point with several
+    events is in each of their series); hovering a point gives its time, the speed driven
+    to reach it and its events."""
+    route = route.sort("ts")
     ts = route["ts"].to_list()
     lat, lon = route["lat"].to_list(), route["lon"].to_list()
+    flags = {
+        column: route[column].fill_null(value=False).to_list()
+        if column in route.columns
+        else [False] * route.height
+        for column, *_ in _ROUTE_EVENTS
+    }
     speeds: list[float] = [0.0]
     for i in range(1, len(ts)):
         seconds = max((ts[i] - ts[i - 1]).total_seconds(), 1e-3)
         metres = _metres(lat[i - 1], lon[i - 1], lat[i], lon[i])
         speeds.append(metres / seconds * 3.6)
-    events = ["start", *("moving" for _ in ts[1:-1]), "end"] if len(ts) > 1 else ["start"]
+    events = [
+        ", ".join(name for column, name, *_ in reversed(_ROUTE_EVENTS) if flags[column][i])
+        or "no event"
+        for i in range(len(ts))
+    ]
+    text = [
+        f"{t:%H:%M:%S} · {v:.0f} km/h · {e}" for t, v, e in zip(ts, speeds, events, strict=True)
+    ]
+
+    def points(name: str, rows: list[int], colour: str, size: int, rank: int) -> dict[str, Any]:
+        # Plotly leaves a series without points out of the legend: an empty series gets one
+        # point without position, so the legend always lists every event.
+        return {
+            "type": "scatter",
+            "mode": "markers",
+            "name": name,
+            "legendrank": rank,
+            "x": [lon[i] for i in rows] or [None],
+            "y": [lat[i] for i in rows] or [None],
+            "text": [text[i] for i in rows] or [""],
+            "hoverinfo": "text",
+            "marker": {"color": colour, "size": size},
+        }
+
+    quiet = [i for i, e in enumerate(events) if e == "no event"]
     return {
         "data": [
             {
                 "type": "scatter",
                 "mode": "lines",
+                "name": "route (time order)",
                 "x": lon,
                 "y": lat,
                 "line": {"color": "#bbb", "width": 2},
                 "hoverinfo": "skip",
                 "showlegend": False,
             },
-            {
-                "type": "scatter",
-                "mode": "markers",
-                "x": lon,
-                "y": lat,
-                "text": [
-                    f"{t:%H:%M:%S} · {e} · {v:.0f} km/h"
-                    for t, e, v in zip(ts, events, speeds, strict=True)
-                ],
-                "marker": {
-                    "color": speeds,
-                    "colorscale": "Turbo",
-                    "size": 7,
-                    "colorbar": {"title": {"text": "km/h"}},
-                },
-                "name": "route",
-                "showlegend": False,
-            },
+            points("no event", quiet, "#9e9e9e", 5, 1),
+            *(
+                points(name, [i for i, hit in enumerate(flags[column]) if hit], colour, size, rank)
+                for column, name, colour, size, rank in _ROUTE_EVENTS
+            ),
         ],
         "layout": {
-            "title": {"text": "route (lon / lat, points coloured by speed)"},
+            "title": {"text": "route (lon / lat, points coloured by event)"},
             "xaxis": {"title": {"text": "longitude"}},
             "yaxis": {"title": {"text": "latitude"}, "scaleanchor": "x"},
+            "legend": {"orientation": "h", "y": -0.15},
         },
     }
 

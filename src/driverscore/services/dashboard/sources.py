@@ -72,7 +72,8 @@ class DashboardSources:
     reader: ScoreReader
     #: ``duckdb`` or ``druid``: shown in the page footer.
     engine: str
-    #: A trip's route points (``ts``, ``lat``, ``lon``), ``None`` when none is stored.
+    #: A trip's route points (``ts``, ``lat``, ``lon``, event flags), ``None`` when none
+    #: is stored.
     route: Callable[[str, str], pl.DataFrame | None] = lambda _vehicle, _trip: None
     #: The registry (opened on first use by the caller's factory), or ``None``: no model page.
     registry: Callable[[], ModelCatalog] | None = None

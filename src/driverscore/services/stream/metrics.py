@@ -2,9 +2,41 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterator
 
-__all__ = ["StreamMetrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["MessageOutcomes", "StreamMetrics"]
+
+_MESSAGES = "driverscore_stream_messages"
+_MESSAGES_HELP = "Ping messages read, by outcome (accepted, clock, or the reject reason)."
+
+
+class MessageOutcomes(Collector):
+    """``driverscore_stream_messages_total`` by outcome, counted in plain integers.
+
+    Every message counts once, and a labelled ``Counter`` takes a lock per increment, which
+    cost about as much as a tenth of the rest of a single-ping message's processing. Only
+    the processing thread counts; a scrape reads a copy.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.counts: dict[str, int] = {"accepted": 0, "clock": 0}
+        registry.register(self)
+
+    def count(self, outcome: str) -> None:
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(_MESSAGES, _MESSAGES_HELP, labels=["outcome"])
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(_MESSAGES, _MESSAGES_HELP, labels=["outcome"])
+        for outcome, count in list(self.counts.items()):
+            family.add_metric([outcome], count)
+        yield family
 
 
 class StreamMetrics:
@@ -12,12 +44,7 @@ class StreamMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self.messages = Counter(
-            "driverscore_stream_messages",
-            "Ping messages read, by outcome (accepted, clock, or the reject reason).",
-            ["outcome"],
-            registry=self.registry,
-        )
+        self.messages = MessageOutcomes(self.registry)
         self.late_pings = Counter(
             "driverscore_stream_late_pings",
             "Pings later than the grace period allows; not part of any trip.",

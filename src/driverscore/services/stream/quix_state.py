@@ -46,13 +46,14 @@ class QuixScope:
     state objects it hands out are made once per vehicle and transaction, not per message.
     """
 
-    __slots__ = ("_partition", "_shared", "_transaction", "_vehicles")
+    __slots__ = ("_at_commit", "_partition", "_shared", "_transaction", "_vehicles")
 
     def __init__(self, state: Any, partition: tuple[str, int]) -> None:
         self._transaction = state._transaction
         self._partition = partition
         self._shared: KeyValue | None = None
         self._vehicles: dict[str, KeyValue] = {}
+        self._at_commit: list[Callable[[], None]] = []
 
     @property
     def partition(self) -> tuple[str, int]:
@@ -74,6 +75,27 @@ class QuixScope:
         if self._shared is None:
             self._shared = self._transaction.as_state(prefix=PARTITION_PREFIX)
         return self._shared
+
+    def on_commit(self, write: Callable[[], None]) -> bool:
+        """``write`` runs first thing in the transaction's ``prepare``: Quix's checkpoint
+        prepares every store transaction (producing its changelog records) before it
+        flushes it, so what ``write`` writes is committed, and changelogged, with the rest.
+        A transaction that is never prepared (aborted) commits nothing, ``write`` included.
+        """
+        if not self._at_commit:
+            prepare = self._transaction.prepare
+            writes = self._at_commit
+
+            def prepare_after_writes(*args: Any, **kwargs: Any) -> Any:
+                for pending in writes:
+                    pending()
+                writes.clear()
+                return prepare(*args, **kwargs)
+
+            # On this transaction object only: a new transaction starts without it.
+            self._transaction.prepare = prepare_after_writes
+        self._at_commit.append(write)
+        return True
 
 
 def quix_step(processor: PingProcessor) -> Callable[..., list[OutMessage]]:

@@ -318,7 +318,7 @@ class RemoteScoring:
     ) -> PingScoring:
         card = models.champion.card
         prepared = prepare_trips(
-            pings, card.cleaning_config, card.trip_config, card.feature_config, now
+            pings, card.cleaning_config, card.trip_config, card.feature_config, now, events=True
         )
         features = prepared.features
         answers = self.client.score_features(features) if features.height else []
