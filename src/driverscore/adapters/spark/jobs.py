@@ -36,7 +36,7 @@ from driverscore.adapters.spark.models import ShippedScoring
 from driverscore.adapters.spark.session import spark_path
 from driverscore.adapters.storage import DataStore, StagedPart
 from driverscore.domain.config import CleaningConfig, FeatureConfig, TripConfig
-from driverscore.domain.features import ping_events
+from driverscore.domain.features import EVENT_COLUMNS
 from driverscore.domain.mapping import ColumnMapping, apply_mapping
 from driverscore.domain.prepare import prepare_trips
 from driverscore.domain.routes import ROUTE_SCHEMA, trip_routes
@@ -240,7 +240,10 @@ def _prepare_group(
         # the champion card's configurations, each model fed its own card's features.
         shipped = scoring.value
         result = score_trip_pings(pings, shipped.models(), shipped.policy(), reference_time)
-        cleaned, features = result.pings, result.features
+        # Its pings carry the champion's event flags (what routes are drawn with); the
+        # cleaned dataset holds the cleaned columns only, as the prepare step writes it.
+        flagged, features = result.pings, result.features
+        cleaned = flagged.drop(EVENT_COLUMNS, strict=False)
         quarantine, stage_counts = result.quarantine, result.counts
         scored = result.scored
         scored_items = [
@@ -250,7 +253,7 @@ def _prepare_group(
             ("decisions", records_frame(scored.decisions)),
             # A group holds whole vehicles, so whole trips: its routes are the trips'
             # routes, their points flagged by the champion's events as embedded scoring does.
-            ("routes", trip_routes(ping_events(cleaned, shipped.champion_feature_config()))),
+            ("routes", trip_routes(flagged)),
         ]
     kept_per_source: dict[str, int] = {}
     if "source" in cleaned.columns:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from driverscore.adapters.onnx_model import OnnxRiskModel
-from driverscore.domain.config import FeatureConfig
 from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.scoring import ModelCard, TripScorer
 from driverscore.domain.trip_scoring import ScoringModels
@@ -73,9 +72,6 @@ class ShippedScoring:
 
     def policy(self) -> RolloutPolicy:
         return RolloutPolicy.model_validate_json(self.policy_json)
-
-    def champion_feature_config(self) -> FeatureConfig:
-        return executor_scorer(self.champion).card.feature_config
 
 
 _scorers: dict[tuple[str, str, str, str, str], TripScorer] = {}
