@@ -72,7 +72,9 @@ def main() -> None:
         spark.range(2).mapInArrow(lambda batches: batches, "id long").count()
         startup_s = time.perf_counter() - started
         started = time.perf_counter()
-        on_spark = prepare_spark(ctx, spark, ingest_spark(ctx, spark, source))
+        ingested = ingest_spark(ctx, spark, source)
+        import_s = time.perf_counter() - started
+        on_spark = prepare_spark(ctx, spark, ingested)
         spark_s = time.perf_counter() - started
         spark.stop()
     finally:
@@ -88,6 +90,8 @@ def main() -> None:
     print(f"{'engine':<34}{'seconds':>10}{'pings/s':>14}")
     print(f"{'embedded (Polars, one process)':<34}{embedded_s:>10.1f}{pings / embedded_s:>14,.0f}")
     print(f"{'spark local, run':<34}{spark_s:>10.1f}{pings / spark_s:>14,.0f}")
+    print(f"{'  of which import (read, map)':<34}{import_s:>10.1f}")
+    print(f"{'  of which prepare (shuffle, groups)':<34}{spark_s - import_s:>10.1f}")
     print(f"{'spark start-up (apart)':<34}{startup_s:>10.1f}")
     print(f"spark / embedded: {embedded_s / spark_s:.2f}x; same dataset versions: {same}")
     print(

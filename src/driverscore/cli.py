@@ -229,7 +229,11 @@ def score(
         bool, typer.Option(help="Also write the records to the score store (<home>/scores.duckdb).")
     ] = True,
     engine: Annotated[
-        str, typer.Option(help="Where to prepare trips: embedded (this process) or spark.")
+        str,
+        typer.Option(
+            help="Where to prepare and score trips: embedded (this process) or spark "
+            "(the executors, with the models' ONNX exports)."
+        ),
     ] = "embedded",
 ) -> None:
     """Score every trip in a ping file with the registered model: one row per trip."""

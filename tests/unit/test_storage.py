@@ -213,3 +213,37 @@ def test_local_root_ignores_object_store_options(tmp_path: Path) -> None:
     store = DataStore(str(tmp_path), options)
 
     assert store.read_dataset(store.write_dataset("x", A)).equals(A)
+
+
+def test_parts_staged_by_other_processes_commit_as_one_writer_writes_them(
+    store: DataStore, tmp_path: Path
+) -> None:
+    """Executors stage parts under their own names; the driver commits their digests."""
+    one_writer = store.write_dataset("cleaned", [A, B])
+    # Another process's view of the same store (what a Spark executor builds).
+    executor = DataStore(str(tmp_path / "data"), {})
+    staging = store.new_staging()
+    staged = [
+        executor.stage_part(staging, "part-000007", B.slice(1)),
+        executor.stage_part(staging, "part-000002", pl.concat([A, B.head(1)])),
+    ]
+    ordered = sorted(staged, key=lambda part: part.name)
+    staged_ref = store.commit_staged("cleaned", staging, ordered)
+    store.discard_staging(staging)
+
+    assert staged_ref.version == one_writer.version
+    assert staged_ref.rows == 5 and staged_ref.parts == 1 + 1
+    assert store.read_dataset(staged_ref).sort("vehicle_id").equals(pl.concat([A, B]))
+    # Committing the same rows again over the existing version leaves its files alone.
+    other = store.new_staging()
+    fresh = [executor.stage_part(other, "part-000000", pl.concat([B, A]))]
+    assert store.commit_staged("cleaned", other, fresh).version == one_writer.version
+    store.discard_staging(other)
+    assert not (tmp_path / "data" / "_staging").exists() or not any(
+        (tmp_path / "data" / "_staging").iterdir()
+    )
+    assert _files(tmp_path / "data" / "cleaned" / one_writer.version) == [
+        "_dataset.json",
+        "part-00000.parquet",
+        "part-00001.parquet",
+    ]

@@ -50,7 +50,15 @@ import polars as pl
 
 from driverscore.errors import StorageError
 
-__all__ = ["ContentDigest", "DataStore", "DatasetRef", "filesystem", "join_uri", "storage_failure"]
+__all__ = [
+    "ContentDigest",
+    "DataStore",
+    "DatasetRef",
+    "StagedPart",
+    "filesystem",
+    "join_uri",
+    "storage_failure",
+]
 
 _VERSION_CHARS: Final = 16
 _COMMIT_MARKER: Final = "_dataset.json"
@@ -235,6 +243,17 @@ class DatasetRef:
 
 
 @dataclass(frozen=True, slots=True)
+class StagedPart:
+    """A part written to a staging folder, with its rows' :class:`ContentDigest` (JSON)."""
+
+    name: str
+    sha256: str
+    rows: int
+    bytes: int
+    digest: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
 class _Part:
     name: str
     sha256: str
@@ -314,39 +333,69 @@ class DataStore:
         _check_name(kind, "kind")
         _check_name(name, "name")
         frames: Iterable[pl.DataFrame] = [parts] if isinstance(parts, pl.DataFrame) else parts
-        staging = self._uri(_STAGING, uuid.uuid4().hex)
-        staged: list[_Part] = []
-        digest = ContentDigest()
+        staging = self.new_staging()
         try:
-            for index, frame in enumerate(frames):
-                digest.add(frame)
-                data = _parquet_bytes(frame)
-                part = _Part(
-                    name=f"{name}-{index:05d}.parquet",
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    rows=frame.height,
-                    bytes=len(data),
-                )
-                self._write_bytes(join_uri(staging, part.name), data)
-                staged.append(part)
-            final = self._final_names(staged, name)
-            version = digest.version()
-            target = self.dataset_uri(kind, version)
-            if not self._exists(join_uri(target, _COMMIT_MARKER)):
-                for staged_part, final_part in zip(staged, final, strict=True):
-                    self._move(
-                        join_uri(staging, staged_part.name), join_uri(target, final_part.name)
-                    )
-                marker = {
-                    "kind": kind,
-                    "version": version,
-                    "rows": sum(p.rows for p in final),
-                    "parts": [asdict(p) for p in final],
-                    "format": "parquet",
-                }
-                self._write_bytes(join_uri(target, _COMMIT_MARKER), _json_bytes(marker))
+            staged = [
+                self.stage_part(staging, f"{name}-{index:05d}", frame)
+                for index, frame in enumerate(frames)
+            ]
+            return self.commit_staged(kind, staging, staged, name, set_latest=set_latest)
         finally:
             self._remove_tree(staging)
+
+    def new_staging(self) -> str:
+        """A fresh staging folder: parts written there become a dataset on commit."""
+        return self._uri(_STAGING, uuid.uuid4().hex)
+
+    def stage_part(self, staging: str, stem: str, frame: pl.DataFrame) -> StagedPart:
+        """Write one part of a dataset to ``staging`` (any process may: a Spark executor
+        does) and return what the commit needs, its content digest included."""
+        _check_name(stem, "part")
+        data = _parquet_bytes(frame)
+        part = StagedPart(
+            name=f"{stem}.parquet",
+            sha256=hashlib.sha256(data).hexdigest(),
+            rows=frame.height,
+            bytes=len(data),
+            digest=ContentDigest().add(frame).to_json(),
+        )
+        self._write_bytes(join_uri(staging, part.name), data)
+        return part
+
+    def commit_staged(
+        self,
+        kind: str,
+        staging: str,
+        staged: list[StagedPart],
+        name: str = "part",
+        *,
+        set_latest: bool = True,
+    ) -> DatasetRef:
+        """Commit parts staged in ``staging`` (in list order) as one dataset version.
+
+        The version is the merge of the parts' digests, so parts written by many
+        processes give the version one process writing the same rows gives. The caller
+        removes ``staging`` afterwards (:meth:`discard_staging`).
+        """
+        _check_name(kind, "kind")
+        _check_name(name, "name")
+        digest = ContentDigest()
+        for part in staged:
+            digest.merge(ContentDigest.from_json(part.digest))
+        final = self._final_names([_Part(p.name, p.sha256, p.rows, p.bytes) for p in staged], name)
+        version = digest.version()
+        target = self.dataset_uri(kind, version)
+        if not self._exists(join_uri(target, _COMMIT_MARKER)):
+            for staged_part, final_part in zip(staged, final, strict=True):
+                self._move(join_uri(staging, staged_part.name), join_uri(target, final_part.name))
+            marker = {
+                "kind": kind,
+                "version": version,
+                "rows": sum(p.rows for p in final),
+                "parts": [asdict(p) for p in final],
+                "format": "parquet",
+            }
+            self._write_bytes(join_uri(target, _COMMIT_MARKER), _json_bytes(marker))
         ref = DatasetRef(
             kind=kind,
             version=version,
@@ -358,14 +407,22 @@ class DataStore:
             self._write_bytes(self._uri(kind, _LATEST), f"{version}\n".encode())
         return ref
 
+    def discard_staging(self, staging: str) -> None:
+        """Remove a staging folder and whatever parts are left in it."""
+        self._remove_tree(staging)
+
     @staticmethod
     def _final_names(staged: list[_Part], name: str) -> list[_Part]:
-        # The default name always numbers its parts (the design's part-00000.parquet);
-        # a named one-part dataset is simply <name>.parquet (features.parquet).
+        # The default name always numbers its parts in order (the design's
+        # part-00000.parquet), whoever staged them under which name; a named one-part
+        # dataset is simply <name>.parquet (features.parquet).
         if len(staged) == 1 and name != "part":
             only = staged[0]
             return [_Part(f"{name}.parquet", only.sha256, only.rows, only.bytes)]
-        return staged
+        return [
+            _Part(f"{name}-{index:05d}.parquet", p.sha256, p.rows, p.bytes)
+            for index, p in enumerate(staged)
+        ]
 
     def dataset(self, kind: str, version: str) -> DatasetRef:
         """The reference of a committed dataset; ``FileNotFoundError`` when there is none."""

@@ -14,15 +14,26 @@ from driverscore.adapters.profile_parts import ProfilePartStore
 from driverscore.adapters.registry import ModelRegistry, open_registry
 from driverscore.adapters.score_store import ScoreBatch
 from driverscore.adapters.score_store.duckdb_store import WriteReport, open_score_store
+from driverscore.adapters.spark.models import ShippedModel, ShippedScoring
 from driverscore.adapters.storage import DatasetRef, DataStore
 from driverscore.domain.features import ping_events, trip_features
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.domain.profiles import TripProfile
 from driverscore.domain.rollout import RolloutPolicy
 from driverscore.domain.routes import trip_routes
-from driverscore.domain.trip_scoring import ScoredTrips, ScoringModels, score_trip_features
+from driverscore.domain.scoring import TripScorer
+from driverscore.domain.trip_scoring import (
+    PredictionRecord,
+    ScoredTrips,
+    ScoringModels,
+    score_trip_features,
+)
 from driverscore.errors import ConfigError
-from driverscore.pipelines.spark_steps import Engine, ingest_and_prepare
+from driverscore.pipelines.spark_steps import (
+    Engine,
+    ingest_and_prepare,
+    ingest_prepare_and_score_spark,
+)
 from driverscore.pipelines.steps import (
     DomainConfigs,
     IngestedTelemetry,
@@ -55,6 +66,46 @@ class ScoringRunResult:
     #: What the score store took (records, alerts, routes), when the run stored its scores.
     stored: WriteReport | None = None
     store_path: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchScores:
+    """What a batch run scored, whichever engine scored it, ready to write."""
+
+    records: pl.DataFrame
+    alerts: pl.DataFrame
+    set_aside: pl.DataFrame
+    decisions: list[PredictionRecord]
+    #: The trips' routes when the engine made them; else they come from the cleaned pings.
+    routes: pl.DataFrame | None = None
+
+    @classmethod
+    def of(cls, scored: ScoredTrips) -> BatchScores:
+        return cls(
+            scored.records_frame(),
+            scored.alerts_frame(),
+            scored.set_aside_frame(),
+            scored.decisions,
+        )
+
+
+def shipped_scoring(
+    registry: ModelRegistry, models: ScoringModels, policy: RolloutPolicy
+) -> ShippedScoring:
+    """The run's models as executors receive them: each version's ONNX export and card."""
+
+    def ship(scorer: TripScorer) -> ShippedModel:
+        onnx = registry.load_onnx(scorer.model_version)
+        return ShippedModel.of(
+            onnx, scorer.card, scorer.model_name, scorer.model_version, scorer.model_role
+        )
+
+    challenger = models.challenger
+    return ShippedScoring(
+        champion=ship(models.champion),
+        challenger=ship(challenger) if challenger is not None else None,
+        policy_json=policy.model_dump_json(),
+    )
 
 
 def score_prepared(
@@ -166,10 +217,24 @@ def run_scoring(
     configs = DomainConfigs(
         cleaning=card.cleaning_config, trips=card.trip_config, features=card.feature_config
     )
-    ingested, prepared = ingest_and_prepare(ctx, engine, pings_uri, mapping, configs)
-    scored = score_prepared(ctx, models, policy, prepared)
-    scores = scored.records_frame()
-    set_aside = scored.set_aside_frame()
+    if engine == "spark":
+        # Scored on the executors with the models' ONNX exports: only the scores (one row
+        # per trip) come back to this process.
+        ingested, prepared, on_spark = ingest_prepare_and_score_spark(
+            ctx, pings_uri, mapping, shipped_scoring(registry, models, policy)
+        )
+        scored = BatchScores(
+            on_spark.records,
+            on_spark.alerts,
+            on_spark.set_aside,
+            [PredictionRecord(**row) for row in on_spark.decisions.iter_rows(named=True)],
+            on_spark.routes,
+        )
+    else:
+        ingested, prepared = ingest_and_prepare(ctx, engine, pings_uri, mapping, configs)
+        scored = BatchScores.of(score_prepared(ctx, models, policy, prepared))
+    scores = scored.records
+    set_aside = scored.set_aside
     scores_ref = store.write_dataset("scores", scores, name="scores")
     set_aside_uri = (
         store.write_dataset("scoring_set_aside", set_aside, name="set_aside").uri
@@ -186,14 +251,19 @@ def run_scoring(
     stored = None
     if store_scores:
         ctx.progress(f"store {scores.height:,} trips in {settings.store_path}")
-        cleaned = ctx.store.read_dataset(prepared.cleaned)
-        routes = trip_routes(ping_events(cleaned, champion.card.feature_config))
+        routes = (
+            scored.routes
+            if scored.routes is not None
+            else trip_routes(
+                ping_events(ctx.store.read_dataset(prepared.cleaned), champion.card.feature_config)
+            )
+        )
         if routes.height:
             routes = routes.join(
                 scores.select("vehicle_id", "trip_id"), on=["vehicle_id", "trip_id"], how="semi"
             )
         stored = open_score_store(settings).write(
-            ScoreBatch("score", scores=scores, alerts=scored.alerts_frame(), routes=routes)
+            ScoreBatch("score", scores=scores, alerts=scored.alerts, routes=routes)
         )
     manifest_uri = store.write_run_manifest(
         run_id,

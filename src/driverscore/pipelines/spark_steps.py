@@ -13,7 +13,16 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
 
 from driverscore.adapters.readers import list_sources, no_rows_error, table_format
-from driverscore.adapters.spark.jobs import import_on_spark, input_error, prepare_on_spark
+from driverscore.adapters.spark.jobs import (
+    SparkPrepared,
+    SparkScores,
+    StagingArea,
+    import_on_spark,
+    input_error,
+    prepare_on_spark,
+    score_on_spark,
+)
+from driverscore.adapters.spark.models import ShippedScoring
 from driverscore.domain.mapping import ColumnMapping
 from driverscore.errors import InputDataError
 from driverscore.pipelines.steps import (
@@ -30,7 +39,15 @@ from driverscore.pipelines.steps import (
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-__all__ = ["ENGINES", "Engine", "ingest_and_prepare", "ingest_spark", "prepare_spark"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "ingest_and_prepare",
+    "ingest_prepare_and_score_spark",
+    "ingest_spark",
+    "prepare_spark",
+    "score_spark",
+]
 
 #: Where the prepare step runs: in this process (Polars) or on Spark.
 Engine = Literal["embedded", "spark"]
@@ -49,6 +66,16 @@ def _executor_errors() -> Iterator[None]:
         raise error from None
 
 
+@contextmanager
+def _staging_area(ctx: RunContext) -> Iterator[StagingArea]:
+    """A staging folder of the run's data store for the executors' parts, removed after."""
+    staging = ctx.store.new_staging()
+    try:
+        yield StagingArea(ctx.store.root_uri, ctx.settings.storage_options(), staging)
+    finally:
+        ctx.store.discard_staging(staging)
+
+
 def ingest_spark(
     ctx: RunContext, spark: SparkSession, source_uri: str, mapping: ColumnMapping | None = None
 ) -> IngestedTelemetry:
@@ -64,19 +91,18 @@ def ingest_spark(
     ctx.progress(f"snapshot {len(sources)} raw file(s)")
     raw = ctx.store.snapshot_raw(sources)
     ctx.progress(f"read and map {len(sources)} file(s) on Spark")
-    with _executor_errors():
+    with _executor_errors(), _staging_area(ctx) as area:
         job = import_on_spark(
             spark,
             sources,
             formats.pop(),
             mapping,
+            area,
             delimiter=mapping.delimiter if mapping else ",",
         )
-        try:
-            canonical = ctx.store.write_dataset("canonical", job.canonical_parts())
-            rejected = job.rejects()
-        finally:
-            job.close()
+        # The executors wrote the pings; only their parts' names and digests come here.
+        canonical = ctx.store.commit_staged("canonical", area.staging, job.canonical_parts())
+        rejected = job.rejects()
     if canonical.rows + rejected.height == 0:
         raise no_rows_error(source_uri, sources)
     return IngestedTelemetry(
@@ -92,12 +118,9 @@ def prepare_spark(
 ) -> PreparedDataset:
     """Clean, cut trips and compute features on the executors, vehicle group by group."""
     configs = configs or DomainConfigs.from_settings(ctx.settings)
-    if ingested.canonical.rows == 0:
-        raise InputDataError(
-            f"{ingested.canonical.uri}: no pings to process — check the source path"
-        )
+    _require_pings(ingested)
     ctx.progress("clean, trips and features on Spark")
-    with _executor_errors():
+    with _executor_errors(), _staging_area(ctx) as area:
         job = prepare_on_spark(
             spark,
             ctx.store.part_uris(ingested.canonical),
@@ -107,15 +130,63 @@ def prepare_spark(
             reference_time=ctx.reference_time,
             total_pings=ingested.canonical.rows,
             pings_per_group=ctx.settings.spark.pings_per_group,
+            area=area,
         )
         try:
-            cleaned = ctx.store.write_dataset("cleaned", job.cleaned_parts())
-            feature_frame = job.features()
-            quarantine = job.quarantine()
-            counts, kept_per_source = job.counts()
-            costs = job.group_costs()
+            return _write_prepared(ctx, ingested, job, area)
         finally:
             job.close()
+
+
+def score_spark(
+    ctx: RunContext,
+    spark: SparkSession,
+    ingested: IngestedTelemetry,
+    scoring: ShippedScoring,
+) -> tuple[PreparedDataset, SparkScores]:
+    """Clean, cut trips, compute features and score them on the executors.
+
+    The prepared datasets are the ones :func:`prepare_spark` writes with the champion
+    card's configurations; the scores come back to the driver, small, for the caller to
+    write as embedded scoring does.
+    """
+    _require_pings(ingested)
+    ctx.progress("clean, trips, features and scores on Spark")
+    with _executor_errors(), _staging_area(ctx) as area:
+        job = score_on_spark(
+            spark,
+            ctx.store.part_uris(ingested.canonical),
+            scoring,
+            reference_time=ctx.reference_time,
+            total_pings=ingested.canonical.rows,
+            pings_per_group=ctx.settings.spark.pings_per_group,
+            area=area,
+        )
+        try:
+            scores = job.scores()
+            prepared = _write_prepared(ctx, ingested, job, area)
+        finally:
+            job.close()
+    return prepared, scores
+
+
+def _require_pings(ingested: IngestedTelemetry) -> None:
+    if ingested.canonical.rows == 0:
+        raise InputDataError(
+            f"{ingested.canonical.uri}: no pings to process — check the source path"
+        )
+
+
+def _write_prepared(
+    ctx: RunContext, ingested: IngestedTelemetry, job: SparkPrepared, area: StagingArea
+) -> PreparedDataset:
+    """Write what the executors prepared as the embedded prepare step writes it; the
+    cleaned pings are already in the store, staged by the executors."""
+    cleaned = ctx.store.commit_staged("cleaned", area.staging, job.cleaned_parts())
+    feature_frame = job.features()
+    quarantine = job.quarantine()
+    counts, kept_per_source = job.counts()
+    costs = job.group_costs()
     if feature_frame.height:
         feature_frame = feature_frame.sort("trip_id", "vehicle_id")
     quarantine_frame = with_import_rejects(quarantine, ingested.rejects)
@@ -152,6 +223,19 @@ def prepare_spark(
         quality=quality,
         quality_uri=quality_uri,
     )
+
+
+def ingest_prepare_and_score_spark(
+    ctx: RunContext, pings_uri: str, mapping: ColumnMapping | None, scoring: ShippedScoring
+) -> tuple[IngestedTelemetry, PreparedDataset, SparkScores]:
+    """Ingest, prepare and score on Spark; the session is built here, once."""
+    from driverscore.adapters.spark.session import spark_session
+
+    ctx.progress("start Spark")
+    spark = spark_session(ctx.settings)
+    ingested = ingest_spark(ctx, spark, pings_uri, mapping)
+    prepared, scores = score_spark(ctx, spark, ingested, scoring)
+    return ingested, prepared, scores
 
 
 def ingest_and_prepare(

@@ -144,9 +144,14 @@ def register_synthetic_model(
     lineage: dict[str, str] | None = None,
     data_versions: dict[str, str] | None = None,
     code_version: str = "synthetic",
+    feature_config: FeatureConfig | None = None,
 ) -> tuple[RegisteredVersion, TrainedModel]:
     """Train on synthetic trips, export, gate leniently and register: a real registry entry
-    for tests and benchmarks that need a served model but not the telemetry simulator."""
+    for tests and benchmarks that need a served model but not the telemetry simulator.
+
+    ``feature_config``: the thresholds the card says the features were computed with
+    (what scoring recomputes features with); the defaults when not given.
+    """
     features, incidents = synthetic_trips(trips, seed=seed)
     labelled = label_trips(features, incidents, datetime(2026, 5, 20, tzinfo=UTC), 7.0)
     train, holdout = time_split(labelled, 0.25)
@@ -155,7 +160,7 @@ def register_synthetic_model(
     card = trained.model_card(
         cleaning_config=CleaningConfig(),
         trip_config=TripConfig(),
-        feature_config=FeatureConfig(),
+        feature_config=feature_config or FeatureConfig(),
         lineage=lineage or {},
     )
     metrics = evaluate(
