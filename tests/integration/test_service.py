@@ -1028,6 +1028,7 @@ def test_healthz_answers_fast_while_six_large_trips_score(
     )
     bodies = [_long_trip_body(seed, 50_000) for seed in range(6)]
     statuses: list[int] = []
+    durations: list[float] = []
     running = threading.Event()
     with httpx.Client(base_url=serve.url, timeout=5) as probe:
         deadline = time.monotonic() + 90
@@ -1044,7 +1045,9 @@ def test_healthz_answers_fast_while_six_large_trips_score(
         def post(body: bytes) -> None:
             with httpx.Client(base_url=serve.url, timeout=300) as own:
                 running.set()
+                sent = time.perf_counter()
                 statuses.append(own.post("/v1/score", content=body, headers=JSON).status_code)
+                durations.append(time.perf_counter() - sent)
 
         workers = [threading.Thread(target=post, args=(b,)) for b in bodies]
         for w in workers:
@@ -1061,4 +1064,8 @@ def test_healthz_answers_fast_while_six_large_trips_score(
     assert statuses == [200] * 6, serve.log_text()[-3000:]
     assert len(latencies) >= 20
     p99 = float(np.quantile(latencies, 0.99))
-    assert p99 < 0.5, (p99, max(latencies), len(latencies))
+    # A loop blocked by scoring answers a probe only after a whole trip has scored, so
+    # the bound is 0.5 s or, on a machine so loaded that one trip takes far longer than
+    # usual, a fifth of the quickest trip's scoring: either way far from blocked.
+    bound = max(0.5, min(durations) / 5)
+    assert p99 < bound, (p99, bound, max(latencies), len(latencies), min(durations))
