@@ -220,12 +220,16 @@ class _Index:
     #: The watermark as last written to the shared state.
     persisted: int | None = None
     #: Whether the scope writes the watermark once, when its state commits
-    #: (:meth:`TripAssembler._commit_watermark`), instead of as it moves.
+    #: (:meth:`TripAssembler._at_commit`), instead of as it moves; vehicle records too.
     at_commit: bool = False
     pending: int = 0
-    #: Vehicles' metadata records as last written under ``token``: every change is also
-    #: written to the state, so a vehicle's next message skips reading and decoding it.
+    #: Vehicles' metadata records as last changed under ``token``: a vehicle's next message
+    #: skips reading and decoding it.
     metas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: With ``at_commit``: the records changed under ``token`` and not yet written, with the
+    #: state each is written to when that state commits (one write per vehicle and commit,
+    #: not one per message).
+    unwritten: dict[str, KeyValue] = field(default_factory=dict)
 
 
 class TripAssembler:
@@ -275,7 +279,7 @@ class TripAssembler:
             if watermark is None or newest > watermark:
                 watermark = index.watermark = newest
                 self._moved(shared, index, watermark)
-        _save_meta(state, meta)
+        self._save(index, state, vehicle_id, meta)
         self._track(shared, index, vehicle_id, meta, had_open)
         if watermark is not None:
             out.closed.extend(self._expire(scope, shared, index, watermark))
@@ -318,7 +322,7 @@ class TripAssembler:
         if newest > watermark:
             watermark = index.watermark = newest
             self._moved(shared, index, watermark)
-        _save_meta(state, meta)
+        self._save(index, state, vehicle_id, meta)
         deadline = int(session["last"]) + wait
         before = index.deadlines.get(vehicle_id)
         index.deadlines[vehicle_id] = deadline
@@ -355,7 +359,7 @@ class TripAssembler:
                 closed.extend(
                     self._close(shared, index, state, meta, vehicle_id, session, "end", until)
                 )
-            _save_meta(state, meta)
+            self._save(index, state, vehicle_id, meta)
             self._track(shared, index, vehicle_id, meta, had_open=True)
         closed.sort(key=lambda s: (s.last_us, s.vehicle_id))
         return self._finish(index, Assembled(closed=closed))
@@ -384,6 +388,18 @@ class TripAssembler:
         return meta
 
     @staticmethod
+    def _save(index: _Index, state: KeyValue, vehicle_id: str, meta: dict[str, Any]) -> None:
+        """Write a vehicle's changed record now or, when the scope has a commit moment,
+        when its state commits (:meth:`_at_commit`): a vehicle's many single-ping messages
+        in one checkpoint then cost one encoding and write instead of one each. Nothing is
+        held past the commit: a transaction that never commits loses these writes with all
+        of its own, and its messages are consumed again."""
+        if index.at_commit:
+            index.unwritten[vehicle_id] = state
+        else:
+            _save_meta(state, meta)
+
+    @staticmethod
     def _moved(shared: KeyValue, index: _Index, watermark: int) -> None:
         """Event time moved to ``watermark``: persist it, when the scope does not at commit.
 
@@ -399,13 +415,20 @@ class TripAssembler:
             index.persisted = watermark
 
     @staticmethod
-    def _commit_watermark(index: _Index, shared: KeyValue, token: object) -> None:
-        """At the commit of ``token``'s state: its last watermark, one write per commit.
+    def _at_commit(index: _Index, shared: KeyValue, token: object) -> None:
+        """At the commit of ``token``'s state: the vehicle records its messages changed and
+        its last watermark, one write each per commit.
 
-        What was committed is then exactly the event time of the messages committed with
-        it, and the watermark no longer costs a state write on the messages that move it."""
+        What was committed is then exactly the state and event time of the messages
+        committed with it, and neither costs a state write per message."""
+        if index.token is not token:
+            return
+        metas = index.metas
+        for vehicle_id, state in index.unwritten.items():
+            _save_meta(state, metas[vehicle_id])
+        index.unwritten = {}
         watermark = index.watermark
-        if index.token is token and watermark is not None and watermark != index.persisted:
+        if watermark is not None and watermark != index.persisted:
             _save_watermark(shared, watermark)
             index.persisted = watermark
 
@@ -788,7 +811,8 @@ class TripAssembler:
         index.pending = len(shared.get(_PENDING) or [])
         index.token = token = scope.token
         index.metas = {}
-        index.at_commit = scope.on_commit(lambda: self._commit_watermark(index, shared, token))
+        index.unwritten = {}
+        index.at_commit = scope.on_commit(lambda: self._at_commit(index, shared, token))
         return index
 
     def _track(
@@ -828,7 +852,7 @@ class TripAssembler:
             state = scope.vehicle(vehicle_id)
             meta = self._meta(index, state, vehicle_id)
             closed.extend(self._close_due(shared, index, state, meta, vehicle_id, watermark))
-            _save_meta(state, meta)
+            self._save(index, state, vehicle_id, meta)
             index.deadlines.pop(vehicle_id, None)
             self._track(shared, index, vehicle_id, meta, had_open=True)
         return closed
