@@ -584,6 +584,7 @@ def collect_latencies(
     consumer = output_consumer(bootstrap, topic)
     ready.set()
     latencies: list[float] = []
+    arrivals: list[float] = []
     missing = 0
     try:
         while not stop.is_set():
@@ -600,9 +601,10 @@ def collect_latencies(
                     missing += 1
                 else:
                     latencies.append(received_ms - sent_ms)
+                    arrivals.append(received_ms)
     finally:
         consumer.close()
-        results.put({"latencies_ms": latencies, "missing": missing})
+        results.put({"latencies_ms": latencies, "arrivals_ms": arrivals, "missing": missing})
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -697,6 +699,11 @@ def measure_latency(
             p99_ms=round(percentile(latencies, 99), 1),
             max_ms=round(max(latencies), 1),
         )
+        # Where the slowest outputs fell: seconds after the first output, latency (ms).
+        first = min(collected["arrivals_ms"])
+        timed = zip(collected["arrivals_ms"], latencies, strict=True)
+        slowest = sorted(timed, key=lambda pair: -pair[1])[:10]
+        cell["slowest"] = [[round((at - first) / 1000, 2), round(ms, 1)] for at, ms in slowest]
     return cell
 
 
@@ -863,6 +870,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument(
+        "--skip-throughput",
+        action="store_true",
+        help="latency cells only (needs --latency-rate)",
+    )
+    parser.add_argument(
         "--py-spy-s",
         type=float,
         default=0.0,
@@ -883,6 +895,8 @@ def parse_args() -> argparse.Namespace:
         if unknown or not chosen:
             parser.error(f"--{name}: unknown {unknown}; choose from {', '.join(allowed)}")
         setattr(args, name, chosen)
+    if args.skip_throughput and (args.skip_latency or args.latency_rate <= 0):
+        parser.error("--skip-throughput measures latency only: give --latency-rate")
     return args
 
 
@@ -948,7 +962,11 @@ def main() -> None:
             print(f"[{mode}] state per open trip {json.dumps(states[-1])}", flush=True)
         try:
             for mode in args.modes:
-                source = produce_all(bench, mode, pings)
+                source = (
+                    PingsTopic("", 1, 1, 0.0)
+                    if args.skip_throughput
+                    else produce_all(bench, mode, pings)
+                )
                 print(
                     f"[{mode}] produced {source.pings:,} pings in {source.messages:,} messages "
                     f"({source.pings / source.messages:.1f} pings/message) in "
@@ -963,6 +981,9 @@ def main() -> None:
                     for kind in args.runners:
                         label = f"[{mode} {guarantee} {kind}]"
                         expected = source.messages if kind == "ceiling" else trips
+                        if args.skip_throughput:
+                            measured[kind] = {"complete": True}
+                            continue
                         try:
                             throughput = measure_throughput(
                                 bench, kind, mode, guarantee, source, expected

@@ -227,6 +227,15 @@ class KafkaConfig(BaseModel):
     score_batch_wait_s: float = Field(
         0.1, ge=0, description="...or once the first of them has waited this long (s)."
     )
+    score_catch_up_wait_s: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "...or this long while the processor is catching up: the message in hand was "
+            "written at least this long ago, so its trips are late already and bigger "
+            "batches score the backlog faster (s)."
+        ),
+    )
     state_dir: Path | None = Field(
         None, description="Stream state (RocksDB) folder (default: <home>/stream-state)."
     )

@@ -138,6 +138,8 @@ def make_rig(
     batch_trips: int = 1,
     batch_wait_s: float = 0.0,
     step: TripScoringStep | None = None,
+    catch_up_wait_s: float = 0.0,
+    wall_clock: FakeClock | None = None,
 ) -> Rig:
     metrics = step.metrics if step is not None else StreamMetrics()
     clock = FakeClock()
@@ -150,6 +152,8 @@ def make_rig(
         clock,
         batch_trips=batch_trips,
         batch_wait_s=batch_wait_s,
+        catch_up_wait_s=catch_up_wait_s,
+        wall_clock=wall_clock or FakeClock(),
     )
     return Rig(processor, MemoryScope(), metrics, clock)
 
@@ -755,6 +759,39 @@ def test_batch_wait_flushes_on_the_next_message_once_the_first_trip_waited_long_
     assert all(m.headers == [(CLOSE_TRIGGER_HEADER, trigger)] for m in out)
     assert rig.processor.waiting == {}
     assert rig.processor.overdue() == []
+
+
+@pytest.mark.parametrize(("behind_s", "published_at"), [(0.05, 100.2), (5.0, 101.0)])
+def test_closed_trips_wait_longer_only_while_the_processor_reads_old_messages(
+    scorer: TripScorer, behind_s: float, published_at: float
+) -> None:
+    # Messages read 50 ms after they were written: a live processor keeps to the batch
+    # wait. Read 5 s after: it works through a backlog and scores bigger batches, waiting
+    # up to the catch-up wait.
+    wall = FakeClock()
+    rig = make_rig(
+        model(scorer, threshold=1.0),
+        batch_trips=10,
+        batch_wait_s=0.1,
+        catch_up_wait_s=1.0,
+        wall_clock=wall,
+    )
+    trips = three_trips()
+    rows = trips["b"]
+    rig.clock.now = 100.0
+    rig.drive("a", trips["a"])
+    assert rig.drive("b", rows[:30]) == []  # a closes and waits from 100
+    published: list[float] = []
+    for i, now in enumerate((100.05, 100.2, 100.5, 100.99, 101.0)):
+        rig.clock.now = now
+        written_ms = ms(rows[30 + i]["ts"])  # the message's Kafka timestamp
+        wall.now = written_ms / 1000 + behind_s  # read this long after it was written
+        out = rig.send(encode_batch("b", rows[30 + i : 31 + i]), "b", written_ms)
+        if out:
+            assert [(m.topic, m.key) for m in on(out, TOPICS.scores)] == [(TOPICS.scores, "a")]
+            published.append(now)
+    assert published == [published_at]
+    assert rig.processor.waiting == {}
 
 
 def test_overdue_lists_each_waiting_partition_past_the_wait(scorer: TripScorer) -> None:

@@ -152,6 +152,7 @@ def build_stream_application(
         metrics,
         batch_trips=config.score_batch_trips,
         batch_wait_s=config.score_batch_wait_s,
+        catch_up_wait_s=config.score_catch_up_wait_s,
     )
     ticker = FlushTicker(processor, config.bootstrap_servers)
 

@@ -315,6 +315,8 @@ class PingProcessor:
         *,
         batch_trips: int = 1,
         batch_wait_s: float = 0.0,
+        catch_up_wait_s: float = 0.0,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.step = step
         self.assembler = assembler
@@ -323,6 +325,8 @@ class PingProcessor:
         self.clock = clock
         self.batch_trips = batch_trips
         self.batch_wait_s = batch_wait_s
+        self.catch_up_wait_s = catch_up_wait_s
+        self.wall_clock = wall_clock
         #: Partitions with closed trips waiting to be scored, since when (``clock``).
         self.waiting: dict[Hashable, float] = {}
         self._published: dict[str, Any] = {}
@@ -377,10 +381,11 @@ class PingProcessor:
         closed = assembled.closed
         if assembled.pending:
             since = self.waiting.setdefault(scope.partition, started)
+            wait = self.catch_up_wait_s if self._catching_up(timestamp_ms) else self.batch_wait_s
             if (
                 assembled.pending >= self.batch_trips
                 or decoded.clock_us is not None
-                or started - since >= self.batch_wait_s
+                or started - since >= wait
             ):
                 closed = closed + self.assembler.flush(scope)
                 del self.waiting[scope.partition]
@@ -390,6 +395,16 @@ class PingProcessor:
                 out.extend(self._trip_messages(scored, trigger, source))
             self.metrics.close_to_publish.observe(self.clock() - started)
         return out
+
+    def _catching_up(self, timestamp_ms: int) -> bool:
+        """The message in hand was written ``catch_up_wait_s`` or more ago (its Kafka
+        timestamp): the processor works through a backlog, its trips are late already,
+        and waiting up to ``catch_up_wait_s`` to score more of them together costs less
+        per trip (scoring a batch is mostly fixed cost). A live processor reads messages
+        within milliseconds of their writing and keeps to ``batch_wait_s``."""
+        if self.catch_up_wait_s <= self.batch_wait_s:
+            return False
+        return self.wall_clock() * 1000.0 - timestamp_ms >= self.catch_up_wait_s * 1000.0
 
     def overdue(self) -> list[Hashable]:
         """Partitions whose waiting trips are past ``batch_wait_s`` (for :class:`FlushTicker`)."""
