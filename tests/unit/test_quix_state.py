@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from quixstreams.checkpointing.checkpoint import BaseCheckpoint
 from quixstreams.state.rocksdb import RocksDBStorePartition
 
 from driverscore.domain.sessions import SessionRules, TripAssembler
@@ -21,7 +19,6 @@ from driverscore.services.stream.quix_state import (
     PARTITION_PREFIX,
     PREFIX_CACHE_SIZE,
     QuixScope,
-    checkpoint_due,
     vehicle_prefix,
 )
 
@@ -158,16 +155,3 @@ def test_a_transaction_that_never_commits_leaves_the_committed_watermark(
     scope = QuixScope(message_state(store.begin(), "v2"), PARTITION)
     out = assembler.add(scope, "v2", [ping("v2", 100 - int(GAP_S) - 30)])
     assert out.late == []  # within gap + grace of the committed 0 s, though not of 200 s
-
-
-def test_a_checkpoint_made_due_is_expired_at_once_and_the_next_one_is_not() -> None:
-    # What Quix's run loop asks after every message before it commits a checkpoint.
-    context = SimpleNamespace(checkpoint=BaseCheckpoint(commit_interval=60.0))
-    due = checkpoint_due(context)
-    assert not context.checkpoint.expired()
-    due()
-    assert context.checkpoint.expired()
-    context.checkpoint = BaseCheckpoint(commit_interval=60.0)  # Quix starts the next one
-    assert not context.checkpoint.expired()
-    due()
-    assert context.checkpoint.expired()

@@ -794,22 +794,6 @@ def test_closed_trips_wait_longer_only_while_the_processor_reads_old_messages(
     assert rig.processor.waiting == {}
 
 
-def test_on_published_is_called_for_each_message_that_published_trips(
-    scorer: TripScorer,
-) -> None:
-    rig = make_rig(model(scorer, threshold=1.0))
-    calls: list[int] = []
-    rig.processor.on_published = lambda: calls.append(rig.offset)
-    trips = three_trips()
-    assert rig.drive("a", trips["a"]) == []
-    assert calls == []  # pings alone publish nothing
-    out = rig.drive("b", trips["b"][:30])  # closes a: published at once (batch of one)
-    assert on(out, TOPICS.scores)
-    assert calls == [rig.offset]
-    rig.drive("b", trips["b"][30:60])
-    assert calls == [rig.offset - 1]
-
-
 def test_overdue_lists_each_waiting_partition_past_the_wait(scorer: TripScorer) -> None:
     rig = make_rig(model(scorer, threshold=1.0), batch_trips=10, batch_wait_s=2.0)
     trips = three_trips()

@@ -107,7 +107,7 @@ def build_stream_application(
     from quixstreams import Application
     from quixstreams.models.serializers import SerializationContext, Serializer
 
-    from driverscore.services.stream.quix_state import checkpoint_due, quix_step
+    from driverscore.services.stream.quix_state import quix_step
 
     class _OutValue(Serializer):
         def __call__(self, value: OutMessage, ctx: SerializationContext) -> bytes:
@@ -145,24 +145,14 @@ def build_stream_application(
     # later champion scores with its own configs, but the cutting keeps these rules until
     # the processor restarts.
     rules = SessionRules.of_trips(step.scorer.card.trip_config, config.grace_s)
-    exactly_once = config.processing_guarantee == "exactly-once"
     processor = PingProcessor(
         step,
         TripAssembler(rules, defer=True),
         topics,
         metrics,
         batch_trips=config.score_batch_trips,
-        # Under exactly-once a trip's outputs are visible at the commit after its scoring:
-        # closed trips wait for the commit interval, and the commit follows their scoring
-        # at once, so a checkpoint scores one batch (scoring a batch is mostly fixed cost)
-        # and its trips no longer wait for the commit after that.
-        batch_wait_s=(
-            max(config.score_batch_wait_s, config.commit_interval_s)
-            if exactly_once
-            else config.score_batch_wait_s
-        ),
+        batch_wait_s=config.score_batch_wait_s,
         catch_up_wait_s=config.score_catch_up_wait_s,
-        on_published=checkpoint_due(app._processing_context) if exactly_once else None,
     )
     ticker = FlushTicker(processor, config.bootstrap_servers)
 

@@ -317,7 +317,6 @@ class PingProcessor:
         batch_wait_s: float = 0.0,
         catch_up_wait_s: float = 0.0,
         wall_clock: Callable[[], float] = time.time,
-        on_published: Callable[[], None] | None = None,
     ) -> None:
         self.step = step
         self.assembler = assembler
@@ -328,8 +327,6 @@ class PingProcessor:
         self.batch_wait_s = batch_wait_s
         self.catch_up_wait_s = catch_up_wait_s
         self.wall_clock = wall_clock
-        #: Called when a message published trips (exactly-once: commit them now).
-        self.on_published = on_published
         #: Partitions with closed trips waiting to be scored, since when (``clock``).
         self.waiting: dict[Hashable, float] = {}
         self._published: dict[str, Any] = {}
@@ -397,8 +394,6 @@ class PingProcessor:
             for scored in self.step.close_sessions(closed):
                 out.extend(self._trip_messages(scored, trigger, source))
             self.metrics.close_to_publish.observe(self.clock() - started)
-            if self.on_published is not None:
-                self.on_published()
         return out
 
     def _catching_up(self, timestamp_ms: int) -> bool:

@@ -11,7 +11,6 @@ when a Quix upgrade changes either, that test fails, not the stream.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -23,7 +22,7 @@ from driverscore.domain.sessions import KeyValue
 if TYPE_CHECKING:
     from driverscore.services.stream.processor import OutMessage, PingProcessor
 
-__all__ = ["PARTITION_PREFIX", "QuixScope", "checkpoint_due", "quix_step", "vehicle_prefix"]
+__all__ = ["PARTITION_PREFIX", "QuixScope", "quix_step", "vehicle_prefix"]
 
 #: Prefix of the state shared by a partition's vehicles (watermark, pending trips). Quix
 #: encodes ``str`` keys as JSON, which always starts with a quote: no vehicle has it.
@@ -117,20 +116,3 @@ def quix_step(processor: PingProcessor) -> Callable[..., list[OutMessage]]:
         return processor.process(value, key, timestamp_ms, list(headers or []), scope, source)
 
     return process
-
-
-def checkpoint_due(processing_context: Any) -> Callable[[], None]:
-    """A function that makes the current Quix checkpoint due: the application commits it
-    as soon as the message in hand is processed (its run loop checks after every message).
-
-    Under exactly-once, outputs become visible when their transaction commits: a
-    processor that has just published trips commits them then, not up to a commit interval
-    later. ``processing_context`` is the application's (``Application._processing_context``);
-    the checkpoint is its current one at each call.
-    """
-
-    def due() -> None:
-        # ``BaseCheckpoint.expired()``: monotonic() - commit_interval >= created_at.
-        processing_context.checkpoint._created_at = -math.inf
-
-    return due
