@@ -868,6 +868,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--exactly-once", action="store_true", help="add exactly-once cells for every mode"
     )
+    parser.add_argument(
+        "--only-exactly-once", action="store_true", help="exactly-once cells only"
+    )
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument(
         "--skip-throughput",
@@ -976,6 +979,8 @@ def main() -> None:
                 guarantees = [AT_LEAST_ONCE]
                 if args.exactly_once:
                     guarantees.append(EXACTLY_ONCE)
+                if args.only_exactly_once:
+                    guarantees = [EXACTLY_ONCE]
                 for guarantee in guarantees:
                     measured: dict[str, dict[str, Any]] = {}
                     for kind in args.runners:
