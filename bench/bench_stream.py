@@ -868,9 +868,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--exactly-once", action="store_true", help="add exactly-once cells for every mode"
     )
-    parser.add_argument(
-        "--only-exactly-once", action="store_true", help="exactly-once cells only"
-    )
+    parser.add_argument("--only-exactly-once", action="store_true", help="exactly-once cells only")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument(
         "--skip-throughput",
