@@ -190,6 +190,8 @@ class Bench:
     #: > 0: each driverscore runner runs under ``py-spy record`` for that many seconds.
     py_spy_s: float = 0.0
     py_spy_dir: Path = Path("bench/out")
+    #: py-spy also samples waiting threads (wall time: commits, polls), stacks per thread.
+    py_spy_idle: bool = False
 
 
 def cell_config(bench: Bench, name: str, guarantee: str, pings_topic: str | None) -> KafkaConfig:
@@ -247,6 +249,8 @@ def start_runner(bench: Bench, kind: str, name: str, config: KafkaConfig) -> Run
                 "record",
                 "--format",
                 "raw",
+                "--nonblocking",
+                *(["--idle", "--threads"] if bench.py_spy_idle else []),
                 "--duration",
                 str(round(bench.py_spy_s)),
                 "-o",
@@ -882,6 +886,11 @@ def parse_args() -> argparse.Namespace:
         help="profile each driverscore runner with py-spy for this many seconds (collapsed "
         "stacks beside --out)",
     )
+    parser.add_argument(
+        "--py-spy-idle",
+        action="store_true",
+        help="with --py-spy-s: sample waiting threads too (wall time), one stack root per thread",
+    )
     parser.add_argument("--latency-s", type=float, default=20.0, help="live replay length (s)")
     parser.add_argument(
         "--latency-rate", type=float, default=0.0, help="pings/s of the live replay (0: auto)"
@@ -949,6 +958,7 @@ def main() -> None:
             timeout_s=args.timeout,
             py_spy_s=args.py_spy_s,
             py_spy_dir=args.out.parent,
+            py_spy_idle=args.py_spy_idle,
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         trips = batch_trip_count(pings, scorer)
