@@ -49,16 +49,20 @@ the clocks. ``rate`` is the same for both runners of a mode: ``--latency-rate``,
 half of driverscore's measured throughput in that mode, at most ``--max-latency-rate``;
 the rate the producer achieved is reported (it is one Python process).
 
-    latency = collector's wall clock at receipt (ms) - header ``driverscore.close_trigger_ms``
+    latency = collector's wall clock at receipt (ms) - header ``driverscore.closed_ms``
 
-For ``driverscore`` that header is the Kafka timestamp (CreateTime: the producer's wall
-clock at ``produce()``) of the input message whose arrival closed the trip; for the ceiling
-it is the CreateTime of the message passed through. Producer, broker, runner and collector
-share this machine's clock. Latency therefore includes the producer's linger (20 ms), the
-broker, the runner's queueing and processing and, under exactly-once, the wait for the
-transaction commit (the processor's commit interval: ``KafkaConfig.commit_interval_s``,
-or 1 s in versions without that setting). Score messages without the header count as
-``missing``; with none at all the latency is reported as n/a.
+For ``driverscore`` (run with ``KafkaConfig.closed_at_header``) that header is the Kafka
+timestamp (CreateTime: the producer's wall clock at ``produce()``) of the input message at
+which the trip closed, so the latency includes the time a closed trip waited to be scored
+with others; versions without it are measured from ``driverscore.close_trigger_ms`` (the
+message at which the trip was published, after that wait). For the ceiling the header
+``driverscore.close_trigger_ms`` is the CreateTime of the message passed through.
+Producer, broker, runner and collector share this machine's clock. Latency therefore
+includes the producer's linger (20 ms), the broker, the runner's queueing and processing
+and, under exactly-once, the wait for the transaction commit (the processor's commit
+interval: ``KafkaConfig.commit_interval_s``, or 1 s in versions without that setting).
+Score messages without the header count as ``missing``; with none at all the latency is
+reported as n/a.
 
 Targets (the issue): batch-50 ≥ 100,000 pings/s, single ≥ 30,000 pings/s, p99 < 500 ms.
 Producer, broker, runner and consumers share the machine's cores (printed with the table).
@@ -115,6 +119,9 @@ from driverscore.settings import KafkaConfig, KafkaTopics, Settings
 from driverscore.simulation import DirtConfig, SimulationConfig, simulate
 from driverscore.training.synthetic import register_synthetic_model
 from stream_ceiling import TRIGGER_HEADER
+
+#: ``driverscore.services.stream.CLOSED_AT_HEADER`` (a name, so older versions run too).
+CLOSED_HEADER = "driverscore.closed_ms"
 
 MODES: dict[str, float] = {"single": 0.0, "batch-50": 50.0}  # mode -> batch_span_s (1 Hz)
 RUNNERS = ("ceiling", "driverscore")
@@ -192,6 +199,8 @@ class Bench:
     py_spy_dir: Path = Path("bench/out")
     #: py-spy also samples waiting threads (wall time: commits, polls), stacks per thread.
     py_spy_idle: bool = False
+    #: ``--set``: KafkaConfig fields given to every runner's settings.
+    settings: tuple[tuple[str, Any], ...] = ()
 
 
 def cell_config(bench: Bench, name: str, guarantee: str, pings_topic: str | None) -> KafkaConfig:
@@ -208,6 +217,9 @@ def cell_config(bench: Bench, name: str, guarantee: str, pings_topic: str | None
         consumer_group=f"{prefix}-group",
         processing_guarantee=guarantee,
         state_dir=bench.work / f"{name}-state",
+        # Outputs say when their trip closed: latency counts the wait for its batch.
+        **({"closed_at_header": True} if "closed_at_header" in KafkaConfig.model_fields else {}),
+        **dict(bench.settings),
     )
 
 
@@ -563,17 +575,18 @@ def measure_throughput(
 
 
 def trigger_ms(headers: list[tuple[str, bytes]] | None) -> int | None:
-    """The ``driverscore.close_trigger_ms`` header as an int (decimal text or 8-byte int)."""
+    """When the output's trip closed (ms): the ``driverscore.closed_ms`` header, else
+    ``driverscore.close_trigger_ms`` (the ceiling's, and versions without the first), as
+    an int (decimal text or 8-byte int)."""
+    found: dict[str, int | None] = {}
     for key, value in headers or []:
-        if key != TRIGGER_HEADER or value is None:
+        if key not in (CLOSED_HEADER, TRIGGER_HEADER) or value is None:
             continue
         try:
-            return int(value.decode())
+            found[key] = int(value.decode())
         except (UnicodeDecodeError, ValueError):
-            if len(value) == 8:
-                return int.from_bytes(value, "big", signed=True)
-            return None
-    return None
+            found[key] = int.from_bytes(value, "big", signed=True) if len(value) == 8 else None
+    return found.get(CLOSED_HEADER, found.get(TRIGGER_HEADER))
 
 
 def collect_latencies(
@@ -891,6 +904,13 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="with --py-spy-s: sample waiting threads too (wall time), one stack root per thread",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=JSON",
+        help="a KafkaConfig field for the runners, e.g. --set score_at_commit=false (repeatable)",
+    )
     parser.add_argument("--latency-s", type=float, default=20.0, help="live replay length (s)")
     parser.add_argument(
         "--latency-rate", type=float, default=0.0, help="pings/s of the live replay (0: auto)"
@@ -905,6 +925,16 @@ def parse_args() -> argparse.Namespace:
         if unknown or not chosen:
             parser.error(f"--{name}: unknown {unknown}; choose from {', '.join(allowed)}")
         setattr(args, name, chosen)
+    settings = []
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or name not in KafkaConfig.model_fields:
+            parser.error(f"--set {item}: give FIELD=JSON with a KafkaConfig field")
+        try:
+            settings.append((name, json.loads(value)))
+        except json.JSONDecodeError:
+            parser.error(f"--set {item}: the value is not JSON (strings in quotes)")
+    args.set = settings
     if args.skip_throughput and (args.skip_latency or args.latency_rate <= 0):
         parser.error("--skip-throughput measures latency only: give --latency-rate")
     return args
@@ -959,6 +989,7 @@ def main() -> None:
             py_spy_s=args.py_spy_s,
             py_spy_dir=args.out.parent,
             py_spy_idle=args.py_spy_idle,
+            settings=tuple(args.set),
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         trips = batch_trip_count(pings, scorer)

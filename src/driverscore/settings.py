@@ -236,6 +236,20 @@ class KafkaConfig(BaseModel):
             "batches score the backlog faster (s)."
         ),
     )
+    score_at_commit: bool = Field(
+        True,
+        description=(
+            "exactly-once: closed trips wait for the checkpoint's commit (when their outputs "
+            "become readable) and every partition's are scored in one batch just before it."
+        ),
+    )
+    closed_at_header: bool = Field(
+        False,
+        description=(
+            "Add the header driverscore.closed_ms to trip outputs: the Kafka timestamp of the "
+            "message at which the trip closed (close → score latency, the batch wait included)."
+        ),
+    )
     state_dir: Path | None = Field(
         None, description="Stream state (RocksDB) folder (default: <home>/stream-state)."
     )

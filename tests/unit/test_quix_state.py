@@ -155,3 +155,13 @@ def test_a_transaction_that_never_commits_leaves_the_committed_watermark(
     scope = QuixScope(message_state(store.begin(), "v2"), PARTITION)
     out = assembler.add(scope, "v2", [ping("v2", 100 - int(GAP_S) - 30)])
     assert out.late == []  # within gap + grace of the committed 0 s, though not of 200 s
+
+
+def test_a_scope_is_live_until_its_transaction_commits(store: RocksDBStorePartition) -> None:
+    transaction = store.begin()
+    scope = QuixScope(message_state(transaction, "v1"), PARTITION)
+    scope.vehicle("v1").set("k", 1)
+    assert scope.live
+    commit(transaction)
+    assert not scope.live  # a later checkpoint's scope must not be written through
+    assert QuixScope(message_state(store.begin(), "v1"), PARTITION).live

@@ -30,6 +30,7 @@ from driverscore.domain.sessions import MemoryScope, SessionRules, TripAssembler
 from driverscore.domain.trip_scoring import ScoringModels, alert_text
 from driverscore.services.stream import (
     CLOSE_TRIGGER_HEADER,
+    CLOSED_AT_HEADER,
     OutMessage,
     PingProcessor,
     StreamMetrics,
@@ -140,6 +141,8 @@ def make_rig(
     step: TripScoringStep | None = None,
     catch_up_wait_s: float = 0.0,
     wall_clock: FakeClock | None = None,
+    commit_wait_s: float | None = None,
+    closed_at_header: bool = False,
 ) -> Rig:
     metrics = step.metrics if step is not None else StreamMetrics()
     clock = FakeClock()
@@ -154,6 +157,8 @@ def make_rig(
         batch_wait_s=batch_wait_s,
         catch_up_wait_s=catch_up_wait_s,
         wall_clock=wall_clock or FakeClock(),
+        commit_wait_s=commit_wait_s,
+        closed_at_header=closed_at_header,
     )
     return Rig(processor, MemoryScope(), metrics, clock)
 
@@ -857,3 +862,89 @@ def test_the_stream_follows_the_rollout_policy_its_model_source_polls(scorer: Tr
     out = rig.clock_message(after(second, PAST_DEADLINE_S))
     answers = [json.loads(m.value) for m in out if m.topic == TOPICS.scores]
     assert [(a["model_role"], a["model_version"]) for a in answers] == [("challenger", "2")]
+
+
+def test_the_closed_at_header_says_when_each_trip_closed_not_when_it_was_published(
+    scorer: TripScorer,
+) -> None:
+    rig = make_rig(
+        model(scorer, threshold=1.0), batch_trips=10, batch_wait_s=5.0, closed_at_header=True
+    )
+    trips = three_trips()
+    rig.drive("a", trips["a"])
+    rig.drive("b", trips["b"])  # its first message closes a, which waits
+    a_closed = ms(trips["b"][29]["ts"])
+    rig.drive("c", trips["c"][:30])  # closes b, which waits
+    b_closed = ms(trips["c"][29]["ts"])
+    rig.clock.now = 5.0
+    out = rig.drive("c", trips["c"][30:60])
+    trigger = str(ms(trips["c"][59]["ts"])).encode()
+    assert sorted({m.key for m in on(out, TOPICS.scores)}) == ["a", "b"]
+    for m in out:
+        vehicle = m.key.removeprefix("D-")
+        closed = {"a": a_closed, "b": b_closed}[vehicle]
+        assert m.headers == [
+            (CLOSE_TRIGGER_HEADER, trigger),
+            (CLOSED_AT_HEADER, str(closed).encode()),
+        ]
+
+
+def test_exactly_once_trips_wait_for_the_commit_and_every_partitions_are_scored_together(
+    scorer: TripScorer,
+) -> None:
+    rig = make_rig(
+        model(scorer, threshold=1.0),
+        batch_trips=10,
+        batch_wait_s=0.1,
+        commit_wait_s=0.2,
+        closed_at_header=True,
+    )
+    other = MemoryScope(1)
+
+    def send_other(vehicle: str, rows: list[dict[str, Any]]) -> list[OutMessage]:
+        value = encode_batch(vehicle, rows)
+        return rig.processor.process(value, vehicle, ms(rows[-1]["ts"]), [], other, "pings/1/0")
+
+    trips = three_trips()
+    rig.drive("a", trips["a"])
+    assert rig.drive("b", trips["b"][:30]) == []  # closes a on partition 0
+    x = drive_rows("x", START, lat0=45.0)
+    for i in range(0, len(x), 30):
+        assert send_other("x", x[i : i + 30]) == []
+    y = drive_rows("y", after(x, PAST_DEADLINE_S), n=30, lat0=46.0)
+    assert send_other("y", y) == []  # closes x on partition 1
+    assert rig.processor.waiting == {0: 0.0, 1: 0.0}
+    # Past the batch wait, but outputs would only be read at the commit: still waiting.
+    rig.clock.now = 0.15
+    assert rig.drive("b", trips["b"][30:60]) == []
+    assert rig.processor.overdue() == []  # no tick while a commit is to come
+    # The checkpoint commits after this message: both partitions' trips, one batch.
+    out = rig.processor.process(
+        encode_batch("b", trips["b"][60:90]),
+        "b",
+        ms(trips["b"][89]["ts"]),
+        [],
+        rig.scope,
+        "pings/0/9",
+        {0: rig.scope, 1: other},
+    )
+    assert sorted(m.key for m in on(out, TOPICS.scores)) == ["a", "x"]
+    closed = {"a": ms(trips["b"][29]["ts"]), "x": ms(y[-1]["ts"])}
+    trigger = str(ms(trips["b"][89]["ts"])).encode()
+    for m in on(out, TOPICS.scores):
+        assert m.headers == [
+            (CLOSE_TRIGGER_HEADER, trigger),
+            (CLOSED_AT_HEADER, str(closed[m.key]).encode()),
+        ]
+    assert rig.processor.waiting == {}
+    assert rig.sample("driverscore_stream_trips_total", outcome="scored") == 2
+    # No message at a commit: a quiet partition's trips get a tick once they waited the
+    # commit interval and the batch wait.
+    z = drive_rows("z", after(y, 5), n=40, lat0=47.0)
+    send_other("z", z)
+    send_other("w", drive_rows("w", after(z, PAST_DEADLINE_S), n=5, lat0=48.0))
+    assert rig.processor.waiting == {1: 0.15}
+    rig.clock.now = 0.44
+    assert rig.processor.overdue() == []
+    rig.clock.now = 0.45
+    assert rig.processor.overdue() == [1]

@@ -195,6 +195,9 @@ class ClosedSession:
     pings: list[dict[str, Any]]
     reason: CloseReason
     trip_id: str = ""
+    #: Kafka timestamp (ms) of the message at which the session closed, when the caller
+    #: gave one (``add``/``advance`` ``message_ms``); kept with a deferred session.
+    closed_ms: int | None = None
 
 
 @dataclass
@@ -245,11 +248,22 @@ class TripAssembler:
         self.rules = rules
         self.defer = defer
         self._indexes: dict[Hashable, _Index] = {}
+        #: ``message_ms`` of the message in hand: what a session closing now is stamped with.
+        self._message_ms: int | None = None
 
     # -- entry points ------------------------------------------------------------------
 
-    def add(self, scope: PartitionScope, vehicle_id: str, pings: list[dict[str, Any]]) -> Assembled:
-        """One message's pings of ``vehicle_id``."""
+    def add(
+        self,
+        scope: PartitionScope,
+        vehicle_id: str,
+        pings: list[dict[str, Any]],
+        *,
+        message_ms: int | None = None,
+    ) -> Assembled:
+        """One message's pings of ``vehicle_id``; ``message_ms``: the message's Kafka
+        timestamp, which sessions closing at it carry (``ClosedSession.closed_ms``)."""
+        self._message_ms = message_ms
         shared = scope.shared()
         index = self._index(scope, shared)
         watermark = index.watermark
@@ -334,8 +348,11 @@ class TripAssembler:
             out.pending = index.pending
         return out
 
-    def advance(self, scope: PartitionScope, ts_us: int) -> Assembled:
+    def advance(
+        self, scope: PartitionScope, ts_us: int, *, message_ms: int | None = None
+    ) -> Assembled:
         """A clock message: event time of the partition is at least ``ts_us``."""
+        self._message_ms = message_ms
         shared = scope.shared()
         index = self._index(scope, shared)
         watermark = index.watermark
@@ -376,7 +393,11 @@ class TripAssembler:
         closed: list[ClosedSession] = []
         for entry in pending:
             state = scope.vehicle(entry["vehicle"])
-            closed.append(self._collect(state, entry["vehicle"], entry["session"], entry["reason"]))
+            closed.append(
+                self._collect(
+                    state, entry["vehicle"], entry["session"], entry["reason"], entry.get("at")
+                )
+            )
         return closed
 
     @staticmethod
@@ -748,11 +769,14 @@ class TripAssembler:
             session.pop("tail", None)
             session.pop("tn", None)
             pending: list[dict[str, Any]] = shared.get(_PENDING) or []
-            pending.append({"vehicle": vehicle_id, "session": session, "reason": reason})
+            entry: dict[str, Any] = {"vehicle": vehicle_id, "session": session, "reason": reason}
+            if self._message_ms is not None:
+                entry["at"] = self._message_ms
+            pending.append(entry)
             shared.set(_PENDING, pending)
             index.pending = len(pending)
             return []
-        return [self._collect(state, vehicle_id, session, reason)]
+        return [self._collect(state, vehicle_id, session, reason, self._message_ms)]
 
     @staticmethod
     def _part_name(state: KeyValue, trip: Any) -> str:
@@ -776,7 +800,11 @@ class TripAssembler:
 
     @staticmethod
     def _collect(
-        state: KeyValue, vehicle_id: str, session: dict[str, Any], reason: CloseReason
+        state: KeyValue,
+        vehicle_id: str,
+        session: dict[str, Any],
+        reason: CloseReason,
+        closed_ms: int | None = None,
     ) -> ClosedSession:
         pings = TripAssembler._read_chunks(state, session)
         start = int(session["start"])
@@ -787,7 +815,9 @@ class TripAssembler:
         elif name != trip:
             # Part k >= 2: the pings carry the part's name, so ``prepare_trips`` keeps it.
             pings = [{**p, "trip_id": name} for p in pings]
-        return ClosedSession(vehicle_id, start, int(session["last"]), pings, reason, name)
+        return ClosedSession(
+            vehicle_id, start, int(session["last"]), pings, reason, name, closed_ms
+        )
 
     # -- the partition's index of deadlines ----------------------------------------------
 

@@ -28,6 +28,7 @@ from driverscore.services.stream.models import (
 )
 from driverscore.services.stream.processor import (
     CLOSE_TRIGGER_HEADER,
+    CLOSED_AT_HEADER,
     DLQ_REASON_HEADER,
     DLQ_SOURCE_HEADER,
     OutMessage,
@@ -37,6 +38,7 @@ from driverscore.services.stream.processor import (
 )
 
 __all__ = [
+    "CLOSED_AT_HEADER",
     "CLOSE_TRIGGER_HEADER",
     "DLQ_REASON_HEADER",
     "DLQ_SOURCE_HEADER",

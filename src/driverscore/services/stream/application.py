@@ -56,7 +56,7 @@ class FlushTicker:
         while not self._stop.wait(self.interval_s):
             now = self.processor.clock()
             for partition in self.processor.overdue():
-                if now - sent.get(partition, -math.inf) < max(self.processor.batch_wait_s, 0.5):
+                if now - sent.get(partition, -math.inf) < max(self.processor.live_wait_s, 0.5):
                     continue  # one tick per partition until it had time to arrive
                 topic, number = cast(tuple[str, int], partition)
                 producer.produce(topic, value=tick, key=CLOCK_KEY.encode(), partition=number)
@@ -107,7 +107,7 @@ def build_stream_application(
     from quixstreams import Application
     from quixstreams.models.serializers import SerializationContext, Serializer
 
-    from driverscore.services.stream.quix_state import quix_step
+    from driverscore.services.stream.quix_state import checkpoint_due, quix_step
 
     class _OutValue(Serializer):
         def __call__(self, value: OutMessage, ctx: SerializationContext) -> bytes:
@@ -153,11 +153,19 @@ def build_stream_application(
         batch_trips=config.score_batch_trips,
         batch_wait_s=config.score_batch_wait_s,
         catch_up_wait_s=config.score_catch_up_wait_s,
+        # Exactly-once outputs are read at their transaction's commit: trips wait for it.
+        commit_wait_s=(
+            config.commit_interval_s
+            if config.processing_guarantee == "exactly-once" and config.score_at_commit
+            else None
+        ),
+        closed_at_header=config.closed_at_header,
     )
     ticker = FlushTicker(processor, config.bootstrap_servers)
 
     sdf = app.dataframe(pings)
-    sdf = sdf.apply(quix_step(processor), stateful=True, metadata=True, expand=True)
+    due = checkpoint_due(app) if processor.commit_wait_s is not None else None
+    sdf = sdf.apply(quix_step(processor, due), stateful=True, metadata=True, expand=True)
     sdf = sdf.set_headers(lambda message, _key, _ts, _headers: message.headers)
     sdf.to_topic(
         lambda message, _key, _ts, _headers: outputs[message.topic],

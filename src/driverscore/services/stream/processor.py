@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,6 +48,7 @@ from driverscore.services.stream.models import FixedModels, ModelSource, Rollout
 from driverscore.settings import KafkaTopics
 
 __all__ = [
+    "CLOSED_AT_HEADER",
     "CLOSE_TRIGGER_HEADER",
     "DLQ_REASON_HEADER",
     "DLQ_SOURCE_HEADER",
@@ -61,8 +62,15 @@ log = logging.getLogger(__name__)
 
 DLQ_REASON_HEADER = "driverscore.dlq.reason"
 DLQ_SOURCE_HEADER = "driverscore.dlq.source"
-#: On every trip output: Kafka timestamp (ms) of the input message whose arrival closed it.
+#: On every trip output: Kafka timestamp (ms) of the input message at which the trip was
+#: published - the message that closed it, or, when closed trips wait to be scored together,
+#: the message (or flush tick) that ended the wait.
 CLOSE_TRIGGER_HEADER = "driverscore.close_trigger_ms"
+#: With ``PingProcessor(closed_at_header=True)``: Kafka timestamp (ms) of the input message
+#: at which the trip closed, the wait for its batch included (what close → score latency is
+#: measured from); the trigger's when the close time was not kept (a trip pending before a
+#: restart of an older version).
+CLOSED_AT_HEADER = "driverscore.closed_ms"
 
 _TripKey = tuple[str | None, str | None]
 
@@ -88,6 +96,9 @@ class ScoredSession:
     decisions: list[PredictionRecord]
     set_aside: pl.DataFrame
     routes: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=ROUTE_SCHEMA))
+    #: Vehicle → Kafka timestamp (ms) of the message its trip closed at (one trip of a
+    #: vehicle per scored group), when the closed sessions carried it.
+    closed_ms: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, result: PingScoring) -> ScoredSession:
@@ -264,12 +275,17 @@ class TripScoringStep:
                     scored.extend(self.close_sessions_alone(group))
                     continue
             if result is not None:
-                scored.append(result)
+                scored.append(_with_close_times(result, group))
         return scored
 
     def close_sessions_alone(self, sessions: list[ClosedSession]) -> list[ScoredSession]:
-        results = (self.close(s.vehicle_id, s.start_us, s.pings) for s in sessions)
-        return [r for r in results if r is not None]
+        results = ((self.close(s.vehicle_id, s.start_us, s.pings), s) for s in sessions)
+        return [_with_close_times(r, [s]) for r, s in results if r is not None]
+
+
+def _with_close_times(scored: ScoredSession, group: list[ClosedSession]) -> ScoredSession:
+    closed = {s.vehicle_id: s.closed_ms for s in group if s.closed_ms is not None}
+    return replace(scored, closed_ms=closed) if closed else scored
 
 
 @dataclass(frozen=True)
@@ -317,6 +333,8 @@ class PingProcessor:
         batch_wait_s: float = 0.0,
         catch_up_wait_s: float = 0.0,
         wall_clock: Callable[[], float] = time.time,
+        commit_wait_s: float | None = None,
+        closed_at_header: bool = False,
     ) -> None:
         self.step = step
         self.assembler = assembler
@@ -327,6 +345,14 @@ class PingProcessor:
         self.batch_wait_s = batch_wait_s
         self.catch_up_wait_s = catch_up_wait_s
         self.wall_clock = wall_clock
+        #: Exactly-once: outputs are read when their transaction commits, so closed trips
+        #: wait for the checkpoint's commit (``process(committing=...)``) and every
+        #: partition's are scored in one batch just before it; this long at most (the
+        #: commit interval) plus ``batch_wait_s`` when no message comes at the commit.
+        self.commit_wait_s = commit_wait_s
+        self.closed_at_header = closed_at_header
+        #: How long closed trips of a live processor wait at most (:meth:`overdue`).
+        self.live_wait_s = batch_wait_s + (commit_wait_s or 0.0)
         #: Partitions with closed trips waiting to be scored, since when (``clock``).
         self.waiting: dict[Hashable, float] = {}
         self._published: dict[str, Any] = {}
@@ -339,7 +365,11 @@ class PingProcessor:
         headers: list[tuple[str, bytes]],
         scope: PartitionScope,
         source: str,
+        committing: Mapping[Hashable, PartitionScope] | None = None,
     ) -> list[OutMessage]:
+        """``committing``: the checkpoint commits after this message; the scopes of every
+        partition that has a live transaction in it (with ``commit_wait_s``, their waiting
+        trips are scored now, together)."""
         started = self.clock()
         decoded = decode_message(value, key)
         if decoded.error is None and decoded.clock_us is None and not key:
@@ -353,11 +383,11 @@ class PingProcessor:
             return [self._out(self.topics.dlq, key or "", value or b"", [*headers, *reject])]
         if decoded.clock_us is not None:
             self.metrics.messages.count("clock")
-            assembled = self.assembler.advance(scope, decoded.clock_us)
+            assembled = self.assembler.advance(scope, decoded.clock_us, message_ms=timestamp_ms)
         else:
             self.metrics.messages.count("accepted")
             assert key is not None
-            assembled = self.assembler.add(scope, key, decoded.pings)
+            assembled = self.assembler.add(scope, key, decoded.pings, message_ms=timestamp_ms)
         out: list[OutMessage] = []
         if assembled.late:
             self.metrics.late_pings.inc(len(assembled.late))
@@ -379,9 +409,11 @@ class PingProcessor:
                 )
             )
         closed = assembled.closed
+        waiting = assembled.pending or self.waiting
+        catching_up = self._catching_up(timestamp_ms) if waiting else False
         if assembled.pending:
             since = self.waiting.setdefault(scope.partition, started)
-            wait = self.catch_up_wait_s if self._catching_up(timestamp_ms) else self.batch_wait_s
+            wait = self.catch_up_wait_s if catching_up else self.live_wait_s
             if (
                 assembled.pending >= self.batch_trips
                 or decoded.clock_us is not None
@@ -389,10 +421,17 @@ class PingProcessor:
             ):
                 closed = closed + self.assembler.flush(scope)
                 del self.waiting[scope.partition]
+        if committing is not None and self.commit_wait_s is not None:
+            # Also while catching up: a checkpoint's trips are one batch already, and a
+            # 1 s catch-up wait would add a second to every trip of a processor that fell
+            # behind for a moment.
+            for partition, other in committing.items():
+                if partition in self.waiting:
+                    closed = closed + self.assembler.flush(other)
+                    del self.waiting[partition]
         if closed:
-            trigger = [(CLOSE_TRIGGER_HEADER, str(timestamp_ms).encode())]
             for scored in self.step.close_sessions(closed):
-                out.extend(self._trip_messages(scored, trigger, source))
+                out.extend(self._trip_messages(scored, timestamp_ms, source))
             self.metrics.close_to_publish.observe(self.clock() - started)
         return out
 
@@ -407,18 +446,26 @@ class PingProcessor:
         return self.wall_clock() * 1000.0 - timestamp_ms >= self.catch_up_wait_s * 1000.0
 
     def overdue(self) -> list[Hashable]:
-        """Partitions whose waiting trips are past ``batch_wait_s`` (for :class:`FlushTicker`)."""
+        """Partitions whose waiting trips are past ``live_wait_s`` (for :class:`FlushTicker`)."""
         now = self.clock()
         waiting = dict(self.waiting)  # written by the processing thread
-        return [p for p, since in waiting.items() if now - since >= self.batch_wait_s]
+        return [p for p, since in waiting.items() if now - since >= self.live_wait_s]
 
     def _trip_messages(
-        self, scored: ScoredSession, headers: list[tuple[str, bytes]], source: str
+        self, scored: ScoredSession, trigger_ms: int, source: str
     ) -> list[OutMessage]:
         """A trip's feature row, route, score record, alert, shadow record and decision,
         trip by trip; then the trips set aside, on the dead-letter topic with their reason."""
         topics = self.topics
         out: list[OutMessage] = []
+        trigger = [(CLOSE_TRIGGER_HEADER, str(trigger_ms).encode())]
+
+        def trip_headers(vehicle: str) -> list[tuple[str, bytes]]:
+            if not self.closed_at_header:
+                return trigger
+            closed_ms = scored.closed_ms.get(vehicle, trigger_ms)
+            return [*trigger, (CLOSED_AT_HEADER, str(closed_ms).encode())]
+
         keys = _keys(scored.records)
         alerts = dict(zip(_keys(scored.alerts), _lines(scored.alerts), strict=True))
         shadows = dict(zip(_keys(scored.shadow), _lines(scored.shadow), strict=True))
@@ -432,6 +479,7 @@ class PingProcessor:
             keys, _lines(scored.features), _lines(scored.records), decisions, strict=True
         ):
             vehicle = str(key[0])
+            headers = trip_headers(vehicle)
             out.append(self._out(topics.trip_features, vehicle, feature, headers))
             route = routes.get(key)
             if route is not None:
@@ -450,7 +498,7 @@ class PingProcessor:
         for row, line in zip(set_aside.iter_rows(named=True), _lines(set_aside), strict=True):
             reason = f"{row['reason']}: {row['detail']}"
             dead = [
-                *headers,
+                *trip_headers(str(row["vehicle_id"] or "")),
                 (DLQ_REASON_HEADER, reason.encode()),
                 (DLQ_SOURCE_HEADER, source.encode()),
             ]

@@ -11,18 +11,18 @@ when a Quix upgrade changes either, that test fails, not the stream.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from quixstreams import message_context
 
-from driverscore.domain.sessions import KeyValue
+from driverscore.domain.sessions import KeyValue, PartitionScope
 
 if TYPE_CHECKING:
     from driverscore.services.stream.processor import OutMessage, PingProcessor
 
-__all__ = ["PARTITION_PREFIX", "QuixScope", "quix_step", "vehicle_prefix"]
+__all__ = ["PARTITION_PREFIX", "QuixScope", "checkpoint_due", "quix_step", "vehicle_prefix"]
 
 #: Prefix of the state shared by a partition's vehicles (watermark, pending trips). Quix
 #: encodes ``str`` keys as JSON, which always starts with a quote: no vehicle has it.
@@ -58,6 +58,12 @@ class QuixScope:
     @property
     def partition(self) -> tuple[str, int]:
         return self._partition
+
+    @property
+    def live(self) -> bool:
+        """Its transaction is the partition's in the current checkpoint (not yet prepared)."""
+        transaction = self._transaction
+        return not (transaction.prepared or transaction.completed or transaction.failed)
 
     @property
     def token(self) -> object:
@@ -98,8 +104,25 @@ class QuixScope:
         return True
 
 
-def quix_step(processor: PingProcessor) -> Callable[..., list[OutMessage]]:
-    """The stateful function of the Quix dataframe: one message through ``processor``."""
+def checkpoint_due(app: Any) -> Callable[[], bool]:
+    """Whether the application's checkpoint commits after the message in hand: its run
+    loop commits right after each message once the checkpoint has expired."""
+
+    def due() -> bool:
+        return bool(app._processing_context.checkpoint.expired())
+
+    return due
+
+
+def quix_step(
+    processor: PingProcessor, commit_due: Callable[[], bool] | None = None
+) -> Callable[..., list[OutMessage]]:
+    """The stateful function of the Quix dataframe: one message through ``processor``.
+
+    ``commit_due`` (:func:`checkpoint_due`): when it says the checkpoint commits after this
+    message and trips wait, the processor gets the scopes of every partition whose
+    transaction is in that checkpoint, to score their waiting trips with it.
+    """
 
     # The scope of each partition's current transaction (a new transaction, a new scope).
     scopes: dict[tuple[str, int], QuixScope] = {}
@@ -113,6 +136,11 @@ def quix_step(processor: PingProcessor) -> Callable[..., list[OutMessage]]:
         if scope is None or scope.token is not state._transaction:
             scope = scopes[partition] = QuixScope(state, partition)
         source = f"{ctx.topic}/{ctx.partition}/{ctx.offset}"
-        return processor.process(value, key, timestamp_ms, list(headers or []), scope, source)
+        committing: dict[Hashable, PartitionScope] | None = None
+        if commit_due is not None and processor.waiting and commit_due():
+            committing = {p: s for p, s in scopes.items() if s.live}
+        return processor.process(
+            value, key, timestamp_ms, list(headers or []), scope, source, committing
+        )
 
     return process
