@@ -948,3 +948,33 @@ def test_exactly_once_trips_wait_for_the_commit_and_every_partitions_are_scored_
     assert rig.processor.overdue() == []
     rig.clock.now = 0.45
     assert rig.processor.overdue() == [1]
+
+
+def test_when_one_partitions_trips_are_scored_the_other_partitions_waiting_go_with_them(
+    scorer: TripScorer,
+) -> None:
+    rig = make_rig(model(scorer, threshold=1.0), batch_trips=10, batch_wait_s=0.1)
+    other = MemoryScope(1)
+    trips = three_trips()
+    rig.drive("a", trips["a"])
+    assert rig.drive("b", trips["b"][:30]) == []  # closes a on partition 0, at 0.0
+    rig.clock.now = 0.05
+    x = drive_rows("x", START, lat0=45.0)
+    for i in range(0, len(x), 30):
+        rig.processor.process(encode_batch("x", x[i : i + 30]), "x", 1, [], other, "pings/1/0")
+    y = drive_rows("y", after(x, PAST_DEADLINE_S), n=30, lat0=46.0)
+    rig.processor.process(encode_batch("y", y), "y", 2, [], other, "pings/1/1")
+    assert rig.processor.waiting == {0: 0.0, 1: 0.05}  # x waits on partition 1
+    rig.clock.now = 0.1  # a has waited long enough, x not yet: both go
+    out = rig.processor.process(
+        encode_batch("b", trips["b"][30:60]),
+        "b",
+        3,
+        [],
+        rig.scope,
+        "pings/0/2",
+        partners=lambda: {0: rig.scope, 1: other},
+    )
+    assert sorted(m.key for m in on(out, TOPICS.scores)) == ["a", "x"]
+    assert rig.processor.waiting == {}
+    assert other.shared().get("pending") is None

@@ -121,11 +121,15 @@ def quix_step(
 
     ``commit_due`` (:func:`checkpoint_due`): when it says the checkpoint commits after this
     message and trips wait, the processor gets the scopes of every partition whose
-    transaction is in that checkpoint, to score their waiting trips with it.
+    transaction is in that checkpoint, to score their waiting trips with it; and those
+    scopes whenever it scores one partition's trips, to score the others' with them.
     """
 
     # The scope of each partition's current transaction (a new transaction, a new scope).
     scopes: dict[tuple[str, int], QuixScope] = {}
+
+    def live() -> dict[Hashable, PartitionScope]:
+        return {p: s for p, s in scopes.items() if s.live}
 
     def process(
         value: Any, key: Any, timestamp_ms: int, headers: Any, state: Any
@@ -136,11 +140,11 @@ def quix_step(
         if scope is None or scope.token is not state._transaction:
             scope = scopes[partition] = QuixScope(state, partition)
         source = f"{ctx.topic}/{ctx.partition}/{ctx.offset}"
-        committing: dict[Hashable, PartitionScope] | None = None
+        committing = None
         if commit_due is not None and processor.waiting and commit_due():
-            committing = {p: s for p, s in scopes.items() if s.live}
+            committing = live()
         return processor.process(
-            value, key, timestamp_ms, list(headers or []), scope, source, committing
+            value, key, timestamp_ms, list(headers or []), scope, source, committing, live
         )
 
     return process
