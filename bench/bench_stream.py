@@ -103,13 +103,16 @@ from confluent_kafka.admin import AdminClient  # type: ignore[import-untyped]
 
 from driverscore.adapters.kafka.admin import create_topics
 from driverscore.adapters.kafka.broker import LocalKafkaBroker, wait_until_ready
-from driverscore.adapters.kafka.messages import decode_message, encode_batch, encode_ping
+from driverscore.adapters.kafka.messages import decode_message
 from driverscore.adapters.kafka.producer import (
     ReplayResult,
     clock_after,
     make_producer,
+    ping_messages,
     replay_pings,
+    replay_result,
     send_clock,
+    send_messages,
 )
 from driverscore.adapters.registry import CHAMPION, open_registry
 from driverscore.domain.prepare import prepare_trips
@@ -201,6 +204,9 @@ class Bench:
     py_spy_idle: bool = False
     #: ``--set``: KafkaConfig fields given to every runner's settings.
     settings: tuple[tuple[str, Any], ...] = ()
+    #: Latency phase: messages encoded before the paced replay starts (``--encode-live``:
+    #: while sending, as the fifth round and earlier measured).
+    encode_first: bool = True
 
 
 def cell_config(bench: Bench, name: str, guarantee: str, pings_topic: str | None) -> KafkaConfig:
@@ -424,34 +430,22 @@ def produce_all(bench: Bench, mode: str, pings: pl.DataFrame) -> PingsTopic:
 def state_per_open_trip(pings: pl.DataFrame, mode: str, rules: SessionRules) -> dict[str, Any]:
     """Peak state bytes of a vehicle against the raw bytes of its open trip's pings.
 
-    The mode's messages (as ``replay_pings`` makes them) go through the processor's
-    assembler on an in-memory state of the same layout as the Quix store (MessagePack
+    The mode's messages (``ping_messages``, as ``replay_pings`` sends them) go through the
+    processor's assembler on an in-memory state of the same layout as the Quix store (MessagePack
     records and chunks; no broker). After each message, the message's vehicle's state bytes
     are compared with the bytes of the input messages its open sessions hold (a batch
     message's bytes shared equally by its pings). Reported: the vehicle state's peak with
     the raw bytes at that moment, and the highest ratio once a trip holds at least
     ``TAIL_PINGS`` pings (a trip's first pings carry the fixed cost of the record).
     """
-    ordered = pings.with_row_index("_row").sort(["ts", "_row"]).drop("_row")
-    if MODES[mode] > 0:
-        span_us = int(MODES[mode] * 1e6)
-        window = pl.col("ts").dt.epoch("us") // span_us
-        groups = ordered.with_columns(window.alias("_window")).group_by(
-            ["_window", "vehicle_id"], maintain_order=True
-        )
-        messages: Iterator[tuple[str, bytes]] = (
-            (str(v), encode_batch(str(v), part.drop("_window").iter_rows(named=True)))
-            for (_, v), part in groups
-        )
-    else:
-        messages = ((str(r["vehicle_id"]), encode_ping(r)) for r in ordered.iter_rows(named=True))
+    messages = ping_messages(pings, batch_span_s=MODES[mode])
     assembler, scope = TripAssembler(rules), MemoryScope()
     raw: dict[str, float] = {}
     count: dict[str, int] = {}
     size: dict[tuple[str, int], float] = {}
     peak = {"state_bytes": 0, "raw_bytes": 0.0, "pings": 0}
     worst = {"ratio": 0.0, "state_bytes": 0, "raw_bytes": 0.0, "pings": 0}
-    for vehicle, value in messages:
+    for vehicle, value, _count in messages:
         decoded = decode_message(value, vehicle)
         out = assembler.add(scope, vehicle, decoded.pings)
         share = len(value) / len(decoded.pings)
@@ -675,10 +669,16 @@ def measure_latency(
         wait_group_assigned(bench, runner)
         time.sleep(1.0)  # partitions assigned, state recovered: the runner is idle
         producer = make_producer(bench.bootstrap)
-        started = time.monotonic()
-        result = replay_pings(
-            producer, config.topics.pings, subset, batch_span_s=MODES[mode], rate=rate
+        # Devices encode their own messages: building them during the paced replay would
+        # take a core's share of this machine from the runner being measured.
+        messages = (
+            list(ping_messages(subset, batch_span_s=MODES[mode]))
+            if bench.encode_first
+            else ping_messages(subset, batch_span_s=MODES[mode])
         )
+        started = time.monotonic()
+        sent = send_messages(producer, config.topics.pings, messages, rate=rate)
+        result = replay_result(subset, *sent)
         # Trips still open at the end close at once, on the closing clocks (a mass close no
         # live fleet makes but after an outage): their latency is also reported apart.
         clocks_ms = time.time() * 1000.0
@@ -712,6 +712,7 @@ def measure_latency(
         "guarantee": guarantee,
         "rate_target": round(rate),
         "rate_achieved": round(result.pings / replay_s),
+        "encoded_first": bench.encode_first,
         "pings": result.pings,
         "messages": result.messages + bench.partitions,
         "expected_outputs": target,
@@ -735,6 +736,12 @@ def measure_latency(
         cell["slowest"] = [[round((at - first) / 1000, 2), round(ms, 1)] for at, ms in slowest]
         by_close = zip(collected["closed_ms"], latencies, strict=True)
         live = [ms for closed, ms in by_close if closed < clocks_ms]
+        # Every output: the close header and its arrival (ms since the epoch), to line up
+        # with a runner's own log.
+        cell["outputs_ms"] = [
+            [closed, round(at, 1)]
+            for closed, at in zip(collected["closed_ms"], collected["arrivals_ms"], strict=True)
+        ]
         cell["live_outputs"] = len(live)
         cell["end_outputs"] = len(latencies) - len(live)
         if live:
@@ -932,6 +939,11 @@ def parse_args() -> argparse.Namespace:
         "stacks beside --out)",
     )
     parser.add_argument(
+        "--encode-live",
+        action="store_true",
+        help="latency phase: encode each message while replaying (default: all before)",
+    )
+    parser.add_argument(
         "--py-spy-idle",
         action="store_true",
         help="with --py-spy-s: sample waiting threads too (wall time), one stack root per thread",
@@ -1022,6 +1034,7 @@ def main() -> None:
             py_spy_dir=args.out.parent,
             py_spy_idle=args.py_spy_idle,
             settings=tuple(args.set),
+            encode_first=not args.encode_live,
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         trips = batch_trip_count(pings, scorer)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,8 +19,11 @@ __all__ = [
     "ReplayResult",
     "load_canonical_pings",
     "make_producer",
+    "ping_messages",
     "replay_pings",
+    "replay_result",
     "send_clock",
+    "send_messages",
     "topic_partitions",
 ]
 
@@ -65,25 +68,52 @@ def replay_pings(
     one window of ``batch_span_s`` seconds of event time go in one batch message.
     ``rate`` limits pings per second (0: as fast as the broker takes them).
     """
-    ordered = pings.with_row_index("_row").sort(["ts", "_row"]).drop("_row")
+    sent_pings, sent_messages = send_messages(
+        producer,
+        topic,
+        ping_messages(pings, batch_span_s=batch_span_s),
+        rate=rate,
+        progress=progress,
+    )
+    return replay_result(pings, sent_pings, sent_messages, rejected_rows)
+
+
+def ping_messages(
+    pings: pl.DataFrame, *, batch_span_s: float = 0.0
+) -> Iterator[tuple[str, bytes, int]]:
+    """The messages ``replay_pings`` sends, in its order: (key, value, pings in it).
+
+    Encoding costs more than sending (about 10-17 µs a ping): a paced replay that shares
+    a machine with what it measures builds them first (``list(ping_messages(...))``).
+    """
+    ordered = _in_time_order(pings)
     if batch_span_s > 0:
         span_us = int(batch_span_s * 1e6)
         window = pl.col("ts").dt.epoch("us") // span_us
         groups = ordered.with_columns(window.alias("_window")).group_by(
             ["_window", "vehicle_id"], maintain_order=True
         )
-        messages = (
-            (
+        for (_, vehicle), part in groups:
+            yield (
                 str(vehicle),
                 encode_batch(str(vehicle), part.drop("_window").iter_rows(named=True)),
                 part.height,
             )
-            for (_, vehicle), part in groups
-        )
     else:
-        messages = (
-            (str(row["vehicle_id"]), encode_ping(row), 1) for row in ordered.iter_rows(named=True)
-        )
+        for row in ordered.iter_rows(named=True):
+            yield str(row["vehicle_id"]), encode_ping(row), 1
+
+
+def send_messages(
+    producer: Any,
+    topic: str,
+    messages: Iterable[tuple[str, bytes, int]],
+    *,
+    rate: float = 0.0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Send (key, value, pings) messages in order, at most ``rate`` pings/s (0: no limit),
+    and wait for their delivery; returns (pings, messages) sent."""
     sent_pings = 0
     sent_messages = 0
     failures: list[str] = []
@@ -112,8 +142,15 @@ def replay_pings(
     _flush(producer)
     if failures:
         raise DriverscoreError(f"kafka: {len(failures)} message(s) not delivered: {failures[0]}")
-    first = ordered["ts"].min() if ordered.height else None
-    last = ordered["ts"].max() if ordered.height else None
+    return sent_pings, sent_messages
+
+
+def replay_result(
+    pings: pl.DataFrame, sent_pings: int, sent_messages: int, rejected_rows: int = 0
+) -> ReplayResult:
+    """What a replay of ``pings`` sent, with their first and last timestamps."""
+    first = pings["ts"].min() if pings.height else None
+    last = pings["ts"].max() if pings.height else None
     return ReplayResult(
         pings=sent_pings,
         messages=sent_messages,
@@ -121,6 +158,11 @@ def replay_pings(
         first_ts=first if isinstance(first, datetime) else None,
         last_ts=last if isinstance(last, datetime) else None,
     )
+
+
+def _in_time_order(pings: pl.DataFrame) -> pl.DataFrame:
+    # Stable: pings of one timestamp keep the file's order.
+    return pings.with_row_index("_row").sort(["ts", "_row"]).drop("_row")
 
 
 def send_clock(producer: Any, topic: str, ts: datetime) -> None:
