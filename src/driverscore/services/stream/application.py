@@ -121,6 +121,10 @@ def build_stream_application(
         processing_guarantee=config.processing_guarantee,
         loglevel=loglevel,  # type: ignore[arg-type]
         commit_interval=config.commit_interval_s,
+        # The run loop commits an expired checkpoint only once a poll returns: with Quix's
+        # 1 s poll a partition gone quiet would hold its last outputs (readable at the
+        # commit, under exactly-once) up to a second past the commit interval.
+        consumer_poll_timeout=min(1.0, config.commit_interval_s / 4),
         consumer_extra_config={
             "session.timeout.ms": round(config.session_timeout_s * 1000),
             "statistics.interval.ms": 5000,
