@@ -7,11 +7,14 @@ it to what Quix does, so that a Quix upgrade that changes either fails here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from quixstreams.checkpointing.checkpoint import BaseCheckpoint
 from quixstreams.state.rocksdb import RocksDBStorePartition
 
 from driverscore.domain.sessions import SessionRules, TripAssembler
@@ -19,6 +22,7 @@ from driverscore.services.stream.quix_state import (
     PARTITION_PREFIX,
     PREFIX_CACHE_SIZE,
     QuixScope,
+    checkpoint_due,
     vehicle_prefix,
 )
 
@@ -165,3 +169,37 @@ def test_a_scope_is_live_until_its_transaction_commits(store: RocksDBStorePartit
     commit(transaction)
     assert not scope.live  # a later checkpoint's scope must not be written through
     assert QuixScope(message_state(store.begin(), "v1"), PARTITION).live
+
+
+class _Checkpoint(BaseCheckpoint):
+    """Quix's checkpoint clock (``expired``, its creation time and interval), no Kafka."""
+
+    def commit(self) -> None:  # pragma: no cover - never committed here
+        raise AssertionError("not committed in these tests")
+
+    def close(self) -> None:  # pragma: no cover
+        raise AssertionError("not closed in these tests")
+
+
+def test_a_checkpoint_is_due_once_within_the_lead_then_again_once_it_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    app = SimpleNamespace(_processing_context=SimpleNamespace(checkpoint=_Checkpoint(0.2)))
+    due = checkpoint_due(app)
+    now[0] = 100.1
+    assert not due(0.05)  # 0.1 s before it expires: not within the lead
+    assert not due(0.0)
+    now[0] = 100.16
+    assert due(0.05)  # within the lead: its trips are scored now
+    assert not due(0.05)  # once per checkpoint
+    now[0] = 100.2
+    assert due(0.05)  # expired: commits after this message
+    assert due(0.0)
+    # The next checkpoint gets its own lead.
+    app._processing_context.checkpoint = _Checkpoint(0.2)
+    assert not due(0.05)
+    now[0] = 100.36
+    assert due(0.05)
+    assert not due(0.05)

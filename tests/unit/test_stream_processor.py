@@ -950,6 +950,46 @@ def test_exactly_once_trips_wait_for_the_commit_and_every_partitions_are_scored_
     assert rig.processor.overdue() == [1]
 
 
+def test_trips_waiting_for_a_commit_are_scored_ahead_of_it_by_the_recent_scoring_time(
+    scorer: TripScorer,
+) -> None:
+    rig = make_rig(model(scorer, threshold=1.0), batch_trips=10, commit_wait_s=0.2)
+    close_sessions = rig.processor.step.close_sessions
+
+    def scoring_takes_50_ms(sessions: list[Any]) -> list[Any]:
+        rig.clock.now += 0.05
+        return close_sessions(sessions)
+
+    rig.processor.step.close_sessions = scoring_takes_50_ms  # type: ignore[method-assign]
+    assert rig.processor.commit_lead_s == 0.0  # nothing scored yet: at the commit
+    trips = three_trips()
+    rig.drive("a", trips["a"])
+    assert rig.drive("b", trips["b"][:30]) == []  # closes a
+    out = rig.processor.process(
+        encode_batch("b", trips["b"][30:60]),
+        "b",
+        ms(trips["b"][59]["ts"]),
+        [],
+        rig.scope,
+        "pings/0/3",
+        {0: rig.scope},
+    )
+    assert [m.key for m in on(out, TOPICS.scores)] == ["a"]
+    assert rig.processor.commit_scoring_s == pytest.approx(0.2 * 0.05)
+    assert rig.processor.commit_lead_s == pytest.approx(1.5 * 0.2 * 0.05)
+    # Scoring outside a commit (the batch is full) does not count.
+    rig.processor.batch_trips = 1
+    rig.drive("b", trips["b"][60:])
+    rig.drive("c", drive_rows("c", after(trips["b"], PAST_DEADLINE_S), n=5))  # closes b
+    assert rig.sample("driverscore_stream_trips_total", outcome="scored") == 2
+    assert rig.processor.commit_scoring_s == pytest.approx(0.2 * 0.05)
+    # At most half the commit interval, however long scoring takes.
+    rig.processor.commit_scoring_s = 1.0
+    assert rig.processor.commit_lead_s == 0.1
+    # Without a commit to wait for (at-least-once), no lead.
+    assert make_rig(scorer).processor.commit_lead_s == 0.0
+
+
 def test_when_one_partitions_trips_are_scored_the_other_partitions_waiting_go_with_them(
     scorer: TripScorer,
 ) -> None:

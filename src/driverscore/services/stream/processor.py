@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import polars as pl
 
@@ -312,6 +312,12 @@ def _keys(frame: pl.DataFrame) -> list[_TripKey]:
     return list(zip(frame["vehicle_id"].to_list(), frame["trip_id"].to_list(), strict=True))
 
 
+#: The lead before a commit (``PingProcessor.commit_lead_s``): this many times the recent
+#: scoring time at a commit, whose moving average gives the latest scoring this weight.
+COMMIT_LEAD_MARGIN: Final = 1.5
+COMMIT_SCORING_WEIGHT: Final = 0.2
+
+
 class PingProcessor:
     """One ping message in, its output messages out: decode, assemble trips, score.
 
@@ -355,7 +361,23 @@ class PingProcessor:
         self.live_wait_s = batch_wait_s + (commit_wait_s or 0.0)
         #: Partitions with closed trips waiting to be scored, since when (``clock``).
         self.waiting: dict[Hashable, float] = {}
+        #: How long scoring the trips waiting at a commit took lately (moving average).
+        self.commit_scoring_s = 0.0
         self._published: dict[str, Any] = {}
+
+    @property
+    def commit_lead_s(self) -> float:
+        """How long before the checkpoint expires the trips waiting for it are scored.
+
+        Scored as it expires, the commit would wait for them, and every trip closing
+        meanwhile would wait for the next commit that much longer; scored this early, the
+        scoring is done as it expires. A margin over the recent scoring time, at most
+        half the commit interval (trips closing in the lead go with the commit too: they
+        are scored as it expires).
+        """
+        if self.commit_wait_s is None:
+            return 0.0
+        return min(self.commit_wait_s / 2, COMMIT_LEAD_MARGIN * self.commit_scoring_s)
 
     def process(
         self,
@@ -368,11 +390,12 @@ class PingProcessor:
         committing: Mapping[Hashable, PartitionScope] | None = None,
         partners: Callable[[], Mapping[Hashable, PartitionScope]] | None = None,
     ) -> list[OutMessage]:
-        """``committing``: the checkpoint commits after this message; the scopes of every
-        partition that has a live transaction in it (with ``commit_wait_s``, their waiting
-        trips are scored now, together). ``partners``: those scopes on demand; when this
-        partition's trips are scored, the other partitions' waiting trips go in the same
-        batch (one scoring instead of one per partition: a batch is mostly fixed cost)."""
+        """``committing``: the checkpoint commits after this message or within
+        :attr:`commit_lead_s`; the scopes of every partition that has a live transaction in
+        it (with ``commit_wait_s``, their waiting trips are scored now, together).
+        ``partners``: those scopes on demand; when this partition's trips are scored, the
+        other partitions' waiting trips go in the same batch (one scoring instead of one
+        per partition: a batch is mostly fixed cost)."""
         started = self.clock()
         decoded = decode_message(value, key)
         if decoded.error is None and decoded.clock_us is None and not key:
@@ -437,7 +460,10 @@ class PingProcessor:
         if closed:
             for scored in self.step.close_sessions(closed):
                 out.extend(self._trip_messages(scored, timestamp_ms, source))
-            self.metrics.close_to_publish.observe(self.clock() - started)
+            took = self.clock() - started
+            self.metrics.close_to_publish.observe(took)
+            if committing is not None and self.commit_wait_s is not None:
+                self.commit_scoring_s += COMMIT_SCORING_WEIGHT * (took - self.commit_scoring_s)
         return out
 
     def _catching_up(self, timestamp_ms: int) -> bool:

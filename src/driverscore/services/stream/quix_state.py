@@ -11,6 +11,7 @@ when a Quix upgrade changes either, that test fails, not the stream.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -104,25 +105,37 @@ class QuixScope:
         return True
 
 
-def checkpoint_due(app: Any) -> Callable[[], bool]:
-    """Whether the application's checkpoint commits after the message in hand: its run
-    loop commits right after each message once the checkpoint has expired."""
+def checkpoint_due(app: Any) -> Callable[[float], bool]:
+    """``due(lead_s)``: whether the application's checkpoint commits after the message in
+    hand (its run loop commits right after each message once the checkpoint has expired),
+    or, once per checkpoint, within ``lead_s`` of it."""
+    ahead: list[object] = [None]  # the checkpoint already told it is near
 
-    def due() -> bool:
-        return bool(app._processing_context.checkpoint.expired())
+    def due(lead_s: float) -> bool:
+        checkpoint = app._processing_context.checkpoint
+        if checkpoint.expired():
+            return True
+        if lead_s <= 0 or ahead[0] is checkpoint:
+            return False
+        age = time.monotonic() - checkpoint._created_at
+        if age < checkpoint._commit_interval - lead_s:
+            return False
+        ahead[0] = checkpoint
+        return True
 
     return due
 
 
 def quix_step(
-    processor: PingProcessor, commit_due: Callable[[], bool] | None = None
+    processor: PingProcessor, commit_due: Callable[[float], bool] | None = None
 ) -> Callable[..., list[OutMessage]]:
     """The stateful function of the Quix dataframe: one message through ``processor``.
 
     ``commit_due`` (:func:`checkpoint_due`): when it says the checkpoint commits after this
-    message and trips wait, the processor gets the scopes of every partition whose
-    transaction is in that checkpoint, to score their waiting trips with it; and those
-    scopes whenever it scores one partition's trips, to score the others' with them.
+    message, or within the processor's ``commit_lead_s``, and trips wait, the processor
+    gets the scopes of every partition whose transaction is in that checkpoint, to score
+    their waiting trips with it; and those scopes whenever it scores one partition's
+    trips, to score the others' with them.
     """
 
     # The scope of each partition's current transaction (a new transaction, a new scope).
@@ -141,7 +154,7 @@ def quix_step(
             scope = scopes[partition] = QuixScope(state, partition)
         source = f"{ctx.topic}/{ctx.partition}/{ctx.offset}"
         committing = None
-        if commit_due is not None and processor.waiting and commit_due():
+        if commit_due is not None and processor.waiting and commit_due(processor.commit_lead_s):
             committing = live()
         return processor.process(
             value, key, timestamp_ms, list(headers or []), scope, source, committing, live
