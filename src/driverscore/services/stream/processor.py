@@ -463,7 +463,10 @@ class PingProcessor:
             took = self.clock() - started
             self.metrics.close_to_publish.observe(took)
             if committing is not None and self.commit_wait_s is not None:
-                self.commit_scoring_s += COMMIT_SCORING_WEIGHT * (took - self.commit_scoring_s)
+                if self.commit_scoring_s == 0.0:  # the first: nothing to average with
+                    self.commit_scoring_s = took
+                else:
+                    self.commit_scoring_s += COMMIT_SCORING_WEIGHT * (took - self.commit_scoring_s)
         return out
 
     def _catching_up(self, timestamp_ms: int) -> bool:
