@@ -7,7 +7,7 @@ import os
 import pytest
 
 from driverscore.errors import ConfigError
-from driverscore.settings import load_settings
+from driverscore.settings import KafkaConfig, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -78,3 +78,21 @@ def test_s3_requests_give_up_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None
         "read_timeout": 60.0,
         "retries": {"total_max_attempts": 3, "mode": "standard"},
     }
+
+
+def test_the_commit_interval_follows_the_guarantee_unless_it_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert KafkaConfig().commit_interval_s == 0.2
+    assert KafkaConfig(processing_guarantee="exactly-once").commit_interval_s == 0.1
+    assert (
+        KafkaConfig(processing_guarantee="exactly-once", commit_interval_s=0.5).commit_interval_s
+        == 0.5
+    )
+    monkeypatch.setenv("DRIVERSCORE_KAFKA__PROCESSING_GUARANTEE", "exactly-once")
+    assert load_settings().kafka.commit_interval_s == 0.1
+    monkeypatch.setenv("DRIVERSCORE_KAFKA__COMMIT_INTERVAL_S", "0.3")
+    assert load_settings().kafka.commit_interval_s == 0.3
+    # A configuration written out and read back keeps its interval.
+    config = KafkaConfig(processing_guarantee="exactly-once")
+    assert KafkaConfig.model_validate_json(config.model_dump_json()) == config
