@@ -377,7 +377,13 @@ class PingProcessor:
         """
         if self.commit_wait_s is None:
             return 0.0
-        return min(self.commit_wait_s / 2, COMMIT_LEAD_MARGIN * self.commit_scoring_s)
+        most = self.commit_wait_s / 2
+        if self.commit_scoring_s == 0.0:
+            # Not timed yet (a processor just started): the most, or the first trips would
+            # miss the first commit and wait a whole interval more, while its first
+            # transaction and the backlog it leaves make every later trip wait too.
+            return most
+        return min(most, COMMIT_LEAD_MARGIN * self.commit_scoring_s)
 
     def process(
         self,
