@@ -64,7 +64,13 @@ interval: ``KafkaConfig.commit_interval_s``, or 1 s in versions without that set
 Score messages without the header count as ``missing``; with none at all the latency is
 reported as n/a.
 
-Targets (the issue): batch-50 ≥ 100,000 pings/s, single ≥ 30,000 pings/s, p99 < 500 ms.
+Targets (issue 14, printed as PASS/MISS lines): batch-50 ≥ 100,000 pings/s, single ≥
+30,000 pings/s, p99 < 500 ms; single-ping messages ≥ 50 % (at-least-once) and ≥ 40 %
+(exactly-once) of the same run's ceiling; single-ping at-least-once p99 ≤ the ceiling's p99
++ the scoring wait; state per open trip ≤ 2× its pings' message bytes. Each p99 line also
+gives, for information, the p99 of the trips that closed after the replay's first second
+(the runner idled since its start until the replay: its first transaction and the backlog
+that leaves fall in that second).
 Producer, broker, runner and consumers share the machine's cores (printed with the table).
 """
 
@@ -137,6 +143,8 @@ TARGET_VS_CEILING: dict[tuple[str, str], float] = {
 }
 #: State a vehicle holds per open trip, against its pings' message bytes (issue 14).
 TARGET_STATE_RATIO = 2.0
+#: Latency cells also report the p99 of trips closed this long after the replay started.
+SETTLE_S = 1.0
 AT_LEAST_ONCE = "at-least-once"
 EXACTLY_ONCE = "exactly-once"
 CEILING_SCRIPT = Path(__file__).with_name("stream_ceiling.py")
@@ -677,6 +685,7 @@ def measure_latency(
             else ping_messages(subset, batch_span_s=MODES[mode])
         )
         started = time.monotonic()
+        started_ms = time.time() * 1000.0
         sent = send_messages(producer, config.topics.pings, messages, rate=rate)
         result = replay_result(subset, *sent)
         # Trips still open at the end close at once, on the closing clocks (a mass close no
@@ -747,6 +756,17 @@ def measure_latency(
         if live:
             cell["live_p50_ms"] = round(percentile(live, 50), 1)
             cell["live_p99_ms"] = round(percentile(live, 99), 1)
+        # The runner's first second of traffic after idling since its start (first
+        # transaction, the backlog it leaves) weighs ~15 % of a 10 s cell's trips: reported
+        # apart, the verdicts stay on every trip.
+        settled = [
+            ms
+            for closed, ms in zip(collected["closed_ms"], latencies, strict=True)
+            if closed >= started_ms + SETTLE_S * 1000.0
+        ]
+        cell["settled_outputs"] = len(settled)
+        if settled:
+            cell["settled_p99_ms"] = round(percentile(settled, 99), 1)
     return cell
 
 
@@ -812,9 +832,16 @@ def verdicts(rows: list[dict[str, Any]], states: list[dict[str, Any]] | None = N
             lines.append(f"n/a   {label}: p99 {why} (target < {TARGET_P99_MS:.0f} ms)")
         else:
             ok = p99 < TARGET_P99_MS
+            settled = row.get("settled_p99_ms")
             lines.append(
                 f"{'PASS' if ok else 'MISS'}  {label}: p99 {p99:,.1f} ms"
                 f" (target < {TARGET_P99_MS:.0f} ms)"
+                + (
+                    ""
+                    if settled is None
+                    else f"; trips closed after the replay's first {SETTLE_S:.0f} s:"
+                    f" p99 {settled:,.1f} ms"
+                )
             )
             ceiling = by_key.get((row["mode"], row["guarantee"], "ceiling"), {}).get("p99_ms")
             if (
@@ -858,6 +885,8 @@ def merge_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "rate_achieved",
                 "live_p99_ms",
                 "live_outputs",
+                "settled_p99_ms",
+                "settled_outputs",
             ):
                 row[field] = cell.get(field)
     for (mode, guarantee, runner), row in rows.items():
